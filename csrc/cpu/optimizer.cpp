@@ -1,0 +1,214 @@
+// CPU kernel of the fused optimizer step: all params of a group in one at::parallel_for over
+// fixed-size work items; fp32/fp64 params run the shared rule on at::vec::Vectorized, other
+// dtypes (bf16/fp16, master weights) on scalars. Rule: ftk/optimizer.h.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "ftk/optimizer_host.h"
+#include "ftk/philox.h"
+
+namespace ftk {
+namespace {
+
+// Read-only side input (anchor, Fisher) of any floating dtype, converted on load.
+struct Aux {
+  const void* ptr = nullptr;
+  at::ScalarType type = at::kFloat;
+
+  template <class W>
+  W load(int64_t i) const {
+    switch (type) {
+      case at::kDouble: return static_cast<W>(static_cast<const double*>(ptr)[i]);
+      case at::kBFloat16: return static_cast<W>(static_cast<float>(static_cast<const at::BFloat16*>(ptr)[i]));
+      case at::kHalf: return static_cast<W>(static_cast<float>(static_cast<const at::Half*>(ptr)[i]));
+      default: return static_cast<W>(static_cast<const float*>(ptr)[i]);
+    }
+  }
+};
+
+// One parameter's tensors, untyped; the work function chosen for it knows the types.
+struct Job {
+  void* p = nullptr;
+  const void* g = nullptr;
+  void *s1 = nullptr, *s2 = nullptr, *s3 = nullptr;
+  float* master = nullptr;
+  const uint8_t* mask = nullptr;
+  Aux anchor, fisher;
+  uint32_t tensor_id = 0;
+  StepConsts c;
+  void (*run)(const OptimHyper&, uint64_t, const Job&, int64_t, int64_t) = nullptr;
+};
+
+template <class P>
+using work_t = std::conditional_t<std::is_same_v<P, double>, double, float>;
+
+// Any dtypes: P param/grad, S state; works in W (fp32, or fp64 for fp64 params).
+template <int KIND, class P, class S>
+void scalar_range(const OptimHyper& h, uint64_t seed, const Job& j, int64_t b, int64_t e) {
+  using W = work_t<P>;
+  P* p = static_cast<P*>(j.p);
+  const P* g = static_cast<const P*>(j.g);
+  S* s1 = static_cast<S*>(j.s1);
+  S* s2 = static_cast<S*>(j.s2);
+  S* s3 = static_cast<S*>(j.s3);
+  const bool reg = h.l2sp != 0 || h.ewc != 0;
+  Uniform4 u{};
+  for (int64_t i = b; i < e; ++i) {
+    if (h.grad_dropout > 0 && (i == b || (i & 3) == 0)) u = philox_uniform4(seed, j.tensor_id, i >> 2);
+    if (j.mask && !mask_bit(j.mask, i)) continue;
+    W pv = j.master ? static_cast<W>(j.master[i]) : static_cast<W>(p[i]);
+    W a = s1 ? static_cast<W>(s1[i]) : W(0);
+    W bb = s2 ? static_cast<W>(s2[i]) : W(0);
+    W cc = s3 ? static_cast<W>(s3[i]) : W(0);
+    W an = reg ? j.anchor.load<W>(i) : W(0);
+    W fi = h.ewc != 0 ? j.fisher.load<W>(i) : W(0);
+    W drop = h.grad_dropout > 0 ? static_cast<W>(drop_multiplier(u.v[i & 3], h, j.c)) : W(1);
+    optim_update<KIND, W>(h, j.c, pv, static_cast<W>(g[i]), a, bb, cc, an, fi, drop);
+    if (j.master) j.master[i] = static_cast<float>(pv);
+    p[i] = static_cast<P>(pv);
+    if (s1) s1[i] = static_cast<S>(a);
+    if (s2) s2[i] = static_cast<S>(bb);
+    if (s3) s3[i] = static_cast<S>(cc);
+  }
+}
+
+// Bits [i, i+n) of a packed mask, n <= 32.
+inline uint64_t mask_bits(const uint8_t* m, int64_t i, int n) {
+  uint64_t word = 0;
+  const int64_t first = i >> 3, last = (i + n - 1) >> 3;
+  for (int64_t k = last; k >= first; --k) word = (word << 8) | m[k];
+  return (word >> (i & 7)) & ((uint64_t(1) << n) - 1);
+}
+
+// fp32/fp64 params with same-dtype state and no master copy: SIMD body, scalar tail and
+// scalar handling of vectors whose mask is mixed.
+template <int KIND, class W>
+void vector_range(const OptimHyper& h, uint64_t seed, const Job& j, int64_t b, int64_t e) {
+  using V = at::vec::Vectorized<W>;
+  constexpr int L = V::size();
+  W* p = static_cast<W*>(j.p);
+  const W* g = static_cast<const W*>(j.g);
+  W* s1 = static_cast<W*>(j.s1);
+  W* s2 = static_cast<W*>(j.s2);
+  W* s3 = static_cast<W*>(j.s3);
+  const bool reg = h.l2sp != 0 || h.ewc != 0;
+  alignas(64) W abuf[L], fbuf[L], dbuf[L];
+  const V zero(W(0)), one(W(1));
+  int64_t i = b;
+  for (; i + L <= e; i += L) {
+    if (j.mask) {
+      const uint64_t bits = mask_bits(j.mask, i, L);
+      if (bits == 0) continue;
+      if (bits != (uint64_t(1) << L) - 1) {
+        scalar_range<KIND, W, W>(h, seed, j, i, i + L);
+        continue;
+      }
+    }
+    V drop = one, an = zero, fi = zero;
+    if (h.grad_dropout > 0) {
+      for (int k = 0; k < L; k += 4) {
+        const Uniform4 u = philox_uniform4(seed, j.tensor_id, (i + k) >> 2);
+        for (int q = 0; q < 4 && k + q < L; ++q) dbuf[k + q] = static_cast<W>(drop_multiplier(u.v[q], h, j.c));
+      }
+      drop = V::loadu(dbuf);
+    }
+    if (reg) {
+      for (int k = 0; k < L; ++k) abuf[k] = j.anchor.load<W>(i + k);
+      an = V::loadu(abuf);
+      if (h.ewc != 0) {
+        for (int k = 0; k < L; ++k) fbuf[k] = j.fisher.load<W>(i + k);
+        fi = V::loadu(fbuf);
+      }
+    }
+    V pv = V::loadu(p + i);
+    V a = s1 ? V::loadu(s1 + i) : zero;
+    V bb = s2 ? V::loadu(s2 + i) : zero;
+    V cc = s3 ? V::loadu(s3 + i) : zero;
+    optim_update<KIND, V>(h, j.c, pv, V::loadu(g + i), a, bb, cc, an, fi, drop);
+    pv.store(p + i);
+    if (s1) a.store(s1 + i);
+    if (s2) bb.store(s2 + i);
+    if (s3) cc.store(s3 + i);
+  }
+  if (i < e) scalar_range<KIND, W, W>(h, seed, j, i, e);
+}
+
+template <int KIND>
+auto pick_runner(at::ScalarType p, at::ScalarType s, bool master)
+    -> void (*)(const OptimHyper&, uint64_t, const Job&, int64_t, int64_t) {
+  const bool same = p == s;
+  if (!master && same && p == at::kFloat) return &vector_range<KIND, float>;
+  if (!master && same && p == at::kDouble) return &vector_range<KIND, double>;
+  switch (p) {
+    case at::kFloat: return &scalar_range<KIND, float, float>;
+    case at::kBFloat16:
+      return same ? &scalar_range<KIND, at::BFloat16, at::BFloat16> : &scalar_range<KIND, at::BFloat16, float>;
+    case at::kHalf: return same ? &scalar_range<KIND, at::Half, at::Half> : &scalar_range<KIND, at::Half, float>;
+    default: TORCH_CHECK(false, "ftkernels: unsupported param dtype ", p);
+  }
+}
+
+float scalar_or(const OptTensor& t, float fallback) {
+  return (t.has_value() && t->defined()) ? t->item<float>() : fallback;
+}
+
+}  // namespace
+
+void fused_optim_step_cpu(const OptimArgs& a) {
+  const OptimHyper& h = a.hyper;
+  if (scalar_or(a.skip, 0.0f) != 0.0f) return;  // AMP found inf/NaN, or non-finite grad norm
+  const double lr = a.lr.has_value() && a.lr->defined() ? a.lr->item<double>() : h.lr;
+  const double inv_scale = 1.0 / scalar_or(a.grad_scale, 1.0f);
+  const double norm = scalar_or(a.total_norm, -1.0f);
+
+  std::vector<Job> jobs(a.params.size());
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    Job& j = jobs[i];
+    const at::Tensor& p = a.params[i];
+    TORCH_CHECK(p.device().is_cpu(), "ftkernels: CPU optimizer step got a tensor on ", p.device());
+    j.p = p.data_ptr();
+    j.g = a.grads[i].data_ptr();
+    at::ScalarType state_type = p.scalar_type();
+    if (const at::Tensor* t = get(a.s1, i)) j.s1 = t->data_ptr(), state_type = t->scalar_type();
+    if (const at::Tensor* t = get(a.s2, i)) j.s2 = t->data_ptr();
+    if (const at::Tensor* t = get(a.s3, i)) j.s3 = t->data_ptr();
+    for (const OptTensorList* l : {&a.s2, &a.s3})
+      if (const at::Tensor* t = get(*l, i))
+        TORCH_CHECK(t->scalar_type() == state_type, "ftkernels: optimizer states of one param differ in dtype");
+    TORCH_CHECK(state_type == p.scalar_type() || state_type == at::kFloat,
+                "ftkernels: optimizer state must be float32 or the param's dtype");
+    if (const at::Tensor* t = get(a.masters, i)) j.master = t->data_ptr<float>();
+    if (const at::Tensor* t = get(a.masks, i)) j.mask = t->data_ptr<uint8_t>();
+    if (const at::Tensor* t = get(a.anchors, i)) j.anchor = Aux{t->data_ptr(), t->scalar_type()};
+    if (const at::Tensor* t = get(a.fishers, i)) j.fisher = Aux{t->data_ptr(), t->scalar_type()};
+    TORCH_CHECK(!(h.l2sp != 0 || h.ewc != 0) || j.anchor.ptr, "ftkernels: L2-SP/EWC needs an anchor for param ", i);
+    TORCH_CHECK(h.ewc == 0 || j.fisher.ptr, "ftkernels: EWC needs a Fisher diagonal for param ", i);
+    j.tensor_id = static_cast<uint32_t>(a.tensor_ids[i]);
+    j.c = make_step_consts(h, lr, a.steps[i].item<double>(), inv_scale, norm);
+    const bool master = j.master != nullptr;
+    switch (h.kind) {
+      case kAdamW: j.run = pick_runner<kAdamW>(p.scalar_type(), state_type, master); break;
+      case kSGD: j.run = pick_runner<kSGD>(p.scalar_type(), state_type, master); break;
+      case kAdagrad: j.run = pick_runner<kAdagrad>(p.scalar_type(), state_type, master); break;
+      default: j.run = pick_runner<kRMSprop>(p.scalar_type(), state_type, master); break;
+    }
+  }
+
+  // Work items of up to 32K elements across all tensors, so many small tensors share threads.
+  constexpr int64_t kItem = 32768;
+  std::vector<std::pair<int32_t, int64_t>> items;
+  for (size_t i = 0; i < jobs.size(); ++i)
+    for (int64_t s = 0; s < a.params[i].numel(); s += kItem) items.emplace_back(static_cast<int32_t>(i), s);
+  const uint64_t seed = static_cast<uint64_t>(a.seed);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      const auto [t, s] = items[k];
+      const Job& j = jobs[t];
+      j.run(h, seed, j, s, std::min(s + kItem, a.params[t].numel()));
+    }
+  });
+}
+
+}  // namespace ftk

@@ -1,0 +1,128 @@
+// The one pybind11 module, ftkernels._C: registers every op and reports how it was built.
+#include <torch/extension.h>
+
+#include "ftk/optimizer_host.h"
+
+#ifndef FTK_VERSION
+#define FTK_VERSION "0.0.0+unknown"
+#endif
+#ifndef FTK_TORCH_VERSION
+#define FTK_TORCH_VERSION "unknown"
+#endif
+#ifndef FTK_CUDA_ARCHS
+#define FTK_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+#ifdef FTK_WITH_CUDA
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
+
+// Ops this build serves natively, and on which devices (Python adds Triton-served ones).
+py::dict native_ops() {
+  py::dict ops;
+  auto devices = [](bool cuda) {
+    py::list l;
+    l.append("cpu");
+    if (cuda) l.append("cuda");
+    return l;
+  };
+  ops["fused_optim_step"] = devices(kWithCuda);
+  return ops;
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = FTK_VERSION;
+  d["torch_built"] = FTK_TORCH_VERSION;
+  d["cuda_compiled"] = kWithCuda;
+  std::string archs = FTK_CUDA_ARCHS;
+  py::list arch_list;
+  size_t start = 0;
+  while (start < archs.size()) {
+    size_t end = archs.find_first_of("; ", start);
+    if (end == std::string::npos) end = archs.size();
+    if (end > start) arch_list.append(archs.substr(start, end - start));
+    start = end + 1;
+  }
+  d["cuda_archs"] = arch_list;
+  d["native_ops"] = native_ops();
+#if defined(CPU_CAPABILITY_AVX2)
+  d["cpu_isa"] = "avx2";
+#else
+  d["cpu_isa"] = "default";
+#endif
+  return d;
+}
+
+void fused_optim_step(const ftk::OptimArgs& args) {
+  ftk::check_optim_args(args);
+  if (args.params.empty()) return;
+  const at::Device dev = args.params[0].device();
+  for (const auto& p : args.params)
+    TORCH_CHECK(p.device() == dev, "ftkernels: one fused step needs all params on one device, got ", dev, " and ",
+                p.device());
+  if (dev.is_cpu()) return ftk::fused_optim_step_cpu(args);
+#ifdef FTK_WITH_CUDA
+  if (dev.is_cuda()) return ftk::fused_optim_step_cuda(args);
+#endif
+  TORCH_CHECK(false, "ftkernels: fused optimizer step has no kernel for device ", dev,
+              kWithCuda ? "" : " (this build of ftkernels._C has no CUDA: rebuild with a CUDA torch and nvcc)");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ftkernels compiled kernels (CPU C++, CUDA when built)";
+  m.def("build_info", &build_info, "How this extension was built: version, torch, CUDA archs, native ops");
+
+  py::class_<ftk::OptimHyper>(m, "OptimHyper")
+      .def(py::init<>())
+      .def_readwrite("kind", &ftk::OptimHyper::kind)
+      .def_readwrite("lr", &ftk::OptimHyper::lr)
+      .def_readwrite("beta1", &ftk::OptimHyper::beta1)
+      .def_readwrite("beta2", &ftk::OptimHyper::beta2)
+      .def_readwrite("eps", &ftk::OptimHyper::eps)
+      .def_readwrite("weight_decay", &ftk::OptimHyper::weight_decay)
+      .def_readwrite("l1", &ftk::OptimHyper::l1)
+      .def_readwrite("l2", &ftk::OptimHyper::l2)
+      .def_readwrite("l2sp", &ftk::OptimHyper::l2sp)
+      .def_readwrite("ewc", &ftk::OptimHyper::ewc)
+      .def_readwrite("grad_dropout", &ftk::OptimHyper::grad_dropout)
+      .def_readwrite("momentum", &ftk::OptimHyper::momentum)
+      .def_readwrite("dampening", &ftk::OptimHyper::dampening)
+      .def_readwrite("lr_decay", &ftk::OptimHyper::lr_decay)
+      .def_readwrite("alpha", &ftk::OptimHyper::alpha)
+      .def_readwrite("max_grad_norm", &ftk::OptimHyper::max_grad_norm)
+      .def_readwrite("amsgrad", &ftk::OptimHyper::amsgrad)
+      .def_readwrite("maximize", &ftk::OptimHyper::maximize)
+      .def_readwrite("nesterov", &ftk::OptimHyper::nesterov)
+      .def_readwrite("centered", &ftk::OptimHyper::centered);
+
+  py::class_<ftk::OptimArgs>(m, "OptimArgs")
+      .def(py::init<>())
+      .def_readwrite("hyper", &ftk::OptimArgs::hyper)
+      .def_readwrite("params", &ftk::OptimArgs::params)
+      .def_readwrite("grads", &ftk::OptimArgs::grads)
+      .def_readwrite("steps", &ftk::OptimArgs::steps)
+      .def_readwrite("s1", &ftk::OptimArgs::s1)
+      .def_readwrite("s2", &ftk::OptimArgs::s2)
+      .def_readwrite("s3", &ftk::OptimArgs::s3)
+      .def_readwrite("masks", &ftk::OptimArgs::masks)
+      .def_readwrite("anchors", &ftk::OptimArgs::anchors)
+      .def_readwrite("fishers", &ftk::OptimArgs::fishers)
+      .def_readwrite("masters", &ftk::OptimArgs::masters)
+      .def_readwrite("tensor_ids", &ftk::OptimArgs::tensor_ids)
+      .def_readwrite("lr", &ftk::OptimArgs::lr)
+      .def_readwrite("grad_scale", &ftk::OptimArgs::grad_scale)
+      .def_readwrite("skip", &ftk::OptimArgs::skip)
+      .def_readwrite("total_norm", &ftk::OptimArgs::total_norm)
+      .def_readwrite("seed", &ftk::OptimArgs::seed);
+
+  m.def("fused_optim_step", &fused_optim_step, py::arg("args"),
+        "One fused optimizer step over all params of a group (math: ftk/optimizer.h)",
+        py::call_guard<py::gil_scoped_release>());
+}

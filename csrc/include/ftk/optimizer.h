@@ -1,0 +1,152 @@
+// The update rules of the fused optimizers, written once for the CPU kernel (scalars and
+// at::vec::Vectorized) and the CUDA kernel (scalars). T is the working type: float or double,
+// or a SIMD vector of them; every operation used on T is + - * / and the helpers below.
+#pragma once
+#include "macros.h"
+
+namespace ftk {
+
+enum OptKind : int { kAdamW = 0, kSGD = 1, kAdagrad = 2, kRMSprop = 3 };
+
+// Hyper-parameters of one param group for one step (host-filled, passed by value to kernels).
+struct OptimHyper {
+  int kind = kAdamW;
+  double lr = 1e-3;  // used when no lr tensor is given
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double weight_decay = 0.0;  // AdamW: decoupled; SGD/Adagrad/RMSprop: coupled, as in torch.optim
+  double l1 = 0.0, l2 = 0.0, l2sp = 0.0, ewc = 0.0;
+  double grad_dropout = 0.0;
+  double momentum = 0.0, dampening = 0.0;
+  double lr_decay = 0.0;  // Adagrad
+  double alpha = 0.99;    // RMSprop smoothing constant
+  double max_grad_norm = 0.0;  // <= 0: no clipping
+  bool amsgrad = false, maximize = false, nesterov = false, centered = false;
+};
+
+// Constants of one tensor for one step, derived from the group's hyper-parameters, the (possibly
+// device-resident) lr, this tensor's step count, the AMP scale and the global grad norm.
+struct StepConsts {
+  float lr;
+  float gscale;      // sign(maximize) / grad_scale * clip coefficient
+  float decay;       // AdamW decoupled decay factor 1 - lr*wd; 1 otherwise
+  float coupled_l2;  // l2, plus weight_decay for the optimizers where it is coupled
+  float step_size;   // AdamW: lr / (1 - beta1^t); Adagrad: lr / (1 + (t-1) lr_decay); else lr
+  float bc2_sqrt;    // AdamW: sqrt(1 - beta2^t)
+  float keep_scale;  // gradient dropout: 1 / (1 - p)
+  float l1_thresh;   // proximal L1: lr * l1
+  bool first_step;   // SGD: momentum buffer starts as the gradient
+};
+
+// total_norm < 0 means no clipping; inv_grad_scale = 1 without AMP.
+FTK_HD StepConsts make_step_consts(const OptimHyper& h, double lr, double step, double inv_grad_scale,
+                                   double total_norm) {
+  StepConsts c;
+  double clip = 1.0;
+  if (h.max_grad_norm > 0 && total_norm >= 0) {
+    // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1.
+    double coef = h.max_grad_norm / (total_norm + 1e-6);
+    clip = coef < 1.0 ? coef : 1.0;
+  }
+  c.lr = static_cast<float>(lr);
+  c.gscale = static_cast<float>((h.maximize ? -1.0 : 1.0) * inv_grad_scale * clip);
+  const bool decoupled = h.kind == kAdamW;
+  c.decay = static_cast<float>(decoupled ? 1.0 - lr * h.weight_decay : 1.0);
+  c.coupled_l2 = static_cast<float>(h.l2 + (decoupled ? 0.0 : h.weight_decay));
+  c.step_size = static_cast<float>(lr);
+  c.bc2_sqrt = 1.0f;
+  if (h.kind == kAdamW) {
+    c.step_size = static_cast<float>(lr / (1.0 - pow(h.beta1, step)));
+    c.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(h.beta2, step)));
+  } else if (h.kind == kAdagrad) {
+    c.step_size = static_cast<float>(lr / (1.0 + (step - 1.0) * h.lr_decay));
+  }
+  c.keep_scale = static_cast<float>(h.grad_dropout > 0 ? 1.0 / (1.0 - h.grad_dropout) : 1.0);
+  c.l1_thresh = static_cast<float>(lr * h.l1);
+  c.first_step = step <= 1.0;
+  return c;
+}
+
+// Element helpers: scalar overloads here; SIMD types use their own sqrt()/maximum()/minimum().
+FTK_HD float vsqrt(float x) { return sqrtf(x); }
+FTK_HD double vsqrt(double x) { return sqrt(x); }
+FTK_HD float vmax(float a, float b) { return a > b ? a : b; }
+FTK_HD double vmax(double a, double b) { return a > b ? a : b; }
+FTK_HD float vmin(float a, float b) { return a < b ? a : b; }
+FTK_HD double vmin(double a, double b) { return a < b ? a : b; }
+template <class V>
+inline V vsqrt(const V& x) { return x.sqrt(); }
+template <class V>
+inline V vmax(const V& a, const V& b) { return maximum(a, b); }
+template <class V>
+inline V vmin(const V& a, const V& b) { return minimum(a, b); }
+
+// One element (or one SIMD vector of elements) of a fused step.
+//   p      parameter in working precision (the fp32 master copy when there is one)
+//   g      raw gradient as stored (still AMP-scaled, unclipped)
+//   s1..s3 optimizer state: AdamW (exp_avg, exp_avg_sq, max_exp_avg_sq); SGD (momentum_buffer);
+//          Adagrad (sum); RMSprop (square_avg, momentum_buffer, grad_avg)
+//   anchor, fisher  L2-SP / EWC pull target and Fisher diagonal (read only when enabled)
+//   drop   gradient-dropout multiplier: 0 or 1/(1-p) (read only when grad_dropout > 0)
+// Order: g <- g * gscale (unscale, clip, maximize); g <- drop * g (Child-Tuning-F drops the task
+// gradient only); g += l2 p + (l2sp + ewc F)(p - anchor); optimizer rule; L1 soft-threshold.
+template <int KIND, class T>
+FTK_HD void optim_update(const OptimHyper& h, const StepConsts& c, T& p, T g, T& s1, T& s2, T& s3,
+                         T anchor, T fisher, T drop) {
+  g = g * T(c.gscale);
+  if (h.grad_dropout > 0) g = g * drop;
+  if (c.coupled_l2 != 0.0f) g = g + T(c.coupled_l2) * p;
+  if (h.l2sp != 0 || h.ewc != 0) g = g + (T(static_cast<float>(h.l2sp)) + T(static_cast<float>(h.ewc)) * fisher) * (p - anchor);
+
+  if constexpr (KIND == kAdamW) {
+    if (c.decay != 1.0f) p = p * T(c.decay);
+    s1 = s1 + (g - s1) * T(static_cast<float>(1.0 - h.beta1));  // torch: exp_avg.lerp_(g, 1-beta1)
+    s2 = s2 * T(static_cast<float>(h.beta2)) + g * g * T(static_cast<float>(1.0 - h.beta2));
+    T v = s2;
+    if (h.amsgrad) {
+      s3 = vmax(s3, s2);
+      v = s3;
+    }
+    T denom = vsqrt(v) / T(c.bc2_sqrt) + T(static_cast<float>(h.eps));
+    p = p - T(c.step_size) * (s1 / denom);
+  } else if constexpr (KIND == kSGD) {
+    if (h.momentum != 0) {
+      const T mom(static_cast<float>(h.momentum));
+      s1 = c.first_step ? g : s1 * mom + g * T(static_cast<float>(1.0 - h.dampening));
+      g = h.nesterov ? g + mom * s1 : s1;
+    }
+    p = p - T(c.lr) * g;
+  } else if constexpr (KIND == kAdagrad) {
+    s1 = s1 + g * g;
+    p = p - T(c.step_size) * (g / (vsqrt(s1) + T(static_cast<float>(h.eps))));
+  } else {  // RMSprop
+    const T a(static_cast<float>(h.alpha));
+    s1 = s1 * a + g * g * T(static_cast<float>(1.0 - h.alpha));
+    T avg;
+    if (h.centered) {
+      s3 = s3 + (g - s3) * T(static_cast<float>(1.0 - h.alpha));
+      avg = vsqrt(s1 - s3 * s3) + T(static_cast<float>(h.eps));
+    } else {
+      avg = vsqrt(s1) + T(static_cast<float>(h.eps));
+    }
+    if (h.momentum > 0) {
+      s2 = s2 * T(static_cast<float>(h.momentum)) + g / avg;
+      p = p - T(c.lr) * s2;
+    } else {
+      p = p - T(c.lr) * (g / avg);
+    }
+  }
+  if (h.l1 != 0) {
+    // Proximal step of lr*l1*|p|: soft-threshold, so small weights land on exactly 0.
+    const T t(c.l1_thresh);
+    p = p - vmax(vmin(p, t), T(0.0f) - t);
+  }
+}
+
+// Gradient-dropout keep test shared by both backends: element kept iff its uniform >= p.
+FTK_HD float drop_multiplier(float u, const OptimHyper& h, const StepConsts& c) {
+  return u >= static_cast<float>(h.grad_dropout) ? c.keep_scale : 0.0f;
+}
+
+FTK_HD bool mask_bit(const uint8_t* bits, int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
+
+}  // namespace ftk

@@ -1,0 +1,27 @@
+"""ftkernels: fused kernels for fine-tuning.
+
+Public API; the compiled extension (``ftkernels._C``) is loaded lazily by the ops that need it,
+so importing ftkernels never fails for a missing optional part.
+"""
+
+from . import optim
+from ._ext import ExtensionError
+from .fisher import fisher_diagonal
+from .info import build_info
+from .masks import clear_grad_mask, get_grad_mask, set_grad_mask
+
+try:
+    from ._version import __version__
+except ImportError:  # a source tree that was never built
+    __version__ = "0.1.0+unbuilt"
+
+__all__ = [
+    "ExtensionError",
+    "__version__",
+    "build_info",
+    "clear_grad_mask",
+    "fisher_diagonal",
+    "get_grad_mask",
+    "optim",
+    "set_grad_mask",
+]
