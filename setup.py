@@ -45,12 +45,39 @@ def local_tag(cuda):
 
 
 def cpu_flags():
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]  # C++ standard: torch picks it
     if platform.machine().lower() in ("x86_64", "amd64"):
         # AVX2 baseline: at::vec::Vectorized is scalar unless the ISA macro is set. CPU_CAPABILITY
         # itself stays undefined so our inline vec symbols live in their own namespace.
         flags += ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
     return flags
+
+
+def pip_cuda_includes():
+    """Headers of the CUDA libraries that torch's wheels pull in (cuBLAS, cuSPARSE, ...): a minimal
+    toolkit (nvcc only) lacks them, and ATen's CUDA headers include them."""
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(
+        d for d in glob.glob(os.path.join(site, "nvidia", "**", "include"), recursive=True) if os.path.isdir(d)
+    )
+
+
+def cudart_dirs():
+    """Where libcudart.so lives: torch looks only in CUDA_HOME/lib64, which misses it when CUDA_HOME
+    is guessed as /usr/local from an nvcc installed in /usr/local/bin."""
+    import shutil
+
+    roots = [cpp_extension.CUDA_HOME or "", os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    dirs = []
+    for root in roots:
+        for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+            d = os.path.join(root, sub)
+            if os.path.exists(os.path.join(d, "libcudart.so")) and d not in dirs:
+                dirs.append(d)
+    return dirs
 
 
 def build_extension():
@@ -66,29 +93,29 @@ def build_extension():
     cxx = cpu_flags() + defines
     if not cuda:
         ext = cpp_extension.CppExtension(
-            "ftkernels._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+            "ftkernels._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
         )
         return ext, version
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
     cuda_defines = defines + ["-DFTK_WITH_CUDA", f'-DFTK_CUDA_ARCHS="{archs}"']
-    nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"] + cuda_defines
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + cuda_defines
     ext = cpp_extension.CUDAExtension(
-        "ftkernels._C", sources, include_dirs=include_dirs,
+        "ftkernels._C",
+        sources,
+        include_dirs=include_dirs + pip_cuda_includes(),
         extra_compile_args={"cxx": cpu_flags() + cuda_defines, "nvcc": nvcc},
+        library_dirs=cudart_dirs(),
         extra_link_args=["-fopenmp"],
     )
     return ext, version
 
 
-def write_version(version):
-    with open(os.path.join(ROOT, "ftkernels", "_version.py"), "w") as f:
-        f.write(f'__version__ = "{version}"\n__torch_built__ = "{torch.__version__}"\n')
-
-
 ext, version = build_extension()
-write_version(version)
 
 setup(
     version=version,

@@ -4,16 +4,13 @@ Public API; the compiled extension (``ftkernels._C``) is loaded lazily by the op
 so importing ftkernels never fails for a missing optional part.
 """
 
-from . import optim
+from . import _ext, optim
 from ._ext import ExtensionError
 from .fisher import fisher_diagonal
 from .info import build_info
 from .masks import clear_grad_mask, get_grad_mask, set_grad_mask
 
-try:
-    from ._version import __version__
-except ImportError:  # a source tree that was never built
-    __version__ = "0.1.0+unbuilt"
+__version__ = _ext.installed_version() or "0.1.0+unknown"
 
 __all__ = [
     "ExtensionError",

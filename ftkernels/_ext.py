@@ -7,6 +7,7 @@ the first op that needs it raises :class:`ExtensionError` with the reason and th
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 
 import torch
 
@@ -21,12 +22,19 @@ _module = None
 _error: str | None = None
 
 
-def _built_torch() -> str | None:
+def installed_version() -> str | None:
+    """The installed distribution's version, e.g. ``0.1.0+cu130.torch2.14`` (None from a bare tree)."""
     try:
-        from ._version import __torch_built__
-    except ImportError:
+        return importlib.metadata.version("ftkernels")
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return __torch_built__
+
+
+def _built_torch() -> str | None:
+    # The local version tag names the torch major.minor the extension was built against.
+    v = installed_version() or ""
+    tag = v.rpartition(".torch")[2] if ".torch" in v else None
+    return tag or None
 
 
 def _load():
@@ -37,10 +45,9 @@ def _load():
         _module = importlib.import_module("ftkernels._C")
     except ImportError as e:  # missing .so, or undefined symbols from a torch ABI mismatch
         built = _built_torch()
-        if built and built != torch.__version__:
+        if built and not torch.__version__.startswith(built + "."):
             _error = (
-                f"ftkernels._C was built for torch {built} but torch {torch.__version__} is installed; "
-                f"{_REBUILD} ({e})"
+                f"ftkernels._C was built for torch {built} but torch {torch.__version__} is installed; {_REBUILD} ({e})"
             )
         else:
             _error = f"ftkernels._C could not be loaded ({e}); {_REBUILD}"
@@ -71,8 +78,7 @@ def require_device(op: str, device: torch.device) -> None:
     devices = C().build_info()["native_ops"].get(op, [])
     if device.type not in devices:
         hint = (
-            "this ftkernels._C was built without CUDA; build with a CUDA torch and nvcc "
-            "(or FTKERNELS_FORCE_CUDA=1)"
+            "this ftkernels._C was built without CUDA; build with a CUDA torch and nvcc (or FTKERNELS_FORCE_CUDA=1)"
             if device.type == "cuda"
             else f"no {device.type} kernel exists for it"
         )

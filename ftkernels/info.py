@@ -11,11 +11,7 @@ from ._registry import OPS
 
 
 def _version() -> str:
-    try:
-        from ._version import __version__
-    except ImportError:  # source tree that was never built
-        return "0.1.0+unbuilt"
-    return __version__
+    return _ext.installed_version() or "0.1.0+unknown"
 
 
 def triton_version() -> str | None:

@@ -58,9 +58,7 @@ def set_grad_mask(param: torch.Tensor, mask: torch.Tensor | None) -> None:
         torch.broadcast_shapes(mask.shape, param.shape)
         expanded = mask.expand(param.shape)
     except RuntimeError:
-        raise ValueError(
-            f"set_grad_mask: mask of shape {tuple(mask.shape)} does not fit the {_name(param)}"
-        ) from None
+        raise ValueError(f"set_grad_mask: mask of shape {tuple(mask.shape)} does not fit the {_name(param)}") from None
     if type(param) is not torch.Tensor and type(param) is not torch.nn.Parameter:
         raise NotImplementedError(f"set_grad_mask: {type(param).__name__} parameters are not supported yet")
     laid_out = torch.empty_like(param, dtype=torch.bool).copy_(expanded)

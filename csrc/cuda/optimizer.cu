@@ -1,8 +1,9 @@
 // CUDA kernel of the fused optimizer step: multi-tensor apply. One launch per dtype combination
 // covers every param of a group; each block takes one 64K-element chunk of one tensor; each
 // thread moves 4 consecutive elements with 16-byte (fp32) vector accesses. Rule: ftk/optimizer.h.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -261,7 +262,7 @@ void fused_optim_step_cuda(const OptimArgs& a) {
     for (int64_t c = 0; c < chunks; ++c) it->work.push_back(BlockWork{t, static_cast<int32_t>(c)});
   }
 
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for (const Group& gr : groups) {
     // Metadata goes host -> device in one pinned, stream-ordered copy.
     const size_t meta_bytes = gr.metas.size() * sizeof(TensorMeta);

@@ -101,7 +101,9 @@ class FusedOptimizer(Optimizer):
         need(mgn is None or (math.isfinite(mgn) and mgn > 0), f"max_grad_norm must be None or > 0, got {mgn}")
         for i, prm in enumerate(group["params"]):
             if not prm.is_floating_point():
-                raise ValueError(f"{type(self).__name__}: param {self._param_name(group, i, prm)} is not floating point")
+                raise ValueError(
+                    f"{type(self).__name__}: param {self._param_name(group, i, prm)} is not floating point"
+                )
         self._check_kind(group, need)
 
     def _check_kind(self, group, need) -> None:
@@ -311,4 +313,3 @@ class FusedOptimizer(Optimizer):
         C.fused_optim_step(a)
         if skip is not None:
             torch._foreach_sub_(steps, [skip] * len(steps))
-

@@ -43,9 +43,18 @@ class FusedAdagrad(FusedOptimizer):
         anchor_dtype: torch.dtype | None = None,
     ):
         defaults = dict(
-            lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize, l1=l1, l2=l2,
-            l2sp=l2sp, ewc=ewc, grad_dropout=grad_dropout, max_grad_norm=max_grad_norm,
+            lr=lr,
+            lr_decay=lr_decay,
+            weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            eps=eps,
+            maximize=maximize,
+            l1=l1,
+            l2=l2,
+            l2sp=l2sp,
+            ewc=ewc,
+            grad_dropout=grad_dropout,
+            max_grad_norm=max_grad_norm,
             master_weights=master_weights,
         )
         super().__init__(params, defaults, anchors=anchors, fisher=fisher, anchor_dtype=anchor_dtype)
@@ -62,9 +71,7 @@ class FusedAdagrad(FusedOptimizer):
         )
 
     def _initial_state(self, key, group, p, dtype) -> torch.Tensor:
-        return torch.full_like(
-            p, group["initial_accumulator_value"], dtype=dtype, memory_format=torch.preserve_format
-        )
+        return torch.full_like(p, group["initial_accumulator_value"], dtype=dtype, memory_format=torch.preserve_format)
 
     def _fill_hyper(self, h, group) -> None:
         h.lr_decay = float(group["lr_decay"])

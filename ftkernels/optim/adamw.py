@@ -54,8 +54,18 @@ class FusedAdamW(FusedOptimizer):
         anchor_dtype: torch.dtype | None = None,
     ):
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-            l1=l1, l2=l2, l2sp=l2sp, ewc=ewc, grad_dropout=grad_dropout, max_grad_norm=max_grad_norm,
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            l1=l1,
+            l2=l2,
+            l2sp=l2sp,
+            ewc=ewc,
+            grad_dropout=grad_dropout,
+            max_grad_norm=max_grad_norm,
             master_weights=master_weights,
         )
         super().__init__(params, defaults, anchors=anchors, fisher=fisher, anchor_dtype=anchor_dtype)
@@ -77,4 +87,3 @@ class FusedAdamW(FusedOptimizer):
         h.weight_decay = float(group["weight_decay"])
         h.amsgrad = bool(group["amsgrad"])
         h.maximize = bool(group["maximize"])
-

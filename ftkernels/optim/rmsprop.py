@@ -46,9 +46,20 @@ class FusedRMSprop(FusedOptimizer):
         anchor_dtype: torch.dtype | None = None,
     ):
         defaults = dict(
-            lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
-            maximize=maximize, l1=l1, l2=l2, l2sp=l2sp, ewc=ewc, grad_dropout=grad_dropout,
-            max_grad_norm=max_grad_norm, master_weights=master_weights,
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            maximize=maximize,
+            l1=l1,
+            l2=l2,
+            l2sp=l2sp,
+            ewc=ewc,
+            grad_dropout=grad_dropout,
+            max_grad_norm=max_grad_norm,
+            master_weights=master_weights,
         )
         super().__init__(params, defaults, anchors=anchors, fisher=fisher, anchor_dtype=anchor_dtype)
 

@@ -44,9 +44,19 @@ class FusedSGD(FusedOptimizer):
         anchor_dtype: torch.dtype | None = None,
     ):
         defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            maximize=maximize, l1=l1, l2=l2, l2sp=l2sp, ewc=ewc, grad_dropout=grad_dropout,
-            max_grad_norm=max_grad_norm, master_weights=master_weights,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            l1=l1,
+            l2=l2,
+            l2sp=l2sp,
+            ewc=ewc,
+            grad_dropout=grad_dropout,
+            max_grad_norm=max_grad_norm,
+            master_weights=master_weights,
         )
         super().__init__(params, defaults, anchors=anchors, fisher=fisher, anchor_dtype=anchor_dtype)
 

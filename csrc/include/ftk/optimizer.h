@@ -26,15 +26,15 @@ struct OptimHyper {
 // Constants of one tensor for one step, derived from the group's hyper-parameters, the (possibly
 // device-resident) lr, this tensor's step count, the AMP scale and the global grad norm.
 struct StepConsts {
-  float lr;
-  float gscale;      // sign(maximize) / grad_scale * clip coefficient
-  float decay;       // AdamW decoupled decay factor 1 - lr*wd; 1 otherwise
-  float coupled_l2;  // l2, plus weight_decay for the optimizers where it is coupled
-  float step_size;   // AdamW: lr / (1 - beta1^t); Adagrad: lr / (1 + (t-1) lr_decay); else lr
-  float bc2_sqrt;    // AdamW: sqrt(1 - beta2^t)
-  float keep_scale;  // gradient dropout: 1 / (1 - p)
-  float l1_thresh;   // proximal L1: lr * l1
-  bool first_step;   // SGD: momentum buffer starts as the gradient
+  double lr;
+  double gscale;      // sign(maximize) / grad_scale * clip coefficient
+  double decay;       // AdamW decoupled decay factor 1 - lr*wd; 1 otherwise
+  double coupled_l2;  // l2, plus weight_decay for the optimizers where it is coupled
+  double step_size;   // AdamW: lr / (1 - beta1^t); Adagrad: lr / (1 + (t-1) lr_decay); else lr
+  double bc2_sqrt;    // AdamW: sqrt(1 - beta2^t)
+  double keep_scale;  // gradient dropout: 1 / (1 - p)
+  double l1_thresh;   // proximal L1: lr * l1
+  bool first_step;    // SGD: momentum buffer starts as the gradient
 };
 
 // total_norm < 0 means no clipping; inv_grad_scale = 1 without AMP.
@@ -47,21 +47,21 @@ FTK_HD StepConsts make_step_consts(const OptimHyper& h, double lr, double step, 
     double coef = h.max_grad_norm / (total_norm + 1e-6);
     clip = coef < 1.0 ? coef : 1.0;
   }
-  c.lr = static_cast<float>(lr);
-  c.gscale = static_cast<float>((h.maximize ? -1.0 : 1.0) * inv_grad_scale * clip);
+  c.lr = lr;
+  c.gscale = (h.maximize ? -1.0 : 1.0) * inv_grad_scale * clip;
   const bool decoupled = h.kind == kAdamW;
-  c.decay = static_cast<float>(decoupled ? 1.0 - lr * h.weight_decay : 1.0);
-  c.coupled_l2 = static_cast<float>(h.l2 + (decoupled ? 0.0 : h.weight_decay));
-  c.step_size = static_cast<float>(lr);
-  c.bc2_sqrt = 1.0f;
+  c.decay = decoupled ? 1.0 - lr * h.weight_decay : 1.0;
+  c.coupled_l2 = h.l2 + (decoupled ? 0.0 : h.weight_decay);
+  c.step_size = lr;
+  c.bc2_sqrt = 1.0;
   if (h.kind == kAdamW) {
-    c.step_size = static_cast<float>(lr / (1.0 - pow(h.beta1, step)));
-    c.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(h.beta2, step)));
+    c.step_size = lr / (1.0 - pow(h.beta1, step));
+    c.bc2_sqrt = sqrt(1.0 - pow(h.beta2, step));
   } else if (h.kind == kAdagrad) {
-    c.step_size = static_cast<float>(lr / (1.0 + (step - 1.0) * h.lr_decay));
+    c.step_size = lr / (1.0 + (step - 1.0) * h.lr_decay);
   }
-  c.keep_scale = static_cast<float>(h.grad_dropout > 0 ? 1.0 / (1.0 - h.grad_dropout) : 1.0);
-  c.l1_thresh = static_cast<float>(lr * h.l1);
+  c.keep_scale = h.grad_dropout > 0 ? 1.0 / (1.0 - h.grad_dropout) : 1.0;
+  c.l1_thresh = lr * h.l1;
   c.first_step = step <= 1.0;
   return c;
 }
@@ -80,6 +80,24 @@ inline V vmax(const V& a, const V& b) { return maximum(a, b); }
 template <class V>
 inline V vmin(const V& a, const V& b) { return minimum(a, b); }
 
+// A constant in T's precision: float for fp32 work (and fp32 SIMD), double for fp64 work.
+template <class T>
+struct ScalarOf {
+  using type = typename T::value_type;  // at::vec::Vectorized<S>
+};
+template <>
+struct ScalarOf<float> {
+  using type = float;
+};
+template <>
+struct ScalarOf<double> {
+  using type = double;
+};
+template <class T>
+FTK_HD T cst(double x) {
+  return T(static_cast<typename ScalarOf<T>::type>(x));
+}
+
 // One element (or one SIMD vector of elements) of a fused step.
 //   p      parameter in working precision (the fp32 master copy when there is one)
 //   g      raw gradient as stored (still AMP-scaled, unclipped)
@@ -92,59 +110,59 @@ inline V vmin(const V& a, const V& b) { return minimum(a, b); }
 template <int KIND, class T>
 FTK_HD void optim_update(const OptimHyper& h, const StepConsts& c, T& p, T g, T& s1, T& s2, T& s3,
                          T anchor, T fisher, T drop) {
-  g = g * T(c.gscale);
+  g = g * cst<T>(c.gscale);
   if (h.grad_dropout > 0) g = g * drop;
-  if (c.coupled_l2 != 0.0f) g = g + T(c.coupled_l2) * p;
-  if (h.l2sp != 0 || h.ewc != 0) g = g + (T(static_cast<float>(h.l2sp)) + T(static_cast<float>(h.ewc)) * fisher) * (p - anchor);
+  if (c.coupled_l2 != 0.0) g = g + cst<T>(c.coupled_l2) * p;
+  if (h.l2sp != 0 || h.ewc != 0) g = g + (cst<T>(h.l2sp) + cst<T>(h.ewc) * fisher) * (p - anchor);
 
   if constexpr (KIND == kAdamW) {
-    if (c.decay != 1.0f) p = p * T(c.decay);
-    s1 = s1 + (g - s1) * T(static_cast<float>(1.0 - h.beta1));  // torch: exp_avg.lerp_(g, 1-beta1)
-    s2 = s2 * T(static_cast<float>(h.beta2)) + g * g * T(static_cast<float>(1.0 - h.beta2));
+    if (c.decay != 1.0) p = p * cst<T>(c.decay);
+    s1 = s1 + (g - s1) * cst<T>(1.0 - h.beta1);  // torch: exp_avg.lerp_(g, 1-beta1)
+    s2 = s2 * cst<T>(h.beta2) + g * g * cst<T>(1.0 - h.beta2);
     T v = s2;
     if (h.amsgrad) {
       s3 = vmax(s3, s2);
       v = s3;
     }
-    T denom = vsqrt(v) / T(c.bc2_sqrt) + T(static_cast<float>(h.eps));
-    p = p - T(c.step_size) * (s1 / denom);
+    T denom = vsqrt(v) / cst<T>(c.bc2_sqrt) + cst<T>(h.eps);
+    p = p - cst<T>(c.step_size) * (s1 / denom);
   } else if constexpr (KIND == kSGD) {
     if (h.momentum != 0) {
-      const T mom(static_cast<float>(h.momentum));
-      s1 = c.first_step ? g : s1 * mom + g * T(static_cast<float>(1.0 - h.dampening));
+      const T mom = cst<T>(h.momentum);
+      s1 = c.first_step ? g : s1 * mom + g * cst<T>(1.0 - h.dampening);
       g = h.nesterov ? g + mom * s1 : s1;
     }
-    p = p - T(c.lr) * g;
+    p = p - cst<T>(c.lr) * g;
   } else if constexpr (KIND == kAdagrad) {
     s1 = s1 + g * g;
-    p = p - T(c.step_size) * (g / (vsqrt(s1) + T(static_cast<float>(h.eps))));
+    p = p - cst<T>(c.step_size) * (g / (vsqrt(s1) + cst<T>(h.eps)));
   } else {  // RMSprop
-    const T a(static_cast<float>(h.alpha));
-    s1 = s1 * a + g * g * T(static_cast<float>(1.0 - h.alpha));
+    const T a = cst<T>(h.alpha);
+    s1 = s1 * a + g * g * cst<T>(1.0 - h.alpha);
     T avg;
     if (h.centered) {
-      s3 = s3 + (g - s3) * T(static_cast<float>(1.0 - h.alpha));
-      avg = vsqrt(s1 - s3 * s3) + T(static_cast<float>(h.eps));
+      s3 = s3 + (g - s3) * cst<T>(1.0 - h.alpha);
+      avg = vsqrt(s1 - s3 * s3) + cst<T>(h.eps);
     } else {
-      avg = vsqrt(s1) + T(static_cast<float>(h.eps));
+      avg = vsqrt(s1) + cst<T>(h.eps);
     }
     if (h.momentum > 0) {
-      s2 = s2 * T(static_cast<float>(h.momentum)) + g / avg;
-      p = p - T(c.lr) * s2;
+      s2 = s2 * cst<T>(h.momentum) + g / avg;
+      p = p - cst<T>(c.lr) * s2;
     } else {
-      p = p - T(c.lr) * (g / avg);
+      p = p - cst<T>(c.lr) * (g / avg);
     }
   }
   if (h.l1 != 0) {
     // Proximal step of lr*l1*|p|: soft-threshold, so small weights land on exactly 0.
-    const T t(c.l1_thresh);
-    p = p - vmax(vmin(p, t), T(0.0f) - t);
+    const T t = cst<T>(c.l1_thresh);
+    p = p - vmax(vmin(p, t), cst<T>(0.0) - t);
   }
 }
 
 // Gradient-dropout keep test shared by both backends: element kept iff its uniform >= p.
-FTK_HD float drop_multiplier(float u, const OptimHyper& h, const StepConsts& c) {
-  return u >= static_cast<float>(h.grad_dropout) ? c.keep_scale : 0.0f;
+FTK_HD double drop_multiplier(float u, const OptimHyper& h, const StepConsts& c) {
+  return u >= static_cast<float>(h.grad_dropout) ? c.keep_scale : 0.0;
 }
 
 FTK_HD bool mask_bit(const uint8_t* bits, int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }

@@ -1,0 +1,521 @@
+"""Fused optimizers vs torch.optim and vs the plain-PyTorch reference (ftkernels.optim.reference)."""
+
+import copy
+
+import pytest
+import torch
+
+import ftkernels as ftk
+from ftkernels.optim import FusedAdagrad, FusedAdamW, FusedRMSprop, FusedSGD
+from ftkernels.optim.reference import ReferenceOptimizer, philox_uniform
+
+SIZES = [(1,), (3,), (1023,), (65537,), (7, 13)]
+FUSED = {"adamw": FusedAdamW, "sgd": FusedSGD, "adagrad": FusedAdagrad, "rmsprop": FusedRMSprop}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def make_params(dtype=torch.float32, device="cpu", sizes=SIZES):
+    return [torch.randn(s, dtype=dtype, device=device) for s in sizes]
+
+
+def clones(ps):
+    return [torch.nn.Parameter(p.clone()) for p in ps]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def run_pair(opt_a, pa, opt_b, pb, steps, grad_fn=None, device="cpu"):
+    for _ in range(steps):
+        for pa_i, pb_i in zip(pa, pb):
+            g = grad_fn(pa_i) if grad_fn else torch.randn_like(pa_i)
+            pa_i.grad = g.clone()
+            pb_i.grad = g.clone()
+        opt_a.step()
+        opt_b.step()
+
+
+# ---------------------------------------------------------------- match torch.optim, 50 steps
+TORCH_CASES = [
+    ("adamw", torch.optim.AdamW, dict(lr=1e-2)),
+    ("adamw", torch.optim.AdamW, dict(lr=3e-3, betas=(0.8, 0.95), weight_decay=0.1, amsgrad=True)),
+    ("adamw", torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05, maximize=True)),
+    ("sgd", torch.optim.SGD, dict(lr=1e-2)),
+    ("sgd", torch.optim.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=1e-3)),
+    ("sgd", torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, maximize=True)),
+    ("adagrad", torch.optim.Adagrad, dict(lr=1e-2, lr_decay=1e-2, weight_decay=1e-3, initial_accumulator_value=0.1)),
+    ("adagrad", torch.optim.Adagrad, dict(lr=1e-2, maximize=True)),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=1e-3)),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=1e-3, centered=True, momentum=0.9, weight_decay=1e-3)),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=1e-3, alpha=0.9, momentum=0.5, maximize=True)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind,torch_cls,kw", TORCH_CASES)
+def test_matches_torch_50_steps(kind, torch_cls, kw, device):
+    ps = make_params(device=device)
+    pa, pb = clones(ps), clones(ps)
+    ref, ours = torch_cls(pa, **kw), FUSED[kind](pb, **kw)
+    run_pair(ref, pa, ours, pb, 50)
+    for a, b in zip(pa, pb):
+        assert rel_err(b, a) <= 1e-6
+    for a, b in zip(pa, pb):  # same state names, same values
+        for k, v in ref.state[a].items():
+            if isinstance(v, torch.Tensor) and v.numel() > 1:
+                assert rel_err(ours.state[b][k], v) <= 1e-5, k
+
+
+# ---------------------------------------------------------------- state dicts
+def test_state_dict_round_trip_with_torch_adamw():
+    kw = dict(lr=1e-2, betas=(0.85, 0.99), weight_decay=0.02, amsgrad=True)
+    ps = make_params()
+    p_ours, p_torch = clones(ps), clones(ps)
+    ours, theirs = FusedAdamW(p_ours, **kw), torch.optim.AdamW(p_torch, **kw)
+    run_pair(ours, p_ours, theirs, p_torch, 10)
+
+    # ours -> torch: a fresh torch AdamW continues our run exactly as we do
+    p_t2 = clones([p.detach() for p in p_ours])
+    t2 = torch.optim.AdamW(p_t2, **kw)
+    t2.load_state_dict(copy.deepcopy(ours.state_dict()))
+    run_pair(ours, p_ours, t2, p_t2, 10)
+    for a, b in zip(p_ours, p_t2):
+        assert rel_err(a, b) <= 1e-6
+
+    # torch -> ours
+    p_o2 = clones([p.detach() for p in p_t2])
+    o2 = FusedAdamW(p_o2, **kw)
+    o2.load_state_dict(copy.deepcopy(t2.state_dict()))
+    run_pair(t2, p_t2, o2, p_o2, 10)
+    for a, b in zip(p_t2, p_o2):
+        assert rel_err(b, a) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", list(FUSED))
+def test_save_resume_is_bit_exact(kind):
+    opts = dict(grad_dropout=0.2, l2sp=0.01, l1=1e-4, max_grad_norm=5.0)
+    if kind == "sgd":
+        opts["momentum"] = 0.9
+    ps = make_params()
+    grads = [[torch.randn_like(p) for p in ps] for _ in range(20)]
+    mask = torch.rand(ps[3].shape) > 0.3
+
+    def train(params, opt, steps):
+        for gs in steps:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+
+    torch.manual_seed(7)
+    full = clones(ps)
+    ftk.set_grad_mask(full[3], mask)
+    opt = FUSED[kind](full, lr=1e-2, **opts)
+    train(full, opt, grads)
+
+    torch.manual_seed(7)
+    half = clones(ps)
+    ftk.set_grad_mask(half[3], mask)
+    opt = FUSED[kind](half, lr=1e-2, **opts)
+    train(half, opt, grads[:10])
+    saved = copy.deepcopy({"params": [p.detach() for p in half], "opt": opt.state_dict()})
+    rng = torch.get_rng_state()
+
+    resumed = clones(saved["params"])
+    ftk.set_grad_mask(resumed[3], mask)
+    opt2 = FUSED[kind](resumed, lr=1e-2, **opts)
+    opt2.load_state_dict(saved["opt"])
+    torch.set_rng_state(rng)
+    train(resumed, opt2, grads[10:])
+    for a, b in zip(full, resumed):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- every option vs the reference
+OPTION_CASES = [
+    dict(),
+    dict(weight_decay=0.1),
+    dict(l2=0.05),
+    dict(l1=0.02),
+    dict(l2sp=0.3),
+    dict(ewc=0.5),
+    dict(grad_dropout=0.3),
+    dict(max_grad_norm=0.5),
+    dict(grad_dropout=0.1, l1=0.01, l2=0.01, l2sp=0.1, ewc=0.2, max_grad_norm=3.0, weight_decay=0.01),
+]
+KIND_KW = {
+    "adamw": dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0),
+    "sgd": dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.0),
+    "adagrad": dict(lr=1e-2, lr_decay=0.0, eps=1e-10, weight_decay=0.0),
+    "rmsprop": dict(lr=1e-3, alpha=0.99, eps=1e-8, centered=True, momentum=0.5, weight_decay=0.0),
+}
+
+
+def fisher_for(ps):
+    return {p: torch.rand_like(p) for p in ps}
+
+
+def check_against_reference(kind, opts, dtype, device="cpu", steps=6, masked=True, tol=None):
+    """Fused in ``dtype`` vs the reference in fp64. In fp32 the bound is the larger of 2e-5 and 10x
+    the error of the same reference run in fp32 (ill-conditioned cases, e.g. centered RMSprop
+    under strong penalties, lose digits in any fp32 implementation)."""
+    kw = {**KIND_KW[kind], **opts}
+    ps = make_params(dtype=dtype, device=device)
+    pf, pr, p32 = clones(ps), clones([p.cpu().double() for p in ps]), clones([p.cpu().float() for p in ps])
+    fisher = fisher_for(pf) if kw.get("ewc") else None
+    fisher_r = {r: fisher[f].cpu().double() for f, r in zip(pf, pr)} if fisher else None
+    fisher_32 = {r: fisher[f].cpu().float() for f, r in zip(pf, p32)} if fisher else None
+    if masked:
+        m = torch.rand(ps[3].shape) > 0.4
+        ftk.set_grad_mask(pf[3], m.to(device))
+        ftk.set_grad_mask(pr[3], m)
+        ftk.set_grad_mask(p32[3], m)
+    fused = FUSED[kind](pf, fisher=fisher, **kw)
+    ref = ReferenceOptimizer(kind, pr, fisher=fisher_r, **kw)
+    ref32 = ReferenceOptimizer(kind, p32, fisher=fisher_32, **kw)
+    for s in range(steps):
+        torch.manual_seed(100 + s)
+        for a, b, c in zip(pf, pr, p32):
+            g = torch.randn_like(b) * 3
+            a.grad = g.to(device=device, dtype=dtype)
+            b.grad = a.grad.detach().cpu().double()
+            c.grad = a.grad.detach().cpu().float()
+        for o in (fused, ref, ref32):
+            torch.manual_seed(100 + s)
+            o.step()
+    if tol is None:
+        tol = 1e-9
+        if dtype == torch.float32:
+            tol = max(2e-5, 10 * max(rel_err(c, b) for c, b in zip(p32, pr)))
+        elif kw.get("max_grad_norm"):
+            tol = 1e-6  # the global norm (and so the clip coefficient) is carried in fp32
+    for a, b in zip(pf, pr):
+        assert rel_err(a.cpu(), b) <= tol
+    return pf, pr
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("opts", OPTION_CASES, ids=lambda o: "-".join(o) or "plain")
+@pytest.mark.parametrize("kind", list(FUSED))
+def test_options_against_reference(kind, opts, dtype, device):
+    if device == "cuda" and dtype == torch.float64 and opts.get("grad_dropout"):
+        pytest.skip("covered on CPU")
+    check_against_reference(kind, opts, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", list(FUSED))
+def test_low_precision_with_master_weights(kind, low, device):
+    """bf16/fp16 params + fp32 master: the master follows the fp32 reference, the param is its rounding."""
+    kw = {**KIND_KW[kind], "l2sp": 0.1, "grad_dropout": 0.2}
+    ps = make_params(dtype=low, device=device)
+    pf, pr = clones(ps), clones([p.float().cpu() for p in ps])
+    fused = FUSED[kind](pf, master_weights=True, **kw)
+    ref = ReferenceOptimizer(kind, pr, **kw)
+    for s in range(5):
+        for a, b in zip(pf, pr):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.float().cpu()
+        torch.manual_seed(s)
+        fused.step()
+        torch.manual_seed(s)
+        ref.step()
+    for a, b in zip(pf, pr):
+        master = fused.state[a]["master"]
+        assert master.dtype == torch.float32
+        assert fused.state[a]["step"].item() == 5
+        assert rel_err(master.cpu(), b) <= 1e-5
+        assert torch.equal(a, master.to(low))
+
+
+@pytest.mark.parametrize("kind", list(FUSED))
+def test_bf16_without_master_one_step(kind):
+    """bf16 params and bf16 state: math in fp32, each stored value rounded once."""
+    kw = KIND_KW[kind]
+    ps = make_params(dtype=torch.bfloat16)
+    pf, pr = clones(ps), clones([p.float() for p in ps])
+    fused, ref = FUSED[kind](pf, **kw), ReferenceOptimizer(kind, pr, **kw)
+    for a, b in zip(pf, pr):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.float()
+    fused.step()
+    ref.step()
+    for a, b in zip(pf, pr):
+        assert fused.state[a][next(k for k in fused.state[a] if k != "step")].dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", list(FUSED))
+def test_bf16_anchor_and_fisher(kind):
+    kw = {**KIND_KW[kind], "l2sp": 0.2, "ewc": 0.3}
+    ps = make_params()
+    pf, pr = clones(ps), clones(ps)
+    fisher = fisher_for(pf)
+    fused = FUSED[kind](pf, fisher=fisher, anchor_dtype=torch.bfloat16, **kw)
+    assert fused.state[pf[0]]["anchor"].dtype == torch.bfloat16
+    anchors = {b: a.detach().bfloat16().float() for a, b in zip(pf, pr)}
+    fisher_r = {b: fisher[a].bfloat16().float() for a, b in zip(pf, pr)}
+    ref = ReferenceOptimizer(kind, pr, anchors=anchors, fisher=fisher_r, **kw)
+    run_pair(fused, pf, ref, pr, 4)
+    for a, b in zip(pf, pr):
+        assert rel_err(a, b) <= 2e-5
+    sd = copy.deepcopy(fused.state_dict())
+    fresh = clones(ps)
+    fused2 = FUSED[kind](fresh, fisher=fisher_for(fresh), **kw)
+    fused2.load_state_dict(sd)
+    assert fused2.state[fused2.param_groups[0]["params"][0]]["anchor"].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- specific behaviours
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(FUSED))
+def test_masked_elements_bit_identical(kind, device):
+    kw = {**KIND_KW[kind], "weight_decay": 0.1, "l1": 0.01, "l2sp": 0.1, "grad_dropout": 0.1}
+    ps = clones(make_params(device=device))
+    masks = [torch.rand(p.shape, device=device) > 0.5 for p in ps]
+    for p, m in zip(ps, masks):
+        ftk.set_grad_mask(p, m)
+    start = [p.detach().clone() for p in ps]
+    opt = FUSED[kind](ps, **kw)
+    for _ in range(20):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for p, m, p0 in zip(ps, masks, start):
+        assert torch.equal(p[~m], p0[~m])
+        for k, v in opt.state[p].items():
+            if k in ("exp_avg", "exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg"):
+                assert torch.all(v[~m] == 0), k
+        if m.any() and p.numel() > 3:
+            assert not torch.equal(p[m], p0[m])
+
+
+def test_mask_broadcast_rows_and_round_trip():
+    p = torch.nn.Parameter(torch.randn(5, 9))
+    rows = torch.tensor([True, False, True, False, False]).unsqueeze(1)
+    ftk.set_grad_mask(p, rows)
+    assert torch.equal(ftk.get_grad_mask(p), rows.expand(5, 9))
+    ftk.clear_grad_mask(p)
+    assert ftk.get_grad_mask(p) is None
+
+
+def test_mask_follows_channels_last_memory_order():
+    w = torch.randn(4, 3, 2, 5).to(memory_format=torch.channels_last)
+    p, r = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone().contiguous())
+    m = torch.rand(w.shape) > 0.5
+    ftk.set_grad_mask(p, m)
+    ftk.set_grad_mask(r, m)
+    assert torch.equal(ftk.get_grad_mask(p), m)
+    g = torch.randn(w.shape)
+    p.grad = g.clone().to(memory_format=torch.channels_last)
+    r.grad = g.clone()
+    FusedSGD([p], lr=0.1).step()
+    FusedSGD([r], lr=0.1).step()
+    assert torch.equal(p, r)
+
+
+def test_grad_dropout_fraction_and_seed():
+    n, pdrop = 65537, 0.3
+    p = torch.nn.Parameter(torch.randn(n))
+    start = p.detach().clone()
+    p.grad = torch.ones(n)
+    torch.manual_seed(3)
+    FusedSGD([p], lr=1.0, grad_dropout=pdrop).step()
+    moved = p != start
+    kept = moved.float().mean().item()
+    sigma = (pdrop * (1 - pdrop) / n) ** 0.5
+    assert abs(kept - (1 - pdrop)) < 6 * sigma
+    torch.testing.assert_close((start - p)[moved], torch.full((int(moved.sum()),), 1 / (1 - pdrop)))
+    # same seed, same mask; another seed, another mask
+    q = torch.nn.Parameter(start.clone())
+    q.grad = torch.ones(n)
+    torch.manual_seed(3)
+    FusedSGD([q], lr=1.0, grad_dropout=pdrop).step()
+    assert torch.equal(p, q)
+    q2 = torch.nn.Parameter(start.clone())
+    q2.grad = torch.ones(n)
+    torch.manual_seed(4)
+    FusedSGD([q2], lr=1.0, grad_dropout=pdrop).step()
+    assert not torch.equal(p, q2)
+
+
+def test_philox_reference_is_uniform():
+    u = philox_uniform(12345, 7, 100003)
+    assert 0 <= u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01
+    assert not torch.equal(u, philox_uniform(12345, 8, 100003))
+
+
+def test_l1_gives_exact_zeros():
+    p = torch.nn.Parameter(torch.randn(4096) * 1e-3)
+    r = torch.nn.Parameter(p.detach().double().clone())
+    opt = FusedSGD([p], lr=0.1, l1=0.1)
+    ref = ReferenceOptimizer("sgd", [r], lr=0.1, l1=0.1)
+    for _ in range(3):
+        g = torch.randn(4096) * 1e-3
+        p.grad, r.grad = g.clone(), g.double()
+        opt.step()
+        ref.step()
+    assert (p == 0).float().mean() > 0.9
+    assert torch.equal(p == 0, r == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_amp_found_inf_skips_and_grad_scale_unscales(device):
+    ps = clones(make_params(device=device))
+    start = [p.detach().clone() for p in ps]
+    opt = FusedAdamW(ps, **{**KIND_KW["adamw"], "lr": 1e-2})
+    scale = torch.tensor(1024.0, device=device)
+    for p in ps:
+        p.grad = torch.randn_like(p) * 1024
+    opt.grad_scale, opt.found_inf = scale, torch.tensor(1.0, device=device)
+    opt.step()
+    for p, p0 in zip(ps, start):
+        assert torch.equal(p, p0)
+        assert opt.state[p]["step"].item() == 0
+    opt.found_inf = torch.tensor(0.0, device=device)
+    pr = clones([p.cpu().double() for p in start])
+    ref = ReferenceOptimizer("adamw", pr, **{**KIND_KW["adamw"], "lr": 1e-2})
+    for a, b in zip(ps, pr):
+        b.grad = a.grad.cpu().double()
+    opt.step()
+    ref.step(grad_scale=1024.0)
+    for a, b in zip(ps, pr):
+        assert opt.state[a]["step"].item() == 1
+        assert rel_err(a.cpu(), b) <= 1e-5
+
+
+def test_grad_scaler_integration():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3)
+    ref_model = copy.deepcopy(model)
+    opt = FusedAdamW(model.parameters(), lr=1e-2)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(16, 8), torch.randn(16, 3)
+    for _ in range(3):
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        ref.zero_grad()
+        torch.nn.functional.mse_loss(ref_model(x), y).backward()
+        ref.step()
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_nonfinite_grad_norm_skips_step():
+    p = torch.nn.Parameter(torch.randn(10))
+    p0 = p.detach().clone()
+    p.grad = torch.randn(10)
+    p.grad[3] = float("nan")
+    opt = FusedAdamW([p], lr=1e-2, max_grad_norm=1.0)
+    opt.step()
+    assert torch.equal(p, p0) and opt.state[p]["step"].item() == 0
+
+
+def test_tensor_lr_and_scheduler():
+    ps = make_params()
+    pa, pb = clones(ps), clones(ps)
+    oa = FusedAdamW(pa, lr=torch.tensor(0.01))
+    ob = FusedAdamW(pb, lr=0.01)
+    sa = torch.optim.lr_scheduler.StepLR(oa, step_size=2, gamma=0.5)
+    sb = torch.optim.lr_scheduler.StepLR(ob, step_size=2, gamma=0.5)
+    for _ in range(6):
+        for a, b in zip(pa, pb):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        oa.step()
+        ob.step()
+        sa.step()
+        sb.step()
+    assert isinstance(oa.param_groups[0]["lr"], torch.Tensor)
+    assert abs(oa.param_groups[0]["lr"].item() - 0.01 * 0.5**3) < 1e-9
+    for a, b in zip(pa, pb):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_none_grads_skipped_and_noncontiguous_grads_handled():
+    a, b = (torch.nn.Parameter(torch.randn(6, 4)) for _ in range(2))
+    c = torch.nn.Parameter(a.detach().clone())
+    b0 = b.detach().clone()
+    g = torch.randn(4, 6).t()  # not contiguous
+    a.grad = g
+    c.grad = g.contiguous()
+    opt = FusedAdamW([a, b, c], lr=0.1)
+    opt.step()
+    assert torch.equal(b, b0) and b not in opt.state
+    assert torch.equal(a, c)
+
+
+def test_param_groups_and_named_params():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 2))
+    ref = copy.deepcopy(model)
+    groups = [
+        {"params": list(model[0].parameters()), "lr": 0.1, "weight_decay": 0.0},
+        {"params": list(model[1].parameters()), "lr": 0.01},
+    ]
+    ref_groups = [
+        {"params": list(ref[0].parameters()), "lr": 0.1, "weight_decay": 0.0},
+        {"params": list(ref[1].parameters()), "lr": 0.01},
+    ]
+    opt, ropt = FusedAdamW(groups), torch.optim.AdamW(ref_groups)
+    x = torch.randn(3, 4)
+    for _ in range(4):
+        for m, o in ((model, opt), (ref, ropt)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert rel_err(a, b) <= 1e-6
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input_errors():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="shape"):
+        ftk.set_grad_mask(p, torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="torch.bool"):
+        ftk.set_grad_mask(p, torch.ones(4, 4))
+    with pytest.raises(ValueError, match="meta"):
+        ftk.set_grad_mask(p, torch.ones(4, 4, dtype=torch.bool, device="meta"))
+    for kw, what in [
+        (dict(grad_dropout=1.0), "grad_dropout"),
+        (dict(grad_dropout=-0.1), "grad_dropout"),
+        (dict(l1=-1.0), "l1"),
+        (dict(l2=-1.0), "l2"),
+        (dict(l2sp=-1.0), "l2sp"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(lr=-1.0), "lr"),
+        (dict(max_grad_norm=0.0), "max_grad_norm"),
+        (dict(betas=(1.0, 0.9)), "betas"),
+    ]:
+        with pytest.raises(ValueError, match=what):
+            FusedAdamW([p], **kw)
+    with pytest.raises(ValueError, match="Nesterov"):
+        FusedSGD([p], lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="Fisher"):
+        FusedAdamW([p], ewc=0.1)
+    with pytest.raises(ValueError, match="anchor"):
+        FusedAdamW([p], l2sp=0.1, anchors={p: torch.zeros(3)})
+    lin = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="'weight'"):
+        FusedAdamW(lin.named_parameters(), ewc=0.1, fisher={})
+
+
+def test_fisher_diagonal_matches_manual():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    batches = [(torch.randn(6, 5), torch.randint(0, 3, (6,))) for _ in range(3)]
+    fisher = ftk.fisher_diagonal(model, batches)
+    for name, p in model.named_parameters():
+        acc = torch.zeros_like(p)
+        for x, y in batches:
+            g = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), p)[0]
+            acc += g.square()
+        torch.testing.assert_close(fisher[p], acc / 3, msg=name)
+        assert p.grad is None
+    opt = FusedAdamW(model.parameters(), ewc=1.0, fisher=fisher)
+    assert set(opt.state) == set(model.parameters())
