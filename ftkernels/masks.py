@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 _ATTR = "_ftk_grad_mask"
+# Bumped whenever any mask is set, cleared or moved, so optimizers can cache their step plans.
+_version = [0]
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -63,12 +65,14 @@ def set_grad_mask(param: torch.Tensor, mask: torch.Tensor | None) -> None:
         raise NotImplementedError(f"set_grad_mask: {type(param).__name__} parameters are not supported yet")
     laid_out = torch.empty_like(param, dtype=torch.bool).copy_(expanded)
     setattr(param, _ATTR, pack_bits(_memory_order(laid_out)))
+    _version[0] += 1
 
 
 def clear_grad_mask(param: torch.Tensor) -> None:
     """Remove the gradient mask of ``param`` (all elements trainable again)."""
     if hasattr(param, _ATTR):
         delattr(param, _ATTR)
+        _version[0] += 1
 
 
 def get_grad_mask(param: torch.Tensor) -> torch.Tensor | None:
@@ -82,6 +86,11 @@ def get_grad_mask(param: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
+def mask_version() -> int:
+    """A counter that changes whenever any gradient mask is set, cleared or moved."""
+    return _version[0]
+
+
 def packed_grad_mask(param: torch.Tensor) -> torch.Tensor | None:
     """The packed bits of ``param``'s mask on ``param``'s device (moved there if the param moved)."""
     bits = getattr(param, _ATTR, None)
@@ -92,4 +101,5 @@ def packed_grad_mask(param: torch.Tensor) -> torch.Tensor | None:
     if bits.device != param.device:
         bits = bits.to(param.device)
         setattr(param, _ATTR, bits)
+        _version[0] += 1
     return bits

@@ -186,7 +186,10 @@ void fused_optim_step_cpu(const OptimArgs& a) {
     TORCH_CHECK(!(h.l2sp != 0 || h.ewc != 0) || j.anchor.ptr, "ftkernels: L2-SP/EWC needs an anchor for param ", i);
     TORCH_CHECK(h.ewc == 0 || j.fisher.ptr, "ftkernels: EWC needs a Fisher diagonal for param ", i);
     j.tensor_id = static_cast<uint32_t>(a.tensor_ids[i]);
-    j.c = make_step_consts(h, lr, a.steps[i].item<double>(), inv_scale, norm);
+    TORCH_CHECK(a.steps[i].device().is_cpu(), "ftkernels: step of param ", i, " must be on the CPU");
+    float* step = a.steps[i].data_ptr<float>();
+    *step += 1.0f;  // the op owns the step count: advanced unless the step is skipped
+    j.c = make_step_consts(h, lr, *step, inv_scale, norm);
     const bool master = j.master != nullptr;
     switch (h.kind) {
       case kAdamW: j.run = pick_runner<kAdamW>(p.scalar_type(), state_type, master); break;

@@ -100,7 +100,8 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const TensorMeta* 
     const double lr = sc.lr ? static_cast<double>(*sc.lr) : h.lr;
     const double inv_scale = sc.grad_scale ? 1.0 / static_cast<double>(*sc.grad_scale) : 1.0;
     const double norm = sc.total_norm ? static_cast<double>(*sc.total_norm) : -1.0;
-    shared_c = make_step_consts(h, lr, static_cast<double>(*m.step), inv_scale, norm);
+    // step_count_kernel advances the stored count after this kernel; here it is still t - 1.
+    shared_c = make_step_consts(h, lr, static_cast<double>(*m.step) + 1.0, inv_scale, norm);
   }
   __syncthreads();
   const StepConsts c = shared_c;
@@ -152,6 +153,12 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const TensorMeta* 
     if (s3) store4(s3, i, m.numel, vec, cc);
     if (m.master) store4(m.master, i, m.numel, vec, mv);
   }
+}
+
+// After the step kernel (stream order): every tensor's step count += 1 unless the step was skipped.
+__global__ void step_count_kernel(const TensorMeta* __restrict__ metas, int n, const float* skip) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t < n && !(skip && *skip != 0.0f)) *const_cast<float*>(metas[t].step) += 1.0f;
 }
 
 int32_t aux_type(const at::Tensor& t) {
@@ -248,7 +255,6 @@ void fused_optim_step_cuda(const OptimArgs& a) {
     m.numel = p.numel();
     m.tensor_id = static_cast<uint32_t>(a.tensor_ids[i]);
     m.aligned = aligned;
-    if (m.numel == 0) continue;
     auto it = std::find_if(groups.begin(), groups.end(),
                            [&](const Group& gr) { return gr.pt == p.scalar_type() && gr.st == st; });
     if (it == groups.end()) {
@@ -276,12 +282,15 @@ void fused_optim_step_cuda(const OptimArgs& a) {
     const auto* work = reinterpret_cast<const BlockWork*>(static_cast<uint8_t*>(dev_buf.data_ptr()) + meta_bytes);
     const int blocks = static_cast<int>(gr.work.size());
     const uint64_t seed = static_cast<uint64_t>(a.seed);
-    switch (h.kind) {
+    if (blocks > 0) switch (h.kind) {
       case kAdamW: launch_kind<kAdamW>(gr.pt, gr.st, metas, work, blocks, h, sc, seed, stream); break;
       case kSGD: launch_kind<kSGD>(gr.pt, gr.st, metas, work, blocks, h, sc, seed, stream); break;
       case kAdagrad: launch_kind<kAdagrad>(gr.pt, gr.st, metas, work, blocks, h, sc, seed, stream); break;
       default: launch_kind<kRMSprop>(gr.pt, gr.st, metas, work, blocks, h, sc, seed, stream); break;
     }
+    const int n = static_cast<int>(gr.metas.size());
+    step_count_kernel<<<(n + 255) / 256, 256, 0, stream>>>(metas, n, sc.skip);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 

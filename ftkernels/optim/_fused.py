@@ -25,7 +25,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import _ext
-from ..masks import packed_grad_mask
+from ..masks import mask_version, packed_grad_mask
 
 try:
     from torch.distributed.tensor import DTensor
@@ -111,6 +111,7 @@ class FusedOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        self._invalidate_plans()
         group = self.param_groups[-1]
         self._check_group(group)
         if group["l2sp"] or group["ewc"]:
@@ -178,6 +179,7 @@ class FusedOptimizer(Optimizer):
         tensor (fp32 master weights and moments of bf16 params, bf16 anchors) instead of casting it
         to the param's dtype, and keeps ``step`` as a float32 tensor on the param's device."""
         super().load_state_dict(state_dict)
+        self._invalidate_plans()
         saved = state_dict["state"]
         params = [p for g in self.param_groups for p in g["params"]]
         for idx, p in enumerate(params):
@@ -208,6 +210,9 @@ class FusedOptimizer(Optimizer):
     def _fill_hyper(self, h, group) -> None:
         """Copy the kind's hyper-parameters from ``group`` into ``h`` (overridden)."""
 
+    def _invalidate_plans(self) -> None:
+        self.__dict__["_plans"] = {}
+
     @torch.no_grad()
     def step(self, closure=None):
         """One fused step over every param with a gradient. ``closure`` re-evaluates the loss."""
@@ -219,17 +224,12 @@ class FusedOptimizer(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
 
-        work = []  # (group, [(param, index)])
+        work = []  # (group, [(param, index in group, stable tensor id)])
         tid = 0
         for group in self.param_groups:
             items = []
             for i, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise ValueError(
-                            f"{type(self).__name__}: sparse gradients are not supported "
-                            f"({self._param_name(group, i, p)})"
-                        )
                     items.append((p, i, tid))
                 tid += 1
             if items:
@@ -250,30 +250,65 @@ class FusedOptimizer(Optimizer):
         if any(g["grad_dropout"] for g, _ in work):
             seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
 
-        for group, items in work:
-            by_device: dict[torch.device, list] = {}
-            for p, i, t in items:
-                self._init_state(group, p)
-                by_device.setdefault(_local(p).device, []).append((p, i, t))
-            hyper = self._hyper(group)
-            for device, entries in by_device.items():
-                self._step_device(C, group, hyper, device, entries, grad_scale, found_inf, total_norm, seed)
+        for gi, (group, items) in enumerate(work):
+            for plan in self._plans_for(C, gi, group, items):
+                self._run_plan(C, plan, group, grad_scale, found_inf, total_norm, seed)
         return loss
 
-    def _step_device(self, C, group, hyper, device, entries, grad_scale, found_inf, total_norm, seed):
+    def _plans_for(self, C, gi, group, items):
+        """Cached per (group, device) argument bundles: everything but the grads and the per-step
+        scalars is built once and reused while the params with grads, masks and state stay put."""
+        plans = self.__dict__.setdefault("_plans", {})
+        key = (gi, tuple(id(p) for p, _, _ in items), mask_version())
+        hit = plans.get(key)
+        if hit is not None and hit[0] is group:
+            return hit[1]
+        by_device: dict[torch.device, list] = {}
+        for p, i, t in items:
+            if p.grad.is_sparse:
+                raise ValueError(
+                    f"{type(self).__name__}: sparse gradients are not supported ({self._param_name(group, i, p)})"
+                )
+            self._init_state(group, p)
+            by_device.setdefault(_local(p).device, []).append((p, i, t))
+        built = [self._build_plan(C, group, device, entries) for device, entries in by_device.items()]
+        if len(plans) > 64:  # params with grads keep changing (e.g. progressive unfreezing)
+            plans.clear()
+        plans[key] = (group, built)
+        return built
+
+    def _build_plan(self, C, group, device, entries):
+        if device.type != "cpu":
+            _ext.require_device("fused_optim_step", device)
+        keys = self._state_keys(group)
+        use_reg = bool(group["l2sp"] or group["ewc"])
+        a = C.OptimArgs()
+        params, steps, ids, s = [], [], [], ([], [], [])
+        masks, anchors, fishers, masters = [], [], [], []
+        for p, _i, t in entries:
+            st = self.state[p]
+            params.append(_local(p))
+            steps.append(st["step"])
+            ids.append(t)
+            for slot, key in zip(s, keys):
+                slot.append(_local(st[key]) if key is not None and key in st else None)
+            masks.append(packed_grad_mask(p))
+            anchors.append(_local(st["anchor"]) if use_reg else None)
+            fishers.append(_local(st["fisher"]) if group["ewc"] else None)
+            masters.append(_local(st["master"]) if "master" in st else None)
+        a.params, a.steps, a.tensor_ids = params, steps, ids
+        a.s1, a.s2, a.s3 = s
+        a.masks, a.anchors, a.fishers, a.masters = masks, anchors, fishers, masters
+        return dict(args=a, device=device, entries=entries, params=params, hyper_key=None)
+
+    def _run_plan(self, C, plan, group, grad_scale, found_inf, total_norm, seed):
+        device = plan["device"]
+
         def on_dev(t):
             return None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
 
-        a = C.OptimArgs()
-        a.hyper = hyper
-        keys = self._state_keys(group)
-        params, grads, steps, ids = [], [], [], []
-        s = ([], [], [])
-        masks, anchors, fishers, masters = [], [], [], []
-        use_reg = bool(group["l2sp"] or group["ewc"])
-        for p, i, t in entries:
-            st = self.state[p]
-            lp = _local(p)
+        grads = []
+        for (p, i, _t), lp in zip(plan["entries"], plan["params"]):
             g = _local(p.grad)
             if g.dtype != lp.dtype:
                 raise ValueError(
@@ -282,34 +317,26 @@ class FusedOptimizer(Optimizer):
                 )
             if g.stride() != lp.stride():  # rare: a grad laid out unlike its param; copy it once
                 g = torch.empty_like(lp).copy_(g)
-            params.append(lp)
             grads.append(g)
-            steps.append(st["step"])
-            ids.append(t)
-            for slot, key in zip(s, keys):
-                slot.append(_local(st[key]) if key is not None and key in st else None)
-            mask = packed_grad_mask(p)
-            masks.append(mask)
-            anchors.append(_local(st["anchor"]) if use_reg else None)
-            fishers.append(_local(st["fisher"]) if group["ewc"] else None)
-            masters.append(_local(st["master"]) if "master" in st else None)
-        a.params, a.grads, a.steps, a.tensor_ids = params, grads, steps, ids
-        a.s1, a.s2, a.s3 = s
-        a.masks, a.anchors, a.fishers, a.masters = masks, anchors, fishers, masters
+        a = plan["args"]
+        a.grads = grads
         lr = group["lr"]
+        hyper_key = tuple(v for k, v in group.items() if k not in ("params", "param_names", "lr")) + (
+            None if isinstance(lr, torch.Tensor) else lr,
+        )
+        if plan["hyper_key"] != hyper_key:  # rebuilt only when a hyper-parameter changed
+            a.hyper = self._hyper(group)
+            plan["hyper_key"] = hyper_key
         a.lr = on_dev(lr) if isinstance(lr, torch.Tensor) else None
         a.grad_scale = on_dev(grad_scale)
         skip = on_dev(found_inf)
         if total_norm is not None:
             norm = on_dev(total_norm)
-            a.total_norm = norm
             bad = (~torch.isfinite(norm)).float()
             skip = bad if skip is None else skip + bad
+            a.total_norm = norm
+        else:
+            a.total_norm = None
         a.skip = skip
         a.seed = seed
-        if device.type != "cpu":
-            _ext.require_device("fused_optim_step", device)
-        torch._foreach_add_(steps, 1)
-        C.fused_optim_step(a)
-        if skip is not None:
-            torch._foreach_sub_(steps, [skip] * len(steps))
+        C.fused_optim_step(a)  # advances each param's step count unless skipped

@@ -17,7 +17,8 @@ using OptTensorList = std::vector<OptTensor>;
 // with a gradient; optional entries are None where a param has no such tensor.
 struct OptimArgs {
   OptimHyper hyper;
-  std::vector<at::Tensor> params, grads, steps;
+  std::vector<at::Tensor> params, grads;
+  std::vector<at::Tensor> steps;  // float32 scalars on the param's device; the op adds 1 unless skipped
   OptTensorList s1, s2, s3, masks, anchors, fishers, masters;
   std::vector<int64_t> tensor_ids;  // stable ids for the dropout RNG stream of each tensor
   OptTensor lr, grad_scale, skip, total_norm;  // 0-dim float tensors; skip != 0 skips the step
