@@ -82,57 +82,89 @@ inline uint64_t mask_bits(const uint8_t* m, int64_t i, int n) {
   return (word >> (i & 7)) & ((uint64_t(1) << n) - 1);
 }
 
-// fp32/fp64 params with same-dtype state and no master copy: SIMD body, scalar tail and
-// scalar handling of vectors whose mask is mixed.
+// Side input as a SIMD vector: a straight load when stored in W, else converted per lane.
+template <class W, class V>
+inline V load_aux_vec(const Aux& x, bool native, int64_t i, W* buf) {
+  if (native) return V::loadu(static_cast<const W*>(x.ptr) + i);
+  for (int k = 0; k < V::size(); ++k) buf[k] = x.load<W>(i + k);
+  return V::loadu(buf);
+}
+
+// Lane mask (all bits set where the mask bit is 1) for blendv.
+template <class W, class V>
+inline V lane_mask(uint64_t bits) {
+  using I = std::conditional_t<sizeof(W) == 8, int64_t, int32_t>;
+  alignas(64) I lanes[V::size()];
+  for (int k = 0; k < V::size(); ++k) lanes[k] = -static_cast<I>((bits >> k) & 1);
+  return V::loadu(lanes);
+}
+
+// fp32/fp64 params with same-dtype state and no master copy: SIMD body (mixed-mask vectors are
+// blended back to their old values), scalar tail. Dropout uniforms come in blocks from a
+// Philox loop the compiler vectorizes.
 template <int KIND, class W>
-void vector_range(const OptimHyper& h, uint64_t seed, const Job& j, int64_t b, int64_t e) {
+void vector_range(const OptimHyper& h_in, uint64_t seed, const Job& j, int64_t b, int64_t e) {
   using V = at::vec::Vectorized<W>;
+  // Local copies: the compiler can then hoist every constant out of the loop (stores through
+  // p/s1/s2 pointers cannot alias them).
+  const OptimHyper h = h_in;
+  const StepConsts c = j.c;
   constexpr int L = V::size();
+  constexpr int64_t kBlock = 256;  // dropout multipliers generated per block; a multiple of L and 4
+  static_assert(kBlock % L == 0 && kBlock % 4 == 0, "block must hold whole vectors and Philox groups");
+  TORCH_INTERNAL_ASSERT(b % 4 == 0, "work items start on Philox group boundaries");
   W* p = static_cast<W*>(j.p);
   const W* g = static_cast<const W*>(j.g);
   W* s1 = static_cast<W*>(j.s1);
   W* s2 = static_cast<W*>(j.s2);
   W* s3 = static_cast<W*>(j.s3);
   const bool reg = h.l2sp != 0 || h.ewc != 0;
-  alignas(64) W abuf[L], fbuf[L], dbuf[L];
+  const bool dropout = h.grad_dropout > 0;
+  const bool anchor_native = j.anchor.type == c10::CppTypeToScalarType<W>::value;
+  const bool fisher_native = j.fisher.type == c10::CppTypeToScalarType<W>::value;
+  const W keep_scale = static_cast<W>(c.keep_scale);
+  const float p_drop = static_cast<float>(h.grad_dropout);
+  alignas(64) W abuf[L], fbuf[L];
+  alignas(64) float ublock[kBlock];
+  alignas(64) W dblock[kBlock];
   const V zero(W(0)), one(W(1));
-  int64_t i = b;
-  for (; i + L <= e; i += L) {
-    if (j.mask) {
-      const uint64_t bits = mask_bits(j.mask, i, L);
-      if (bits == 0) continue;
-      if (bits != (uint64_t(1) << L) - 1) {
-        scalar_range<KIND, W, W>(h, seed, j, i, i + L);
-        continue;
-      }
+  const int64_t e_vec = b + (e - b) / L * L;
+  for (int64_t i0 = b; i0 < e_vec; i0 += kBlock) {
+    const int64_t i1 = std::min(i0 + kBlock, e_vec);
+    if (dropout) {
+      philox_uniform_block(seed, j.tensor_id, static_cast<uint64_t>(i0) >> 2, static_cast<int>((i1 - i0 + 3) / 4),
+                           ublock);
+      for (int64_t k = 0; k < i1 - i0; ++k) dblock[k] = ublock[k] >= p_drop ? keep_scale : W(0);
     }
-    V drop = one, an = zero, fi = zero;
-    if (h.grad_dropout > 0) {
-      for (int k = 0; k < L; k += 4) {
-        const Uniform4 u = philox_uniform4(seed, j.tensor_id, (i + k) >> 2);
-        for (int q = 0; q < 4 && k + q < L; ++q) dbuf[k + q] = static_cast<W>(drop_multiplier(u.v[q], h, j.c));
+    for (int64_t i = i0; i < i1; i += L) {
+      uint64_t bits = (uint64_t(1) << L) - 1;
+      if (j.mask) {
+        bits = mask_bits(j.mask, i, L);
+        if (bits == 0) continue;  // all frozen: nothing read, nothing written
       }
-      drop = V::loadu(dbuf);
-    }
-    if (reg) {
-      for (int k = 0; k < L; ++k) abuf[k] = j.anchor.load<W>(i + k);
-      an = V::loadu(abuf);
-      if (h.ewc != 0) {
-        for (int k = 0; k < L; ++k) fbuf[k] = j.fisher.load<W>(i + k);
-        fi = V::loadu(fbuf);
+      const V drop = dropout ? V::loadu(dblock + (i - i0)) : one;
+      const V an = reg ? load_aux_vec<W, V>(j.anchor, anchor_native, i, abuf) : zero;
+      const V fi = h.ewc != 0 ? load_aux_vec<W, V>(j.fisher, fisher_native, i, fbuf) : zero;
+      const V p0 = V::loadu(p + i);
+      const V a0 = s1 ? V::loadu(s1 + i) : zero;
+      const V b0 = s2 ? V::loadu(s2 + i) : zero;
+      const V c0 = s3 ? V::loadu(s3 + i) : zero;
+      V pv = p0, a = a0, bb = b0, cc = c0;
+      optim_update<KIND, V>(h, c, pv, V::loadu(g + i), a, bb, cc, an, fi, drop);
+      if (bits != (uint64_t(1) << L) - 1) {  // mixed: frozen lanes keep their exact old values
+        const V m = lane_mask<W, V>(bits);
+        pv = V::blendv(p0, pv, m);
+        a = V::blendv(a0, a, m);
+        bb = V::blendv(b0, bb, m);
+        cc = V::blendv(c0, cc, m);
       }
+      pv.store(p + i);
+      if (s1) a.store(s1 + i);
+      if (s2) bb.store(s2 + i);
+      if (s3) cc.store(s3 + i);
     }
-    V pv = V::loadu(p + i);
-    V a = s1 ? V::loadu(s1 + i) : zero;
-    V bb = s2 ? V::loadu(s2 + i) : zero;
-    V cc = s3 ? V::loadu(s3 + i) : zero;
-    optim_update<KIND, V>(h, j.c, pv, V::loadu(g + i), a, bb, cc, an, fi, drop);
-    pv.store(p + i);
-    if (s1) a.store(s1 + i);
-    if (s2) bb.store(s2 + i);
-    if (s3) cc.store(s3 + i);
   }
-  if (i < e) scalar_range<KIND, W, W>(h, seed, j, i, e);
+  if (e_vec < e) scalar_range<KIND, W, W>(h, seed, j, e_vec, e);
 }
 
 template <int KIND>

@@ -31,7 +31,7 @@ struct StepConsts {
   double decay;       // AdamW decoupled decay factor 1 - lr*wd; 1 otherwise
   double coupled_l2;  // l2, plus weight_decay for the optimizers where it is coupled
   double step_size;   // AdamW: lr / (1 - beta1^t); Adagrad: lr / (1 + (t-1) lr_decay); else lr
-  double bc2_sqrt;    // AdamW: sqrt(1 - beta2^t)
+  double inv_bc2_sqrt;  // AdamW: 1 / sqrt(1 - beta2^t) (a multiply, not a divide, per element)
   double keep_scale;  // gradient dropout: 1 / (1 - p)
   double l1_thresh;   // proximal L1: lr * l1
   bool first_step;    // SGD: momentum buffer starts as the gradient
@@ -53,10 +53,10 @@ FTK_HD StepConsts make_step_consts(const OptimHyper& h, double lr, double step, 
   c.decay = decoupled ? 1.0 - lr * h.weight_decay : 1.0;
   c.coupled_l2 = h.l2 + (decoupled ? 0.0 : h.weight_decay);
   c.step_size = lr;
-  c.bc2_sqrt = 1.0;
+  c.inv_bc2_sqrt = 1.0;
   if (h.kind == kAdamW) {
     c.step_size = lr / (1.0 - pow(h.beta1, step));
-    c.bc2_sqrt = sqrt(1.0 - pow(h.beta2, step));
+    c.inv_bc2_sqrt = 1.0 / sqrt(1.0 - pow(h.beta2, step));
   } else if (h.kind == kAdagrad) {
     c.step_size = lr / (1.0 + (step - 1.0) * h.lr_decay);
   }
@@ -110,7 +110,7 @@ FTK_HD T cst(double x) {
 template <int KIND, class T>
 FTK_HD void optim_update(const OptimHyper& h, const StepConsts& c, T& p, T g, T& s1, T& s2, T& s3,
                          T anchor, T fisher, T drop) {
-  g = g * cst<T>(c.gscale);
+  if (c.gscale != 1.0) g = g * cst<T>(c.gscale);
   if (h.grad_dropout > 0) g = g * drop;
   if (c.coupled_l2 != 0.0) g = g + cst<T>(c.coupled_l2) * p;
   if (h.l2sp != 0 || h.ewc != 0) g = g + (cst<T>(h.l2sp) + cst<T>(h.ewc) * fisher) * (p - anchor);
@@ -124,7 +124,7 @@ FTK_HD void optim_update(const OptimHyper& h, const StepConsts& c, T& p, T g, T&
       s3 = vmax(s3, s2);
       v = s3;
     }
-    T denom = vsqrt(v) / cst<T>(c.bc2_sqrt) + cst<T>(h.eps);
+    T denom = vsqrt(v) * cst<T>(c.inv_bc2_sqrt) + cst<T>(h.eps);
     p = p - cst<T>(c.step_size) * (s1 / denom);
   } else if constexpr (KIND == kSGD) {
     if (h.momentum != 0) {

@@ -46,4 +46,46 @@ FTK_HD Uniform4 philox_uniform4(uint64_t seed, uint32_t tensor_id, uint64_t grou
   return Uniform4{{(r.x >> 8) * inv, (r.y >> 8) * inv, (r.z >> 8) * inv, (r.w >> 8) * inv}};
 }
 
+// Uniforms of `ngroups` consecutive groups into out[4 * ngroups] (host only). The same rounds
+// as philox4x32_10, written lane-parallel over 16 counters (structure of arrays) so the compiler
+// vectorizes them (vpmuludq for the 32x32->64 products): several times the scalar rate.
+inline void philox_uniform_block(uint64_t seed, uint32_t tensor_id, uint64_t group0, int ngroups, float* out) {
+  constexpr int B = 16;
+  constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
+  constexpr float inv = 1.0f / 16777216.0f;
+  for (int q0 = 0; q0 < ngroups; q0 += B) {
+    uint32_t x[B], y[B], z[B], w[B];
+    for (int l = 0; l < B; ++l) {
+      const uint64_t grp = group0 + static_cast<uint64_t>(q0 + l);
+      x[l] = static_cast<uint32_t>(grp);
+      y[l] = static_cast<uint32_t>(grp >> 32);
+      z[l] = tensor_id;
+      w[l] = 0x46544B31u;
+    }
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      for (int l = 0; l < B; ++l) {
+        const uint64_t p0 = static_cast<uint64_t>(M0) * x[l];
+        const uint64_t p1 = static_cast<uint64_t>(M1) * z[l];
+        const uint32_t nx = static_cast<uint32_t>(p1 >> 32) ^ y[l] ^ k0;
+        const uint32_t nz = static_cast<uint32_t>(p0 >> 32) ^ w[l] ^ k1;
+        y[l] = static_cast<uint32_t>(p1);
+        w[l] = static_cast<uint32_t>(p0);
+        x[l] = nx;
+        z[l] = nz;
+      }
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const int n = ngroups - q0 < B ? ngroups - q0 : B;
+    for (int l = 0; l < n; ++l) {
+      float* o = out + 4 * (q0 + l);
+      o[0] = (x[l] >> 8) * inv;
+      o[1] = (y[l] >> 8) * inv;
+      o[2] = (z[l] >> 8) * inv;
+      o[3] = (w[l] >> 8) * inv;
+    }
+  }
+}
+
 }  // namespace ftk
