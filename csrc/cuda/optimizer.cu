@@ -88,7 +88,7 @@ __device__ __forceinline__ W load_aux(const void* ptr, int32_t type, int64_t i) 
 }
 
 template <int KIND, class P, class S>
-__global__ void __launch_bounds__(kThreads) fused_step_kernel(const TensorMeta* __restrict__ metas,
+__global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const TensorMeta* __restrict__ metas,
                                                               const BlockWork* __restrict__ work, OptimHyper h,
                                                               StepScalars sc, uint64_t seed) {
   using W = std::conditional_t<std::is_same_v<P, double>, double, float>;
