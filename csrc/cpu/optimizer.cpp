@@ -54,9 +54,9 @@ void scalar_range(const OptimHyper& h, uint64_t seed, const Job& j, int64_t b, i
   S* s2 = static_cast<S*>(j.s2);
   S* s3 = static_cast<S*>(j.s3);
   const bool reg = h.l2sp != 0 || h.ewc != 0;
-  Uniform4 u{};
+  U32x4 r{};
   for (int64_t i = b; i < e; ++i) {
-    if (h.grad_dropout > 0 && (i == b || (i & 3) == 0)) u = philox_uniform4(seed, j.tensor_id, i >> 2);
+    if (h.grad_dropout > 0 && (i == b || (i & 7) == 0)) r = philox_dropout_words(seed, j.tensor_id, i >> 3);
     if (j.mask && !mask_bit(j.mask, i)) continue;
     W pv = j.master ? static_cast<W>(j.master[i]) : static_cast<W>(p[i]);
     W a = s1 ? static_cast<W>(s1[i]) : W(0);
@@ -64,7 +64,7 @@ void scalar_range(const OptimHyper& h, uint64_t seed, const Job& j, int64_t b, i
     W cc = s3 ? static_cast<W>(s3[i]) : W(0);
     W an = reg ? j.anchor.load<W>(i) : W(0);
     W fi = h.ewc != 0 ? j.fisher.load<W>(i) : W(0);
-    W drop = h.grad_dropout > 0 ? static_cast<W>(drop_multiplier(u.v[i & 3], h, j.c)) : W(1);
+    W drop = h.grad_dropout > 0 ? static_cast<W>(drop_multiplier(dropout_uniform(r, static_cast<int>(i & 7)), h, j.c)) : W(1);
     optim_update<KIND, W>(h, j.c, pv, static_cast<W>(g[i]), a, bb, cc, an, fi, drop);
     if (j.master) j.master[i] = static_cast<float>(pv);
     p[i] = static_cast<P>(pv);
@@ -110,9 +110,9 @@ void vector_range(const OptimHyper& h_in, uint64_t seed, const Job& j, int64_t b
   const OptimHyper h = h_in;
   const StepConsts c = j.c;
   constexpr int L = V::size();
-  constexpr int64_t kBlock = 256;  // dropout multipliers generated per block; a multiple of L and 4
-  static_assert(kBlock % L == 0 && kBlock % 4 == 0, "block must hold whole vectors and Philox groups");
-  TORCH_INTERNAL_ASSERT(b % 4 == 0, "work items start on Philox group boundaries");
+  constexpr int64_t kBlock = 256;  // dropout multipliers generated per block; a multiple of L and 8
+  static_assert(kBlock % L == 0 && kBlock % 8 == 0, "block must hold whole vectors and Philox groups");
+  TORCH_INTERNAL_ASSERT(b % 8 == 0, "work items start on Philox group boundaries");
   W* p = static_cast<W*>(j.p);
   const W* g = static_cast<const W*>(j.g);
   W* s1 = static_cast<W*>(j.s1);
@@ -123,18 +123,18 @@ void vector_range(const OptimHyper& h_in, uint64_t seed, const Job& j, int64_t b
   const bool anchor_native = j.anchor.type == c10::CppTypeToScalarType<W>::value;
   const bool fisher_native = j.fisher.type == c10::CppTypeToScalarType<W>::value;
   const W keep_scale = static_cast<W>(c.keep_scale);
-  const float p_drop = static_cast<float>(h.grad_dropout);
+  const uint32_t drop_threshold = dropout_threshold(h.grad_dropout);
   alignas(64) W abuf[L], fbuf[L];
-  alignas(64) float ublock[kBlock];
+  alignas(64) uint16_t ublock[kBlock];
   alignas(64) W dblock[kBlock];
   const V zero(W(0)), one(W(1));
   const int64_t e_vec = b + (e - b) / L * L;
   for (int64_t i0 = b; i0 < e_vec; i0 += kBlock) {
     const int64_t i1 = std::min(i0 + kBlock, e_vec);
     if (dropout) {
-      philox_uniform_block(seed, j.tensor_id, static_cast<uint64_t>(i0) >> 2, static_cast<int>((i1 - i0 + 3) / 4),
+      philox_dropout_block(seed, j.tensor_id, static_cast<uint64_t>(i0) >> 3, static_cast<int>((i1 - i0 + 7) / 8),
                            ublock);
-      for (int64_t k = 0; k < i1 - i0; ++k) dblock[k] = ublock[k] >= p_drop ? keep_scale : W(0);
+      for (int64_t k = 0; k < i1 - i0; ++k) dblock[k] = ublock[k] >= drop_threshold ? keep_scale : W(0);
     }
     for (int64_t i = i0; i < i1; i += L) {
       uint64_t bits = (uint64_t(1) << L) - 1;

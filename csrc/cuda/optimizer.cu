@@ -15,7 +15,7 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kIlp = 4;
-constexpr int64_t kChunk = 65536;  // elements per block; a multiple of 4 so Philox groups align
+constexpr int64_t kChunk = 65536;  // elements per block; a multiple of 8 so Philox groups align
 
 enum AuxType : int32_t { kAuxF32 = 0, kAuxBF16 = 1, kAuxF16 = 2, kAuxF64 = 3 };
 
@@ -130,8 +130,16 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const TensorMet
     if (s2) load4(s2, i, m.numel, vec, b);
     if (s3) load4(s3, i, m.numel, vec, cc);
     if (m.master) load4(m.master, i, m.numel, vec, mv);
-    Uniform4 u{};
-    if (h.grad_dropout > 0) u = philox_uniform4(seed, m.tensor_id, static_cast<uint64_t>(i) >> 2);
+    float u[kIlp] = {};
+    if (h.grad_dropout > 0) {  // this thread's 4 elements are one half of a Philox group of 8
+      const U32x4 r = philox_dropout_words(seed, m.tensor_id, static_cast<uint64_t>(i) >> 3);
+      const bool upper = (i >> 2) & 1;
+      const uint32_t w0 = upper ? r.z : r.x, w1 = upper ? r.w : r.y;
+      u[0] = uniform16(w0, false);
+      u[1] = uniform16(w0, true);
+      u[2] = uniform16(w1, false);
+      u[3] = uniform16(w1, true);
+    }
 #pragma unroll
     for (int k = 0; k < kIlp; ++k) {
       if (!((active >> k) & 1) || i + k >= m.numel) continue;
@@ -139,7 +147,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const TensorMet
       W sa = static_cast<W>(a[k]), sb = static_cast<W>(b[k]), sd = static_cast<W>(cc[k]);
       const W an = reg ? load_aux<W>(m.anchor, m.anchor_type, i + k) : W(0);
       const W fi = h.ewc != 0 ? load_aux<W>(m.fisher, m.fisher_type, i + k) : W(0);
-      const W drop = h.grad_dropout > 0 ? static_cast<W>(drop_multiplier(u.v[k], h, c)) : W(1);
+      const W drop = h.grad_dropout > 0 ? static_cast<W>(drop_multiplier(u[k], h, c)) : W(1);
       optim_update<KIND, W>(h, c, x, static_cast<W>(gv[k]), sa, sb, sd, an, fi, drop);
       if (m.master) mv[k] = static_cast<float>(x);
       pv[k] = static_cast<P>(x);

@@ -51,6 +51,24 @@ def _local(t):
     return t.to_local() if DTensor and isinstance(t, DTensor) else t
 
 
+def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """``||g||_2`` over all ``grads`` (the norm ``clip_grad_norm_`` clips by), a float32 0-dim tensor.
+
+    Dense fp32/fp64 CPU grads go through BLAS dot products (about 2x faster there than
+    ``vector_norm``); everything else (GPU, DTensor, low precision) through
+    ``torch.nn.utils.get_total_norm``, which stays on the device without a host sync.
+    """
+    if all(
+        type(g) is torch.Tensor and g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) for g in grads
+    ):
+        sq = math.fsum(float(torch.dot(g.reshape(-1), g.reshape(-1))) for g in grads)
+        return torch.tensor(math.sqrt(sq), dtype=torch.float32)
+    norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    if DTensor and isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm.float()
+
+
 class FusedOptimizer(Optimizer):
     """Shared machinery; use :class:`FusedAdamW`, :class:`FusedSGD`, :class:`FusedAdagrad` or
     :class:`FusedRMSprop`.
@@ -239,11 +257,7 @@ class FusedOptimizer(Optimizer):
 
         total_norm = None
         if any(g["max_grad_norm"] for g, _ in work):
-            grads = [p.grad for _, items in work for p, _, _ in items]
-            total_norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-            if DTensor and isinstance(total_norm, DTensor):
-                total_norm = total_norm.full_tensor()
-            total_norm = total_norm.float()
+            total_norm = global_grad_norm([p.grad for _, items in work for p, _, _ in items])
             if grad_scale is not None:
                 total_norm = total_norm / grad_scale.to(total_norm.device)
         seed = 0

@@ -18,9 +18,10 @@ _M32 = np.uint64(0xFFFFFFFF)
 
 
 def philox_uniform(seed: int, tensor_id: int, numel: int) -> torch.Tensor:
-    """The gradient-dropout uniforms of a tensor: element ``i`` gets lane ``i % 4`` of
-    Philox4x32-10 at counter ``(i // 4, tensor_id, 0x46544B31)``, key ``seed``; 24 bits -> [0, 1)."""
-    groups = np.arange((numel + 3) // 4, dtype=np.uint64)
+    """The gradient-dropout uniforms of a tensor: element ``i`` takes 16 bits of Philox4x32-10 at
+    counter ``(i // 8, tensor_id, 0x46544B31)``, key ``seed``: word ``(i % 8) // 2``, low half first,
+    divided by 2^16 -> [0, 1)."""
+    groups = np.arange((numel + 7) // 8, dtype=np.uint64)
     x, y = groups & _M32, groups >> np.uint64(32)
     z = np.full_like(groups, np.uint64(tensor_id) & _M32)
     w = np.full_like(groups, np.uint64(0x46544B31))
@@ -31,8 +32,9 @@ def philox_uniform(seed: int, tensor_id: int, numel: int) -> torch.Tensor:
         x, y, z, w = (p1 >> np.uint64(32)) ^ y ^ k0, p1 & _M32, (p0 >> np.uint64(32)) ^ w ^ k1, p0 & _M32
         k0 = (k0 + np.uint64(0x9E3779B9)) & _M32
         k1 = (k1 + np.uint64(0xBB67AE85)) & _M32
-    bits = np.stack([x, y, z, w], axis=1).reshape(-1)[:numel] >> np.uint64(8)
-    return torch.from_numpy(bits.astype(np.float64) / 16777216.0)
+    words = np.stack([x, y, z, w], axis=1)
+    halves = np.stack([words & np.uint64(0xFFFF), words >> np.uint64(16)], axis=2).reshape(-1)[:numel]
+    return torch.from_numpy(halves.astype(np.float64) / 65536.0)
 
 
 def reference_update(
