@@ -39,6 +39,16 @@ def time_ms(fn, device: torch.device, warmup: int = 3, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def time_pair_ms(fa, fb, device: torch.device, rounds: int = 4, reps: int = 5) -> tuple[float, float]:
+    """Medians of ``fa`` and ``fb`` timed in alternating rounds, so drift in machine speed (turbo,
+    neighbours on a shared host) hits both sides alike."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(time_ms(fa, device, warmup=1, reps=reps))
+        tb.append(time_ms(fb, device, warmup=1, reps=reps))
+    return statistics.median(ta), statistics.median(tb)
+
+
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """Measured copy bandwidth in bytes/s (read + write counted) on buffers of ``nbytes``."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()

@@ -12,7 +12,7 @@ import torch
 
 from ..masks import set_grad_mask
 from ..optim import FusedAdamW
-from .common import copy_bandwidth, format_table, time_ms
+from .common import copy_bandwidth, format_table, time_pair_ms
 
 ALL_OPTIONS = dict(grad_dropout=0.1, l1=1e-6, l2sp=1e-3, max_grad_norm=1.0)
 BYTES_PLAIN = 28.0
@@ -102,8 +102,7 @@ def run(device: torch.device, quick: bool = False, sizes: dict | None = None) ->
     pa, pb = _make(shapes, device), _make(shapes, device)
     ours = FusedAdamW(pa, lr=lr)
     base = torch.optim.AdamW(pb, lr=lr, fused=has_fused)
-    t_ours = time_ms(ours.step, device, reps=reps)
-    t_base = time_ms(base.step, device, reps=reps)
+    t_ours, t_base = time_pair_ms(ours.step, base.step, device, reps=reps)
     add("adamw fp32, no options", "torch AdamW(fused=True)", t_base, t_ours, BYTES_PLAIN)
     del pa, pb, ours, base
 
@@ -126,8 +125,7 @@ def run(device: torch.device, quick: bool = False, sizes: dict | None = None) ->
         ALL_OPTIONS["max_grad_norm"],
         fused=has_fused,
     )
-    t_ours = time_ms(ours.step, device, reps=reps)
-    t_eager = time_ms(eager.step, device, warmup=1, reps=max(3, reps // 3))
+    t_ours, t_eager = time_pair_ms(ours.step, eager.step, device, rounds=3, reps=max(3, reps // 2))
     add("adamw fp32, mask+dropout+L1+L2-SP+clip", "eager torch ops + AdamW(fused=True)", t_eager, t_ours, BYTES_ALL)
     env = dict(numel=numel, copy_GBps=bw / 1e9, sizes=sizes)
     return rows, env
