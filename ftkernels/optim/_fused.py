@@ -4,8 +4,10 @@ Per element, in one read and one write of each tensor (math in ``csrc/include/ft
 
 1. ``g <- g / grad_scale * clip`` (AMP unscale; ``clip = min(1, max_grad_norm / (||g||_2 + 1e-6))``
    with the global norm of all grads this optimizer steps), negated when ``maximize``;
-2. ``g <- g * Bernoulli(1-p) / (1-p)`` when ``grad_dropout=p`` (Child-Tuning-F; Philox RNG keyed by
-   a seed drawn from torch's default generator each step and the param's index: nothing stored);
+2. ``g <- g * Bernoulli(1-p) / (1-p)`` when ``grad_dropout=p`` (Child-Tuning-F; Philox4x32-10 keyed
+   by a seed drawn from torch's default generator each step, counter = (element // 8, the param's
+   index in the optimizer); 16-bit draws, so p is resolved to 2^-16; nothing stored; CPU and CUDA
+   draw the same masks; for DTensor params the element index is the local shard's);
 3. ``g <- g + l2 p + (l2sp + ewc F) (p - anchor)`` (coupled penalties; ``anchor`` = the weights at
    construction or given, ``F`` = a Fisher diagonal);
 4. the optimizer's own rule (AdamW, SGD, Adagrad, RMSprop as in ``torch.optim``);
@@ -44,6 +46,15 @@ REGULARIZER_DEFAULTS = dict(
     l1=0.0, l2=0.0, l2sp=0.0, ewc=0.0, grad_dropout=0.0, max_grad_norm=None, master_weights=False
 )
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+_NOT_GROUP_OPTIONS = ("self", "params", "anchors", "fisher", "anchor_dtype", "__class__")
+
+
+def group_defaults(init_args: dict) -> dict:
+    """An optimizer's param-group defaults: its ``__init__`` arguments (``locals()``) minus the
+    ones that are not per-group options."""
+    return {k: v for k, v in init_args.items() if k not in _NOT_GROUP_OPTIONS}
 
 
 def _local(t):

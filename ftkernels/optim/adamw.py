@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._fused import FusedOptimizer
+from ._fused import FusedOptimizer, group_defaults
 
 
 class FusedAdamW(FusedOptimizer):
@@ -53,22 +53,8 @@ class FusedAdamW(FusedOptimizer):
         fisher=None,
         anchor_dtype: torch.dtype | None = None,
     ):
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            l1=l1,
-            l2=l2,
-            l2sp=l2sp,
-            ewc=ewc,
-            grad_dropout=grad_dropout,
-            max_grad_norm=max_grad_norm,
-            master_weights=master_weights,
-        )
-        super().__init__(params, defaults, anchors=anchors, fisher=fisher, anchor_dtype=anchor_dtype)
+        betas = tuple(betas)
+        super().__init__(params, group_defaults(locals()), anchors=anchors, fisher=fisher, anchor_dtype=anchor_dtype)
 
     def _kind_defaults(self) -> dict:
         return dict(amsgrad=False, maximize=False)

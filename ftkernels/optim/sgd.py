@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._fused import FusedOptimizer
+from ._fused import FusedOptimizer, group_defaults
 
 
 class FusedSGD(FusedOptimizer):
@@ -43,22 +43,7 @@ class FusedSGD(FusedOptimizer):
         fisher=None,
         anchor_dtype: torch.dtype | None = None,
     ):
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-            l1=l1,
-            l2=l2,
-            l2sp=l2sp,
-            ewc=ewc,
-            grad_dropout=grad_dropout,
-            max_grad_norm=max_grad_norm,
-            master_weights=master_weights,
-        )
-        super().__init__(params, defaults, anchors=anchors, fisher=fisher, anchor_dtype=anchor_dtype)
+        super().__init__(params, group_defaults(locals()), anchors=anchors, fisher=fisher, anchor_dtype=anchor_dtype)
 
     def _kind_defaults(self) -> dict:
         return dict(nesterov=False, maximize=False, dampening=0.0)
