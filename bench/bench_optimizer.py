@@ -3,19 +3,21 @@
     python bench/bench_optimizer.py [--device cpu|cuda] [--quick] [--out bench/results]
 
 prints ms/step, speedup over the baselines measured side by side, and the ratio to the floor
-(minimal bytes / measured copy bandwidth), and writes ``optimizer-<device>.json``. The micro cases
+(minimal bytes / measured copy bandwidth), and writes ``optimizer-<device>.json`` (the same as
+``ftkernels bench --suite optimizer``, kept under the committed name). The micro cases
 also run under pytest-benchmark: ``pytest bench/bench_optimizer.py --benchmark-only``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
 
 from ftkernels.bench import optimizer as suite
-from ftkernels.bench.common import environment, write_results
+from ftkernels.bench import runner
 
 
 def main(argv=None) -> int:
@@ -25,15 +27,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    rows, extra = suite.run(device, quick=args.quick)
-    env = {**environment(device), **extra}
-    print(
-        f"{env['device']} | torch {env['torch']} | {extra['numel'] / 1e6:.1f}M params | "
-        f"copy {extra['copy_GBps']:.1f} GB/s"
-    )
-    print(suite.report(rows))
+    results = runner.run_suites(["optimizer"], device, quick=args.quick)
+    print(runner.to_markdown(results))
     name = f"optimizer-{device.type}{'-quick' if args.quick else ''}.json"
-    write_results(os.path.join(args.out, name), env, rows, notes={"bytes_per_element": suite.__doc__})
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The ``ftkernels`` command: ``ftkernels info`` (build and backend table)."""
+"""The ``ftkernels`` command: ``ftkernels info`` (build and backend table) and ``ftkernels bench``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="show how ftkernels was built and which backend serves each op")
     p_info.add_argument("--json", action="store_true", help="print the build_info() dict as JSON")
+    p_bench = sub.add_parser("bench", help="run the benchmark suites on this machine's default device")
+    p_bench.add_argument("--suite", action="append", help="suite to run (repeatable); default: all built")
+    p_bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p_bench.add_argument(
+        "--dtype", default="float32", choices=["float32"], help="parameter dtype of the optimizer suite"
+    )
+    p_bench.add_argument("--quick", action="store_true", help="small sizes and few repeats (seconds)")
+    p_bench.add_argument("--out", help="directory for results.json and results.md")
+    p_bench.add_argument("--plot", action="store_true", help="also write speedup/memory PNGs to --out")
+    p_bench.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="show the change between two runs")
     args = parser.parse_args(argv)
+
+    if args.command == "bench":
+        return _bench(args, parser)
 
     if args.command == "info":
         from .info import build_info, format_info
@@ -21,6 +34,38 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(info, indent=2) if args.json else format_info(info))
         return 0
     return 2
+
+
+def _bench(args, parser) -> int:
+    import torch
+
+    from .bench import runner
+    from .bench.common import format_table
+
+    if args.compare:
+        print(runner.compare(*args.compare))
+        return 0
+    if args.plot and not args.out:
+        parser.error("--plot needs --out DIR")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is available")
+    names = args.suite or list(runner.SUITES)
+    try:
+        results = runner.run_suites(names, device, quick=args.quick)
+    except ValueError as e:
+        parser.error(str(e))
+    env, ceil = results["environment"], results["ceilings"]
+    print(f"{env['device']} | torch {env['torch']} | ftkernels {env['ftkernels']} | {env['date']}")
+    rate = f"{ceil['matmul_dtype']} matmul {ceil['matmul_TFLOPs']:.2f} TFLOP/s"
+    print(f"ceilings: copy {ceil['copy_GBps']:.1f} GB/s, {rate}")
+    print(format_table(runner.all_rows(results), runner.COLUMNS))
+    if args.out:
+        paths = list(runner.write(args.out, results))
+        if args.plot:
+            paths += runner.plot(results, args.out)
+        print("wrote " + ", ".join(paths))
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import platform
 import statistics
 import subprocess
@@ -47,6 +45,19 @@ def time_pair_ms(fa, fb, device: torch.device, rounds: int = 4, reps: int = 5) -
         ta.append(time_ms(fa, device, warmup=1, reps=reps))
         tb.append(time_ms(fb, device, warmup=1, reps=reps))
     return statistics.median(ta), statistics.median(tb)
+
+
+def peak_extra_mb(fn, device: torch.device) -> float | None:
+    """Peak memory ``fn()`` allocates beyond what is live before it (MB); GPU only (None on CPU,
+    where torch's allocations are not visible to tracemalloc)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -93,13 +104,6 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git_commit": git_commit(),
     }
-
-
-def write_results(path: str, env: dict, rows: list[dict], notes: dict | None = None) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"environment": env, "notes": notes or {}, "rows": rows}, f, indent=2)
-        f.write("\n")
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

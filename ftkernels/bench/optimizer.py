@@ -12,7 +12,7 @@ import torch
 
 from ..masks import set_grad_mask
 from ..optim import FusedAdamW
-from .common import copy_bandwidth, format_table, time_pair_ms
+from .common import copy_bandwidth, peak_extra_mb, time_pair_ms
 
 ALL_OPTIONS = dict(grad_dropout=0.1, l1=1e-6, l2sp=1e-3, max_grad_norm=1.0)
 BYTES_PLAIN = 28.0
@@ -73,27 +73,32 @@ class EagerRegularizedAdamW:
                 self.opt.state[p][k].copy_(torch.where(m, self.opt.state[p][k], v))
 
 
-def run(device: torch.device, quick: bool = False, sizes: dict | None = None) -> tuple[list[dict], dict]:
+def run(
+    device: torch.device, quick: bool = False, ceilings: dict | None = None, sizes: dict | None = None
+) -> tuple[list[dict], dict]:
+    """Rows for the plain and the all-options AdamW step (see the module doc for the floors)."""
     sizes = sizes or default_sizes(device, quick)
     shapes = gpt2_like_shapes(**sizes)
     numel = sum(torch.Size(s).numel() for s in shapes)
     reps = 5 if quick else (20 if device.type == "cuda" else 7)
-    bw = copy_bandwidth(device, min(numel * 4, 1 << 30))
+    if ceilings:
+        bw = ceilings["copy_GBps"] * 1e9
+    else:
+        bw = copy_bandwidth(device, max(min(numel * 4, 1 << 30), 256 << 20))
     lr = 1e-4
     rows = []
 
-    def add(case, baseline_name, base_ms, ours_ms, nbytes):
-        floor_ms = numel * nbytes / bw * 1e3
+    def add(case, baseline_name, base_ms, ours_ms, nbytes, base_fn, ours_fn):
         rows.append(
             dict(
                 case=case,
                 baseline=baseline_name,
                 baseline_ms=base_ms,
                 ours_ms=ours_ms,
-                speedup=base_ms / ours_ms,
-                floor_ms=floor_ms,
-                ours_vs_floor=ours_ms / floor_ms,
+                floor_ms=numel * nbytes / bw * 1e3,
                 ours_GBps=numel * nbytes / (ours_ms * 1e-3) / 1e9,
+                baseline_mem_MB=peak_extra_mb(base_fn, device),
+                ours_mem_MB=peak_extra_mb(ours_fn, device),
             )
         )
 
@@ -103,7 +108,7 @@ def run(device: torch.device, quick: bool = False, sizes: dict | None = None) ->
     ours = FusedAdamW(pa, lr=lr)
     base = torch.optim.AdamW(pb, lr=lr, fused=has_fused)
     t_ours, t_base = time_pair_ms(ours.step, base.step, device, reps=reps)
-    add("adamw fp32, no options", "torch AdamW(fused=True)", t_base, t_ours, BYTES_PLAIN)
+    add("adamw fp32, no options", "torch AdamW(fused=True)", t_base, t_ours, BYTES_PLAIN, base.step, ours.step)
     del pa, pb, ours, base
 
     # all options on (50% element mask on every matrix)
@@ -126,22 +131,14 @@ def run(device: torch.device, quick: bool = False, sizes: dict | None = None) ->
         fused=has_fused,
     )
     t_ours, t_eager = time_pair_ms(ours.step, eager.step, device, rounds=3, reps=max(3, reps // 2))
-    add("adamw fp32, mask+dropout+L1+L2-SP+clip", "eager torch ops + AdamW(fused=True)", t_eager, t_ours, BYTES_ALL)
+    add(
+        "adamw fp32, mask+dropout+L1+L2-SP+clip",
+        "eager torch ops + AdamW(fused=True)",
+        t_eager,
+        t_ours,
+        BYTES_ALL,
+        eager.step,
+        ours.step,
+    )
     env = dict(numel=numel, copy_GBps=bw / 1e9, sizes=sizes)
     return rows, env
-
-
-COLUMNS = [
-    ("case", "case"),
-    ("baseline", "baseline"),
-    ("baseline_ms", "baseline ms"),
-    ("ours_ms", "ours ms"),
-    ("speedup", "speedup"),
-    ("floor_ms", "floor ms"),
-    ("ours_vs_floor", "ours/floor"),
-    ("ours_GBps", "ours GB/s"),
-]
-
-
-def report(rows: list[dict]) -> str:
-    return format_table(rows, COLUMNS)

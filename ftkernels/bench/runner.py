@@ -1,0 +1,207 @@
+"""``ftkernels bench``: run the suites on a device, measure the ceilings, write and compare results.
+
+A suite is ``run(device, quick, ceilings) -> (rows, extra)``; each row has at least ``case``,
+``baseline``, ``baseline_ms``, ``ours_ms`` and ``floor_ms`` (the physical floor from the measured
+ceilings), and may carry peak memory (``baseline_mem_MB``, ``ours_mem_MB``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from . import optimizer
+from .common import copy_bandwidth, environment, format_table, time_ms
+
+SUITES = {"optimizer": optimizer.run}
+# Suites the roadmap adds (issues #4-#8); named here so --suite explains their absence.
+PLANNED = ("lora_linear", "lora_conv", "masked", "e2e")
+
+COLUMNS = [
+    ("suite", "suite"),
+    ("case", "case"),
+    ("baseline", "baseline"),
+    ("baseline_ms", "baseline ms"),
+    ("ours_ms", "ours ms"),
+    ("speedup", "speedup"),
+    ("baseline_mem_MB", "base MB"),
+    ("ours_mem_MB", "ours MB"),
+    ("ours_vs_floor", "ours/floor"),
+]
+
+
+def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
+    """Copy bandwidth (bytes/s, read + write) and dense matmul rate (flop/s) measured here.
+
+    Matmul: bf16 on GPU (the tensor-core rate), fp32 on CPU; 8192^3 on GPU, 1024^3-2048^3 on CPU.
+    """
+    if device.type == "cuda":
+        n, dtype, nbytes = 8192, torch.bfloat16, 1 << 30
+    else:
+        n, dtype, nbytes = (1024 if quick else 2048), torch.float32, (64 << 20 if quick else 512 << 20)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device, warmup=2, reps=5 if quick else 10)
+    return {
+        "copy_GBps": copy_bandwidth(device, nbytes) / 1e9,
+        "matmul_TFLOPs": 2 * n**3 / (ms * 1e-3) / 1e12,
+        "matmul_dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def finish_row(suite: str, row: dict) -> dict:
+    """Derived columns: speedup = baseline/ours, ours_vs_floor = ours/floor."""
+    row = {"suite": suite, **row}
+    row["speedup"] = row["baseline_ms"] / row["ours_ms"]
+    if row.get("floor_ms"):
+        row["ours_vs_floor"] = row["ours_ms"] / row["floor_ms"]
+    return row
+
+
+def run_suites(names, device: torch.device, quick: bool = False, progress=sys.stderr) -> dict:
+    """Run the named suites; returns ``{"environment", "ceilings", "suites": {name: {"rows", "extra"}}}``."""
+    for name in names:
+        if name not in SUITES:
+            planned = " (planned, not built yet)" if name in PLANNED else ""
+            raise ValueError(f"unknown benchmark suite {name!r}{planned}; available: {', '.join(SUITES)}")
+    t0 = time.perf_counter()
+    _progress(progress, 0, len(names) + 1, "measuring ceilings", t0)
+    ceilings = measure_ceilings(device, quick)
+    results = {"environment": environment(device), "ceilings": ceilings, "quick": quick, "suites": {}}
+    for k, name in enumerate(names):
+        _progress(progress, k + 1, len(names) + 1, f"suite {name}", t0)
+        rows, extra = SUITES[name](device, quick=quick, ceilings=ceilings)
+        results["suites"][name] = {"rows": [finish_row(name, r) for r in rows], "extra": extra}
+    _progress(progress, len(names) + 1, len(names) + 1, "done", t0)
+    return results
+
+
+def _progress(stream, done: int, total: int, what: str, t0: float) -> None:
+    if stream is None:
+        return
+    width = 24
+    filled = int(width * done / total)
+    stream.write(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<28} {time.perf_counter() - t0:6.1f}s"
+    )
+    if done == total:
+        stream.write("\n")
+    stream.flush()
+
+
+def all_rows(results: dict) -> list[dict]:
+    return [row for suite in results["suites"].values() for row in suite["rows"]]
+
+
+def to_markdown(results: dict) -> str:
+    env, ceil = results["environment"], results["ceilings"]
+    lines = [
+        f"# ftkernels bench: {env['device']}",
+        "",
+        f"{env['date']} | torch {env['torch']} | triton {env['triton']} | ftkernels {env['ftkernels']} | "
+        f"commit {env['git_commit']}" + (" | quick" if results.get("quick") else ""),
+        "",
+        f"Ceilings measured in this run: copy {ceil['copy_GBps']:.1f} GB/s, "
+        f"{ceil['matmul_dtype']} matmul {ceil['matmul_TFLOPs']:.2f} TFLOP/s.",
+        "",
+        "| " + " | ".join(h for _, h in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for row in all_rows(results):
+        cells = []
+        for key, _ in COLUMNS:
+            v = row.get(key)
+            cells.append("-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(out_dir: str, results: dict) -> tuple[str, str]:
+    """``results.json`` and ``results.md`` under ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    js, md = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
+    with open(js, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    with open(md, "w") as f:
+        f.write(to_markdown(results))
+    return js, md
+
+
+def compare(path_a: str, path_b: str) -> str:
+    """Table of ``ours_ms`` and ``speedup`` per (suite, case) in two result files, with the change."""
+    with open(path_a) as f:
+        a = json.load(f)
+    with open(path_b) as f:
+        b = json.load(f)
+    rows_a = {(r["suite"], r["case"]): r for r in all_rows(a)}
+    rows = []
+    for r in all_rows(b):
+        old = rows_a.get((r["suite"], r["case"]))
+        rows.append(
+            {
+                "suite": r["suite"],
+                "case": r["case"],
+                "A_ms": old["ours_ms"] if old else None,
+                "B_ms": r["ours_ms"],
+                "change": f"{(r['ours_ms'] / old['ours_ms'] - 1) * 100:+.1f}%" if old else "new",
+                "A_speedup": old["speedup"] if old else None,
+                "B_speedup": r["speedup"],
+            }
+        )
+    for key, r in rows_a.items():
+        if key not in {(x["suite"], x["case"]) for x in rows}:
+            rows.append({"suite": key[0], "case": key[1], "A_ms": r["ours_ms"], "change": "gone"})
+    ea, eb = a["environment"], b["environment"]
+    head = f"A: {ea['device']} {ea['date']}\nB: {eb['device']} {eb['date']}"
+    cols = [
+        ("suite", "suite"),
+        ("case", "case"),
+        ("A_ms", "A ms"),
+        ("B_ms", "B ms"),
+        ("change", "B vs A"),
+        ("A_speedup", "A speedup"),
+        ("B_speedup", "B speedup"),
+    ]
+    return head + "\n" + format_table(rows, cols)
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+    """PNG bar charts of speedup and peak memory per case (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from None
+    rows = all_rows(results)
+    labels = [f"{r['suite']}: {r['case']}" for r in rows]
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+    ax.barh(labels, [r["speedup"] for r in rows], color="tab:green")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("speedup over baseline (x)")
+    ax.set_title(results["environment"]["device"])
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "speedup.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    mem = [r for r in rows if r.get("ours_mem_MB") is not None]
+    if mem:
+        fig, ax = plt.subplots(figsize=(8, 0.6 * len(mem) + 1.5))
+        y = range(len(mem))
+        ax.barh([v + 0.2 for v in y], [r["baseline_mem_MB"] for r in mem], height=0.4, label="baseline")
+        ax.barh([v - 0.2 for v in y], [r["ours_mem_MB"] for r in mem], height=0.4, label="ours")
+        ax.set_yticks(list(y), [f"{r['suite']}: {r['case']}" for r in mem])
+        ax.set_xlabel("peak memory (MB)")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "memory.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths

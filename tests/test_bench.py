@@ -1,0 +1,85 @@
+"""The benchmark runner: schema, derived columns, compare, CLI (timings themselves live in bench/)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ftkernels.bench import runner
+
+
+def _fake_suite(device, quick=False, ceilings=None):
+    rows = [
+        dict(case="fast", baseline="torch", baseline_ms=10.0, ours_ms=2.5, floor_ms=2.0),
+        dict(case="slow", baseline="torch", baseline_ms=3.0, ours_ms=6.0, floor_ms=1.5),
+    ]
+    return rows, {"copy_seen": ceilings["copy_GBps"]}
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setitem(runner.SUITES, "fake", _fake_suite)
+    monkeypatch.setattr(
+        runner, "measure_ceilings", lambda d, q=False: {"copy_GBps": 10.0, "matmul_TFLOPs": 1.0, "matmul_dtype": "f"}
+    )
+
+
+def test_derived_columns_and_schema(fake, tmp_path):
+    res = runner.run_suites(["fake"], torch.device("cpu"), progress=None)
+    rows = runner.all_rows(res)
+    assert [r["speedup"] for r in rows] == [4.0, 0.5]
+    assert [r["ours_vs_floor"] for r in rows] == [1.25, 4.0]
+    assert res["suites"]["fake"]["extra"] == {"copy_seen": 10.0}
+    for key in ("device", "torch", "triton", "ftkernels", "date", "git_commit"):
+        assert key in res["environment"]
+    js, md = runner.write(str(tmp_path), res)
+    back = json.loads(open(js).read())
+    assert runner.all_rows(back) == rows
+    text = open(md).read()
+    assert "| fake | fast | torch | 10 | 2.5 | 4 |" in text
+
+
+def test_compare_shows_change(fake, tmp_path):
+    a = runner.run_suites(["fake"], torch.device("cpu"), progress=None)
+    b = json.loads(json.dumps(a))
+    b["suites"]["fake"]["rows"][0]["ours_ms"] = 5.0  # twice as slow
+    del b["suites"]["fake"]["rows"][1]
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    out = runner.compare(str(pa), str(pb))
+    assert "+100.0%" in out and "gone" in out
+
+
+def test_unknown_suite_is_named():
+    with pytest.raises(ValueError, match="planned"):
+        runner.run_suites(["lora_linear"], torch.device("cpu"), progress=None)
+    with pytest.raises(ValueError, match="available: optimizer"):
+        runner.run_suites(["nope"], torch.device("cpu"), progress=None)
+
+
+def test_cli_quick_optimizer_suite(tmp_path):
+    cmd = [sys.executable, "-m", "ftkernels", "bench", "--quick", "--suite", "optimizer", "--out", str(tmp_path)]
+    if _has_matplotlib():
+        cmd.append("--plot")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert "adamw fp32, no options" in out
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = res["suites"]["optimizer"]["rows"]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["ours_ms"] > 0 and r["baseline_ms"] > 0
+        assert abs(r["speedup"] - r["baseline_ms"] / r["ours_ms"]) < 1e-12
+    assert res["ceilings"]["copy_GBps"] > 0 and res["ceilings"]["matmul_TFLOPs"] > 0
+    if _has_matplotlib():
+        assert (tmp_path / "speedup.png").stat().st_size > 1000
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
