@@ -4,7 +4,7 @@ Public API; the compiled extension (``ftkernels._C``) is loaded lazily by the op
 so importing ftkernels never fails for a missing optional part.
 """
 
-from . import _ext, optim
+from . import _ext, masks, optim
 from ._ext import ExtensionError
 from .fisher import fisher_diagonal
 from .info import build_info
@@ -19,6 +19,7 @@ __all__ = [
     "clear_grad_mask",
     "fisher_diagonal",
     "get_grad_mask",
+    "masks",
     "optim",
     "set_grad_mask",
 ]

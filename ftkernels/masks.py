@@ -103,3 +103,122 @@ def packed_grad_mask(param: torch.Tensor) -> torch.Tensor | None:
         setattr(param, _ATTR, bits)
         _version[0] += 1
     return bits
+
+
+# ---------------------------------------------------------------- mask builders
+# Each returns a bool tensor of the param's shape (True = trainable) for set_grad_mask.
+
+
+def _check_keep(keep: float) -> float:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not (0 < keep <= 1):
+        raise ValueError(f"keep must be a fraction in (0, 1], got {keep!r}")
+    return float(keep)
+
+
+def _count(numel: int, keep: float) -> int:
+    return max(1, min(numel, round(keep * numel)))
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k largest scores (flat order ties broken by position)."""
+    flat = scores.reshape(-1)
+    out = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    out[torch.topk(flat, k, sorted=False).indices] = True
+    return out.view(scores.shape)
+
+
+def random(param: torch.Tensor, keep: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exactly ``round(keep * numel)`` (at least 1) elements kept, uniformly at random."""
+    keep = _check_keep(keep)
+    scores = torch.rand(param.shape, generator=generator, device="cpu").to(param.device)
+    return _top(scores, _count(param.numel(), keep))
+
+
+def magnitude(param: torch.Tensor, keep: float) -> torch.Tensor:
+    """The ``round(keep * numel)`` elements of largest ``|param|`` kept."""
+    keep = _check_keep(keep)
+    return _top(param.detach().abs().float(), _count(param.numel(), keep))
+
+
+def rows(
+    param: torch.Tensor,
+    indices=None,
+    keep: float | None = None,
+    by: str = "magnitude",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Whole output rows (dim 0: a Linear's output features, a Conv2d's output channels) kept.
+
+    Either explicit ``indices`` or a fraction ``keep`` of the rows, chosen ``by`` "magnitude"
+    (largest L2 norm) or "random".
+    """
+    if param.dim() < 1:
+        raise ValueError("rows: the param needs at least one dimension")
+    n = param.shape[0]
+    if (indices is None) == (keep is None):
+        raise ValueError("rows: give exactly one of indices or keep")
+    if indices is not None:
+        idx = torch.as_tensor(indices, dtype=torch.long, device=param.device).reshape(-1)
+        if idx.numel() and (idx.min() < -n or idx.max() >= n):
+            raise ValueError(f"rows: indices out of range for {n} rows")
+        chosen = torch.zeros(n, dtype=torch.bool, device=param.device)
+        chosen[idx] = True
+    else:
+        k = _count(n, _check_keep(keep))
+        if by == "magnitude":
+            score = param.detach().float().reshape(n, -1).norm(dim=1)
+        elif by == "random":
+            score = torch.rand(n, generator=generator).to(param.device)
+        else:
+            raise ValueError(f"rows: by must be 'magnitude' or 'random', got {by!r}")
+        chosen = _top(score, k)
+    return chosen.view(n, *([1] * (param.dim() - 1))).expand(param.shape).clone()
+
+
+def blocks(
+    param: torch.Tensor, keep: float, block: int = 16, by: str = "magnitude", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Square ``block x block`` tiles of a 2-D param kept (edge tiles may be smaller): the
+    ``round(keep * tiles)`` tiles of largest mean ``|w|``, or random ones (``by="random"``)."""
+    if param.dim() != 2:
+        raise ValueError(f"blocks: needs a 2-D param, got shape {tuple(param.shape)}")
+    if block < 1:
+        raise ValueError(f"blocks: block must be >= 1, got {block}")
+    keep = _check_keep(keep)
+    r, c = param.shape
+    tr, tc = -(-r // block), -(-c // block)
+    if by == "magnitude":
+        a = param.detach().abs().float()
+        padded = torch.zeros(tr * block, tc * block, device=param.device)
+        counts = torch.zeros_like(padded)
+        padded[:r, :c] = a
+        counts[:r, :c] = 1
+        fold = lambda t: t.view(tr, block, tc, block).sum(dim=(1, 3))  # noqa: E731
+        score = fold(padded) / fold(counts)
+    elif by == "random":
+        score = torch.rand(tr, tc, generator=generator).to(param.device)
+    else:
+        raise ValueError(f"blocks: by must be 'magnitude' or 'random', got {by!r}")
+    tiles = _top(score, _count(tr * tc, keep))
+    return tiles.repeat_interleave(block, 0).repeat_interleave(block, 1)[:r, :c].contiguous()
+
+
+def fisher_topk(model, batches, loss_fn=None, keep: float = 0.1, per_layer: bool = False) -> dict:
+    """Child-Tuning-D / FISH-mask: keep the elements with the largest diagonal Fisher.
+
+    ``keep`` is the fraction kept over all trainable params together (``per_layer=False``) or in
+    each param separately. Returns ``{param: bool mask}`` for every trainable param.
+    """
+    from .fisher import fisher_diagonal
+
+    keep = _check_keep(keep)
+    fisher = fisher_diagonal(model, batches, loss_fn)
+    if per_layer:
+        return {p: _top(f.float(), _count(f.numel(), keep)) for p, f in fisher.items()}
+    flat = torch.cat([f.float().reshape(-1).cpu() for f in fisher.values()])
+    chosen = _top(flat, _count(flat.numel(), keep))
+    out, start = {}, 0
+    for p, f in fisher.items():
+        out[p] = chosen[start : start + f.numel()].view(f.shape).to(p.device)
+        start += f.numel()
+    return out
