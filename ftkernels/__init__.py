@@ -7,6 +7,7 @@ so importing ftkernels never fails for a missing optional part.
 from . import _ext, masks, optim
 from ._ext import ExtensionError
 from .fisher import fisher_diagonal
+from .freeze import FreezeSummary, freeze
 from .info import build_info
 from .masks import clear_grad_mask, get_grad_mask, set_grad_mask
 
@@ -14,10 +15,12 @@ __version__ = _ext.installed_version() or "0.1.0+unknown"
 
 __all__ = [
     "ExtensionError",
+    "FreezeSummary",
     "__version__",
     "build_info",
     "clear_grad_mask",
     "fisher_diagonal",
+    "freeze",
     "get_grad_mask",
     "masks",
     "optim",
