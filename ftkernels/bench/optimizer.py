@@ -12,7 +12,7 @@ import torch
 
 from ..masks import set_grad_mask
 from ..optim import FusedAdamW
-from .common import copy_bandwidth, peak_extra_mb, time_pair_ms
+from .common import peak_extra_mb, time_pair_ms
 
 ALL_OPTIONS = dict(grad_dropout=0.1, l1=1e-6, l2sp=1e-3, max_grad_norm=1.0)
 BYTES_PLAIN = 28.0
@@ -73,18 +73,14 @@ class EagerRegularizedAdamW:
                 self.opt.state[p][k].copy_(torch.where(m, self.opt.state[p][k], v))
 
 
-def run(
-    device: torch.device, quick: bool = False, ceilings: dict | None = None, sizes: dict | None = None
-) -> tuple[list[dict], dict]:
-    """Rows for the plain and the all-options AdamW step (see the module doc for the floors)."""
+def run(device: torch.device, quick: bool, ceilings: dict, sizes: dict | None = None) -> tuple[list[dict], dict]:
+    """Rows for the plain and the all-options AdamW step (see the module doc for the floors);
+    ``ceilings`` as measured by ``runner.measure_ceilings``."""
     sizes = sizes or default_sizes(device, quick)
     shapes = gpt2_like_shapes(**sizes)
     numel = sum(torch.Size(s).numel() for s in shapes)
     reps = 5 if quick else (20 if device.type == "cuda" else 7)
-    if ceilings:
-        bw = ceilings["copy_GBps"] * 1e9
-    else:
-        bw = copy_bandwidth(device, max(min(numel * 4, 1 << 30), 256 << 20))
+    bw = ceilings["copy_GBps"] * 1e9
     lr = 1e-4
     rows = []
 

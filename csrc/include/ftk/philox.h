@@ -22,19 +22,21 @@ FTK_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
   return static_cast<uint32_t>(p);
 }
 
+// Philox4x32 round multipliers and Weyl key increments.
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
 FTK_HD U32x4 philox4x32_10(U32x4 ctr, uint32_t k0, uint32_t k1) {
-  constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
-  constexpr uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
 #if defined(FTK_DEVICE_CODE)
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
     uint32_t hi0, hi1;
-    uint32_t lo0 = mulhilo32(M0, ctr.x, &hi0);
-    uint32_t lo1 = mulhilo32(M1, ctr.z, &hi1);
+    uint32_t lo0 = mulhilo32(kPhiloxM0, ctr.x, &hi0);
+    uint32_t lo1 = mulhilo32(kPhiloxM1, ctr.z, &hi1);
     ctr = U32x4{hi1 ^ ctr.y ^ k0, lo1, hi0 ^ ctr.w ^ k1, lo0};
-    k0 += W0;
-    k1 += W1;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
   }
   return ctr;
 }
@@ -42,9 +44,13 @@ FTK_HD U32x4 philox4x32_10(U32x4 ctr, uint32_t k0, uint32_t k1) {
 // The gradient-dropout stream: element e of tensor `tensor_id` uses 16 bits of the Philox block
 // at counter (e / 8, tensor_id, tag): word (e % 8) / 2, low half first. One call serves 8
 // elements; the keep test `u >= p` then has a resolution of 2^-16 in p.
+FTK_HD U32x4 dropout_counter(uint32_t tensor_id, uint64_t group) {
+  return U32x4{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), tensor_id, 0x46544B31u};
+}
+
 FTK_HD U32x4 philox_dropout_words(uint64_t seed, uint32_t tensor_id, uint64_t group) {
-  U32x4 ctr{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), tensor_id, 0x46544B31u};
-  return philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return philox4x32_10(dropout_counter(tensor_id, group), static_cast<uint32_t>(seed),
+                       static_cast<uint32_t>(seed >> 32));
 }
 
 FTK_HD float uniform16(uint32_t word, bool high) {
@@ -63,10 +69,10 @@ FTK_HD float dropout_uniform(const U32x4& r, int lane) {
 // it the odd ones; GCC does not vectorize the portable loop's rounds by itself.
 template <int B>
 inline void philox_rounds_soa(uint32_t* x, uint32_t* y, uint32_t* z, uint32_t* w, uint32_t k0, uint32_t k1) {
-  constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
 #if defined(__AVX2__) && !defined(FTK_DEVICE_CODE)
   static_assert(B % 8 == 0, "AVX2 rounds take 8 lanes at a time");
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(M0)), m1 = _mm256_set1_epi32(static_cast<int>(M1));
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
   for (int l = 0; l < B; l += 8) {
     __m256i vx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + l));
     __m256i vy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + l));
@@ -84,8 +90,8 @@ inline void philox_rounds_soa(uint32_t* x, uint32_t* y, uint32_t* z, uint32_t* w
       vz = _mm256_xor_si256(_mm256_xor_si256(hi0, vw), _mm256_set1_epi32(static_cast<int>(b)));
       vy = lo1;
       vw = lo0;
-      a += 0x9E3779B9u;
-      b += 0xBB67AE85u;
+      a += kPhiloxW0;
+      b += kPhiloxW1;
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + l), vx);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + l), vy);
@@ -93,19 +99,9 @@ inline void philox_rounds_soa(uint32_t* x, uint32_t* y, uint32_t* z, uint32_t* w
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + l), vw);
   }
 #else
-  for (int round = 0; round < 10; ++round) {
-    for (int l = 0; l < B; ++l) {
-      const uint64_t p0 = static_cast<uint64_t>(M0) * x[l];
-      const uint64_t p1 = static_cast<uint64_t>(M1) * z[l];
-      const uint32_t nx = static_cast<uint32_t>(p1 >> 32) ^ y[l] ^ k0;
-      const uint32_t nz = static_cast<uint32_t>(p0 >> 32) ^ w[l] ^ k1;
-      y[l] = static_cast<uint32_t>(p1);
-      w[l] = static_cast<uint32_t>(p0);
-      x[l] = nx;
-      z[l] = nz;
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+  for (int l = 0; l < B; ++l) {
+    const U32x4 r = philox4x32_10(U32x4{x[l], y[l], z[l], w[l]}, k0, k1);
+    x[l] = r.x, y[l] = r.y, z[l] = r.z, w[l] = r.w;
   }
 #endif
 }
@@ -120,11 +116,8 @@ inline void philox_dropout_block(uint64_t seed, uint32_t tensor_id, uint64_t gro
   for (int q0 = 0; q0 < ngroups; q0 += B) {
     alignas(32) uint32_t x[B], y[B], z[B], w[B];
     for (int l = 0; l < B; ++l) {
-      const uint64_t grp = group0 + static_cast<uint64_t>(q0 + l);
-      x[l] = static_cast<uint32_t>(grp);
-      y[l] = static_cast<uint32_t>(grp >> 32);
-      z[l] = tensor_id;
-      w[l] = 0x46544B31u;
+      const U32x4 ctr = dropout_counter(tensor_id, group0 + static_cast<uint64_t>(q0 + l));
+      x[l] = ctr.x, y[l] = ctr.y, z[l] = ctr.z, w[l] = ctr.w;
     }
     philox_rounds_soa<B>(x, y, z, w, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
     const int n = ngroups - q0 < B ? ngroups - q0 : B;
