@@ -1,6 +1,7 @@
 // The one pybind11 module, ftkernels._C: registers every op and reports how it was built.
 #include <torch/extension.h>
 
+#include "ftk/lora_linear_host.h"
 #include "ftk/optimizer_host.h"
 
 #ifndef FTK_VERSION
@@ -31,6 +32,7 @@ py::dict native_ops() {
     return l;
   };
   ops["fused_optim_step"] = devices(kWithCuda);
+  ops["lora_linear"] = devices(false);  // CUDA is served by Triton (ftkernels/triton)
   return ops;
 }
 
@@ -124,5 +126,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("fused_optim_step", &fused_optim_step, py::arg("args"),
         "One fused optimizer step over all params of a group (math: ftk/optimizer.h)",
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("lora_linear_fwd_cpu", &ftk::lora_linear_fwd_cpu, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("lora_a"), py::arg("lora_b"), py::arg("scaling"), py::arg("dropout"), py::arg("seed"),
+        "Fused LoRA Linear forward on CPU: (y, u) with u = D(x) A^T, y = x W^T + b + s u B^T",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("lora_linear_bwd_cpu", &ftk::lora_linear_bwd_cpu, py::arg("grad"), py::arg("x"), py::arg("weight"),
+        py::arg("lora_a"), py::arg("lora_b"), py::arg("u"), py::arg("scaling"), py::arg("dropout"), py::arg("seed"),
+        py::arg("need_x"), "Fused LoRA Linear backward on CPU: (grad_x, grad_A, grad_B), the mask regenerated",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -4,7 +4,7 @@ Public API; the compiled extension (``ftkernels._C``) is loaded lazily by the op
 so importing ftkernels never fails for a missing optional part.
 """
 
-from . import _ext, masks, optim
+from . import _ext, masks, nn, optim
 from ._ext import ExtensionError
 from .fisher import fisher_diagonal
 from .freeze import FreezeSummary, freeze
@@ -23,6 +23,7 @@ __all__ = [
     "freeze",
     "get_grad_mask",
     "masks",
+    "nn",
     "optim",
     "set_grad_mask",
 ]

@@ -5,4 +5,5 @@ from __future__ import annotations
 # op name -> {device type: backend kind}. Kinds: "c++" / "cuda" (ftkernels._C), "triton".
 OPS: dict[str, dict[str, str]] = {
     "fused_optim_step": {"cpu": "c++", "cuda": "cuda"},
+    "lora_linear": {"cpu": "c++", "cuda": "triton"},
 }

@@ -55,8 +55,8 @@ def test_compare_shows_change(fake, tmp_path):
 
 def test_unknown_suite_is_named():
     with pytest.raises(ValueError, match="planned"):
-        runner.run_suites(["lora_linear"], torch.device("cpu"), progress=None)
-    with pytest.raises(ValueError, match="available: optimizer"):
+        runner.run_suites(["lora_conv"], torch.device("cpu"), progress=None)
+    with pytest.raises(ValueError, match="available: lora_linear, optimizer"):
         runner.run_suites(["nope"], torch.device("cpu"), progress=None)
 
 
@@ -83,3 +83,17 @@ def _has_matplotlib():
     except ImportError:
         return False
     return True
+
+
+def test_lora_linear_suite_rows(monkeypatch):
+    from ftkernels.bench import lora_linear
+
+    tiny = [dict(M=64, K=48, N=40, r=4, p=p, dtype=torch.float32, sweep=False) for p in (0.1, 0.0)]
+    monkeypatch.setattr(lora_linear, "cases", lambda device, quick: tiny)
+    res = runner.run_suites(["lora_linear"], torch.device("cpu"), quick=True, progress=None)
+    rows = res["suites"]["lora_linear"]["rows"]
+    baselines = [r["baseline"] for r in rows]
+    # p=0.1: base and PEFT; p=0: also the hand-written cuBLAS technique
+    assert baselines.count("PEFT eager") == 2 and baselines.count("hand-written cuBLAS + addmm_") == 1
+    for r in rows:
+        assert r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["floor_ms"] > 0 and r["ours_vs_base"] > 0

@@ -30,7 +30,10 @@ def test_build_info_matches_reality():
     assert set(info["backends"]) == set(OPS)
     for op, row in info["backends"].items():
         assert row["cpu"] == OPS[op]["cpu"]
-        assert row["cuda"] == (OPS[op]["cuda"] if info["cuda_compiled"] else None)
+        if OPS[op]["cuda"] == "triton":  # Triton kernels need no compiled CUDA, only triton
+            assert row["cuda"] == ("triton" if info["triton"] else None)
+        else:
+            assert row["cuda"] == (OPS[op]["cuda"] if info["cuda_compiled"] else None)
     try:
         import triton
     except ImportError:

@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from . import optimizer
+from . import lora_linear, optimizer
 from .common import copy_bandwidth, environment, format_table, time_ms
 
-SUITES = {"optimizer": optimizer.run}
+SUITES = {"lora_linear": lora_linear.run, "optimizer": optimizer.run}
 # Suites the roadmap adds (issues #4-#8); named here so --suite explains their absence.
-PLANNED = ("lora_linear", "lora_conv", "masked", "e2e")
+PLANNED = ("lora_conv", "masked", "e2e")
 
 COLUMNS = [
     ("suite", "suite"),
@@ -31,6 +31,7 @@ COLUMNS = [
     ("baseline_mem_MB", "base MB"),
     ("ours_mem_MB", "ours MB"),
     ("ours_vs_floor", "ours/floor"),
+    ("ours_vs_base", "ours/base layer"),
 ]
 
 

@@ -17,14 +17,9 @@ from ..masks import get_grad_mask
 _M32 = np.uint64(0xFFFFFFFF)
 
 
-def philox_uniform(seed: int, tensor_id: int, numel: int) -> torch.Tensor:
-    """The gradient-dropout uniforms of a tensor: element ``i`` takes 16 bits of Philox4x32-10 at
-    counter ``(i // 8, tensor_id, 0x46544B31)``, key ``seed``: word ``(i % 8) // 2``, low half first,
-    divided by 2^16 -> [0, 1)."""
-    groups = np.arange((numel + 7) // 8, dtype=np.uint64)
-    x, y = groups & _M32, groups >> np.uint64(32)
-    z = np.full_like(groups, np.uint64(tensor_id) & _M32)
-    w = np.full_like(groups, np.uint64(0x46544B31))
+def philox_words(seed: int, x, y, z, w):
+    """Philox4x32-10 (key ``seed``) of counters given as four uint64 NumPy arrays of 32-bit words."""
+    x, y, z, w = (np.asarray(c, dtype=np.uint64) & _M32 for c in (x, y, z, w))
     k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
     m0, m1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
     for _ in range(10):
@@ -32,9 +27,22 @@ def philox_uniform(seed: int, tensor_id: int, numel: int) -> torch.Tensor:
         x, y, z, w = (p1 >> np.uint64(32)) ^ y ^ k0, p1 & _M32, (p0 >> np.uint64(32)) ^ w ^ k1, p0 & _M32
         k0 = (k0 + np.uint64(0x9E3779B9)) & _M32
         k1 = (k1 + np.uint64(0xBB67AE85)) & _M32
-    words = np.stack([x, y, z, w], axis=1)
-    halves = np.stack([words & np.uint64(0xFFFF), words >> np.uint64(16)], axis=2).reshape(-1)[:numel]
-    return torch.from_numpy(halves.astype(np.float64) / 65536.0)
+    return x, y, z, w
+
+
+def draws16(words) -> np.ndarray:
+    """The 16-bit draws of Philox blocks ``[..., 4 words]`` in lane order: word by word, low half first."""
+    words = np.stack(words, axis=-1)
+    return np.stack([words & np.uint64(0xFFFF), words >> np.uint64(16)], axis=-1).reshape(*words.shape[:-1], 8)
+
+
+def philox_uniform(seed: int, tensor_id: int, numel: int) -> torch.Tensor:
+    """The gradient-dropout uniforms of a tensor: element ``i`` takes 16 bits of Philox4x32-10 at
+    counter ``(i // 8, tensor_id, 0x46544B31)``, key ``seed``: word ``(i % 8) // 2``, low half first,
+    divided by 2^16 -> [0, 1)."""
+    groups = np.arange((numel + 7) // 8, dtype=np.uint64)
+    words = philox_words(seed, groups & _M32, groups >> np.uint64(32), np.full_like(groups, tensor_id), 0x46544B31)
+    return torch.from_numpy(draws16(words).reshape(-1)[:numel].astype(np.float64) / 65536.0)
 
 
 def reference_update(

@@ -1,0 +1,23 @@
+// Host entry points of the fused LoRA Linear op (CPU kernel in csrc/cpu/lora_linear.cpp).
+#pragma once
+#include <torch/types.h>
+
+#include <tuple>
+
+namespace ftk {
+
+// y = x W^T + b + s * u B^T with u = D(x) A^T; returns (y [M, N], u [M, r]).
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                       const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                                       const at::Tensor& lora_b, double scaling, double dropout,
+                                                       int64_t seed);
+
+// grad_x = g W + D'(v A) (when need_x), grad_A = v^T D(x), grad_B = s g^T u, with v = s g B;
+// returns (grad_x or an empty tensor, grad_A [r, K], grad_B [N, r]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& weight, const at::Tensor& lora_a,
+                                                                   const at::Tensor& lora_b, const at::Tensor& u,
+                                                                   double scaling, double dropout, int64_t seed,
+                                                                   bool need_x);
+
+}  // namespace ftk

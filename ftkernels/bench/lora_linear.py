@@ -1,0 +1,151 @@
+"""LoRA Linear benchmark: one training step's layer work (forward + backward with grad_x) of
+``ftk.nn.LoRALinear`` against, side by side on the same inputs:
+
+- the frozen base ``nn.Linear`` alone (forward + grad_x): the floor any LoRA layer sits on;
+- PEFT's ``lora.Linear`` in eager mode (and under ``torch.compile`` on GPU);
+- the best known hand-written technique (cuBLAS matmuls, ``addmm_`` into y and grad_x, a
+  hand-written backward; dropout 0 only).
+
+Physical floor of a case: (base + rank-r flops) / measured matmul rate; the LoRA flops
+(``6 M r (K + N)``) are ~2% of the base's (``4 M N K``) at r=16, K=N=4096.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn import LoRALinear
+from .common import peak_extra_mb, time_ms
+
+
+class HandWrittenLoRA(torch.autograd.Function):
+    """Dropout-free LoRA with cuBLAS matmuls and in-place ``addmm_``: the strongest known unfused
+    baseline. Saves x and u = x A^T only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        u = x @ lora_a.t()
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        y.addmm_(u, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, u)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, lora_a, lora_b, u = ctx.saved_tensors
+        s = ctx.scaling
+        grad_b = (g.t() @ u).mul_(s)
+        v = (g @ lora_b).mul_(s)
+        grad_a = v.t() @ x
+        grad_x = (g @ weight).addmm_(v, lora_a)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+class HandWrittenModule(nn.Module):
+    def __init__(self, layer: LoRALinear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        L = self.layer
+        x2 = x.reshape(-1, x.shape[-1])
+        a, b = L.lora_A.to(x.dtype), L.lora_B.to(x.dtype)
+        y = HandWrittenLoRA.apply(x2, L.base.weight, L.base.bias, a, b, L.scaling)
+        return y.view(*x.shape[:-1], -1)
+
+
+def _peft_layer(base: nn.Linear, r: int, alpha: float, p: float, ours: LoRALinear):
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLinear
+
+    layer = PeftLinear(base, "default", config=LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p), r=r, lora_alpha=alpha)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(ours.lora_A)
+        layer.lora_B["default"].weight.copy_(ours.lora_B)
+    return layer
+
+
+def cases(device: torch.device, quick: bool) -> list[dict]:
+    """(M, K, N, r, p, dtype, sweep) per case; the headline shape first."""
+    if device.type == "cuda":
+        head = [dict(M=8192, K=4096, N=4096, r=16, p=p, dtype=torch.bfloat16, sweep=False) for p in (0.1, 0.0)]
+        if quick:
+            return head
+        sweep = [dict(M=8192, K=4096, N=4096, r=r, p=0.1, dtype=torch.bfloat16, sweep=True) for r in (8, 32, 64, 128)]
+        sweep += [dict(M=m, K=4096, N=4096, r=16, p=0.1, dtype=torch.bfloat16, sweep=True) for m in (512, 2048, 16384)]
+        sweep += [  # Llama-7B MLP projections: up/gate 4096 -> 11008, down 11008 -> 4096
+            dict(M=8192, K=4096, N=11008, r=16, p=0.1, dtype=torch.bfloat16, sweep=True),
+            dict(M=8192, K=11008, N=4096, r=16, p=0.1, dtype=torch.bfloat16, sweep=True),
+        ]
+        return head + sweep
+    size = dict(M=512, K=512, N=512) if quick else dict(M=2048, K=1024, N=1024)
+    return [dict(**size, r=16, p=p, dtype=torch.float32, sweep=False) for p in (0.1, 0.0)]
+
+
+def _step(layer, x, g):
+    def fn():
+        x.grad = None
+        for q in layer.parameters():
+            q.grad = None
+        layer(x).backward(g)
+
+    return fn
+
+
+def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
+    """Rows per case and baseline; ``ours_vs_base`` = ours / frozen base layer (target <= 1.10 on GPU)."""
+    rows = []
+    rate = ceilings["matmul_TFLOPs"] * 1e12
+    reps = 5 if quick else 20
+    for c in cases(device, quick):
+        M, K, N, r, p, dtype = c["M"], c["K"], c["N"], c["r"], c["p"], c["dtype"]
+        torch.manual_seed(0)
+        base = nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
+        ours = LoRALinear(base, r=r, alpha=2 * r, dropout=p).to(dtype=dtype)
+        with torch.no_grad():
+            ours.lora_B.normal_(std=1e-3)
+        peft_base = nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
+        peft_base.load_state_dict(base.state_dict())
+        peft = _peft_layer(peft_base, r, 2 * r, p, ours).to(dtype=dtype)
+        x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+        g = torch.randn(M, N, device=device, dtype=dtype)
+        fns = {"frozen base layer (floor)": _step(base, x, g), "PEFT eager": _step(peft, x, g)}
+        if device.type == "cuda" and not c["sweep"]:
+            fns["PEFT + torch.compile"] = _step(torch.compile(peft), x, g)
+        if p == 0.0:
+            fns["hand-written cuBLAS + addmm_"] = _step(HandWrittenModule(ours), x, g)
+        fns["ours"] = _step(ours, x, g)
+        times = {k: [] for k in fns}
+        for _ in range(3 if quick else 4):  # alternating rounds: drift hits every variant alike
+            for k, fn in fns.items():
+                times[k].append(time_ms(fn, device, warmup=2, reps=reps))
+        ms = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
+        flops = 4 * M * N * K + 6 * M * r * (K + N)
+        floor = flops / rate * 1e3
+        name = f"M{M} K{K} N{N} r{r} p{p} {str(dtype).replace('torch.', '')}"
+        for k in fns:
+            if k == "ours":
+                continue
+            rows.append(
+                dict(
+                    case=name,
+                    baseline=k,
+                    baseline_ms=ms[k],
+                    ours_ms=ms["ours"],
+                    floor_ms=floor,
+                    baseline_mem_MB=mem[k],
+                    ours_mem_MB=mem["ours"],
+                    ours_vs_base=ms["ours"] / ms["frozen base layer (floor)"],
+                    sweep=c["sweep"],
+                )
+            )
+        del base, ours, peft, peft_base, x, g, fns
+    extra = {}
+    if device.type == "cuda":  # which GEMM route the op picked per shape (FTKERNELS_LORA_GEMM=auto)
+        from ..triton import lora_linear as tk
+
+        extra["gemm_choices"] = {" ".join(map(str, k)): v for k, v in tk.chosen().items()}
+    return rows, extra

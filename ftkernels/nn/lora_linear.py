@@ -1,0 +1,199 @@
+"""``LoRALinear``: a frozen ``nn.Linear`` plus a fused low-rank adapter, and its functional form."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import lora_linear as _ops
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def draw_seed(device: torch.device) -> Tensor:
+    """A fresh 62-bit dropout seed as an int64 scalar on ``device``, from that device's default
+    generator (reproducible from ``torch.manual_seed``; no host sync on GPU)."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = True,
+    seed: Tensor | None = None,
+) -> Tensor:
+    """Fused LoRA linear: ``y = x W^T + b + scaling * (D(x) A^T) B^T``.
+
+    Shapes: x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` or None, lora_a ``[r, K]``, lora_b ``[N, r]``;
+    returns ``[..., N]`` in the compute dtype (x's, or autocast's). ``D`` is dropout with probability
+    ``dropout`` (when ``training``): a kept element is scaled by ``1/(1-p)``; the mask is drawn from
+    the Philox stream of ``seed`` (an int64 scalar tensor; a fresh one from the default generator
+    when None) and regenerated in backward, never stored. Adapter weights of another dtype (fp32
+    adapters on a bf16 base) are cast to the compute dtype, differentiably.
+    """
+    if not isinstance(x, Tensor) or x.dtype not in _FLOATS:
+        raise TypeError(f"lora_linear: x must be a floating tensor, got {getattr(x, 'dtype', type(x))}")
+    if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError("lora_linear: weight, lora_a and lora_b must be 2-D")
+    N, K = weight.shape
+    r = lora_a.shape[0]
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"lora_linear: x has shape {tuple(x.shape)}, expected [..., {K}] (in_features of weight)")
+    if lora_a.shape[1] != K or tuple(lora_b.shape) != (N, r):
+        raise ValueError(
+            f"lora_linear: lora_a {tuple(lora_a.shape)} / lora_b {tuple(lora_b.shape)} do not fit weight {N}x{K}:"
+            f" expected [r, {K}] and [{N}, r]"
+        )
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"lora_linear: bias has shape {tuple(bias.shape)}, expected ({N},)")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"lora_linear: x is on {x.device} but {name} is on {t.device}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
+    dtype = _compute_dtype(x)
+    if dtype == x.dtype and weight.dtype != dtype:
+        raise TypeError(
+            f"lora_linear: x is {x.dtype} but the base weight is {weight.dtype}; like nn.Linear, they must match"
+        )
+    if x.device.type == "cuda" and dtype == torch.float64:
+        raise TypeError("lora_linear: float64 runs on CPU only; use float32, bfloat16 or float16 on GPU")
+    p = float(dropout) if training else 0.0
+    if p > 0 and seed is None:
+        seed = draw_seed(x.device)
+    elif seed is None:
+        seed = torch.empty((), dtype=torch.int64, device=x.device)  # unused without dropout
+    cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, bias, lora_a, lora_b)]
+    x2 = cast[0].reshape(-1, K)
+    y, _ = _ops.lora_linear_fwd(x2, cast[1], cast[2], cast[3], cast[4], float(scaling), p, seed)
+    return y.view(*x.shape[:-1], N)
+
+
+class LoRALinear(nn.Module):
+    """Drop-in replacement for a frozen ``nn.Linear`` with a LoRA adapter, forward and backward fused.
+
+    ``y = base(x) + scaling * dropout(x) @ lora_A^T @ lora_B^T`` with ``scaling = alpha / r``
+    (``alpha / sqrt(r)`` with ``rslora``): PEFT's ``lora.Linear`` exactly. The base weight and bias
+    are frozen; ``lora_A`` (``[r, in]``, Kaiming-uniform as PEFT) and ``lora_B`` (``[out, r]``, zero)
+    train. Adapters are fp32 when the base is fp16/bf16 (PEFT's ``autocast_adapter_dtype``). Inputs of
+    any leading shape; fp32/fp16/bf16 (fp64 on CPU); autocast is honoured.
+    """
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
+        if r > min(base.in_features, base.out_features):
+            raise ValueError(
+                f"LoRALinear: r={r} exceeds min(in_features, out_features) = "
+                f"{min(base.in_features, base.out_features)}: the update could not be low rank"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.r, self.alpha, self.dropout, self.rslora = r, alpha, float(dropout), rslora
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        w = base.weight
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
+
+    in_features = property(lambda self: self.base.in_features)
+    out_features = property(lambda self: self.base.out_features)
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base(x)
+        return lora_linear(
+            x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, self.dropout, self.training
+        )
+
+    def delta_weight(self) -> Tensor:
+        """``scaling * B A`` (``[out, in]``) in fp32 (fp64 for fp64 adapters)."""
+        acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
+        return self.scaling * (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``scaling * B A`` into the base weight (fp32 accumulation); forward then runs the base
+        layer alone, and the adapters get no gradient until :meth:`unmerge`."""
+        if self.merged:
+            warnings.warn("LoRALinear.merge: already merged; nothing done", stacklevel=2)
+            return
+        w = self.base.weight
+        w.copy_((w.to(self.delta_weight().dtype) + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ``scaling * B A`` from the base weight again (fp32 accumulation)."""
+        if not self.merged:
+            warnings.warn("LoRALinear.unmerge: not merged; nothing done", stacklevel=2)
+            return
+        w = self.base.weight
+        w.copy_((w.to(self.delta_weight().dtype) - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    @classmethod
+    def from_peft_layer(cls, layer, adapter_name: str | None = None) -> LoRALinear:
+        """A ``LoRALinear`` over a PEFT ``lora.Linear``'s base layer (shared, not copied) with a copy
+        of the adapter's A and B, its r, alpha, scaling (rslora included) and dropout p. DoRA, LoRA
+        bias and ``fan_in_fan_out`` are not supported and raise."""
+        name = adapter_name or (layer.active_adapters[0] if layer.active_adapters else None)
+        if name is None or name not in layer.lora_A:
+            raise ValueError(f"from_peft_layer: adapter {name!r} not in {list(layer.lora_A.keys())}")
+        base = layer.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"from_peft_layer: the base layer is {type(base).__name__}, not nn.Linear")
+        if getattr(layer, "use_dora", {}).get(name, False):
+            raise NotImplementedError("from_peft_layer: DoRA adapters are not supported")
+        if getattr(layer, "lora_bias", {}).get(name, False):
+            raise NotImplementedError("from_peft_layer: LoRA bias (lora_bias=True) is not supported")
+        if getattr(layer, "fan_in_fan_out", False):
+            raise NotImplementedError("from_peft_layer: fan_in_fan_out weights belong to Conv1D layers")
+        drop = layer.lora_dropout[name]
+        p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+        r = layer.r[name]
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.base = base
+        for q in base.parameters():
+            q.requires_grad_(False)
+        new.r, new.alpha, new.dropout = r, layer.lora_alpha[name], float(p)
+        new.scaling = float(layer.scaling[name])
+        rs, plain = new.alpha / math.sqrt(r), new.alpha / r
+        new.rslora = math.isclose(new.scaling, rs) and not math.isclose(new.scaling, plain)
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        new.lora_A = nn.Parameter(a.detach().clone(), requires_grad=a.requires_grad)
+        new.lora_B = nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
+        new.merged = bool(getattr(layer, "merged", False)) and name in getattr(layer, "merged_adapters", [name])
+        return new
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}, "
+            f"dropout={self.dropout}, rslora={self.rslora}, merged={self.merged}"
+        )

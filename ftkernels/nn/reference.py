@@ -1,0 +1,41 @@
+"""Plain-PyTorch reference of the LoRA layers: the test oracle.
+
+Written from the math with ordinary torch ops; the dropout mask comes from a NumPy re-implementation
+of the Philox stream (``csrc/include/ftk/lora.h``), so it shares no code with the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..optim.reference import draws16, philox_words
+
+LORA_STREAM = 0x4C6F5241
+DROPOUT_TAG = 0x46544B31
+
+
+def lora_keep_mask(seed: int, rows: int, cols: int, p: float) -> torch.Tensor:
+    """Keep flags ``[rows, cols]`` of the LoRA dropout stream: element (m, k) takes 16 bits of Philox
+    at counter ``(k // 8, m, 0x4C6F5241, 0x46544B31)``, key ``seed`` (word ``(k % 8) // 2``, low half
+    first); kept iff the draw ``>= ceil(float32(p) * 2^16)``."""
+    groups = (cols + 7) // 8
+    kg, m = np.meshgrid(np.arange(groups, dtype=np.uint64), np.arange(rows, dtype=np.uint64))
+    draws = draws16(philox_words(seed, kg, m, np.full_like(kg, LORA_STREAM), np.full_like(kg, DROPOUT_TAG)))
+    draws = draws.reshape(rows, groups * 8)[:, :cols]
+    thr = math.ceil(float(np.float32(p)) * 65536.0)
+    return torch.from_numpy(draws >= thr)
+
+
+def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling: float, dropout: float = 0.0, seed: int = 0):
+    """``y = x W^T + b + scaling * (D(x) A^T) B^T`` with D = the LoRA dropout stream for ``seed``
+    (kept values scaled by ``1/(1-p)``); x ``[..., K]``, W ``[N, K]``, A ``[r, K]``, B ``[N, r]``."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    xd = x
+    if dropout > 0:
+        x2 = x.reshape(-1, x.shape[-1])
+        keep = lora_keep_mask(seed, x2.shape[0], x2.shape[1], dropout).to(x.device)
+        xd = (x2 * keep.to(x.dtype) / (1.0 - dropout)).reshape(x.shape)
+    return y + scaling * ((xd @ lora_a.t()) @ lora_b.t())

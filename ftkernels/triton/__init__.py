@@ -1,0 +1,1 @@
+"""Triton kernels, one module per feature (imported lazily by the ops that use them)."""

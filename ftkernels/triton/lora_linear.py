@@ -1,0 +1,348 @@
+"""Triton kernels of the fused LoRA Linear (GPU; on CPU tensors through ``TRITON_INTERPRET=1``).
+
+Three kernels, all regenerating the dropout mask from the Philox stream of ``csrc/include/ftk/lora.h``
+(bit-identical to the CPU kernel) instead of storing it:
+
+- ``_lora_down_kernel``: ``u = D(x) A^T`` (``[M, r]``), the dropped copy of x lives in registers only.
+- ``_lowrank_gemm_kernel``: ``out = X Wop + bias + scale * mask?(U V)``: a tiled GEMM whose epilogue
+  adds the rank-r product (and, for the backward's dgrad, applies the dropout mask to it), so the
+  output is written once. Forward: ``y = x W^T + b + s u B^T``. Dgrad: ``grad_x = g W + D'(v A)``.
+- ``_lora_grad_a_kernel``: ``grad_A = v^T D(x)`` by column blocks with split-M partials (summed by
+  torch, deterministic); optionally fused with ``grad_x += D'(v A)`` when grad_x came from cuBLAS.
+
+Two ways to run the big GEMMs, chosen per shape by timing both once (``FTKERNELS_LORA_GEMM`` =
+``auto`` | ``triton`` | ``cublas`` overrides): ``triton`` fuses the rank-r update into our GEMM;
+``cublas`` runs the base GEMM in cuBLAS and adds the rank-r part in a second pass.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+LORA_STREAM = 0x4C6F5241  # ftk::kLoraStream
+DROPOUT_TAG = 0x46544B31  # the fourth counter word of every ftkernels dropout stream
+
+
+def dropout_threshold(p: float) -> int:
+    """Integer keep threshold of ``ftk::dropout_threshold``: keep iff the 16-bit draw >= it."""
+    import math
+
+    return int(math.ceil(float(torch.tensor(p, dtype=torch.float32)) * 65536.0))
+
+
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 tensors (ftk::philox4x32_10)."""
+    for _ in tl.static_range(10):
+        m0 = tl.zeros_like(c0) + 0xD2511F53
+        m1 = tl.zeros_like(c0) + 0xCD9E8D57
+        hi0 = tl.umulhi(m0, c0)
+        lo0 = m0 * c0
+        hi1 = tl.umulhi(m1, c2)
+        lo1 = m1 * c2
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _keep_tile(seed_ptr, rows, col0, thr, BM: tl.constexpr, BC: tl.constexpr):
+    """Keep flags ``[BM, BC]`` of elements (rows[i], col0 + j); col0 % 8 == 0, BC % 8 == 0.
+
+    One Philox call serves 8 columns: the four words' low and high halves are interleaved back into
+    column order with joins (last joined dim varies fastest: word, then half)."""
+    seed = tl.load(seed_ptr)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    G: tl.constexpr = BC // 8
+    kg = (col0 // 8 + tl.arange(0, G)).to(tl.uint32)
+    c0 = tl.broadcast_to(kg[None, :], (BM, G))
+    c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], (BM, G))
+    c2 = tl.zeros_like(c0) + LORA_STREAM
+    c3 = tl.zeros_like(c0) + DROPOUT_TAG
+    w0, w1, w2, w3 = _philox(c0, c1, c2, c3, k0, k1)
+    # Word w = 2 * wh + wl sits at [..., wh, wl]: lane 2 w + half of the group after the last join.
+    lo = tl.join(tl.join(w0 & 0xFFFF, w2 & 0xFFFF), tl.join(w1 & 0xFFFF, w3 & 0xFFFF))  # [BM, G, wh, wl]
+    hi = tl.join(tl.join(w0 >> 16, w2 >> 16), tl.join(w1 >> 16, w3 >> 16))
+    draws = tl.reshape(tl.join(lo, hi), (BM, BC))  # [BM, G, wh, wl, half] -> column order
+    return draws >= thr
+
+
+@triton.jit
+def _load2d(ptr, rows, cols, s_r, s_c, n_r, n_c):
+    """The [len(rows), len(cols)] tile at (rows, cols) of a strided matrix, zero outside [n_r, n_c]."""
+    return tl.load(ptr + rows[:, None] * s_r + cols[None, :] * s_c, mask=(rows[:, None] < n_r) & (cols[None, :] < n_c),
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _lora_down_kernel(
+    x_ptr, a_ptr, u_ptr, seed_ptr, M, K, R,
+    sxm, sxk, sar, sak, sum_, sur,
+    thr, inv_keep,
+    DROPOUT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rr = tl.arange(0, BR)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        xt = _load2d(x_ptr, rm, ks, sxm, sxk, M, K)
+        if DROPOUT:
+            xt = tl.where(_keep_tile(seed_ptr, rm, k0, thr, BM, BK), xt, tl.zeros_like(xt))
+        at = _load2d(a_ptr, ks, rr, sak, sar, K, R)  # A^T tile [BK, BR]
+        acc = tl.dot(xt, at, acc, input_precision=PREC)
+    if DROPOUT:
+        acc = acc * inv_keep
+    tl.store(u_ptr + rm[:, None] * sum_ + rr[None, :] * sur, acc.to(u_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rr[None, :] < R))  # fmt: skip
+
+
+def _gemm_configs():
+    if INTERPRET:
+        return [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    shapes = [
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (32, 64, 64, 4, 4),
+    ]  # fmt: skip
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R", "DROPOUT", "HAS_BIAS"])
+@triton.jit
+def _lowrank_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, u_ptr, v_ptr, out_ptr, seed_ptr, M, N, K, R,
+    sxm, sxk, swk, swn, sum_, sur, svr, svn, som, son,
+    scale, thr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Grouped launch order: GROUP_M row blocks share each column block of Wop while it is in L2.
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + rk
+        xt = _load2d(x_ptr, rm, ks, sxm, sxk, M, K)
+        wt = _load2d(w_ptr, ks, rn, swk, swn, K, N)
+        acc = tl.dot(xt, wt, acc, input_precision=PREC)
+    # Epilogue: the rank-r product of this tile, masked by the dropout stream for dgrad.
+    rr = tl.arange(0, BR)
+    ut = _load2d(u_ptr, rm, rr, sum_, sur, M, R)
+    vt = _load2d(v_ptr, rr, rn, svr, svn, R, N)
+    low = tl.dot(ut, vt, input_precision=PREC)
+    if DROPOUT:
+        low = tl.where(_keep_tile(seed_ptr, rm, pid_n * BN, thr, BM, BN), low, tl.zeros_like(low))
+    acc += low * scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
+
+
+@triton.jit
+def _lora_grad_a_kernel(
+    x_ptr, v_ptr, a_ptr, gx_ptr, part_ptr, seed_ptr, M, K, R,
+    sxm, sxk, svm, svr, sar, sak, sgm, sgk,
+    thr, inv_keep,
+    DX: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    pk, ps = tl.program_id(0), tl.program_id(1)
+    ks = pk * BK + tl.arange(0, BK)
+    rr = tl.arange(0, BR)
+    acc = tl.zeros((BR, BK), dtype=tl.float32)
+    if DX:
+        at = _load2d(a_ptr, rr, ks, sar, sak, R, K)
+    for m0 in range(ps * BM, M, SPLIT * BM):
+        rm = m0 + tl.arange(0, BM)
+        tile = (rm[:, None] < M) & (ks[None, :] < K)
+        keep = _keep_tile(seed_ptr, rm, pk * BK, thr, BM, BK)
+        xt = _load2d(x_ptr, rm, ks, sxm, sxk, M, K)
+        xt = tl.where(keep, xt, tl.zeros_like(xt))
+        vt = _load2d(v_ptr, rm, rr, svm, svr, M, R)
+        acc = tl.dot(tl.trans(vt), xt, acc, input_precision=PREC)
+        if DX:
+            t = tl.dot(vt, at, input_precision=PREC)
+            gp = gx_ptr + rm[:, None] * sgm + ks[None, :] * sgk
+            gx = tl.load(gp, mask=tile, other=0.0).to(tl.float32)
+            gx += tl.where(keep, t * inv_keep, tl.zeros_like(t))
+            tl.store(gp, gx.to(gx_ptr.dtype.element_ty), mask=tile)
+    tl.store(part_ptr + ps * R * K + rr[:, None] * K + ks[None, :], acc * inv_keep,
+             mask=(rr[:, None] < R) & (ks[None, :] < K))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers. Inputs are 2-D; the op layer (ftkernels/ops/lora_linear.py) checks shapes and dtypes.
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32 matches torch's matmul: IEEE unless the user allowed TF32 for matmuls.
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _br(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def lora_down(x, a, seed, p):
+    """``u = D(x) A^T * 1/(1-p)``: x ``[M, K]``, A ``[r, K]`` -> u ``[M, r]`` in x's dtype."""
+    M, K = x.shape
+    R = a.shape[0]
+    u = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    BM, BK = (32, 32) if INTERPRET else (64, 128)
+    _lora_down_kernel[(triton.cdiv(M, BM),)](
+        x, a, u, seed, M, K, R, x.stride(0), x.stride(1), a.stride(0), a.stride(1), u.stride(0), u.stride(1),
+        dropout_threshold(p), 1.0 / (1.0 - p),
+        DROPOUT=p > 0, PREC=_prec(x.dtype), BM=BM, BK=BK, BR=_br(R), num_warps=4,
+    )  # fmt: skip
+    return u
+
+
+def lowrank_gemm(x, w_op, bias, u, v_op, scale, seed=None, p=0.0):
+    """``out = x @ w_op + bias + scale * mask?(u @ v_op)``: x ``[M, K]``, w_op ``[K, N]`` (any
+    strides, e.g. ``W.t()``), u ``[M, r]``, v_op ``[r, N]``; the mask (dropout stream over the output's
+    (row, column)) applies when ``p > 0``."""
+    M, K = x.shape
+    N = w_op.shape[1]
+    R = u.shape[1]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    seed_t = seed if seed is not None else out  # unused pointer when DROPOUT is off
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+    _lowrank_gemm_kernel[grid](
+        x, w_op, bias if bias is not None else out, u, v_op, out, seed_t, M, N, K, R,
+        x.stride(0), x.stride(1), w_op.stride(0), w_op.stride(1), u.stride(0), u.stride(1),
+        v_op.stride(0), v_op.stride(1), out.stride(0), out.stride(1),
+        float(scale), dropout_threshold(p),
+        HAS_BIAS=bias is not None, DROPOUT=p > 0, PREC=_prec(x.dtype), BR=_br(R),
+    )  # fmt: skip
+    return out
+
+
+def lora_grad_a(x, v, a, seed, p, grad_x=None):
+    """``grad_A = v^T D(x) * 1/(1-p)`` (``[r, K]``); with ``grad_x``, also ``grad_x += D'(v A)`` in place."""
+    M, K = x.shape
+    R = a.shape[0]
+    BM, BK = (32, 32) if INTERPRET else (64, 128)
+    if INTERPRET:
+        split = 2
+    else:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        split = max(1, min(triton.cdiv(M, BM), triton.cdiv(2 * sms, triton.cdiv(K, BK))))
+    part = torch.empty((split, R, K), device=x.device, dtype=torch.float32)
+    gx = grad_x if grad_x is not None else x
+    _lora_grad_a_kernel[(triton.cdiv(K, BK), split)](
+        x, v, a, gx, part, seed, M, K, R,
+        x.stride(0), x.stride(1), v.stride(0), v.stride(1), a.stride(0), a.stride(1), gx.stride(0), gx.stride(1),
+        dropout_threshold(p), 1.0 / (1.0 - p),
+        DX=grad_x is not None, SPLIT=split, PREC=_prec(x.dtype), BM=BM, BK=BK, BR=_br(R), num_warps=4,
+    )  # fmt: skip
+    return part.sum(0).to(a.dtype)
+
+
+@triton.jit
+def _keep_mask_kernel(seed_ptr, out_ptr, M, K, thr, BM: tl.constexpr, BK: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    ks = tl.program_id(1) * BK + tl.arange(0, BK)
+    keep = _keep_tile(seed_ptr, rm, tl.program_id(1) * BK, thr, BM, BK)
+    tl.store(out_ptr + rm[:, None] * K + ks[None, :], keep.to(tl.int8), mask=(rm[:, None] < M) & (ks[None, :] < K))
+
+
+def keep_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
+    """The dropout keep mask ``[M, K]`` (bool) that the kernels regenerate for this seed (tests, debugging)."""
+    out = torch.empty((M, K), device=seed.device, dtype=torch.int8)
+    _keep_mask_kernel[(triton.cdiv(M, 16), triton.cdiv(K, 32))](seed, out, M, K, dropout_threshold(p), BM=16, BK=32)
+    return out.bool()
+
+
+# ---------------------------------------------------------------------------------------------
+# The op's GPU implementation: per shape, the fused Triton GEMMs or cuBLAS plus a second pass.
+
+_CHOICE: dict[tuple, str] = {}
+
+
+def _pick(key: tuple, choice: str, run_triton, run_cublas) -> str:
+    """``choice`` unless it is ``auto``: then time both once for this shape key (like Triton's
+    autotuner) and keep the faster. Never times inside CUDA graph capture or on CPU tensors."""
+    if choice != "auto":
+        return choice
+    if key in _CHOICE:
+        return _CHOICE[key]
+    if INTERPRET or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
+        return "cublas"
+    from triton.testing import do_bench
+
+    t_triton = do_bench(run_triton, warmup=5, rep=20)
+    t_cublas = do_bench(run_cublas, warmup=5, rep=20)
+    _CHOICE[key] = "triton" if t_triton < t_cublas else "cublas"
+    return _CHOICE[key]
+
+
+def chosen() -> dict[tuple, str]:
+    """The per-shape choices made so far (key: direction, M, N, K, r, dtype, dropout > 0)."""
+    return dict(_CHOICE)
+
+
+def forward(x, weight, bias, lora_a, lora_b, scaling, dropout, seed, choice="auto"):
+    """GPU forward of ``ftkernels::lora_linear_fwd``: returns (y, u)."""
+    u = lora_down(x, lora_a, seed, dropout) if dropout > 0 else None
+
+    def run_triton():
+        uu = u if u is not None else lora_down(x, lora_a, seed, 0.0)
+        return lowrank_gemm(x, weight.t(), bias, uu, lora_b.t(), scaling), uu
+
+    def run_cublas():
+        uu = u if u is not None else x @ lora_a.t()
+        y = torch.nn.functional.linear(x, weight, bias)
+        return y.addmm_(uu, lora_b.t(), alpha=scaling), uu
+
+    key = ("fwd", x.shape[0], weight.shape[0], x.shape[1], lora_a.shape[0], x.dtype, dropout > 0)
+    how = _pick(key, choice, run_triton, run_cublas)
+    return run_triton() if how == "triton" else run_cublas()
+
+
+def backward(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x, choice="auto"):
+    """GPU backward of ``ftkernels::lora_linear_bwd``: returns (grad_x or empty, grad_A, grad_B)."""
+    grad_b = (grad.t() @ u).mul_(scaling)
+    v = (grad @ lora_b).mul_(scaling)
+
+    def run_triton():
+        gx = lowrank_gemm(grad, weight, None, v, lora_a, 1.0 / (1.0 - dropout), seed, dropout) if need_x else None
+        ga = lora_grad_a(x, v, lora_a, seed, dropout) if dropout > 0 else v.t() @ x
+        return gx, ga
+
+    def run_cublas():
+        gx = grad @ weight if need_x else None
+        if dropout > 0:
+            ga = lora_grad_a(x, v, lora_a, seed, dropout, grad_x=gx)
+        else:
+            ga = v.t() @ x
+            if gx is not None:
+                gx.addmm_(v, lora_a)
+        return gx, ga
+
+    key = ("bwd", x.shape[0], weight.shape[0], x.shape[1], lora_a.shape[0], x.dtype, dropout > 0)
+    how = _pick(key, choice, run_triton, run_cublas) if need_x else "cublas"
+    gx, ga = run_triton() if how == "triton" else run_cublas()
+    return (gx if gx is not None else x.new_empty((0,))), ga, grad_b
