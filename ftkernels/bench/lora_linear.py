@@ -6,6 +6,8 @@
 - the best known hand-written technique (cuBLAS matmuls, ``addmm_`` into y and grad_x, a
   hand-written backward; dropout 0 only).
 
+Memory: peak allocation of the step on GPU; on every device, the MB autograd saves for backward.
+
 Physical floor of a case: (base + rank-r flops) / measured matmul rate; the LoRA flops
 (``6 M r (K + N)``) are ~2% of the base's (``4 M N K``) at r=16, K=N=4096.
 """
@@ -84,6 +86,23 @@ def cases(device: torch.device, quick: bool) -> list[dict]:
     return [dict(**size, r=16, p=p, dtype=torch.float32, sweep=False) for p in (0.1, 0.0)]
 
 
+def saved_mb(layer, x) -> float:
+    """MB autograd keeps for backward after one forward (distinct storages, parameters excluded):
+    the activation memory a layer holds during a training step, on any device. x counts when a
+    layer keeps it (a frozen base layer does not; in a network x is usually alive anyway)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    params = {q.untyped_storage().data_ptr() for q in layer.parameters()}
+    del y
+    return sum(n for ptr, n in seen.items() if ptr not in params) / 2**20
+
+
 def _step(layer, x, g):
     def fn():
         x.grad = None
@@ -111,12 +130,16 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
         peft = _peft_layer(peft_base, r, 2 * r, p, ours).to(dtype=dtype)
         x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
         g = torch.randn(M, N, device=device, dtype=dtype)
+        layers = {"frozen base layer (floor)": base, "PEFT eager": peft}
         fns = {"frozen base layer (floor)": _step(base, x, g), "PEFT eager": _step(peft, x, g)}
         if device.type == "cuda" and not c["sweep"]:
             fns["PEFT + torch.compile"] = _step(torch.compile(peft), x, g)
         if p == 0.0:
-            fns["hand-written cuBLAS + addmm_"] = _step(HandWrittenModule(ours), x, g)
+            layers["hand-written cuBLAS + addmm_"] = HandWrittenModule(ours)
+            fns["hand-written cuBLAS + addmm_"] = _step(layers["hand-written cuBLAS + addmm_"], x, g)
+        layers["ours"] = ours
         fns["ours"] = _step(ours, x, g)
+        saved = {k: saved_mb(m, x) for k, m in layers.items()}
         times = {k: [] for k in fns}
         for _ in range(3 if quick else 4):  # alternating rounds: drift hits every variant alike
             for k, fn in fns.items():
@@ -138,6 +161,8 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
                     floor_ms=floor,
                     baseline_mem_MB=mem[k],
                     ours_mem_MB=mem["ours"],
+                    baseline_saved_MB=saved[k],
+                    ours_saved_MB=saved["ours"],
                     ours_vs_base=ms["ours"] / ms["frozen base layer (floor)"],
                     sweep=c["sweep"],
                 )

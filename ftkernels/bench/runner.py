@@ -30,6 +30,8 @@ COLUMNS = [
     ("speedup", "speedup"),
     ("baseline_mem_MB", "base MB"),
     ("ours_mem_MB", "ours MB"),
+    ("baseline_saved_MB", "base saved MB"),
+    ("ours_saved_MB", "ours saved MB"),
     ("ours_vs_floor", "ours/floor"),
     ("ours_vs_base", "ours/base layer"),
 ]
