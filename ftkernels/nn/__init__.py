@@ -1,5 +1,6 @@
 """Drop-in modules: LoRA layers with fused forward/backward."""
 
+from .lora_conv1d import LoRAConv1D
 from .lora_linear import LoRALinear, lora_linear
 
-__all__ = ["LoRALinear", "lora_linear"]
+__all__ = ["LoRAConv1D", "LoRALinear", "lora_linear"]

@@ -94,19 +94,20 @@ class LoRALinear(nn.Module):
     any leading shape; fp32/fp16/bf16 (fp64 on CPU); autocast is honoured.
     """
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        self._check_base(base)
+        out_f, in_f = self._linear_weight_of(base).shape
+        name = type(self).__name__
         if not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
-        if r > min(base.in_features, base.out_features):
+            raise ValueError(f"{name}: r must be a positive int, got {r!r}")
+        if r > min(in_f, out_f):
             raise ValueError(
-                f"LoRALinear: r={r} exceeds min(in_features, out_features) = "
-                f"{min(base.in_features, base.out_features)}: the update could not be low rank"
+                f"{name}: r={r} exceeds min(in_features, out_features) = {min(in_f, out_f)}: the update could not be"
+                " low rank"
             )
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout}")
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -114,13 +115,27 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         w = base.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=dtype))
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, device=w.device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
 
-    in_features = property(lambda self: self.base.in_features)
-    out_features = property(lambda self: self.base.out_features)
+    # Subclasses wrap other layouts of the same map (HF Conv1D stores the weight as [in, out]).
+    @staticmethod
+    def _check_base(base) -> None:
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+
+    @staticmethod
+    def _linear_weight_of(base) -> Tensor:
+        return base.weight
+
+    def linear_weight(self) -> Tensor:
+        """The base weight as ``[out, in]`` (a view; writes go to the base layer)."""
+        return self._linear_weight_of(self.base)
+
+    in_features = property(lambda self: self.linear_weight().shape[1])
+    out_features = property(lambda self: self.linear_weight().shape[0])
     weight = property(lambda self: self.base.weight)
     bias = property(lambda self: self.base.bias)
 
@@ -128,7 +143,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base(x)
         return lora_linear(
-            x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, self.dropout, self.training
+            x, self.linear_weight(), self.base.bias, self.lora_A, self.lora_B, self.scaling, self.dropout, self.training
         )
 
     def delta_weight(self) -> Tensor:
@@ -143,7 +158,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             warnings.warn("LoRALinear.merge: already merged; nothing done", stacklevel=2)
             return
-        w = self.base.weight
+        w = self.linear_weight()
         w.copy_((w.to(self.delta_weight().dtype) + self.delta_weight()).to(w.dtype))
         self.merged = True
 
@@ -153,27 +168,30 @@ class LoRALinear(nn.Module):
         if not self.merged:
             warnings.warn("LoRALinear.unmerge: not merged; nothing done", stacklevel=2)
             return
-        w = self.base.weight
+        w = self.linear_weight()
         w.copy_((w.to(self.delta_weight().dtype) - self.delta_weight()).to(w.dtype))
         self.merged = False
 
     @classmethod
     def from_peft_layer(cls, layer, adapter_name: str | None = None) -> LoRALinear:
-        """A ``LoRALinear`` over a PEFT ``lora.Linear``'s base layer (shared, not copied) with a copy
-        of the adapter's A and B, its r, alpha, scaling (rslora included) and dropout p. DoRA, LoRA
-        bias and ``fan_in_fan_out`` are not supported and raise."""
+        """A fused layer over a PEFT ``lora.Linear``'s base layer (shared, not copied) with a copy of
+        the adapter's A and B, its r, alpha, scaling (rslora included) and dropout p: a
+        ``LoRALinear`` for an ``nn.Linear`` base, a :class:`LoRAConv1D` for a Hugging Face
+        ``Conv1D`` base (PEFT's ``fan_in_fan_out``). DoRA and LoRA bias are not supported and raise."""
         name = adapter_name or (layer.active_adapters[0] if layer.active_adapters else None)
         if name is None or name not in layer.lora_A:
             raise ValueError(f"from_peft_layer: adapter {name!r} not in {list(layer.lora_A.keys())}")
         base = layer.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"from_peft_layer: the base layer is {type(base).__name__}, not nn.Linear")
+        if cls is LoRALinear and not isinstance(base, nn.Linear):
+            from .lora_conv1d import LoRAConv1D, is_hf_conv1d
+
+            if is_hf_conv1d(base):
+                cls = LoRAConv1D
+        cls._check_base(base)
         if getattr(layer, "use_dora", {}).get(name, False):
             raise NotImplementedError("from_peft_layer: DoRA adapters are not supported")
         if getattr(layer, "lora_bias", {}).get(name, False):
             raise NotImplementedError("from_peft_layer: LoRA bias (lora_bias=True) is not supported")
-        if getattr(layer, "fan_in_fan_out", False):
-            raise NotImplementedError("from_peft_layer: fan_in_fan_out weights belong to Conv1D layers")
         drop = layer.lora_dropout[name]
         p = drop.p if isinstance(drop, nn.Dropout) else 0.0
         r = layer.r[name]
