@@ -25,8 +25,9 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-LORA_STREAM = 0x4C6F5241  # ftk::kLoraStream
-DROPOUT_TAG = 0x46544B31  # the fourth counter word of every ftkernels dropout stream
+# Globals read by kernels must be constexpr objects (the interpreter would not notice otherwise).
+LORA_STREAM = tl.constexpr(0x4C6F5241)  # ftk::kLoraStream
+DROPOUT_TAG = tl.constexpr(0x46544B31)  # the fourth counter word of every ftkernels dropout stream
 
 
 def dropout_threshold(p: float) -> int:
