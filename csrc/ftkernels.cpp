@@ -1,7 +1,7 @@
 // The one pybind11 module, ftkernels._C: registers every op and reports how it was built.
 #include <torch/extension.h>
 
-#include "ftk/lora_linear_host.h"
+#include "ftk/lora_host.h"
 #include "ftk/optimizer_host.h"
 
 #ifndef FTK_VERSION
@@ -33,6 +33,7 @@ py::dict native_ops() {
   };
   ops["fused_optim_step"] = devices(kWithCuda);
   ops["lora_linear"] = devices(false);  // CUDA is served by Triton (ftkernels/triton)
+  ops["lora_dropout"] = devices(false);
   return ops;
 }
 
@@ -135,5 +136,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_linear_bwd_cpu", &ftk::lora_linear_bwd_cpu, py::arg("grad"), py::arg("x"), py::arg("weight"),
         py::arg("lora_a"), py::arg("lora_b"), py::arg("u"), py::arg("scaling"), py::arg("dropout"), py::arg("seed"),
         py::arg("need_x"), "Fused LoRA Linear backward on CPU: (grad_x, grad_A, grad_B), the mask regenerated",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("lora_dropout_cpu", &ftk::lora_dropout_cpu, py::arg("x"), py::arg("dropout"), py::arg("seed"),
+        "D(x) of the LoRA dropout stream over x's logical [numel / K, K] view, any memory format",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -6,4 +6,5 @@ from __future__ import annotations
 OPS: dict[str, dict[str, str]] = {
     "fused_optim_step": {"cpu": "c++", "cuda": "cuda"},
     "lora_linear": {"cpu": "c++", "cuda": "triton"},
+    "lora_dropout": {"cpu": "c++", "cuda": "triton"},
 }

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "ftk/lora.h"
-#include "ftk/lora_linear_host.h"
+#include "ftk/lora_host.h"
 
 namespace ftk {
 namespace {

@@ -1,4 +1,4 @@
-// Host entry points of the fused LoRA Linear op (CPU kernel in csrc/cpu/lora_linear.cpp).
+// Host entry points of the LoRA ops (CPU kernels in csrc/cpu/lora_linear.cpp, lora_dropout.cpp).
 #pragma once
 #include <torch/types.h>
 
@@ -19,5 +19,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(const at::Ten
                                                                    const at::Tensor& lora_b, const at::Tensor& u,
                                                                    double scaling, double dropout, int64_t seed,
                                                                    bool need_x);
+
+// D(x): x with the LoRA dropout stream applied over its logical [numel / K, K] view, kept values
+// scaled by 1 / (1 - p); same memory format as x (csrc/cpu/lora_dropout.cpp).
+at::Tensor lora_dropout_cpu(const at::Tensor& x, double dropout, int64_t seed);
 
 }  // namespace ftk

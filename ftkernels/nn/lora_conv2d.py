@@ -1,0 +1,263 @@
+"""``LoRAConv2d``: a frozen ``nn.Conv2d`` plus a LoRA adapter (PEFT's conv LoRA), two strategies."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.lora_dropout import lora_dropout
+from .lora_linear import _compute_dtype, draw_seed
+
+STRATEGIES = ("auto", "unmerged", "merged")
+
+
+def _rank_update_(y: Tensor, u: Tensor, lora_b2: Tensor, scaling: float) -> None:
+    """``y += scaling * B u`` over channels (a 1x1 conv), in place: one GEMM with beta=1 on y's
+    own storage, no full-size temporary. y ``[N, out, H, W]``, u ``[N, r, H, W]``, B ``[out, r]``."""
+    n, out, h, w = y.shape
+    r = u.shape[1]
+    if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+        y2 = y.permute(0, 2, 3, 1).reshape(-1, out)  # a view: channels-last rows are pixels
+        y2.addmm_(u.permute(0, 2, 3, 1).reshape(-1, r), lora_b2.t(), alpha=scaling)
+    elif y.is_contiguous():
+        y.view(n, out, h * w).baddbmm_(lora_b2.expand(n, out, r), u.reshape(n, r, h * w), alpha=scaling)
+    else:
+        y.add_(F.conv2d(u, lora_b2[:, :, None, None]), alpha=scaling)
+
+
+class _UnmergedConv(torch.autograd.Function):
+    """Base conv plus the low-rank path, the dropout stream fused in (D(x) exists only while the
+    A-conv runs, in forward and again for grad_A in backward; it is never saved).
+
+    Forward: ``y = conv(x, W, b)``, ``u = conv(D(x), A)``, ``y += s B u`` in place.
+    Backward: ``gu = s B^T g``; ``grad_B = s sum g u^T``; ``grad_A = wgrad(D(x), gu)``;
+    ``grad_x = dgrad(g, W) + D(dgrad(gu, A))`` (D is its own adjoint). Saved: x, u (r channels), seed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout, seed, geom):
+        stride, padding, dilation = geom
+        y = F.conv2d(x, weight, bias, stride, padding, dilation)
+        xd = lora_dropout(x, dropout, seed) if dropout > 0 else x
+        u = F.conv2d(xd, lora_a, None, stride, padding, dilation)
+        del xd
+        _rank_update_(y, u, lora_b.view(lora_b.shape[0], -1), scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, u, seed)
+        ctx.scaling, ctx.dropout, ctx.geom = scaling, dropout, geom
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, lora_a, lora_b, u, seed = ctx.saved_tensors
+        s, p, (stride, padding, dilation) = ctx.scaling, ctx.dropout, ctx.geom
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        b2 = lora_b.view(lora_b.shape[0], -1)  # [out, r]
+        gu = F.conv2d(g, b2.t()[:, :, None, None]).mul_(s)  # [N, r, H', W']
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if need_b:
+            grad_b = torch.einsum("nohw,nrhw->or", g, u).mul_(s).view_as(lora_b)
+        if need_a:
+            xd = lora_dropout(x, p, seed) if p > 0 else x
+            grad_a = torch.nn.grad.conv2d_weight(xd, lora_a.shape, gu, stride, padding, dilation)
+            del xd
+        if need_x:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, g, stride, padding, dilation)
+            t = torch.nn.grad.conv2d_input(x.shape, lora_a, gu, stride, padding, dilation)
+            grad_x.add_(lora_dropout(t, p, seed) if p > 0 else t)
+        if need_w:
+            grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, g, stride, padding, dilation)
+        if need_bias:
+            grad_bias = g.sum((0, 2, 3))
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+def merged_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
+    """``W + scaling * B A`` with A ``[r, in, kh, kw]`` flattened to ``[r, in*kh*kw]`` and B ``[out, r, 1, 1]``."""
+    r = lora_a.shape[0]
+    delta = lora_b.reshape(lora_b.shape[0], r) @ lora_a.reshape(r, -1)
+    return weight + scaling * delta.view_as(weight)
+
+
+def choose_strategy(x: Tensor, weight: Tensor, r: int, geom, dropout: float, grad: bool) -> str:
+    """The strategy for one call: ``unmerged`` whenever dropout is on; ``merged`` without autograd
+    (one conv); in training without dropout, ``merged`` costs a full weight-gradient conv
+    (``N H' W' out in k^2`` MACs) to save the rank-r passes over x and y, so it wins where the
+    weight is small next to the activations' traffic: the rule measured on ResNet-50 layer shapes
+    is recorded in bench/NOTES.md."""
+    if dropout > 0:
+        return "unmerged"
+    if not grad:
+        return "merged"
+    out_c, in_c, kh, kw = weight.shape
+    # Measured rule (bench/NOTES.md, "LoRA Conv2d"): merged wins for 1x1 convs with few input channels.
+    return "merged" if kh * kw == 1 and in_c * out_c <= 256 * 256 else "unmerged"
+
+
+def _geometry(base: nn.Conv2d):
+    pad = base.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            pad = (0, 0)
+        else:  # "same", stride 1 (nn.Conv2d enforces that)
+            totals = [d * (k - 1) for d, k in zip(base.dilation, base.kernel_size, strict=True)]
+            if any(t % 2 for t in totals):
+                raise ValueError("LoRAConv2d: padding='same' with an even effective kernel is asymmetric: unsupported")
+            pad = tuple(t // 2 for t in totals)
+    return tuple(base.stride), tuple(pad), tuple(base.dilation)
+
+
+class LoRAConv2d(nn.Module):
+    """Drop-in replacement for a frozen ``nn.Conv2d`` with a LoRA adapter (PEFT's ``lora.Conv2d``).
+
+    ``y = base(x) + scaling * B(A(dropout(x)))``: A is a conv with the base's kernel size, stride,
+    padding and dilation and r output channels (``lora_A`` ``[r, in, kh, kw]``, Kaiming-uniform), B a
+    1x1 conv to the base's channels (``lora_B`` ``[out, r, 1, 1]``, zero); ``scaling = alpha / r``
+    (``alpha / sqrt(r)`` with rslora). groups=1 and zero padding only. NCHW or channels-last inputs,
+    fp32/fp16/bf16 (fp64 on CPU), autocast.
+
+    Strategies (``strategy=``): ``unmerged`` runs the base conv and the low-rank path with the
+    dropout stream fused in (nothing full-size saved but x; y updated in place); ``merged`` (dropout
+    0 only) runs one conv with ``W + s B A`` and gets the adapters' grads through its weight
+    gradient. ``auto`` picks per call by :func:`choose_strategy`.
+    """
+
+    def __init__(
+        self,
+        base: nn.Conv2d,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        strategy: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"LoRAConv2d wraps an nn.Conv2d, got {type(base).__name__}")
+        if base.groups != 1:
+            raise ValueError(f"LoRAConv2d: the base conv has groups={base.groups}; LoRA needs groups=1")
+        if base.padding_mode != "zeros":
+            raise ValueError(f"LoRAConv2d: padding_mode={base.padding_mode!r} is unsupported (zeros only, as PEFT)")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRAConv2d: r must be a positive int, got {r!r}")
+        out_c, in_c, kh, kw = base.weight.shape
+        if r > min(out_c, in_c * kh * kw):
+            bound = min(out_c, in_c * kh * kw)
+            raise ValueError(f"LoRAConv2d: r={r} exceeds min(out_channels, in_channels*kh*kw) = {bound}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRAConv2d: dropout must be in [0, 1), got {dropout}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"LoRAConv2d: strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.r, self.alpha, self.dropout, self.rslora, self.strategy = r, alpha, float(dropout), rslora, strategy
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.geom = _geometry(base)
+        w = base.weight
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, in_c, kh, kw, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_c, r, 1, 1, device=w.device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
+        self.last_strategy: str | None = None
+
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+    in_channels = property(lambda self: self.base.in_channels)
+    out_channels = property(lambda self: self.base.out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base(x)
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"LoRAConv2d: x must be a floating tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"LoRAConv2d: x has shape {tuple(x.shape)}, expected [N, {self.in_channels}, H, W]")
+        if x.device != self.base.weight.device:
+            raise ValueError(f"LoRAConv2d: x is on {x.device} but the layer is on {self.base.weight.device}")
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        dtype = _compute_dtype(x)
+        if dtype == x.dtype and self.base.weight.dtype != dtype:
+            raise TypeError(f"LoRAConv2d: x is {x.dtype} but the base weight is {self.base.weight.dtype}: must match")
+        cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in self._tensors(x)]
+        xc, w, b, a, bb = cast
+        p = self.dropout if self.training else 0.0
+        strategy = self.strategy
+        if strategy == "auto":
+            strategy = choose_strategy(xc, w, self.r, self.geom, p, torch.is_grad_enabled())
+        elif strategy == "merged" and p > 0:
+            raise ValueError("LoRAConv2d: strategy='merged' needs dropout 0 (or eval mode)")
+        self.last_strategy = strategy
+        stride, padding, dilation = self.geom
+        if strategy == "merged":
+            y = F.conv2d(xc, merged_weight(w, a, bb, self.scaling), b, stride, padding, dilation)
+        else:
+            seed = draw_seed(x.device) if p > 0 else torch.empty((), dtype=torch.int64, device=x.device)
+            y = _UnmergedConv.apply(xc, w, b, a, bb, self.scaling, p, seed, self.geom)
+        return y.squeeze(0) if unbatched else y
+
+    def _tensors(self, x):
+        return x, self.base.weight, self.base.bias, self.lora_A, self.lora_B
+
+    def delta_weight(self) -> Tensor:
+        """``scaling * B A`` shaped like the base weight, fp32 (fp64 for fp64 adapters)."""
+        acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
+        zero = torch.zeros(self.base.weight.shape, dtype=acc, device=self.base.weight.device)
+        return merged_weight(zero, self.lora_A.detach().to(acc), self.lora_B.detach().to(acc), self.scaling)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``scaling * B A`` into the base weight (fp32 accumulation)."""
+        if self.merged:
+            warnings.warn("LoRAConv2d.merge: already merged; nothing done", stacklevel=2)
+            return
+        w = self.base.weight
+        w.copy_((w.to(self.delta_weight().dtype) + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ``scaling * B A`` from the base weight again (fp32 accumulation)."""
+        if not self.merged:
+            warnings.warn("LoRAConv2d.unmerge: not merged; nothing done", stacklevel=2)
+            return
+        w = self.base.weight
+        w.copy_((w.to(self.delta_weight().dtype) - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    @classmethod
+    def from_peft_layer(cls, layer, adapter_name: str | None = None, strategy: str = "auto") -> LoRAConv2d:
+        """A ``LoRAConv2d`` over a PEFT ``lora.Conv2d``'s base layer (shared) with copies of its A and
+        B, r, alpha, scaling and dropout p. DoRA and LoRA bias raise."""
+        name = adapter_name or (layer.active_adapters[0] if layer.active_adapters else None)
+        if name is None or name not in layer.lora_A:
+            raise ValueError(f"from_peft_layer: adapter {name!r} not in {list(layer.lora_A.keys())}")
+        base = layer.get_base_layer()
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"from_peft_layer: the base layer is {type(base).__name__}, not nn.Conv2d")
+        if getattr(layer, "use_dora", {}).get(name, False):
+            raise NotImplementedError("from_peft_layer: DoRA adapters are not supported")
+        if getattr(layer, "lora_bias", {}).get(name, False):
+            raise NotImplementedError("from_peft_layer: LoRA bias (lora_bias=True) is not supported")
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        drop = layer.lora_dropout[name]
+        new = cls(base, r=layer.r[name], alpha=layer.lora_alpha[name], strategy=strategy)
+        new.dropout = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+        new.scaling = float(layer.scaling[name])
+        new.rslora = bool(getattr(layer, "use_rslora", {}).get(name, False))
+        new.lora_A = nn.Parameter(a.detach().clone(), requires_grad=a.requires_grad)
+        new.lora_B = nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
+        new.merged = bool(getattr(layer, "merged", False))
+        return new
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.base.kernel_size)}, r={self.r}, "
+            f"alpha={self.alpha}, dropout={self.dropout}, strategy={self.strategy}, merged={self.merged}"
+        )

@@ -1,0 +1,52 @@
+"""``ftkernels::lora_dropout(x, dropout, seed) -> Tensor``: the LoRA dropout stream applied to a tensor.
+
+``D(x)[..., k] = x[..., k] / (1 - p)`` where the Philox stream of ``seed`` keeps element (row, k) of
+x's logical ``[numel / K, K]`` view, else 0 (``csrc/include/ftk/lora.h``; the same bits as the fused
+LoRA Linear's in-kernel mask). Any memory format (the mask follows logical indices). D is linear
+and its own adjoint, so backward is ``D(grad)`` with the same seed: nothing is saved.
+Used where the low-rank path is an ATen op (LoRA convolutions), so the dropped copy exists only
+while that op runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._ext import C, ExtensionError
+
+
+@torch.library.custom_op("ftkernels::lora_dropout", mutates_args=())
+def lora_dropout(x: Tensor, dropout: float, seed: Tensor) -> Tensor:
+    raise ExtensionError(f"ftkernels lora_dropout has no kernel for device {x.device} (cpu and cuda are served)")
+
+
+@lora_dropout.register_kernel("cpu")
+def _cpu(x, dropout, seed):
+    return C().lora_dropout_cpu(x, dropout, int(seed))
+
+
+@lora_dropout.register_kernel("cuda")
+def _cuda(x, dropout, seed):
+    from ..triton import lora_dropout as tk
+
+    return tk.lora_dropout(x, dropout, seed)
+
+
+@lora_dropout.register_fake
+def _fake(x, dropout, seed):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    _, dropout, seed = inputs
+    ctx.save_for_backward(seed)
+    ctx.dropout = dropout
+
+
+def _backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    return lora_dropout(grad, ctx.dropout, seed), None, None
+
+
+torch.library.register_autograd("ftkernels::lora_dropout", _backward, setup_context=_setup_context)

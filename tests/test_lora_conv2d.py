@@ -1,0 +1,296 @@
+"""LoRAConv2d against PEFT's lora.Conv2d and a plain-PyTorch reference: both strategies, strides,
+padding, dilation, kernel sizes, memory formats, dropout (the fused stream), gradcheck, and a
+ResNet-18 that trains like PEFT's."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from peft.tuners.lora import Conv2d as PeftConv2d
+from torch import nn
+
+import ftkernels as ftk
+from ftkernels.nn.lora_conv2d import choose_strategy
+from ftkernels.nn.reference import lora_keep_mask
+from ftkernels.ops import lora_dropout as dropout_op
+
+
+def keep4d(seed, shape, p):
+    """The stream's keep mask for a tensor of ``shape``: logical [numel / W, W] rows."""
+    n = 1
+    for s in shape[:-1]:
+        n *= s
+    return lora_keep_mask(seed, n, shape[-1], p).view(shape)
+
+
+class FixedMaskDropout(nn.Module):
+    def __init__(self, seed, p):
+        super().__init__()
+        self.seed, self.p = seed, p
+
+    def forward(self, x):
+        return x * keep4d(self.seed, x.shape, self.p).to(x.dtype) / (1 - self.p)
+
+
+def make_pair(cin, cout, k, stride=1, padding=0, r=3, p=0.0, dtype=torch.float64, bias=True):
+    base = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias).to(dtype)
+    pb = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias).to(dtype)
+    pb.load_state_dict(base.state_dict())
+    ours = ftk.nn.LoRAConv2d(base, r=r, alpha=2 * r, dropout=p).to(dtype)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+    peft = PeftConv2d(pb, "default", config=LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p), r=r, lora_alpha=2 * r)
+    with torch.no_grad():
+        peft.lora_A["default"].weight.copy_(ours.lora_A)
+        peft.lora_B["default"].weight.copy_(ours.lora_B)
+    peft.to(dtype)
+    return ours, peft
+
+
+def reference(x, ours, p=0.0, seed=0):
+    """Plain torch: base conv + s * B(A(D(x))) with the base's stride, padding and dilation."""
+    st, pad, dil = ours.geom
+    xd = x * keep4d(seed, x.shape, p).to(x.dtype) / (1 - p) if p > 0 else x
+    u = F.conv2d(xd, ours.lora_A, None, st, pad, dil)
+    return ours.base(x) + ours.scaling * F.conv2d(u, ours.lora_B)
+
+
+CASES = [  # cin, cout, k, stride, padding, N, H, W
+    (3, 5, 1, 1, 0, 2, 7, 6),
+    (5, 7, 3, 1, 1, 1, 9, 8),
+    (6, 4, 3, 2, 1, 2, 11, 9),
+    (3, 6, 7, 2, 3, 1, 15, 13),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("strategy", ["unmerged", "merged"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_peft_no_dropout(case, strategy, channels_last):
+    cin, cout, k, stride, padding, n, h, w = case
+    ours, peft = make_pair(cin, cout, k, stride, padding)
+    ours.strategy = strategy
+    ours.base.bias.requires_grad_(True)
+    peft.base_layer.bias.requires_grad_(True)
+    x = torch.randn(n, cin, h, w, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, yp = ours(x1), peft(x2)
+    assert ours.last_strategy == strategy
+    torch.testing.assert_close(y, yp)
+    g = torch.randn_like(y)
+    ga = torch.autograd.grad(y, (x1, ours.lora_A, ours.lora_B, ours.base.bias), g)
+    gp = torch.autograd.grad(
+        yp, (x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight, peft.base_layer.bias), g
+    )
+    for a, b in zip(ga, gp, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("case", CASES[1:])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dropout_matches_peft_with_the_same_mask(case, dtype):
+    cin, cout, k, stride, padding, n, h, w = case
+    ours, peft = make_pair(cin, cout, k, stride, padding, p=0.3, dtype=dtype)
+    seed = 4321
+    peft.lora_dropout["default"] = FixedMaskDropout(seed, 0.3)
+    x = torch.randn(n, cin, h, w, dtype=dtype)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    geom = ours.geom
+    y = ftk.nn.lora_conv2d._UnmergedConv.apply(
+        x1, ours.weight, ours.bias, ours.lora_A, ours.lora_B, ours.scaling, 0.3, torch.tensor(seed), geom
+    )
+    yp = peft(x2)
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y, yp, **tol)
+    g = torch.randn_like(y)
+    ga = torch.autograd.grad(y, (x1, ours.lora_A, ours.lora_B), g)
+    gp = torch.autograd.grad(yp, (x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight), g)
+    for a, b in zip(ga, gp, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_dilation_against_reference_and_gradcheck():
+    """PEFT 0.21 builds lora_A without the base's dilation (its layer fails on dilated convs); the
+    issue's math gives A the base's dilation: checked against the plain-torch reference."""
+    base = nn.Conv2d(4, 5, 3, stride=1, padding=2, dilation=2).double()
+    ours = ftk.nn.LoRAConv2d(base, r=2, alpha=4, dropout=0.25).double()
+    with torch.no_grad():
+        ours.lora_B.normal_()
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor(17)
+
+    def f(x, a, b):
+        fn = ftk.nn.lora_conv2d._UnmergedConv
+        return fn.apply(x, ours.weight, ours.bias, a, b, ours.scaling, 0.25, seed, ours.geom)
+
+    torch.testing.assert_close(f(x, ours.lora_A, ours.lora_B), reference(x, ours, 0.25, 17))
+    assert torch.autograd.gradcheck(f, (x, ours.lora_A, ours.lora_B))
+    ours.strategy = "merged"
+    ours.eval()
+    assert torch.autograd.gradcheck(lambda x, a, b: ours(x), (x, ours.lora_A, ours.lora_B))
+
+
+def test_strategies_agree_and_merge():
+    ours, _ = make_pair(6, 8, 3, 1, 1)
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    outs = {}
+    for s in ("unmerged", "merged"):
+        ours.strategy = s
+        outs[s] = ours(x)
+    torch.testing.assert_close(outs["unmerged"], outs["merged"])
+    ours.merge()
+    torch.testing.assert_close(ours(x), outs["merged"])
+    ours.unmerge()
+    torch.testing.assert_close(ours(x), outs["merged"])
+
+
+def test_auto_strategy_rules():
+    w3 = torch.empty(64, 64, 3, 3)
+    assert choose_strategy(None, w3, 8, None, 0.1, True) == "unmerged"
+    assert choose_strategy(None, w3, 8, None, 0.0, False) == "merged"
+    ours, _ = make_pair(4, 4, 3, 1, 1, p=0.2)
+    with pytest.raises(ValueError, match="merged"):
+        ours.strategy = "merged"
+        ours(torch.randn(1, 4, 5, 5, dtype=torch.float64))
+
+
+def test_dropout_op_stream_and_memory_formats():
+    x = torch.randn(2, 3, 5, 7)
+    seed = torch.tensor(99)
+    d = dropout_op.lora_dropout(x, 0.4, seed)
+    torch.testing.assert_close(d, x * keep4d(99, x.shape, 0.4) / 0.6)
+    dcl = dropout_op.lora_dropout(x.to(memory_format=torch.channels_last), 0.4, seed)
+    assert dcl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(dcl, d)  # the mask follows logical indices
+    torch.library.opcheck(dropout_op.lora_dropout, (x.requires_grad_(True), 0.4, seed))
+
+
+def test_dropout_op_triton_equals_cpu():
+    from ftkernels.triton import lora_dropout as tk
+
+    x = torch.randn(2, 3, 5, 37)
+    seed = torch.tensor(2024)
+    for t in (x, x.to(memory_format=torch.channels_last), x[:, :, 1:4]):
+        torch.testing.assert_close(tk.lora_dropout(t, 0.3, seed), dropout_op.lora_dropout(t, 0.3, seed))
+
+
+def test_saved_tensors_hold_no_dropped_copy():
+    ours, _ = make_pair(8, 16, 3, 1, 1, p=0.3, dtype=torch.float32)
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = ours(x)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    y.sum().backward()
+    assert ours.lora_A.grad is not None and ours.base.weight.grad is None
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="groups"):
+        ftk.nn.LoRAConv2d(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="padding_mode"):
+        ftk.nn.LoRAConv2d(nn.Conv2d(4, 4, 3, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="exceeds"):
+        ftk.nn.LoRAConv2d(nn.Conv2d(4, 2, 1), r=3)
+    with pytest.raises(TypeError, match="Conv2d"):
+        ftk.nn.LoRAConv2d(nn.Linear(3, 3))
+    m = ftk.nn.LoRAConv2d(nn.Conv2d(3, 4, 3), r=2)
+    with pytest.raises(ValueError, match="expected"):
+        m(torch.randn(1, 5, 8, 8))
+    with pytest.raises(TypeError, match="must match"):
+        m(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+
+
+def test_from_peft_layer_and_unbatched_and_autocast():
+    _, peft = make_pair(5, 7, 3, 2, 1, p=0.1, dtype=torch.float32)
+    ours = ftk.nn.LoRAConv2d.from_peft_layer(peft)
+    assert (ours.r, ours.dropout, ours.scaling) == (3, 0.1, peft.scaling["default"])
+    ours.eval(), peft.eval()
+    x = torch.randn(5, 10, 10)
+    torch.testing.assert_close(ours(x), peft(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(x[None]).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------ a ResNet-18 that trains
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock (used when torchvision is not installed)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def resnet18(num_classes=10):
+    try:
+        import torchvision
+
+        return torchvision.models.resnet18(num_classes=num_classes)
+    except Exception:  # not installed (no CPU wheel for this torch in CI)
+        layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+        cin = 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+        return nn.Sequential(*layers)
+
+
+def _swap_convs(model, make):
+    for mod in list(model.modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, nn.Conv2d):
+                setattr(mod, cname, make(child))
+
+
+def test_resnet18_with_lora_on_every_conv_trains_like_peft():
+    import copy
+
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    net = resnet18().double()  # float64: 20 steps of SGD amplify fp32 rounding differences past any fair tolerance
+    peft_net = copy.deepcopy(net)
+    _swap_convs(net, lambda c: ftk.nn.LoRAConv2d(c, r=4, alpha=8))
+    for name, p in net.named_parameters():
+        p.requires_grad_("lora_" in name)
+    targets = [n for n, m in peft_net.named_modules() if isinstance(m, nn.Conv2d)]
+    peft_net = get_peft_model(peft_net, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    ours_convs = [m for m in net.modules() if isinstance(m, ftk.nn.LoRAConv2d)]
+    peft_convs = [m for m in peft_net.modules() if isinstance(m, PeftConv2d)]
+    assert len(ours_convs) == len(peft_convs) == 20
+    with torch.no_grad():
+        for o, p in zip(ours_convs, peft_convs, strict=True):
+            o.lora_A.copy_(p.lora_A["default"].weight)
+    x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
+    losses = {}
+    for key, model in (("ours", net), ("peft", peft_net)):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        model.train()
+        hist = []
+        for _ in range(20):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            hist.append(loss.item())
+        losses[key] = hist
+    assert losses["ours"][-1] < 0.7 * losses["ours"][0]
+    for a, b in zip(losses["ours"], losses["peft"], strict=True):
+        assert a == pytest.approx(b, rel=1e-9)
