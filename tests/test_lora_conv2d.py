@@ -147,9 +147,13 @@ def test_strategies_agree_and_merge():
 
 
 def test_auto_strategy_rules():
-    w3 = torch.empty(64, 64, 3, 3)
-    assert choose_strategy(None, w3, 8, None, 0.1, True) == "unmerged"
-    assert choose_strategy(None, w3, 8, None, 0.0, False) == "merged"
+    w3, w1 = torch.empty(64, 64, 3, 3), torch.empty(64, 64, 1, 1)
+    big, small = torch.empty(1, 64, 28, 28), torch.empty(1, 64, 7, 7)
+    assert choose_strategy(big, w1, 8, None, 0.1, True) == "unmerged"  # dropout: only unmerged fuses it
+    assert choose_strategy(big, w3, 8, None, 0.0, False) == "merged"  # no autograd: one conv
+    assert choose_strategy(big, w1, 8, None, 0.0, True) == "merged"
+    assert choose_strategy(small, w1, 8, None, 0.0, True) == "unmerged"
+    assert choose_strategy(big, w3, 8, None, 0.0, True) == "unmerged"
     ours, _ = make_pair(4, 4, 3, 1, 1, p=0.2)
     with pytest.raises(ValueError, match="merged"):
         ours.strategy = "merged"
@@ -294,3 +298,36 @@ def test_resnet18_with_lora_on_every_conv_trains_like_peft():
     assert losses["ours"][-1] < 0.7 * losses["ours"][0]
     for a, b in zip(losses["ours"], losses["peft"], strict=True):
         assert a == pytest.approx(b, rel=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_cuda_matches_peft(dtype, p):
+    ours, peft = make_pair(16, 24, 3, 2, 1, r=4, p=p, dtype=dtype)
+    ours.cuda(), peft.cuda()
+    seed = 55
+    if p > 0:
+        peft.lora_dropout["default"] = FixedMaskDropout(seed, p)
+    x = torch.randn(4, 16, 19, 17, dtype=dtype, device="cuda").to(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fn = ftk.nn.lora_conv2d._UnmergedConv
+    seed_t = torch.tensor(seed, device="cuda")
+    y = fn.apply(x1, ours.weight, ours.bias, ours.lora_A, ours.lora_B, ours.scaling, p, seed_t, ours.geom)
+    yp = peft(x2)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
+    torch.testing.assert_close(y, yp, atol=tol * 4, rtol=tol)
+    g = torch.randn_like(y)
+    ga = torch.autograd.grad(y, (x1, ours.lora_A, ours.lora_B), g)
+    gp = torch.autograd.grad(yp, (x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight), g)
+    for a, b in zip(ga, gp, strict=True):
+        torch.testing.assert_close(a, b, atol=tol * 4 * max(1.0, b.abs().max().item()), rtol=tol)
+
+
+@pytest.mark.cuda
+def test_cuda_dropout_stream_equals_cpu():
+    x = torch.randn(2, 3, 9, 70)
+    seed = 777
+    cpu = dropout_op.lora_dropout(x, 0.3, torch.tensor(seed))
+    gpu = dropout_op.lora_dropout(x.cuda().to(memory_format=torch.channels_last), 0.3, torch.tensor(seed, device="cuda"))
+    torch.testing.assert_close(gpu.cpu(), cpu)

@@ -55,24 +55,24 @@ class _UnmergedConv(torch.autograd.Function):
         x, weight, lora_a, lora_b, u, seed = ctx.saved_tensors
         s, p, (stride, padding, dilation) = ctx.scaling, ctx.dropout, ctx.geom
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        b2 = lora_b.view(lora_b.shape[0], -1)  # [out, r]
-        gu = F.conv2d(g, b2.t()[:, :, None, None]).mul_(s)  # [N, r, H', W']
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_b:
-            grad_b = torch.einsum("nohw,nrhw->or", g, u).mul_(s).view_as(lora_b)
-        if need_a:
-            xd = lora_dropout(x, p, seed) if p > 0 else x
-            grad_a = torch.nn.grad.conv2d_weight(xd, lora_a.shape, gu, stride, padding, dilation)
-            del xd
+        # One aten.convolution_backward per conv, each producing the grads it is asked for (what
+        # autograd would run), with s applied to the r-channel results instead of to g.
+        bwd = torch.ops.aten.convolution_backward.default
+        one, zero = [1, 1], [0, 0]
+        gu, grad_b, _ = bwd(g, u, lora_b, None, one, zero, one, False, zero, 1, [True, need_b, False])
+        gu.mul_(s)
+        grad_b = grad_b.mul_(s) if need_b else None
+        xd = lora_dropout(x, p, seed) if p > 0 and need_a else x
+        t, grad_a, _ = bwd(gu, xd, lora_a, None, stride, padding, dilation, False, zero, 1, [need_x, need_a, False])
+        del xd
+        grad_x = grad_w = grad_bias = None
+        if need_x or need_w or need_bias:
+            bias_sizes = [weight.shape[0]] if need_bias else None
+            mask = [need_x, need_w, need_bias]
+            grad_x, grad_w, grad_bias = bwd(g, x, weight, bias_sizes, stride, padding, dilation, False, zero, 1, mask)
         if need_x:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, g, stride, padding, dilation)
-            t = torch.nn.grad.conv2d_input(x.shape, lora_a, gu, stride, padding, dilation)
             grad_x.add_(lora_dropout(t, p, seed) if p > 0 else t)
-        if need_w:
-            grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, g, stride, padding, dilation)
-        if need_bias:
-            grad_bias = g.sum((0, 2, 3))
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_bias, grad_a if need_a else None, grad_b, None, None, None, None
 
 
 def merged_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
@@ -84,17 +84,19 @@ def merged_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float
 
 def choose_strategy(x: Tensor, weight: Tensor, r: int, geom, dropout: float, grad: bool) -> str:
     """The strategy for one call: ``unmerged`` whenever dropout is on; ``merged`` without autograd
-    (one conv); in training without dropout, ``merged`` costs a full weight-gradient conv
-    (``N H' W' out in k^2`` MACs) to save the rank-r passes over x and y, so it wins where the
-    weight is small next to the activations' traffic: the rule measured on ResNet-50 layer shapes
-    is recorded in bench/NOTES.md."""
+    (one conv). Training without dropout: ``merged`` pays a full weight-gradient conv to skip the
+    rank-r convs and their passes over x and y: its extra cost grows with ``in * out`` per pixel,
+    what it saves with ``in + out``. Measured on ResNet-50's residual convs (CPU, batch 8 at
+    112x112, bench/NOTES.md "LoRA Conv2d"): merged wins for 1x1 convs on inputs of >= 28x28
+    pixels, and on >= 14x14 when ``in * out <= 256 * 256``; 3x3 convs and small maps stay unmerged."""
     if dropout > 0:
         return "unmerged"
     if not grad:
         return "merged"
-    out_c, in_c, kh, kw = weight.shape
-    # Measured rule (bench/NOTES.md, "LoRA Conv2d"): merged wins for 1x1 convs with few input channels.
-    return "merged" if kh * kw == 1 and in_c * out_c <= 256 * 256 else "unmerged"
+    kh, kw = weight.shape[-2:]
+    pixels, out_c, in_c = x.shape[-1] * x.shape[-2], weight.shape[0], weight.shape[1]
+    merged = kh * kw == 1 and (pixels >= 784 or (pixels >= 196 and in_c * out_c <= 256 * 256))
+    return "merged" if merged else "unmerged"
 
 
 def _geometry(base: nn.Conv2d):

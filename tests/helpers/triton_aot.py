@@ -10,6 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ftkernels.triton import lora_dropout as TD
 from ftkernels.triton import lora_linear as T
 
 
@@ -42,6 +43,11 @@ def main(capability: int) -> None:
             T._lora_grad_a_kernel, target,
             dict(x_ptr=p, v_ptr=p, a_ptr=p, gx_ptr=p, part_ptr="*fp32", seed_ptr="*i64", thr="i32", inv_keep="fp32"),
             dict(DX=True, SPLIT=4, PREC="ieee", BM=64, BK=128, BR=16), num_warps=4,
+        )  # fmt: skip
+        compile_kernel(
+            TD._lora_dropout_kernel, target,
+            dict(x_ptr=p, out_ptr=p, seed_ptr="*i64", thr="i32", inv_keep="fp32", sx0="i64", so0="i64"),
+            dict(BM=32, BK=128), num_warps=4,
         )  # fmt: skip
         print(dt, "ok")
     compile_kernel(T._keep_mask_kernel, target, dict(seed_ptr="*i64", out_ptr="*i8", thr="i32"), dict(BM=16, BK=32))

@@ -1,0 +1,220 @@
+"""LoRA Conv2d benchmark on ResNet-50: per-layer strategy table and a full training step.
+
+Per layer (every distinct conv shape of ResNet-50's residual stages): forward + backward with
+grad_x of the frozen base conv, of ``LoRAConv2d`` with each strategy (``unmerged``, ``merged``;
+dropout 0) and with ``auto``, and of PEFT's ``lora.Conv2d``, side by side. Full step: ResNet-50
+with LoRA r=16 on every residual-stage conv, forward + backward + AdamW on the adapters, ours vs
+PEFT eager (bf16 autocast on GPU, fp32 on CPU). Floors: flops / measured matmul rate.
+GPU: batch 64 at 224x224; CPU: batch 8 at 112x112 (quick: batch 2 at 64x64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import LoRAConv2d
+from .common import peak_extra_mb, time_ms
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet-50 bottleneck (1x1 reduce, 3x3 with the stride, 1x1 expand x4)."""
+
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        cout = 4 * width
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def resnet50(num_classes: int = 1000) -> nn.Sequential:
+    """ResNet-50 (torchvision's layout; local so the suite needs no torchvision). Index 4..7 are
+    the residual stages."""
+    stem = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    stages, cin = [], 64
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        layers = []
+        for i in range(blocks):
+            layers.append(Bottleneck(cin, width, stride if i == 0 else 1))
+            cin = 4 * width
+        stages.append(nn.Sequential(*layers))
+    return nn.Sequential(*stem, *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+
+def residual_conv_shapes(batch: int, res: int) -> list[dict]:
+    """Distinct (cin, cout, k, stride, H, W) of the residual-stage convs, with how often each occurs."""
+    net = resnet50()
+    shapes: dict[tuple, int] = {}
+    hooks = []
+    for stage in list(net)[4:8]:
+        for m in stage.modules():
+            if isinstance(m, nn.Conv2d):
+
+                def hook(mod, inp, out):
+                    key = (mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0], *inp[0].shape[2:])
+                    shapes[key] = shapes.get(key, 0) + 1
+
+                hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        net(torch.zeros(1, 3, res, res))
+    for h in hooks:
+        h.remove()
+    return [dict(cin=k[0], cout=k[1], k=k[2], stride=k[3], H=k[4], W=k[5], count=c, N=batch) for k, c in shapes.items()]
+
+
+def _peft_conv(base, r, alpha, ours):
+    from peft import LoraConfig
+    from peft.tuners.lora import Conv2d as PeftConv2d
+
+    layer = PeftConv2d(base, "default", config=LoraConfig(r=r, lora_alpha=alpha), r=r, lora_alpha=alpha)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(ours.lora_A)
+        layer.lora_B["default"].weight.copy_(ours.lora_B)
+    return layer
+
+
+def _step(layer, x, g, autocast_dtype):
+    def fn():
+        x.grad = None
+        for q in layer.parameters():
+            q.grad = None
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            y = layer(x)
+        y.backward(g.to(y.dtype))
+
+    return fn
+
+
+def _settings(device: torch.device, quick: bool):
+    if device.type == "cuda":
+        return dict(batch=64, res=224, autocast=torch.bfloat16, reps=10 if quick else 20)
+    if quick:
+        return dict(batch=2, res=64, autocast=None, reps=2)
+    return dict(batch=8, res=112, autocast=None, reps=4)
+
+
+def layer_rows(device: torch.device, quick: bool, rate: float, r: int = 16) -> list[dict]:
+    st = _settings(device, quick)
+    rows = []
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    for c in residual_conv_shapes(st["batch"], st["res"]):
+        torch.manual_seed(0)
+        base = nn.Conv2d(c["cin"], c["cout"], c["k"], c["stride"], c["k"] // 2, bias=False).to(device)
+        base = base.to(memory_format=fmt).requires_grad_(False)
+        ours = LoRAConv2d(base, r=r, alpha=2 * r)
+        with torch.no_grad():
+            ours.lora_B.normal_(std=1e-3)
+        peft_base = nn.Conv2d(c["cin"], c["cout"], c["k"], c["stride"], c["k"] // 2, bias=False).to(device)
+        peft_base.load_state_dict(base.state_dict())
+        peft = _peft_conv(peft_base.requires_grad_(False), r, 2 * r, ours)
+        x = torch.randn(c["N"], c["cin"], c["H"], c["W"], device=device).to(memory_format=fmt).requires_grad_(True)
+        with torch.no_grad():
+            g = torch.randn_like(base(x))
+        variants = {}
+        for s in ("unmerged", "merged", "auto"):
+            o = LoRAConv2d.__new__(LoRAConv2d)
+            o.__dict__.update(ours.__dict__)
+            o.strategy = s
+            variants[s] = o
+        fns = {"base": _step(base, x, g, st["autocast"]), "PEFT eager": _step(peft, x, g, st["autocast"])}
+        fns.update({s: _step(m, x, g, st["autocast"]) for s, m in variants.items()})
+        times = {k: [] for k in fns}
+        for _ in range(3):
+            for k, fn in fns.items():
+                times[k].append(time_ms(fn, device, warmup=1, reps=st["reps"]))
+        ms = {k: sorted(v)[1] for k, v in times.items()}
+        oh, ow = (c["H"] + c["stride"] - 1) // c["stride"], (c["W"] + c["stride"] - 1) // c["stride"]
+        macs = c["N"] * oh * ow * c["cout"] * c["cin"] * c["k"] ** 2
+        flops = 2 * 2 * macs * (1 + r / c["cout"])  # forward + grad_x, plus the rank-r share
+        rows.append(
+            dict(
+                case=f"{c['cin']}->{c['cout']} k{c['k']} s{c['stride']} @{c['H']}x{c['W']} (x{c['count']})",
+                baseline="PEFT eager",
+                baseline_ms=ms["PEFT eager"],
+                ours_ms=ms["auto"],
+                floor_ms=flops / rate * 1e3,
+                ours_vs_base=ms["auto"] / ms["base"],
+                base_ms=ms["base"],
+                unmerged_ms=ms["unmerged"],
+                merged_ms=ms["merged"],
+                strategy=variants["auto"].last_strategy,
+                best="merged" if ms["merged"] < ms["unmerged"] else "unmerged",
+                count=c["count"],
+            )
+        )
+    return rows
+
+
+def _lora_resnet(device, r, ours: bool, fmt):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = resnet50().to(device).to(memory_format=fmt)
+    targets = [f"{i}.{n}" for i in range(4, 8) for n, m in net[i].named_modules() if isinstance(m, nn.Conv2d)]
+    if not ours:
+        return get_peft_model(net, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
+    net.requires_grad_(False)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = net.get_submodule(parent_name)
+        setattr(parent, child, LoRAConv2d(getattr(parent, child), r=r, alpha=2 * r))
+    return net
+
+
+def step_rows(device: torch.device, quick: bool, r: int = 16) -> list[dict]:
+    st = _settings(device, quick)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    x = torch.randn(st["batch"], 3, st["res"], st["res"], device=device).to(memory_format=fmt)
+    y = torch.randint(0, 1000, (st["batch"],), device=device)
+    fns = {}
+    for key in ("PEFT eager", "ours"):
+        model = _lora_resnet(device, r, key == "ours", fmt).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def fn(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=st["autocast"], enabled=st["autocast"] is not None):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+
+        fns[key] = fn
+    times = {k: [] for k in fns}
+    for _ in range(3):
+        for k, fn in fns.items():
+            times[k].append(time_ms(fn, device, warmup=1, reps=st["reps"]))
+    ms = {k: sorted(v)[1] for k, v in times.items()}
+    mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
+    dtype = "bf16 autocast" if st["autocast"] is not None else "fp32"
+    return [
+        dict(
+            case=f"ResNet-50 train step, LoRA r{r} on residual convs, batch {st['batch']} @{st['res']} {dtype}",
+            baseline="PEFT eager",
+            baseline_ms=ms["PEFT eager"],
+            ours_ms=ms["ours"],
+            baseline_mem_MB=mem["PEFT eager"],
+            ours_mem_MB=mem["ours"],
+        )
+    ]
+
+
+def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
+    """Per-layer rows (``strategy`` chosen, ``best`` measured, ``ours_vs_base``) and the full step."""
+    rate = ceilings["matmul_TFLOPs"] * 1e12
+    rows = layer_rows(device, quick, rate)
+    rows += step_rows(device, quick)
+    layers = [r for r in rows if "strategy" in r]
+    agree = sum(r["strategy"] == r["best"] for r in layers)
+    return rows, {"strategy_matches_best": f"{agree}/{len(layers)}"}
