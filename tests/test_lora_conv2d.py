@@ -329,5 +329,6 @@ def test_cuda_dropout_stream_equals_cpu():
     x = torch.randn(2, 3, 9, 70)
     seed = 777
     cpu = dropout_op.lora_dropout(x, 0.3, torch.tensor(seed))
-    gpu = dropout_op.lora_dropout(x.cuda().to(memory_format=torch.channels_last), 0.3, torch.tensor(seed, device="cuda"))
+    xg = x.cuda().to(memory_format=torch.channels_last)
+    gpu = dropout_op.lora_dropout(xg, 0.3, torch.tensor(seed, device="cuda"))
     torch.testing.assert_close(gpu.cpu(), cpu)
