@@ -10,6 +10,7 @@ from .fisher import fisher_diagonal
 from .freeze import FreezeSummary, freeze
 from .info import build_info
 from .masks import clear_grad_mask, get_grad_mask, set_grad_mask
+from .peft_compat import apply_lora, from_peft, load_adapter, merge_lora, save_adapter, unmerge_lora
 
 __version__ = _ext.installed_version() or "0.1.0+unknown"
 
@@ -17,13 +18,19 @@ __all__ = [
     "ExtensionError",
     "FreezeSummary",
     "__version__",
+    "apply_lora",
     "build_info",
     "clear_grad_mask",
     "fisher_diagonal",
     "freeze",
+    "from_peft",
     "get_grad_mask",
+    "load_adapter",
     "masks",
+    "merge_lora",
     "nn",
     "optim",
+    "save_adapter",
     "set_grad_mask",
+    "unmerge_lora",
 ]

@@ -5,6 +5,7 @@ ResNet-18 that trains like PEFT's."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.models import resnet18
 from peft import LoraConfig
 from peft.tuners.lora import Conv2d as PeftConv2d
 from torch import nn
@@ -220,40 +221,6 @@ def test_from_peft_layer_and_unbatched_and_autocast():
 
 
 # ------------------------------------------------------------------ a ResNet-18 that trains
-
-
-class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock (used when torchvision is not installed)."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-def resnet18(num_classes=10):
-    try:
-        import torchvision
-
-        return torchvision.models.resnet18(num_classes=num_classes)
-    except Exception:  # not installed (no CPU wheel for this torch in CI)
-        layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-        cin = 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
-        return nn.Sequential(*layers)
 
 
 def _swap_convs(model, make):

@@ -1,0 +1,258 @@
+"""Models with fused LoRA layers: ``apply_lora``, ``from_peft``, PEFT-format adapters, merging.
+
+Adapter files use PEFT's format and key names (``adapter_config.json`` and
+``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` /
+``lora_B.weight``, and ``base_model.model.<module>.<param>`` for ``modules_to_save``), so
+``PeftModel.from_pretrained`` reads what :func:`save_adapter` writes and :func:`load_adapter`
+reads what PEFT's ``save_pretrained`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+
+import torch
+from torch import nn
+
+from .nn import LoRAConv1D, LoRAConv2d, LoRALinear
+from .nn.lora_conv1d import is_hf_conv1d
+
+LORA_TYPES = (LoRALinear, LoRAConv2d)  # LoRAConv1D is a LoRALinear
+_PREFIX = "base_model.model."
+_CONFIG_ATTR = "_ftk_lora_config"
+
+
+def _matches(name: str, target) -> bool:
+    """PEFT's matching: a string is a full regex match on the module name; a list matches a name
+    equal to an entry or ending in ``"." + entry``."""
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def _wrap(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> nn.Module:
+    if isinstance(module, nn.Linear):
+        return LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+    if isinstance(module, nn.Conv2d):
+        return LoRAConv2d(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+    if is_hf_conv1d(module):
+        return LoRAConv1D(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+    raise TypeError(f"apply_lora: {type(module).__name__} is not a supported target (nn.Linear, nn.Conv2d, HF Conv1D)")
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> fused LoRA layer, for every one in ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LORA_TYPES)}
+
+
+def apply_lora(
+    model: nn.Module,
+    target_modules,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    modules_to_save=None,
+) -> nn.Module:
+    """Swap every module matching ``target_modules`` (PEFT's rule: a list of names or name suffixes,
+    or a regex matched against the full name) for its fused LoRA layer, in place: ``nn.Linear`` ->
+    :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d`, HF ``Conv1D`` -> :class:`LoRAConv1D`.
+    Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
+    classifier head). Returns the model. Raises when nothing matches or a match is unsupported."""
+    if isinstance(target_modules, str) is False and not target_modules:
+        raise ValueError("apply_lora: target_modules is empty")
+    names = [n for n, m in model.named_modules() if n and _matches(n, target_modules) and not isinstance(m, LORA_TYPES)]
+    names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost matches only
+    if not names:
+        raise ValueError(f"apply_lora: no module of {type(model).__name__} matches target_modules={target_modules!r}")
+    model.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _wrap(getattr(parent, child), r, alpha, dropout, rslora))
+    saved = []
+    if modules_to_save:
+        saved = [n for n, _ in model.named_modules() if n and _matches(n, modules_to_save)]
+        if not saved:
+            raise ValueError(f"apply_lora: modules_to_save={modules_to_save!r} matches no module")
+        for n in saved:
+            model.get_submodule(n).requires_grad_(True)
+    for layer in lora_modules(model).values():
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    setattr(
+        model,
+        _CONFIG_ATTR,
+        dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, modules_to_save=saved or None),
+    )
+    return model
+
+
+def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """The model inside a PEFT ``PeftModel`` (or a model holding PEFT LoRA layers) with every PEFT
+    LoRA layer replaced by the fused one (sharing the base layer, copying A and B) and every
+    ``modules_to_save`` wrapper by its trained copy; outputs are identical. Only one adapter is
+    converted (``adapter_name`` or the active one); others are dropped with a warning."""
+    from peft.tuners.lora import Conv2d as PeftConv2d
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    model = peft_model
+    if hasattr(model, "base_model") and hasattr(model.base_model, "model"):
+        model = model.base_model.model
+    converted, dropped, replaced = 0, set(), []
+    for name, mod in list(model.named_modules()):
+        if not name or any(name.startswith(r + ".") for r in replaced):
+            continue  # inside a layer already replaced
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(mod, LoraLayer):
+            active = adapter_name or mod.active_adapters[0]
+            dropped |= set(mod.lora_A.keys()) - {active}
+            new = (LoRAConv2d if isinstance(mod, PeftConv2d) else LoRALinear).from_peft_layer(mod, active)
+            setattr(parent, child, new)
+            replaced.append(name)
+            converted += 1
+        elif isinstance(mod, ModulesToSaveWrapper):
+            active = adapter_name or mod.active_adapters[0]
+            setattr(parent, child, mod.modules_to_save[active])
+            replaced.append(name)
+    if not converted:
+        raise ValueError("from_peft: the model holds no PEFT LoRA layer")
+    if dropped:
+        warnings.warn(f"from_peft: converted adapter only; dropped adapters {sorted(dropped)}", stacklevel=2)
+    cfg = getattr(peft_model, "peft_config", {}).get(adapter_name or "default")
+    if cfg is not None:
+        setattr(
+            model,
+            _CONFIG_ATTR,
+            dict(
+                r=cfg.r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                use_rslora=cfg.use_rslora,
+                modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
+            ),
+        )
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every fused LoRA layer's ``scaling * B A`` into its base weight (fp32 accumulation)."""
+    for layer in lora_modules(model).values():
+        if not layer.merged:
+            layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_lora`."""
+    for layer in lora_modules(model).values():
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
+def save_adapter(model: nn.Module, path: str) -> None:
+    """Write the fused LoRA layers' adapters (and ``modules_to_save`` params) to ``path`` in PEFT's
+    format: ``adapter_config.json`` + ``adapter_model.safetensors``. Per-layer ranks or alphas that
+    differ from the common one go to ``rank_pattern`` / ``alpha_pattern``."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no fused LoRA layer")
+    meta = getattr(model, _CONFIG_ATTR, {})
+    first = next(iter(layers.values()))
+    r, alpha = meta.get("r", first.r), meta.get("lora_alpha", first.alpha)
+    tensors = {}
+    for name, layer in layers.items():
+        if layer.merged:
+            raise ValueError(f"save_adapter: {name} is merged; unmerge_lora(model) first")
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    saved = meta.get("modules_to_save") or []
+    for name in saved:
+        for pname, p in model.get_submodule(name).named_parameters():
+            tensors[f"{_PREFIX}{name}.{pname}"] = p.detach().contiguous().cpu()
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=meta.get("lora_dropout", first.dropout),
+        use_rslora=meta.get("use_rslora", first.rslora),
+        target_modules=sorted(layers),
+        modules_to_save=[n.rpartition(".")[2] for n in saved] or None,
+        rank_pattern={n: m.r for n, m in layers.items() if m.r != r},
+        alpha_pattern={n: m.alpha for n, m in layers.items() if m.alpha != alpha},
+        fan_in_fan_out=any(isinstance(m, LoRAConv1D) for m in layers.values()),
+    )
+    os.makedirs(path, exist_ok=True)
+    cfg.save_pretrained(path)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+
+
+def load_adapter(model: nn.Module, path: str) -> nn.Module:
+    """Read a PEFT-format adapter (``save_pretrained`` of PEFT, or :func:`save_adapter`) into
+    ``model``: applies the fused LoRA layers per its config (unless already there), then loads A,
+    B and the ``modules_to_save`` params. Raises on missing or unexpected keys."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
+        raise ValueError(f"load_adapter: only plain LoRA adapters are supported, got {cfg.get('peft_type')}")
+    file = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(file) if os.path.exists(file) else torch.load(os.path.join(path, "adapter_model.bin"))
+    if not lora_modules(model):
+        apply_lora(
+            model,
+            cfg["target_modules"],
+            r=cfg["r"],
+            alpha=cfg["lora_alpha"],
+            dropout=cfg.get("lora_dropout", 0.0),
+            rslora=cfg.get("use_rslora", False),
+            modules_to_save=cfg.get("modules_to_save"),
+        )
+    layers = lora_modules(model)
+    for name, layer in layers.items():  # per-layer ranks / alphas of the patterns
+        r = _pattern(cfg.get("rank_pattern") or {}, name, cfg["r"])
+        alpha = _pattern(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"])
+        if r != layer.r or alpha != layer.alpha:
+            layer.r, layer.alpha = r, alpha
+            layer.scaling = alpha / (r**0.5 if layer.rslora else r)
+    params = {}
+    for name, layer in layers.items():
+        params[f"{_PREFIX}{name}.lora_A.weight"] = (layer, "lora_A")
+        params[f"{_PREFIX}{name}.lora_B.weight"] = (layer, "lora_B")
+    for n, p in model.named_parameters():
+        if p.requires_grad and ".lora_" not in n and not n.endswith(("lora_A", "lora_B")):
+            params.setdefault(f"{_PREFIX}{n}", (p, None))
+    unexpected = [k for k in tensors if k not in params]
+    if unexpected:
+        raise ValueError(f"load_adapter: keys with no place in the model: {unexpected[:5]}")
+    missing = [k for k, (_, attr) in params.items() if attr is not None and k not in tensors]
+    if missing:
+        raise ValueError(f"load_adapter: the adapter lacks {missing[:5]}")
+    with torch.no_grad():
+        for key, t in tensors.items():
+            owner, attr = params[key]
+            if attr is None:
+                owner.copy_(t)
+                continue
+            cur = getattr(owner, attr)
+            if cur.shape != t.shape:
+                setattr(owner, attr, nn.Parameter(t.to(cur.device, cur.dtype), requires_grad=cur.requires_grad))
+            else:
+                cur.copy_(t)
+    return model
+
+
+def _pattern(pattern: dict, name: str, default):
+    for key, value in pattern.items():
+        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+            return value
+    return default

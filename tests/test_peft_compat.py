@@ -1,0 +1,145 @@
+"""apply_lora / from_peft / save_adapter / load_adapter / merge_lora on real model families, against
+PEFT's get_peft_model with the same config and copied weights."""
+
+import copy
+
+import pytest
+import torch
+from helpers.models import resnet18
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+import ftkernels as ftk
+
+
+def bert():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=99)
+    return BertModel(cfg), dict(input_ids=torch.randint(0, 99, (2, 7)))
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2Model
+
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=16, vocab_size=99)
+    return GPT2Model(cfg), dict(input_ids=torch.randint(0, 99, (2, 7)))
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99, max_position_embeddings=32,
+    )  # fmt: skip
+    return LlamaModel(cfg), dict(input_ids=torch.randint(0, 99, (2, 7)))
+
+
+def cnn():
+    return resnet18(num_classes=5), dict(x=torch.randn(2, 3, 32, 32))
+
+
+MODELS = {
+    "bert": (bert, dict(target_modules=["query", "value"], modules_to_save=["pooler"])),
+    "gpt2": (gpt2, dict(target_modules=["c_attn", "c_fc"])),
+    "llama": (llama, dict(target_modules=["q_proj", "v_proj", "down_proj"])),
+    "resnet18": (cnn, dict(target_modules=["conv1", "conv2"], modules_to_save=["fc"])),
+}
+
+
+def _out(model, inputs):
+    out = model(**inputs) if "x" not in inputs else model(inputs["x"])
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)  # BERT's pooler is a module to save: use it
+    h = out.last_hidden_state.flatten()
+    return h if pooled is None else torch.cat([h, pooled.flatten()])
+
+
+def _pair(kind):
+    torch.manual_seed(0)
+    build, kw = MODELS[kind]
+    base, inputs = build()
+    base.eval()  # dropout in the HF models off; LoRA dropout is 0 here
+    ours = ftk.apply_lora(copy.deepcopy(base), r=4, alpha=8, **kw)
+    cfg = LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=kind == "gpt2", **kw)
+    peft = get_peft_model(copy.deepcopy(base), cfg)
+    peft.eval()
+    layers = ftk.peft_compat.lora_modules(ours)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            pl = peft.base_model.model.get_submodule(name)
+            pl.lora_B["default"].weight.normal_()
+            layer.lora_A.copy_(pl.lora_A["default"].weight)
+            layer.lora_B.copy_(pl.lora_B["default"].weight)
+    return base, inputs, ours, peft, layers
+
+
+def _peft_name(name, saved=("pooler", "fc")):
+    """Our parameter name -> PEFT's (modules_to_save params live in PEFT's wrapper copy)."""
+    for part in ("lora_A", "lora_B"):
+        if name.endswith(part):
+            return f"base_model.model.{name}.default.weight"
+    mod = next(m for m in saved if name.startswith(m + "."))
+    return f"base_model.model.{mod}.modules_to_save.default.{name[len(mod) + 1 :]}"
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_apply_lora_matches_get_peft_model(kind):
+    base, inputs, ours, peft, layers = _pair(kind)
+    assert layers
+    ours_train = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    peft_train = {n: p for n, p in peft.named_parameters() if p.requires_grad}
+    assert {_peft_name(n) for n in ours_train} == set(peft_train)
+    assert sum(p.numel() for p in ours_train.values()) == sum(p.numel() for p in peft_train.values())
+    y, yp = _out(ours, inputs), _out(peft, inputs)
+    torch.testing.assert_close(y, yp, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    ga = torch.autograd.grad(y, list(ours_train.values()), g)
+    gp = torch.autograd.grad(yp, [peft_train[_peft_name(n)] for n in ours_train], g)
+    for a, b in zip(ga, gp, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "resnet18"])
+def test_save_adapter_loads_in_peft_and_back(kind, tmp_path):
+    base, inputs, ours, peft, _ = _pair(kind)
+    want = _out(ours, inputs)
+    ftk.save_adapter(ours, str(tmp_path / "ours"))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(_out(loaded, inputs), want, atol=1e-5, rtol=1e-5)
+    peft.save_pretrained(str(tmp_path / "peft"))
+    mine = ftk.load_adapter(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(_out(mine, inputs), _out(peft, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_from_peft_identical_outputs_and_merge():
+    base, inputs, _, peft, _ = _pair("llama")
+    want = _out(peft, inputs)
+    fused = ftk.from_peft(peft)
+    assert not any("lora_A.default" in n for n, _ in fused.named_parameters())
+    assert all(isinstance(m, ftk.nn.LoRALinear) for m in ftk.peft_compat.lora_modules(fused).values())
+    torch.testing.assert_close(_out(fused, inputs), want)
+    ftk.merge_lora(fused)
+    torch.testing.assert_close(_out(fused, inputs), want, atol=1e-5, rtol=1e-5)
+    ftk.unmerge_lora(fused)
+    torch.testing.assert_close(_out(fused, inputs), want, atol=1e-5, rtol=1e-5)
+
+
+def test_apply_lora_errors():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LayerNorm(4))
+    with pytest.raises(ValueError, match="matches"):
+        ftk.apply_lora(model, ["nothing"])
+    with pytest.raises(TypeError, match="LayerNorm"):
+        ftk.apply_lora(model, ["2"], r=2)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        ftk.apply_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2, modules_to_save=["head"])
+
+
+def test_regex_targets_and_compile_without_graph_breaks():
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4))
+    ftk.apply_lora(model, r"[02]", r=2, alpha=4, dropout=0.1)
+    assert len(ftk.peft_compat.lora_modules(model)) == 2
+    explain = torch._dynamo.explain(model)(torch.randn(3, 8))
+    assert explain.graph_break_count == 0
