@@ -1,0 +1,56 @@
+"""Hugging Face Trainer integration: a fused optimizer configured from ``TrainingArguments``.
+
+    from transformers import Trainer
+    from ftkernels.integrations.hf import create_optimizer
+
+    opt = create_optimizer(model, args, l2sp=1e-3, grad_dropout=0.1)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None))
+
+The scheduler slot may stay None: Trainer builds its usual schedule on our optimizer. Trainer clips
+gradients itself when ``args.max_grad_norm > 0``; pass ``max_grad_norm=...`` here and set
+``args.max_grad_norm = 0`` to have the clipping fused into the step instead.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..optim import FusedAdagrad, FusedAdamW, FusedRMSprop, FusedSGD
+
+OPTIMIZERS = {"adamw": FusedAdamW, "sgd": FusedSGD, "adagrad": FusedAdagrad, "rmsprop": FusedRMSprop}
+
+
+def decay_parameter_names(model: nn.Module) -> set[str]:
+    """Trainable parameters that get weight decay, by Trainer's rule: all but biases and the
+    weights of normalization layers (LayerNorm, RMSNorm, BatchNorm, GroupNorm...)."""
+    names = set()
+    for mod_name, mod in model.named_modules():
+        is_norm = "norm" in type(mod).__name__.lower()
+        for p_name, p in mod.named_parameters(recurse=False):
+            if p.requires_grad and not is_norm and p_name != "bias" and not p_name.endswith("_bias"):
+                names.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return names
+
+
+def create_optimizer(model: nn.Module, args, optimizer: str = "adamw", **regularizers):
+    """A fused optimizer over ``model``'s trainable parameters with Trainer's settings: lr =
+    ``args.learning_rate``, weight decay ``args.weight_decay`` on :func:`decay_parameter_names` only,
+    and for AdamW betas ``(args.adam_beta1, args.adam_beta2)`` and eps ``args.adam_epsilon``.
+    ``regularizers`` go to the optimizer (``l1``, ``l2sp``, ``ewc``, ``grad_dropout``,
+    ``max_grad_norm``, ...). ``optimizer``: adamw | sgd | adagrad | rmsprop."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"create_optimizer: optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    decay = decay_parameter_names(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("create_optimizer: the model has no trainable parameter")
+    groups = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=args.learning_rate, **regularizers)
+    if optimizer == "adamw":
+        kwargs.setdefault("betas", (args.adam_beta1, args.adam_beta2))
+        kwargs.setdefault("eps", args.adam_epsilon)
+    return OPTIMIZERS[optimizer](groups, **kwargs)
