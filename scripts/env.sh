@@ -18,10 +18,11 @@ else
   fi
   PY="$VENV/bin/python"
   stamp="$VENV/.ftk-requirements"
-  if ! cmp -s requirements/cpu.txt "$stamp" 2>/dev/null; then
+  if ! cat requirements/cpu.txt requirements/examples-nodeps.txt | cmp -s - "$stamp" 2>/dev/null; then
     "$PY" -m pip install -q --upgrade pip >/dev/null
     "$PY" -m pip install -q -r requirements/cpu.txt
-    cp requirements/cpu.txt "$stamp"
+    "$PY" -m pip install -q --no-deps -r requirements/examples-nodeps.txt
+    cat requirements/cpu.txt requirements/examples-nodeps.txt > "$stamp"
   fi
 fi
 # Rebuild the extension when a C++/CUDA source or the build script is newer than it.

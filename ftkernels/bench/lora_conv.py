@@ -16,40 +16,7 @@ from torch import nn
 
 from ..nn import LoRAConv2d
 from .common import peak_extra_mb, time_ms
-
-
-class Bottleneck(nn.Module):
-    """torchvision's ResNet-50 bottleneck (1x1 reduce, 3x3 with the stride, 1x1 expand x4)."""
-
-    def __init__(self, cin, width, stride):
-        super().__init__()
-        cout = 4 * width
-        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-def resnet50(num_classes: int = 1000) -> nn.Sequential:
-    """ResNet-50 (torchvision's layout; local so the suite needs no torchvision). Index 4..7 are
-    the residual stages."""
-    stem = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-    stages, cin = [], 64
-    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
-        layers = []
-        for i in range(blocks):
-            layers.append(Bottleneck(cin, width, stride if i == 0 else 1))
-            cin = 4 * width
-        stages.append(nn.Sequential(*layers))
-    return nn.Sequential(*stem, *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+from .models import resnet50
 
 
 def residual_conv_shapes(batch: int, res: int) -> list[dict]:
