@@ -36,6 +36,32 @@ def llama():
     return LlamaModel(cfg), dict(input_ids=torch.randint(0, 99, (2, 7)))
 
 
+def roberta():
+    from transformers import RobertaConfig, RobertaModel
+
+    cfg = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=99)
+    return RobertaModel(cfg, add_pooling_layer=False), dict(input_ids=torch.randint(3, 99, (2, 7)))
+
+
+def qwen2():
+    from transformers import Qwen2Config, Qwen2Model
+
+    cfg = Qwen2Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99, max_position_embeddings=32,
+    )  # fmt: skip
+    return Qwen2Model(cfg), dict(input_ids=torch.randint(0, 99, (2, 7)))
+
+
+def vit():
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, image_size=16, patch_size=4
+    )
+    return ViTModel(cfg, add_pooling_layer=False), dict(pixel_values=torch.randn(2, 3, 16, 16))
+
+
 def cnn():
     return resnet18(num_classes=5), dict(x=torch.randn(2, 3, 32, 32))
 
@@ -44,6 +70,9 @@ MODELS = {
     "bert": (bert, dict(target_modules=["query", "value"], modules_to_save=["pooler"])),
     "gpt2": (gpt2, dict(target_modules=["c_attn", "c_fc"])),
     "llama": (llama, dict(target_modules=["q_proj", "v_proj", "down_proj"])),
+    "roberta": (roberta, dict(target_modules=r".*attention\.self\.(query|key|value)")),
+    "qwen2": (qwen2, dict(target_modules=["q_proj", "k_proj", "v_proj"])),  # q/k/v carry biases
+    "vit": (vit, dict(target_modules=["query", "value", "projection"])),  # patch embedding is a Conv2d
     "resnet18": (cnn, dict(target_modules=["conv1", "conv2"], modules_to_save=["fc"])),
 }
 
@@ -143,3 +172,16 @@ def test_regex_targets_and_compile_without_graph_breaks():
     assert len(ftk.peft_compat.lora_modules(model)) == 2
     explain = torch._dynamo.explain(model)(torch.randn(3, 8))
     assert explain.graph_break_count == 0
+    model.eval()
+    x = torch.randn(5, 8)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_from_peft_with_two_adapters_warns_and_keeps_the_active_one():
+    base, inputs, _, peft, _ = _pair("bert")
+    peft.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+    want = _out(peft, inputs)  # "default" stays active
+    with pytest.warns(UserWarning, match="other"):
+        fused = ftk.from_peft(peft)
+    torch.testing.assert_close(_out(fused, inputs), want)
