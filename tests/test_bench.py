@@ -55,8 +55,8 @@ def test_compare_shows_change(fake, tmp_path):
 
 def test_unknown_suite_is_named():
     with pytest.raises(ValueError, match="planned"):
-        runner.run_suites(["masked"], torch.device("cpu"), progress=None)
-    with pytest.raises(ValueError, match="available: lora_linear, lora_conv, optimizer"):
+        runner.run_suites(["e2e"], torch.device("cpu"), progress=None)
+    with pytest.raises(ValueError, match="available: lora_linear, lora_conv, masked, optimizer"):
         runner.run_suites(["nope"], torch.device("cpu"), progress=None)
 
 

@@ -1,0 +1,136 @@
+"""Masked-update benchmark.
+
+1. ``MaskedLinear`` with 10% of its output rows trainable: the weight-gradient time against the
+   dense ``g^T x`` (target <= 0.15x: 1.5x of the ideal 10%), and the whole forward + backward
+   against a fully trainable ``nn.Linear``. GPU: M=8192, K=N=4096, bf16; CPU: M=2048, K=N=1024 fp32.
+2. BERT-base with the bottom 8 of 12 layers frozen by ``ftk.freeze``: a training step against the
+   same model trained fully and against hand-written ``requires_grad_(False)`` on those layers
+   (we must be no slower). CPU: batch 2 x 64 tokens (quick: a 4-layer, 256-wide BERT).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import masks
+from ..freeze import freeze
+from ..nn import MaskedLinear
+from ..nn.masked import masked_weight_grad_linear
+from .common import peak_extra_mb, time_ms
+
+
+def _rounds(fns: dict, device, reps: int, rounds: int = 3) -> dict:
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(time_ms(fn, device, warmup=1, reps=reps))
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def linear_rows(device: torch.device, quick: bool, rate: float) -> list[dict]:
+    if device.type == "cuda":
+        M, K, N, dtype = 8192, 4096, 4096, torch.bfloat16
+    else:
+        M, K, N, dtype = (512, 512, 512, torch.float32) if quick else (2048, 1024, 1024, torch.float32)
+    reps = 5 if quick else 20
+    torch.manual_seed(0)
+    lin = nn.Linear(K, N, device=device, dtype=dtype)
+    mask = masks.rows(lin.weight, keep=0.1, by="random")
+    masked = MaskedLinear.from_linear(nn.Linear(K, N, device=device, dtype=dtype), mask)
+    plan = masked.plan
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(M, N, device=device, dtype=dtype)
+    xd = x.detach()
+    wg = _rounds(
+        {"dense": lambda: g.t() @ xd, "masked": lambda: masked_weight_grad_linear(g, xd, plan, lin.weight.shape)},
+        device,
+        reps,
+    )
+
+    def step(layer):
+        def fn():
+            x.grad = None
+            for p in layer.parameters():
+                p.grad = None
+            layer(x).backward(g)
+
+        return fn
+
+    full = _rounds({"dense": step(lin), "masked": step(masked)}, device, reps)
+    name = f"Linear M{M} K{K} N{N} {str(dtype).replace('torch.', '')}, 10% rows trainable"
+    flops = 2 * M * N * K
+    return [
+        dict(
+            case=f"{name}: weight gradient",
+            baseline="dense g^T x",
+            baseline_ms=wg["dense"],
+            ours_ms=wg["masked"],
+            floor_ms=0.1 * flops / rate * 1e3,
+            vs_ideal=wg["masked"] / (0.1 * wg["dense"]),
+        ),
+        dict(
+            case=f"{name}: forward + backward",
+            baseline="nn.Linear, all trainable",
+            baseline_ms=full["dense"],
+            ours_ms=full["masked"],
+            floor_ms=2.2 * flops / rate * 1e3,
+            baseline_mem_MB=peak_extra_mb(step(lin), device),
+            ours_mem_MB=peak_extra_mb(step(masked), device),
+        ),
+    ]
+
+
+def _bert(device, quick):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    if quick:
+        cfg = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+    else:
+        cfg = BertConfig()  # BERT-base: 12 layers, 768 wide
+    return BertForSequenceClassification(cfg).to(device).train()
+
+
+def bert_rows(device: torch.device, quick: bool) -> list[dict]:
+    batch, seq = (32, 128) if device.type == "cuda" else (2, 64)
+    reps = 3 if quick else (20 if device.type == "cuda" else 5)
+    ids = torch.randint(0, 30000, (batch, seq), device=device)
+    labels = torch.randint(0, 2, (batch,), device=device)
+    n_frozen = 2 if quick else 8
+    models = {
+        "full": _bert(device, quick),
+        "ftk.freeze": _bert(device, quick),
+        "requires_grad_(False)": _bert(device, quick),
+    }
+    freeze(models["ftk.freeze"], frozen=["bert.embeddings.*"] + [f"bert.encoder.layer.{i}.*" for i in range(n_frozen)],
+           verbose=False)  # fmt: skip
+    hand = models["requires_grad_(False)"]
+    hand.bert.embeddings.requires_grad_(False)
+    for i in range(n_frozen):
+        hand.bert.encoder.layer[i].requires_grad_(False)
+    fns = {}
+    for k, model in models.items():
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+        def fn(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(input_ids=ids).logits, labels).backward()
+            opt.step()
+
+        fns[k] = fn
+    ms = _rounds(fns, device, reps)
+    layers = len(models["full"].bert.encoder.layer)
+    name = f"BERT {'tiny' if quick else 'base'} step, bottom {n_frozen}/{layers} layers frozen, batch {batch}x{seq}"
+    return [
+        dict(case=name, baseline=b, baseline_ms=ms[b], ours_ms=ms["ftk.freeze"])
+        for b in ("full", "requires_grad_(False)")
+    ]
+
+
+def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
+    """Rows: the masked weight gradient (``vs_ideal`` = ours / (10% of dense)), the masked layer
+    step, and BERT with frozen bottom layers against full training and hand-written freezing."""
+    rate = ceilings["matmul_TFLOPs"] * 1e12
+    return linear_rows(device, quick, rate) + bert_rows(device, quick), {}

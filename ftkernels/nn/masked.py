@@ -1,0 +1,228 @@
+"""``MaskedLinear`` / ``MaskedConv2d``: layers whose weight trains only where a structured mask
+says, and whose backward computes the weight gradient only there.
+
+The mask (True = trainable) is also registered with :func:`ftkernels.set_grad_mask`, so the fused
+optimizers leave frozen elements and their state bit-identical (no weight decay, no momentum
+drift). Structure is detected from the mask:
+
+- ``rows``: whole output rows (Linear) / output channels (Conv2d): grad_W of the kept rows is one
+  GEMM (one weight-gradient conv) on the gathered kept columns of the output gradient, so a
+  10%-trainable layer pays ~10% of the weight-gradient flops;
+- ``blocks`` (Linear): square tiles of 32 or 16 (``masks.blocks``): per block row, one GEMM over
+  the gathered columns of x that its kept tiles cover;
+- ``elements``: any other mask: the dense weight gradient, multiplied by the mask.
+
+grad_x is always the exact, unmasked ``g W``. The bias trains where its output row has any
+trainable weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..masks import set_grad_mask
+
+
+def _check_mask(mask: Tensor, weight: Tensor) -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool (True = trainable), got {mask.dtype}")
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}")
+    if mask.device != weight.device:
+        raise ValueError(f"mask is on {mask.device}, the weight on {weight.device}")
+    return mask
+
+
+def _plan(mask: Tensor) -> dict:
+    """How to compute the masked weight gradient for this mask (see the module doc)."""
+    n = mask.shape[0]
+    flat = mask.reshape(n, -1)
+    row_any, row_all = flat.any(1), flat.all(1)
+    if torch.equal(row_any, row_all):
+        return {"kind": "rows", "rows": row_any.nonzero().flatten(), "bias": row_any}
+    if mask.dim() == 2:
+        r, c = mask.shape
+        for bs in (32, 16):
+            tr, tc = -(-r // bs), -(-c // bs)
+            pad = torch.zeros(tr * bs, tc * bs, dtype=torch.bool, device=mask.device)
+            real = torch.zeros_like(pad)
+            pad[:r, :c], real[:r, :c] = mask, True
+            tiles, real_tiles = pad.view(tr, bs, tc, bs), real.view(tr, bs, tc, bs)
+            t_any = tiles.any(dim=(1, 3))
+            t_all = (tiles | ~real_tiles).all(dim=(1, 3)) & t_any  # edge tiles: only their real part counts
+            if torch.equal(t_any, t_all):
+                groups = []
+                for bi in range(tr):
+                    cols = t_any[bi].nonzero().flatten()
+                    if cols.numel():
+                        idx = (cols[:, None] * bs + torch.arange(bs, device=mask.device)).flatten()
+                        groups.append((bi * bs, min(r, bi * bs + bs), idx[idx < c]))
+                return {"kind": "blocks", "block": bs, "groups": groups, "bias": row_any}
+    return {"kind": "elements", "mask": mask, "bias": row_any}
+
+
+def masked_weight_grad_linear(g2: Tensor, x2: Tensor, plan: dict, shape) -> Tensor:
+    """grad_W ``[N, K]`` of ``y = x W^T`` for g ``[M, N]``, x ``[M, K]``, zero outside the plan."""
+    if plan["kind"] == "elements":
+        return (g2.t() @ x2).mul_(plan["mask"])
+    gw = g2.new_zeros(shape)
+    if plan["kind"] == "rows":
+        rows = plan["rows"]
+        if rows.numel():
+            gw.index_copy_(0, rows, g2.index_select(1, rows).t() @ x2)
+        return gw
+    for r0, r1, cols in plan["groups"]:
+        gw[r0:r1].index_copy_(1, cols, g2[:, r0:r1].t() @ x2.index_select(1, cols))
+    return gw
+
+
+class _MaskedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan):
+        ctx.save_for_backward(x, weight)
+        ctx.plan = plan
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        plan = ctx.plan
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_x = (g2 @ weight).view(x.shape) if need_x else None
+        grad_w = masked_weight_grad_linear(g2, x.reshape(-1, x.shape[-1]), plan, weight.shape) if need_w else None
+        grad_b = g2.sum(0).mul_(plan["bias"]) if need_b else None
+        return grad_x, grad_w, grad_b, None
+
+
+class MaskedLinear(nn.Linear):
+    """``nn.Linear`` (a subclass: drop-in) whose weight trains only where ``mask`` is True.
+
+    ``y = x W^T + b`` as usual; backward gives the exact grad_x and ``grad_W = (g^T x) * mask``
+    computed only over the mask's rows or tiles (see the module doc). Build one with
+    :meth:`from_linear` (shares the parameters) or the ``nn.Linear`` constructor plus ``mask=``.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, mask: Tensor | None = None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.plan = None
+        if mask is not None:
+            self.set_mask(mask)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mask: Tensor) -> MaskedLinear:
+        """A ``MaskedLinear`` sharing ``linear``'s weight and bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new.plan = None
+        new.set_mask(mask)
+        return new
+
+    def set_mask(self, mask: Tensor) -> None:
+        """Use ``mask`` (bool, the weight's shape, True = trainable); registers it for the fused optimizers."""
+        mask = _check_mask(mask, self.weight)
+        self.plan = _plan(mask)
+        set_grad_mask(self.weight, mask)
+        if self.bias is not None:
+            set_grad_mask(self.bias, self.plan["bias"])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.plan is None:
+            return super().forward(x)
+        return _MaskedLinearFn.apply(x, self.weight, self.bias, self.plan)
+
+    def extra_repr(self) -> str:
+        kind = self.plan["kind"] if self.plan else "none"
+        return f"{super().extra_repr()}, mask={kind}"
+
+
+class _MaskedConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, geom):
+        stride, padding, dilation, groups = geom
+        ctx.save_for_backward(x, weight)
+        ctx.plan, ctx.geom = plan, geom
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        plan, (stride, padding, dilation, groups) = ctx.plan, ctx.geom
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        bwd = torch.ops.aten.convolution_backward.default
+        zero = [0] * len(stride)
+        grad_x = grad_w = grad_b = None
+        rows_only = plan["kind"] == "rows" and groups == 1
+        if need_x or (need_w and not rows_only):
+            mask = [need_x, need_w and not rows_only, False]
+            grad_x, grad_w, _ = bwd(g, x, weight, None, stride, padding, dilation, False, zero, groups, mask)
+            if grad_w is not None:
+                grad_w = grad_w.mul_(plan["mask"] if plan["kind"] == "elements" else plan["full"])
+        if need_w and rows_only:
+            rows = plan["rows"]
+            grad_w = weight.new_zeros(weight.shape)
+            if rows.numel():
+                sel = weight.index_select(0, rows)
+                _, gw, _ = bwd(g.index_select(1, rows), x, sel, None, stride, padding, dilation, False, zero, 1,
+                               [False, True, False])  # fmt: skip
+                grad_w.index_copy_(0, rows, gw)
+        if need_b:
+            grad_b = g.sum((0, 2, 3)).mul_(plan["bias"])
+        return grad_x, grad_w, grad_b, None, None
+
+
+class MaskedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (a subclass: drop-in) whose weight trains only where ``mask`` is True.
+
+    With whole output channels kept (``masks.rows``), grad_W is one weight-gradient conv over the
+    kept channels of the output gradient (~the kept fraction of the flops; groups=1); other masks
+    take the dense weight gradient times the mask. grad_x is exact.
+    """
+
+    def __init__(self, *args, mask: Tensor | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan = None
+        if mask is not None:
+            self.set_mask(mask)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, mask: Tensor) -> MaskedConv2d:
+        """A ``MaskedConv2d`` sharing ``conv``'s weight and bias."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv takes an nn.Conv2d, got {type(conv).__name__}")
+        new = cls.__new__(cls)
+        new.__dict__.update(conv.__dict__)
+        new._parameters = conv._parameters
+        new.plan = None
+        new.set_mask(mask)
+        return new
+
+    def set_mask(self, mask: Tensor) -> None:
+        """Use ``mask`` (bool, the weight's shape, True = trainable); registers it for the fused optimizers."""
+        if self.padding_mode != "zeros":
+            raise ValueError(f"MaskedConv2d: padding_mode={self.padding_mode!r} is unsupported (zeros only)")
+        if isinstance(self.padding, str):
+            raise ValueError("MaskedConv2d: give padding as numbers, not 'same'/'valid'")
+        mask = _check_mask(mask, self.weight)
+        plan = _plan(mask)
+        if plan["kind"] == "blocks":  # tiles of a 4-D weight: treat as a general element mask
+            plan = {"kind": "elements", "mask": mask, "bias": plan["bias"]}
+        plan["full"] = mask
+        self.plan = plan
+        set_grad_mask(self.weight, mask)
+        if self.bias is not None:
+            set_grad_mask(self.bias, plan["bias"])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.plan is None:
+            return super().forward(x)
+        geom = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        return _MaskedConvFn.apply(x, self.weight, self.bias, self.plan, geom)

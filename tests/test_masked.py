@@ -1,0 +1,117 @@
+"""MaskedLinear / MaskedConv2d: weight gradients equal the dense gradient times the mask (computed
+only over the kept rows, channels or tiles), exact grad_x, and masked training that leaves frozen
+elements bit-identical while kept ones follow the plain-PyTorch reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ftkernels as ftk
+from ftkernels.nn.masked import _plan
+from ftkernels.optim.reference import ReferenceOptimizer
+
+
+def _masks(w):
+    return {
+        "rows": ftk.masks.rows(w, keep=0.3, by="random"),
+        "blocks16": ftk.masks.blocks(w, keep=0.3, block=16, by="random"),
+        "blocks32": ftk.masks.blocks(w, keep=0.3, block=32, by="random"),
+        "elements": ftk.masks.random(w, keep=0.3),
+    }
+
+
+@pytest.mark.parametrize("kind", ["rows", "blocks16", "blocks32", "elements"])
+def test_masked_linear_grads(kind):
+    torch.manual_seed(0)
+    lin = nn.Linear(70, 45, dtype=torch.float64)
+    mask = _masks(lin.weight)[kind]
+    want_kind = {"rows": "rows", "blocks16": "blocks", "blocks32": "blocks", "elements": "elements"}[kind]
+    m = ftk.nn.MaskedLinear.from_linear(nn.Linear(70, 45, dtype=torch.float64), mask)
+    m.load_state_dict(lin.state_dict())
+    assert m.plan["kind"] == want_kind
+    x = torch.randn(3, 5, 70, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y2 = m(x), lin(x2)
+    torch.testing.assert_close(y, y2)
+    g = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, (x, m.weight, m.bias), g)
+    gx2, gw2, gb2 = torch.autograd.grad(y2, (x2, lin.weight, lin.bias), g)
+    torch.testing.assert_close(gx, gx2)
+    torch.testing.assert_close(gw, gw2 * mask)
+    torch.testing.assert_close(gb, gb2 * mask.any(1))
+    # grad_x is the exact gradient (grad_W is masked by design: compared with the dense one above)
+    w = m.weight.detach()
+    assert torch.autograd.gradcheck(lambda x: ftk.nn.masked._MaskedLinearFn.apply(x, w, None, m.plan), (x,))
+
+
+@pytest.mark.parametrize("kind", ["rows", "elements"])
+def test_masked_conv2d_grads(kind):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 12, 3, stride=2, padding=1, dtype=torch.float64)
+    mask = ftk.masks.rows(conv.weight, keep=0.25, by="random") if kind == "rows" else ftk.masks.random(conv.weight, 0.3)
+    m = ftk.nn.MaskedConv2d(5, 12, 3, stride=2, padding=1, dtype=torch.float64)
+    m.load_state_dict(conv.state_dict())
+    m.set_mask(mask)
+    assert m.plan["kind"] == kind
+    x = torch.randn(2, 5, 9, 8, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y2 = m(x), conv(x2)
+    torch.testing.assert_close(y, y2)
+    g = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, (x, m.weight, m.bias), g)
+    gx2, gw2, gb2 = torch.autograd.grad(y2, (x2, conv.weight, conv.bias), g)
+    torch.testing.assert_close(gx, gx2)
+    torch.testing.assert_close(gw, gw2 * mask)
+    torch.testing.assert_close(gb, gb2 * mask.flatten(1).any(1))
+    w, b = m.weight.detach(), m.bias.detach()
+    geom = ([2, 2], [1, 1], [1, 1], 1)
+    assert torch.autograd.gradcheck(lambda x: ftk.nn.masked._MaskedConvFn.apply(x, w, b, m.plan, geom), (x,))
+
+
+def test_masked_training_freezes_exactly_and_matches_reference():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 64), nn.GELU(), nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 4))
+    ref_net = nn.Sequential(nn.Linear(20, 64), nn.GELU(), nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 4))
+    ref_net.load_state_dict(net.state_dict())
+    net[0] = ftk.nn.MaskedLinear.from_linear(net[0], ftk.masks.rows(net[0].weight, keep=0.1, by="random"))
+    net[2] = ftk.nn.MaskedLinear.from_linear(net[2], ftk.masks.blocks(net[2].weight, keep=0.25, block=16))
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for (_, p), (_, q) in zip(net.named_parameters(), ref_net.named_parameters(), strict=True):
+        mask = ftk.get_grad_mask(p)
+        if mask is not None:
+            ftk.set_grad_mask(q, mask)
+    opt = ftk.optim.FusedAdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}  # every option, defaults included
+    ref = ReferenceOptimizer("adamw", list(ref_net.parameters()), **group)
+    x, y = torch.randn(16, 20), torch.randint(0, 4, (16,))
+    for _ in range(20):
+        for model, o in ((net, opt), (ref_net, ref)):
+            for p in model.parameters():
+                p.grad = None
+            F.cross_entropy(model(x), y).backward()
+            o.step()
+    for (n, p), q in zip(net.named_parameters(), ref_net.parameters(), strict=True):
+        mask = ftk.get_grad_mask(p)
+        if mask is not None:
+            assert torch.equal(p.detach()[~mask], start[n][~mask])  # bit-identical
+            assert not torch.equal(p.detach()[mask], start[n][mask])
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_bad_masks():
+    lin = nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="shape"):
+        ftk.nn.MaskedLinear.from_linear(lin, torch.ones(4, 7, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        ftk.nn.MaskedLinear.from_linear(lin, torch.ones(4, 8))
+    with pytest.raises(ValueError, match="keep"):
+        ftk.masks.rows(lin.weight, keep=1.5)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        ftk.nn.MaskedLinear.from_linear(nn.Conv2d(1, 1, 1), torch.ones(1, 1, 1, 1, dtype=torch.bool))
+
+
+def test_plan_detects_structure():
+    w = torch.empty(40, 50)
+    assert _plan(torch.zeros(40, 50, dtype=torch.bool))["kind"] == "rows"
+    assert _plan(ftk.masks.blocks(w, keep=0.5, block=16, by="random"))["kind"] == "blocks"
