@@ -1,0 +1,170 @@
+"""End-to-end training steps (forward, backward, optimizer) with LoRA, models built from configs
+with random weights (no downloads):
+
+(a) BERT-base sequence classification, LoRA r=16 on query/key/value/dense, dropout 0.1;
+(b) a Llama-style decoder (GQA), LoRA r=16 on all seven projections;
+(c) ResNet-50, LoRA r=16 on every residual-stage conv.
+
+Baselines: PEFT ``get_peft_model`` + ``torch.optim.AdamW(fused=True)``, eager (and under
+``torch.compile`` on GPU); ours: ``ftk.apply_lora`` + ``FusedAdamW``. The floor, measured in the
+same run: the frozen model's forward plus input-gradient backward (no weight gradients, no
+optimizer). GPU sizes are the issue's (BERT 32x128, Llama hidden 2048 / 8 layers / 16-4 heads /
+vocab 32000 at 4x1024 bf16, ResNet-50 batch 64 bf16 autocast); CPU sizes are scaled down to finish
+in minutes (and tiny with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from ..optim import FusedAdamW
+from ..peft_compat import apply_lora
+from .common import peak_extra_mb, time_ms
+from .models import resnet50
+
+R = 16
+
+
+def _bert(device, quick, cpu):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if quick:
+        cfg, batch, seq = (
+            BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+            2,
+            32,
+        )
+    elif cpu:
+        cfg, batch, seq = BertConfig(), 2, 64
+    else:
+        cfg, batch, seq = BertConfig(), 32, 128
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0  # the LoRA dropout is what is measured
+    model = BertForSequenceClassification(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    labels = torch.randint(0, 2, (batch,), device=device)
+    loss = lambda m: m(input_ids=ids, labels=labels).loss  # noqa: E731
+    target = dict(target_modules=["query", "key", "value", "dense"], dropout=0.1)
+    return model, loss, target, f"BERT-{'tiny' if quick else 'base'} cls {batch}x{seq}", None
+
+
+def _llama(device, quick, cpu):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if quick:
+        dims, batch, seq = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, vocab_size=1000), 1, 64
+    elif cpu:
+        dims, batch, seq = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, vocab_size=8000), 1, 256
+    else:
+        dims, batch, seq = (
+            dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, vocab_size=32000),
+            4,
+            1024,
+        )
+    cfg = LlamaConfig(**dims, num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=seq)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    loss = lambda m: m(input_ids=ids, labels=ids).loss  # noqa: E731
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    name = f"Llama-style h{dims['hidden_size']} x{dims['num_hidden_layers']} GQA 16/4 {batch}x{seq}"
+    return model, loss, dict(target_modules=projections, dropout=0.0), name, dtype
+
+
+def _resnet(device, quick, cpu):
+    batch, res = (2, 64) if quick else ((8, 112) if cpu else (64, 224))
+    model = resnet50()
+    x = torch.randn(batch, 3, res, res, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    x = x.to(memory_format=fmt)
+    loss = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    targets = [
+        f"{i}.{n}" for i in range(4, 8) for n, mod in model[i].named_modules() if isinstance(mod, torch.nn.Conv2d)
+    ]
+    return model, loss, dict(target_modules=targets, dropout=0.0), f"ResNet-50 {batch}@{res}", None
+
+
+def _floor_inputs(model, name):
+    """Make the frozen model's first activation require grad, so backward computes input gradients only."""
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    else:
+        model[0].register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+
+
+def _step(model, opt, loss_fn, device, autocast):
+    """One training step: forward (under autocast when given), backward, optimizer (None: floor)."""
+
+    def fn():
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = loss_fn(model)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+
+    return fn
+
+
+def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
+    """One row per case and baseline; ``floor_ms`` is the frozen model's forward + input-gradient
+    backward measured here (``ours_vs_floor`` is the target's ratio: <= 1.25 on an H100)."""
+    from peft import LoraConfig, get_peft_model
+
+    cpu = device.type == "cpu"
+    reps = 2 if quick else (10 if not cpu else 3)
+    rows = []
+    for build in (_bert, _llama, _resnet):
+        torch.manual_seed(0)
+        base, loss_fn, target, name, dtype = build(device, quick, cpu)
+        base = base.to(device)
+        if dtype is not None:
+            base = base.to(dtype)
+        autocast = torch.bfloat16 if (device.type == "cuda" and build is _resnet) else None
+        if device.type == "cuda" and build is _resnet:
+            base = base.to(memory_format=torch.channels_last)
+        base.train()
+        floor_model = copy.deepcopy(base).requires_grad_(False)
+        _floor_inputs(floor_model, name)
+        peft_model = get_peft_model(
+            copy.deepcopy(base),
+            LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=target["dropout"], target_modules=target["target_modules"]),
+        )
+        ours = apply_lora(copy.deepcopy(base), target["target_modules"], r=R, alpha=2 * R, dropout=target["dropout"])
+        peft_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+        ours_opt = FusedAdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+
+        fns = {
+            "floor": _step(floor_model, None, loss_fn, device, autocast),
+            "PEFT eager": _step(peft_model, peft_opt, loss_fn, device, autocast),
+            "ours": _step(ours, ours_opt, loss_fn, device, autocast),
+        }
+        if device.type == "cuda" and not quick:
+            fns["PEFT + torch.compile"] = _step(torch.compile(peft_model), peft_opt, loss_fn, device, autocast)
+        times = {k: [] for k in fns}
+        for _ in range(2 if quick else 3):
+            for k, fn in fns.items():
+                times[k].append(time_ms(fn, device, warmup=1, reps=reps))
+        ms = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
+        for k in fns:
+            if k in ("floor", "ours"):
+                continue
+            rows.append(
+                dict(
+                    case=f"{name}: train step",
+                    baseline=f"{k} + AdamW(fused=True)",
+                    baseline_ms=ms[k],
+                    ours_ms=ms["ours"],
+                    floor_ms=ms["floor"],
+                    baseline_mem_MB=mem[k],
+                    ours_mem_MB=mem["ours"],
+                    floor_mem_MB=mem["floor"],
+                )
+            )
+        del base, floor_model, peft_model, ours, fns
+    return rows, {"floor": "frozen model forward + input-gradient backward, measured in this run"}
