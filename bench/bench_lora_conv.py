@@ -11,24 +11,10 @@ GPU: batch 64 at 224x224 with bf16 autocast; CPU: batch 8 at 112x112 fp32. Write
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-
-import torch
-
 from ftkernels.bench import runner
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="small batch and resolution, few repeats")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    results = runner.run_suites(["lora_conv"], device, quick=args.quick)
-    print(runner.to_markdown(results))
+def _per_layer(results):
     print("\nper layer (ms): base / PEFT / unmerged / merged / auto (strategy; measured best)")
     for row in results["suites"]["lora_conv"]["rows"]:
         if "strategy" in row:
@@ -36,12 +22,10 @@ def main(argv=None) -> int:
                 f"{row['case']:<40} {row['base_ms']:7.2f} {row['baseline_ms']:7.2f} {row['unmerged_ms']:7.2f} "
                 f"{row['merged_ms']:7.2f} {row['ours_ms']:7.2f} ({row['strategy']}; {row['best']})"
             )
-    name = f"lora_conv-{device.type}{'-quick' if args.quick else ''}.json"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    return 0
+
+
+def main(argv=None) -> int:
+    return runner.script_main("lora_conv", __doc__, argv, _per_layer)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,6 @@ also run under pytest-benchmark: ``pytest bench/bench_optimizer.py --benchmark-o
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-
 import torch
 
 from ftkernels.bench import optimizer as suite
@@ -21,20 +17,7 @@ from ftkernels.bench import runner
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    results = runner.run_suites(["optimizer"], device, quick=args.quick)
-    print(runner.to_markdown(results))
-    name = f"optimizer-{device.type}{'-quick' if args.quick else ''}.json"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    return 0
+    return runner.script_main("optimizer", __doc__, argv)
 
 
 # ---------------------------------------------------------------- pytest-benchmark micro cases

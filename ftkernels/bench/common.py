@@ -47,6 +47,16 @@ def time_pair_ms(fa, fb, device: torch.device, rounds: int = 4, reps: int = 5) -
     return statistics.median(ta), statistics.median(tb)
 
 
+def time_rounds_ms(fns: dict, device: torch.device, reps: int, rounds: int = 3, warmup: int = 1) -> dict:
+    """Median ms of each ``fns`` entry, timed in alternating rounds (every variant once per round),
+    so drift in machine speed hits all variants alike."""
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(time_ms(fn, device, warmup=warmup, reps=reps))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def peak_extra_mb(fn, device: torch.device) -> float | None:
     """Peak memory ``fn()`` allocates beyond what is live before it (MB); GPU only (None on CPU,
     where torch's allocations are not visible to tracemalloc)."""

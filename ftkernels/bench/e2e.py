@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..optim import FusedAdamW
 from ..peft_compat import apply_lora
-from .common import peak_extra_mb, time_ms
+from .common import peak_extra_mb, time_rounds_ms
 from .models import resnet50
 
 R = 16
@@ -145,11 +145,7 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
         }
         if device.type == "cuda" and not quick:
             fns["PEFT + torch.compile"] = _step(torch.compile(peft_model), peft_opt, loss_fn, device, autocast)
-        times = {k: [] for k in fns}
-        for _ in range(2 if quick else 3):
-            for k, fn in fns.items():
-                times[k].append(time_ms(fn, device, warmup=1, reps=reps))
-        ms = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        ms = time_rounds_ms(fns, device, reps, rounds=2 if quick else 3)
         mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
         for k in fns:
             if k in ("floor", "ours"):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import LoRAConv2d
-from .common import peak_extra_mb, time_ms
+from .common import peak_extra_mb, time_rounds_ms
 from .models import resnet50
 
 
@@ -96,11 +96,7 @@ def layer_rows(device: torch.device, quick: bool, rate: float, r: int = 16) -> l
             variants[s] = o
         fns = {"base": _step(base, x, g, st["autocast"]), "PEFT eager": _step(peft, x, g, st["autocast"])}
         fns.update({s: _step(m, x, g, st["autocast"]) for s, m in variants.items()})
-        times = {k: [] for k in fns}
-        for _ in range(3):
-            for k, fn in fns.items():
-                times[k].append(time_ms(fn, device, warmup=1, reps=st["reps"]))
-        ms = {k: sorted(v)[1] for k, v in times.items()}
+        ms = time_rounds_ms(fns, device, st["reps"])
         oh, ow = (c["H"] + c["stride"] - 1) // c["stride"], (c["W"] + c["stride"] - 1) // c["stride"]
         macs = c["N"] * oh * ow * c["cout"] * c["cin"] * c["k"] ** 2
         flops = 2 * 2 * macs * (1 + r / c["cout"])  # forward + grad_x, plus the rank-r share
@@ -158,11 +154,7 @@ def step_rows(device: torch.device, quick: bool, r: int = 16) -> list[dict]:
             opt.step()
 
         fns[key] = fn
-    times = {k: [] for k in fns}
-    for _ in range(3):
-        for k, fn in fns.items():
-            times[k].append(time_ms(fn, device, warmup=1, reps=st["reps"]))
-    ms = {k: sorted(v)[1] for k, v in times.items()}
+    ms = time_rounds_ms(fns, device, st["reps"])
     mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
     dtype = "bf16 autocast" if st["autocast"] is not None else "fp32"
     return [

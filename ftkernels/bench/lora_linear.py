@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..nn import LoRALinear
-from .common import peak_extra_mb, time_ms
+from .common import peak_extra_mb, time_rounds_ms
 
 
 class HandWrittenLoRA(torch.autograd.Function):
@@ -140,11 +140,7 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
         layers["ours"] = ours
         fns["ours"] = _step(ours, x, g)
         saved = {k: saved_mb(m, x) for k, m in layers.items()}
-        times = {k: [] for k in fns}
-        for _ in range(3 if quick else 4):  # alternating rounds: drift hits every variant alike
-            for k, fn in fns.items():
-                times[k].append(time_ms(fn, device, warmup=2, reps=reps))
-        ms = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        ms = time_rounds_ms(fns, device, reps, rounds=3 if quick else 4, warmup=2)
         mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
         flops = 4 * M * N * K + 6 * M * r * (K + N)
         floor = flops / rate * 1e3

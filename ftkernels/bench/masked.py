@@ -18,15 +18,7 @@ from .. import masks
 from ..freeze import freeze
 from ..nn import MaskedLinear
 from ..nn.masked import masked_weight_grad_linear
-from .common import peak_extra_mb, time_ms
-
-
-def _rounds(fns: dict, device, reps: int, rounds: int = 3) -> dict:
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(time_ms(fn, device, warmup=1, reps=reps))
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+from .common import peak_extra_mb, time_rounds_ms
 
 
 def linear_rows(device: torch.device, quick: bool, rate: float) -> list[dict]:
@@ -43,7 +35,7 @@ def linear_rows(device: torch.device, quick: bool, rate: float) -> list[dict]:
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(M, N, device=device, dtype=dtype)
     xd = x.detach()
-    wg = _rounds(
+    wg = time_rounds_ms(
         {"dense": lambda: g.t() @ xd, "masked": lambda: masked_weight_grad_linear(g, xd, plan, lin.weight.shape)},
         device,
         reps,
@@ -58,7 +50,7 @@ def linear_rows(device: torch.device, quick: bool, rate: float) -> list[dict]:
 
         return fn
 
-    full = _rounds({"dense": step(lin), "masked": step(masked)}, device, reps)
+    full = time_rounds_ms({"dense": step(lin), "masked": step(masked)}, device, reps)
     name = f"Linear M{M} K{K} N{N} {str(dtype).replace('torch.', '')}, 10% rows trainable"
     flops = 2 * M * N * K
     return [
@@ -120,7 +112,7 @@ def bert_rows(device: torch.device, quick: bool) -> list[dict]:
             opt.step()
 
         fns[k] = fn
-    ms = _rounds(fns, device, reps)
+    ms = time_rounds_ms(fns, device, reps)
     layers = len(models["full"].bert.encoder.layer)
     name = f"BERT {'tiny' if quick else 'base'} step, bottom {n_frozen}/{layers} layers frozen, batch {batch}x{seq}"
     return [

@@ -90,6 +90,28 @@ def run_suites(names, device: torch.device, quick: bool = False, progress=sys.st
     return results
 
 
+def script_main(suite: str, doc: str, argv=None, extra_print=None) -> int:
+    """The ``bench/bench_<suite>.py`` command line: run one suite on ``--device`` (default: the
+    machine's), print the markdown table, write ``<suite>-<device>[-quick].json`` under ``--out``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    ap.add_argument("--out", default=os.path.join(os.getcwd(), "bench", "results"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    results = run_suites([suite], device, quick=args.quick)
+    print(to_markdown(results))
+    if extra_print is not None:
+        extra_print(results)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{suite}-{device.type}{'-quick' if args.quick else ''}.json"), "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    return 0
+
+
 def _progress(stream, done: int, total: int, what: str, t0: float) -> None:
     if stream is None:
         return
