@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from helpers.lora import FixedMaskDropout
 from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLinear
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import ftkernels as ftk
-from ftkernels.nn.reference import lora_keep_mask
 
 
 def make_pair(nx, nf, r, p=0.0, dtype=torch.float64):
@@ -26,17 +26,6 @@ def make_pair(nx, nf, r, p=0.0, dtype=torch.float64):
         peft.lora_B["default"].weight.copy_(ours.lora_B)
     peft.to(dtype)
     return ours, peft
-
-
-class FixedMaskDropout(nn.Module):
-    def __init__(self, seed, p):
-        super().__init__()
-        self.seed, self.p = seed, p
-
-    def forward(self, x):
-        x2 = x.reshape(-1, x.shape[-1])
-        keep = lora_keep_mask(self.seed, x2.shape[0], x2.shape[1], self.p)
-        return (x2 * keep.to(x.dtype) / (1 - self.p)).reshape(x.shape)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

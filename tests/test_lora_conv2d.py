@@ -5,6 +5,7 @@ ResNet-18 that trains like PEFT's."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.lora import FixedMaskDropout
 from helpers.models import resnet18
 from peft import LoraConfig
 from peft.tuners.lora import Conv2d as PeftConv2d
@@ -22,15 +23,6 @@ def keep4d(seed, shape, p):
     for s in shape[:-1]:
         n *= s
     return lora_keep_mask(seed, n, shape[-1], p).view(shape)
-
-
-class FixedMaskDropout(nn.Module):
-    def __init__(self, seed, p):
-        super().__init__()
-        self.seed, self.p = seed, p
-
-    def forward(self, x):
-        return x * keep4d(self.seed, x.shape, self.p).to(x.dtype) / (1 - self.p)
 
 
 def make_pair(cin, cout, k, stride=1, padding=0, r=3, p=0.0, dtype=torch.float64, bias=True):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers.lora import FixedMaskDropout
 from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLinear
 from torch import nn
@@ -30,19 +31,6 @@ def make_pair(K, N, r, alpha=16, p=0.0, rslora=False, bias=True, dtype=torch.flo
         peft.lora_B["default"].weight.copy_(ours.lora_B)
     ours.to(dtype=dtype), peft.to(dtype=dtype)  # one dtype for all, to compare like with like
     return ours, peft
-
-
-class FixedMaskDropout(nn.Module):
-    """PEFT's dropout slot filled with our stream's mask for one seed, so PEFT sees the same D(x)."""
-
-    def __init__(self, seed, p):
-        super().__init__()
-        self.seed, self.p = seed, p
-
-    def forward(self, x):
-        x2 = x.reshape(-1, x.shape[-1])
-        keep = lora_keep_mask(self.seed, x2.shape[0], x2.shape[1], self.p).to(x.device)
-        return (x2 * keep.to(x.dtype) / (1 - self.p)).reshape(x.shape)
 
 
 def grads(y, g, tensors):
