@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.lora_dropout import lora_dropout
+from ._lora_common import LoRAMergeMixin, peft_adapter
 from .lora_linear import _compute_dtype, draw_seed
 
 STRATEGIES = ("auto", "unmerged", "merged")
@@ -112,7 +112,7 @@ def _geometry(base: nn.Conv2d):
     return tuple(base.stride), tuple(pad), tuple(base.dilation)
 
 
-class LoRAConv2d(nn.Module):
+class LoRAConv2d(LoRAMergeMixin, nn.Module):
     """Drop-in replacement for a frozen ``nn.Conv2d`` with a LoRA adapter (PEFT's ``lora.Conv2d``).
 
     ``y = base(x) + scaling * B(A(dropout(x)))``: A is a conv with the base's kernel size, stride,
@@ -207,55 +207,19 @@ class LoRAConv2d(nn.Module):
     def _tensors(self, x):
         return x, self.base.weight, self.base.bias, self.lora_A, self.lora_B
 
-    def delta_weight(self) -> Tensor:
-        """``scaling * B A`` shaped like the base weight, fp32 (fp64 for fp64 adapters)."""
-        acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
-        zero = torch.zeros(self.base.weight.shape, dtype=acc, device=self.base.weight.device)
-        return merged_weight(zero, self.lora_A.detach().to(acc), self.lora_B.detach().to(acc), self.scaling)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ``scaling * B A`` into the base weight (fp32 accumulation)."""
-        if self.merged:
-            warnings.warn("LoRAConv2d.merge: already merged; nothing done", stacklevel=2)
-            return
-        w = self.base.weight
-        w.copy_((w.to(self.delta_weight().dtype) + self.delta_weight()).to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract ``scaling * B A`` from the base weight again (fp32 accumulation)."""
-        if not self.merged:
-            warnings.warn("LoRAConv2d.unmerge: not merged; nothing done", stacklevel=2)
-            return
-        w = self.base.weight
-        w.copy_((w.to(self.delta_weight().dtype) - self.delta_weight()).to(w.dtype))
-        self.merged = False
+    def _merge_target(self) -> Tensor:
+        return self.base.weight
 
     @classmethod
     def from_peft_layer(cls, layer, adapter_name: str | None = None, strategy: str = "auto") -> LoRAConv2d:
         """A ``LoRAConv2d`` over a PEFT ``lora.Conv2d``'s base layer (shared) with copies of its A and
         B, r, alpha, scaling and dropout p. DoRA and LoRA bias raise."""
-        name = adapter_name or (layer.active_adapters[0] if layer.active_adapters else None)
-        if name is None or name not in layer.lora_A:
-            raise ValueError(f"from_peft_layer: adapter {name!r} not in {list(layer.lora_A.keys())}")
-        base = layer.get_base_layer()
-        if not isinstance(base, nn.Conv2d):
-            raise TypeError(f"from_peft_layer: the base layer is {type(base).__name__}, not nn.Conv2d")
-        if getattr(layer, "use_dora", {}).get(name, False):
-            raise NotImplementedError("from_peft_layer: DoRA adapters are not supported")
-        if getattr(layer, "lora_bias", {}).get(name, False):
-            raise NotImplementedError("from_peft_layer: LoRA bias (lora_bias=True) is not supported")
-        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-        drop = layer.lora_dropout[name]
-        new = cls(base, r=layer.r[name], alpha=layer.lora_alpha[name], strategy=strategy)
-        new.dropout = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
-        new.scaling = float(layer.scaling[name])
-        new.rslora = bool(getattr(layer, "use_rslora", {}).get(name, False))
-        new.lora_A = nn.Parameter(a.detach().clone(), requires_grad=a.requires_grad)
-        new.lora_B = nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
-        new.merged = bool(getattr(layer, "merged", False))
+        ad = peft_adapter(layer, adapter_name)
+        if not isinstance(ad.base, nn.Conv2d):
+            raise TypeError(f"from_peft_layer: the base layer is {type(ad.base).__name__}, not nn.Conv2d")
+        new = cls(ad.base, r=ad.r, alpha=ad.alpha, strategy=strategy)
+        new.dropout, new.scaling, new.rslora = ad.dropout, ad.scaling, ad.rslora
+        new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
         return new
 
     def extra_repr(self) -> str:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor, nn
 
 from ..ops import lora_linear as _ops
+from ._lora_common import LoRAMergeMixin, peft_adapter
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -84,7 +84,7 @@ def lora_linear(
     return y.view(*x.shape[:-1], N)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(LoRAMergeMixin, nn.Module):
     """Drop-in replacement for a frozen ``nn.Linear`` with a LoRA adapter, forward and backward fused.
 
     ``y = base(x) + scaling * dropout(x) @ lora_A^T @ lora_B^T`` with ``scaling = alpha / r``
@@ -146,31 +146,8 @@ class LoRALinear(nn.Module):
             x, self.linear_weight(), self.base.bias, self.lora_A, self.lora_B, self.scaling, self.dropout, self.training
         )
 
-    def delta_weight(self) -> Tensor:
-        """``scaling * B A`` (``[out, in]``) in fp32 (fp64 for fp64 adapters)."""
-        acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
-        return self.scaling * (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc))
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ``scaling * B A`` into the base weight (fp32 accumulation); forward then runs the base
-        layer alone, and the adapters get no gradient until :meth:`unmerge`."""
-        if self.merged:
-            warnings.warn("LoRALinear.merge: already merged; nothing done", stacklevel=2)
-            return
-        w = self.linear_weight()
-        w.copy_((w.to(self.delta_weight().dtype) + self.delta_weight()).to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract ``scaling * B A`` from the base weight again (fp32 accumulation)."""
-        if not self.merged:
-            warnings.warn("LoRALinear.unmerge: not merged; nothing done", stacklevel=2)
-            return
-        w = self.linear_weight()
-        w.copy_((w.to(self.delta_weight().dtype) - self.delta_weight()).to(w.dtype))
-        self.merged = False
+    def _merge_target(self) -> Tensor:
+        return self.linear_weight()
 
     @classmethod
     def from_peft_layer(cls, layer, adapter_name: str | None = None) -> LoRALinear:
@@ -178,36 +155,21 @@ class LoRALinear(nn.Module):
         the adapter's A and B, its r, alpha, scaling (rslora included) and dropout p: a
         ``LoRALinear`` for an ``nn.Linear`` base, a :class:`LoRAConv1D` for a Hugging Face
         ``Conv1D`` base (PEFT's ``fan_in_fan_out``). DoRA and LoRA bias are not supported and raise."""
-        name = adapter_name or (layer.active_adapters[0] if layer.active_adapters else None)
-        if name is None or name not in layer.lora_A:
-            raise ValueError(f"from_peft_layer: adapter {name!r} not in {list(layer.lora_A.keys())}")
-        base = layer.get_base_layer()
+        ad = peft_adapter(layer, adapter_name)
+        base = ad.base
         if cls is LoRALinear and not isinstance(base, nn.Linear):
             from .lora_conv1d import LoRAConv1D, is_hf_conv1d
 
             if is_hf_conv1d(base):
                 cls = LoRAConv1D
         cls._check_base(base)
-        if getattr(layer, "use_dora", {}).get(name, False):
-            raise NotImplementedError("from_peft_layer: DoRA adapters are not supported")
-        if getattr(layer, "lora_bias", {}).get(name, False):
-            raise NotImplementedError("from_peft_layer: LoRA bias (lora_bias=True) is not supported")
-        drop = layer.lora_dropout[name]
-        p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-        r = layer.r[name]
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.base = base
         for q in base.parameters():
             q.requires_grad_(False)
-        new.r, new.alpha, new.dropout = r, layer.lora_alpha[name], float(p)
-        new.scaling = float(layer.scaling[name])
-        rs, plain = new.alpha / math.sqrt(r), new.alpha / r
-        new.rslora = math.isclose(new.scaling, rs) and not math.isclose(new.scaling, plain)
-        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-        new.lora_A = nn.Parameter(a.detach().clone(), requires_grad=a.requires_grad)
-        new.lora_B = nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
-        new.merged = bool(getattr(layer, "merged", False)) and name in getattr(layer, "merged_adapters", [name])
+        new.r, new.alpha, new.dropout, new.scaling, new.rslora = ad.r, ad.alpha, ad.dropout, ad.scaling, ad.rslora
+        new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
         return new
 
     def extra_repr(self) -> str:

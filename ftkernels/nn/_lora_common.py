@@ -1,0 +1,75 @@
+"""What every fused LoRA layer shares: folding ``scaling * B A`` into the base weight and back, and
+reading one adapter out of a PEFT LoRA layer."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor, nn
+
+
+class LoRAMergeMixin:
+    """``delta_weight`` / ``merge`` / ``unmerge`` for a layer with ``lora_A`` ``[r, ...]``, ``lora_B``
+    ``[out, r, ...]``, ``scaling``, ``merged`` and a ``_merge_target()`` view of the base weight."""
+
+    def _merge_target(self) -> Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """``scaling * B A`` shaped like the merge target, in fp32 (fp64 for fp64 adapters); A and B
+        are flattened to ``[r, -1]`` and ``[out, r]`` (a conv's A spans ``in * kh * kw``)."""
+        acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
+        a = self.lora_A.detach().to(acc).reshape(self.lora_A.shape[0], -1)
+        b = self.lora_B.detach().to(acc).reshape(self.lora_B.shape[0], -1)
+        return (self.scaling * (b @ a)).view(self._merge_target().shape)
+
+    @torch.no_grad()
+    def _fold(self, sign: float) -> None:
+        w, delta = self._merge_target(), self.delta_weight()
+        w.copy_((w.to(delta.dtype) + sign * delta).to(w.dtype))
+
+    def merge(self) -> None:
+        """Fold ``scaling * B A`` into the base weight (fp32 accumulation); forward then runs the base
+        layer alone, and the adapters get no gradient until :meth:`unmerge`."""
+        if self.merged:
+            warnings.warn(f"{type(self).__name__}.merge: already merged; nothing done", stacklevel=2)
+            return
+        self._fold(1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract ``scaling * B A`` from the base weight again (fp32 accumulation)."""
+        if not self.merged:
+            warnings.warn(f"{type(self).__name__}.unmerge: not merged; nothing done", stacklevel=2)
+            return
+        self._fold(-1.0)
+        self.merged = False
+
+
+def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:
+    """One adapter of a PEFT LoRA layer: ``name, base, r, alpha, scaling, dropout, rslora, lora_A,
+    lora_B`` (copies, keeping requires_grad) and ``merged``. Raises for an unknown adapter, DoRA
+    and LoRA bias (not supported by the fused layers)."""
+    name = adapter_name or (layer.active_adapters[0] if layer.active_adapters else None)
+    if name is None or name not in layer.lora_A:
+        raise ValueError(f"from_peft_layer: adapter {name!r} not in {list(layer.lora_A.keys())}")
+    if getattr(layer, "use_dora", {}).get(name, False):
+        raise NotImplementedError("from_peft_layer: DoRA adapters are not supported")
+    if getattr(layer, "lora_bias", {}).get(name, False):
+        raise NotImplementedError("from_peft_layer: LoRA bias (lora_bias=True) is not supported")
+    drop = layer.lora_dropout[name]
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    return SimpleNamespace(
+        name=name,
+        base=layer.get_base_layer(),
+        r=layer.r[name],
+        alpha=layer.lora_alpha[name],
+        scaling=float(layer.scaling[name]),
+        dropout=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
+        rslora=bool(getattr(layer, "use_rslora", {}).get(name, False)),
+        lora_A=nn.Parameter(a.detach().clone(), requires_grad=a.requires_grad),
+        lora_B=nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad),
+        merged=bool(getattr(layer, "merged", False)) and name in getattr(layer, "merged_adapters", [name]),
+    )
