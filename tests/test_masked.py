@@ -69,6 +69,18 @@ def test_masked_conv2d_grads(kind):
     assert torch.autograd.gradcheck(lambda x: ftk.nn.masked._MaskedConvFn.apply(x, w, b, m.plan, geom), (x,))
 
 
+def test_from_conv_shares_the_parameters():
+    conv = nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    mask = ftk.masks.rows(conv.weight, indices=[1, 4])
+    m = ftk.nn.MaskedConv2d.from_conv(conv, mask)
+    assert m.weight is conv.weight and m.bias is conv.bias and m.plan["kind"] == "rows"
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(m(x), conv(x))
+    (gw,) = torch.autograd.grad(m(x).sum(), (m.weight,))
+    (gw2,) = torch.autograd.grad(conv(x).sum(), (conv.weight,))
+    torch.testing.assert_close(gw, gw2 * mask)
+
+
 def test_masked_training_freezes_exactly_and_matches_reference():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(20, 64), nn.GELU(), nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 4))

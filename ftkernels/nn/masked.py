@@ -118,11 +118,9 @@ class MaskedLinear(nn.Linear):
         """A ``MaskedLinear`` sharing ``linear``'s weight and bias."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
+        # Built on the meta device (no allocation), then given the original parameters.
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight, new.bias = linear.weight, linear.bias
-        new.plan = None
         new.set_mask(mask)
         return new
 
@@ -165,7 +163,7 @@ class _MaskedConvFn(torch.autograd.Function):
             mask = [need_x, need_w and not rows_only, False]
             grad_x, grad_w, _ = bwd(g, x, weight, None, stride, padding, dilation, False, zero, groups, mask)
             if grad_w is not None:
-                grad_w = grad_w.mul_(plan["mask"] if plan["kind"] == "elements" else plan["full"])
+                grad_w = grad_w.mul_(plan["mask"])
         if need_w and rows_only:
             rows = plan["rows"]
             grad_w = weight.new_zeros(weight.shape)
@@ -198,10 +196,14 @@ class MaskedConv2d(nn.Conv2d):
         """A ``MaskedConv2d`` sharing ``conv``'s weight and bias."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv takes an nn.Conv2d, got {type(conv).__name__}")
-        new = cls.__new__(cls)
-        new.__dict__.update(conv.__dict__)
-        new._parameters = conv._parameters
-        new.plan = None
+        # Built on the meta device (no allocation), then given the original parameters; nothing else
+        # (hooks, buffers) is shared with ``conv``.
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            device="meta",
+        )  # fmt: skip
+        new.weight, new.bias = conv.weight, conv.bias
         new.set_mask(mask)
         return new
 
@@ -212,10 +214,8 @@ class MaskedConv2d(nn.Conv2d):
         if isinstance(self.padding, str):
             raise ValueError("MaskedConv2d: give padding as numbers, not 'same'/'valid'")
         mask = _check_mask(mask, self.weight)
-        plan = _plan(mask)
-        if plan["kind"] == "blocks":  # tiles of a 4-D weight: treat as a general element mask
-            plan = {"kind": "elements", "mask": mask, "bias": plan["bias"]}
-        plan["full"] = mask
+        plan = _plan(mask)  # rows (whole output channels) or elements: tiles are detected for 2-D weights only
+        plan["mask"] = mask  # the dense weight gradient (non-rows masks, groups > 1) is multiplied by it
         self.plan = plan
         set_grad_mask(self.weight, mask)
         if self.bias is not None:
