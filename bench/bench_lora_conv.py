@@ -25,7 +25,7 @@ def _per_layer(results):
 
 
 def main(argv=None) -> int:
-    return runner.script_main("lora_conv", __doc__, argv, _per_layer)
+    return runner.script_main("lora_conv", __doc__, __file__, argv, _per_layer)
 
 
 if __name__ == "__main__":

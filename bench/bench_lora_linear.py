@@ -21,7 +21,7 @@ from ftkernels.nn import LoRALinear
 
 
 def main(argv=None) -> int:
-    return runner.script_main("lora_linear", __doc__, argv)
+    return runner.script_main("lora_linear", __doc__, __file__, argv)
 
 
 # ---------------------------------------------------------------- pytest-benchmark micro cases

@@ -14,7 +14,7 @@ from ftkernels.bench import runner
 
 
 def main(argv=None) -> int:
-    return runner.script_main("masked", __doc__, argv)
+    return runner.script_main("masked", __doc__, __file__, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from ftkernels.bench import runner
 
 
 def main(argv=None) -> int:
-    return runner.script_main("optimizer", __doc__, argv)
+    return runner.script_main("optimizer", __doc__, __file__, argv)
 
 
 # ---------------------------------------------------------------- pytest-benchmark micro cases

@@ -62,7 +62,7 @@ def apply_lora(
     :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d`, HF ``Conv1D`` -> :class:`LoRAConv1D`.
     Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
     classifier head). Returns the model. Raises when nothing matches or a match is unsupported."""
-    if isinstance(target_modules, str) is False and not target_modules:
+    if not isinstance(target_modules, str) and not target_modules:
         raise ValueError("apply_lora: target_modules is empty")
     names = [n for n, m in model.named_modules() if n and _matches(n, target_modules) and not isinstance(m, LORA_TYPES)]
     names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost matches only

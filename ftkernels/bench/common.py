@@ -47,6 +47,21 @@ def time_pair_ms(fa, fb, device: torch.device, rounds: int = 4, reps: int = 5) -
     return statistics.median(ta), statistics.median(tb)
 
 
+def layer_step(layer, x: torch.Tensor, g: torch.Tensor, autocast: torch.dtype | None = None):
+    """A closure running one layer's training-step work: clear the grads of x and the layer's
+    params, forward (under autocast when given), backward with ``g``."""
+
+    def fn():
+        x.grad = None
+        for q in layer.parameters():
+            q.grad = None
+        with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            y = layer(x)
+        y.backward(g.to(y.dtype))
+
+    return fn
+
+
 def time_rounds_ms(fns: dict, device: torch.device, reps: int, rounds: int = 3, warmup: int = 1) -> dict:
     """Median ms of each ``fns`` entry, timed in alternating rounds (every variant once per round),
     so drift in machine speed hits all variants alike."""

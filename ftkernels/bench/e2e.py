@@ -87,7 +87,7 @@ def _resnet(device, quick, cpu):
     return model, loss, dict(target_modules=targets, dropout=0.0), f"ResNet-50 {batch}@{res}", None
 
 
-def _floor_inputs(model, name):
+def _floor_inputs(model):
     """Make the frozen model's first activation require grad, so backward computes input gradients only."""
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
@@ -129,7 +129,7 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
             base = base.to(memory_format=torch.channels_last)
         base.train()
         floor_model = copy.deepcopy(base).requires_grad_(False)
-        _floor_inputs(floor_model, name)
+        _floor_inputs(floor_model)
         peft_model = get_peft_model(
             copy.deepcopy(base),
             LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=target["dropout"], target_modules=target["target_modules"]),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import LoRAConv2d
-from .common import peak_extra_mb, time_rounds_ms
+from .common import layer_step, peak_extra_mb, time_rounds_ms
 from .models import resnet50
 
 
@@ -51,24 +51,25 @@ def _peft_conv(base, r, alpha, ours):
     return layer
 
 
-def _step(layer, x, g, autocast_dtype):
-    def fn():
-        x.grad = None
-        for q in layer.parameters():
-            q.grad = None
-        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            y = layer(x)
-        y.backward(g.to(y.dtype))
-
-    return fn
-
-
 def _settings(device: torch.device, quick: bool):
     if device.type == "cuda":
         return dict(batch=64, res=224, autocast=torch.bfloat16, reps=10 if quick else 20)
     if quick:
         return dict(batch=2, res=64, autocast=None, reps=2)
     return dict(batch=8, res=112, autocast=None, reps=4)
+
+
+STRATEGIES = ("unmerged", "merged", "auto")
+
+
+def _with_strategy(layer: LoRAConv2d, strategy: str, step):
+    """``step`` run with ``layer.strategy`` set first: one layer serves every strategy's timing."""
+
+    def fn():
+        layer.strategy = strategy
+        step()
+
+    return fn
 
 
 def layer_rows(device: torch.device, quick: bool, rate: float, r: int = 16) -> list[dict]:
@@ -88,15 +89,10 @@ def layer_rows(device: torch.device, quick: bool, rate: float, r: int = 16) -> l
         x = torch.randn(c["N"], c["cin"], c["H"], c["W"], device=device).to(memory_format=fmt).requires_grad_(True)
         with torch.no_grad():
             g = torch.randn_like(base(x))
-        variants = {}
-        for s in ("unmerged", "merged", "auto"):
-            o = LoRAConv2d.__new__(LoRAConv2d)
-            o.__dict__.update(ours.__dict__)
-            o.strategy = s
-            variants[s] = o
-        fns = {"base": _step(base, x, g, st["autocast"]), "PEFT eager": _step(peft, x, g, st["autocast"])}
-        fns.update({s: _step(m, x, g, st["autocast"]) for s, m in variants.items()})
+        fns = {"base": layer_step(base, x, g, st["autocast"]), "PEFT eager": layer_step(peft, x, g, st["autocast"])}
+        fns.update({s: _with_strategy(ours, s, layer_step(ours, x, g, st["autocast"])) for s in STRATEGIES})
         ms = time_rounds_ms(fns, device, st["reps"])
+        fns["auto"]()  # the call sets last_strategy: what auto picked for this shape
         oh, ow = (c["H"] + c["stride"] - 1) // c["stride"], (c["W"] + c["stride"] - 1) // c["stride"]
         macs = c["N"] * oh * ow * c["cout"] * c["cin"] * c["k"] ** 2
         flops = 2 * 2 * macs * (1 + r / c["cout"])  # forward + grad_x, plus the rank-r share
@@ -111,7 +107,7 @@ def layer_rows(device: torch.device, quick: bool, rate: float, r: int = 16) -> l
                 base_ms=ms["base"],
                 unmerged_ms=ms["unmerged"],
                 merged_ms=ms["merged"],
-                strategy=variants["auto"].last_strategy,
+                strategy=ours.last_strategy,
                 best="merged" if ms["merged"] < ms["unmerged"] else "unmerged",
                 count=c["count"],
             )

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..nn import LoRALinear
-from .common import peak_extra_mb, time_rounds_ms
+from .common import layer_step, peak_extra_mb, time_rounds_ms
 
 
 class HandWrittenLoRA(torch.autograd.Function):
@@ -103,16 +103,6 @@ def saved_mb(layer, x) -> float:
     return sum(n for ptr, n in seen.items() if ptr not in params) / 2**20
 
 
-def _step(layer, x, g):
-    def fn():
-        x.grad = None
-        for q in layer.parameters():
-            q.grad = None
-        layer(x).backward(g)
-
-    return fn
-
-
 def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
     """Rows per case and baseline; ``ours_vs_base`` = ours / frozen base layer (target <= 1.10 on GPU)."""
     rows = []
@@ -131,14 +121,14 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
         x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
         g = torch.randn(M, N, device=device, dtype=dtype)
         layers = {"frozen base layer (floor)": base, "PEFT eager": peft}
-        fns = {"frozen base layer (floor)": _step(base, x, g), "PEFT eager": _step(peft, x, g)}
+        fns = {"frozen base layer (floor)": layer_step(base, x, g), "PEFT eager": layer_step(peft, x, g)}
         if device.type == "cuda" and not c["sweep"]:
-            fns["PEFT + torch.compile"] = _step(torch.compile(peft), x, g)
+            fns["PEFT + torch.compile"] = layer_step(torch.compile(peft), x, g)
         if p == 0.0:
             layers["hand-written cuBLAS + addmm_"] = HandWrittenModule(ours)
-            fns["hand-written cuBLAS + addmm_"] = _step(layers["hand-written cuBLAS + addmm_"], x, g)
+            fns["hand-written cuBLAS + addmm_"] = layer_step(layers["hand-written cuBLAS + addmm_"], x, g)
         layers["ours"] = ours
-        fns["ours"] = _step(ours, x, g)
+        fns["ours"] = layer_step(ours, x, g)
         saved = {k: saved_mb(m, x) for k, m in layers.items()}
         ms = time_rounds_ms(fns, device, reps, rounds=3 if quick else 4, warmup=2)
         mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}

@@ -18,7 +18,7 @@ from .. import masks
 from ..freeze import freeze
 from ..nn import MaskedLinear
 from ..nn.masked import masked_weight_grad_linear
-from .common import peak_extra_mb, time_rounds_ms
+from .common import layer_step, peak_extra_mb, time_rounds_ms
 
 
 def linear_rows(device: torch.device, quick: bool, rate: float) -> list[dict]:
@@ -41,16 +41,8 @@ def linear_rows(device: torch.device, quick: bool, rate: float) -> list[dict]:
         reps,
     )
 
-    def step(layer):
-        def fn():
-            x.grad = None
-            for p in layer.parameters():
-                p.grad = None
-            layer(x).backward(g)
-
-        return fn
-
-    full = time_rounds_ms({"dense": step(lin), "masked": step(masked)}, device, reps)
+    steps = {"dense": layer_step(lin, x, g), "masked": layer_step(masked, x, g)}
+    full = time_rounds_ms(steps, device, reps)
     name = f"Linear M{M} K{K} N{N} {str(dtype).replace('torch.', '')}, 10% rows trainable"
     flops = 2 * M * N * K
     return [
@@ -68,8 +60,8 @@ def linear_rows(device: torch.device, quick: bool, rate: float) -> list[dict]:
             baseline_ms=full["dense"],
             ours_ms=full["masked"],
             floor_ms=2.2 * flops / rate * 1e3,
-            baseline_mem_MB=peak_extra_mb(step(lin), device),
-            ours_mem_MB=peak_extra_mb(step(masked), device),
+            baseline_mem_MB=peak_extra_mb(steps["dense"], device),
+            ours_mem_MB=peak_extra_mb(steps["masked"], device),
         ),
     ]
 

@@ -90,15 +90,16 @@ def run_suites(names, device: torch.device, quick: bool = False, progress=sys.st
     return results
 
 
-def script_main(suite: str, doc: str, argv=None, extra_print=None) -> int:
+def script_main(suite: str, doc: str, script: str, argv=None, extra_print=None) -> int:
     """The ``bench/bench_<suite>.py`` command line: run one suite on ``--device`` (default: the
-    machine's), print the markdown table, write ``<suite>-<device>[-quick].json`` under ``--out``."""
+    machine's), print the markdown table, write ``<suite>-<device>[-quick].json`` under ``--out``
+    (default: ``results/`` beside ``script``, i.e. ``bench/results``)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    ap.add_argument("--out", default=os.path.join(os.getcwd(), "bench", "results"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(script)), "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     results = run_suites([suite], device, quick=args.quick)

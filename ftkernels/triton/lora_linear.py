@@ -17,8 +17,10 @@ Two ways to run the big GEMMs, chosen per shape by timing both once (``FTKERNELS
 
 from __future__ import annotations
 
+import math
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -31,10 +33,9 @@ DROPOUT_TAG = tl.constexpr(0x46544B31)  # the fourth counter word of every ftker
 
 
 def dropout_threshold(p: float) -> int:
-    """Integer keep threshold of ``ftk::dropout_threshold``: keep iff the 16-bit draw >= it."""
-    import math
-
-    return int(math.ceil(float(torch.tensor(p, dtype=torch.float32)) * 65536.0))
+    """Integer keep threshold of ``ftk::dropout_threshold``: keep iff the 16-bit draw >= it (p
+    rounded to float32 first, as the C++ does; called per launch, so no tensor is made for it)."""
+    return math.ceil(float(np.float32(p)) * 65536.0)
 
 
 @triton.jit
