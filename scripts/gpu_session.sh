@@ -1,24 +1,61 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should do in one `device` call (its time is scarce):
-# build ftkernels against the machine's own torch for its GPU's arch, show the build table,
-# run the test suite (CUDA cases included), run the benchmark suite, and leave the results in
-# ${OUT:-bench/results/gpu} (device, versions, date and commit inside).
-#   bash scripts/gpu_session.sh [extra args for ftkernels bench]
-set -euo pipefail
+# Everything a lent GPU machine should do in one `device` call (its time is scarce, one call is
+# at most 10 minutes): build ftkernels against the machine's own torch for its GPU's arch, show
+# the build table, run the test suite (CUDA cases included), then the benchmark suites one by
+# one, each bounded so the whole call ends before its limit and finished suites are kept.
+#   bash scripts/gpu_session.sh                 # build, tests, every suite
+#   STAGES=build,bench SUITES="e2e" bash scripts/gpu_session.sh
+# Env: STAGES (build,tests,bench), SUITES, BUDGET_S (whole-script deadline, default 560),
+# TEST_ARGS (extra pytest args, e.g. "-k cuda"), BENCH_ARGS (extra `ftkernels bench` args).
+# Files left in ${OUT:-bench/results/gpu}: session.log, tests.txt, <suite>.json (at most 8 files,
+# which is what the device tool brings back).
+set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 DEST="${OUT:-bench/results/gpu}"
+STAGES="${STAGES:-build,tests,bench}"
+SUITES="${SUITES:-lora_linear optimizer masked lora_conv e2e}"
+BUDGET_S="${BUDGET_S:-560}"
+export PYTHONUNBUFFERED=1
 mkdir -p "$DEST"
 t0=$(date +%s)
-if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}"
+left() { echo $(( BUDGET_S - ($(date +%s) - t0) )); }
+exec > >(tee -a "$DEST/session.log") 2>&1
+
+if [[ ",$STAGES," == *",build,"* ]]; then
+  if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}"
+  fi
+  echo "== build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-none}) $(( $(date +%s) - t0 ))s"
+  if ! MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -40; then
+    echo "build failed"
+    exit 1
+  fi
 fi
-echo "== build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-none}) $(( $(date +%s) - t0 ))s"
-MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20
-"$PY" -m ftkernels info | tee "$DEST/info.txt"
-echo "== tests $(( $(date +%s) - t0 ))s"
-"$PY" -m pytest tests -q -x -p no:cacheprovider 2>&1 | tail -30 | tee "$DEST/tests.txt" || true
-echo "== bench $(( $(date +%s) - t0 ))s"
-"$PY" -m ftkernels bench --out "$DEST" "$@" 2>&1 | tee "$DEST/bench.txt"
+"$PY" -m ftkernels info || exit 1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
+
+if [[ ",$STAGES," == *",tests,"* ]]; then
+  echo "== tests $(( $(date +%s) - t0 ))s"
+  # xdist when present: the CPU half of the suite is most of its time.
+  XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+  # shellcheck disable=SC2086
+  timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -q -p no:cacheprovider -rfE --durations=15 $XDIST ${TEST_ARGS:-} \
+    > "$DEST/tests.txt" 2>&1
+  echo "pytest exit $?"
+  tail -60 "$DEST/tests.txt"
+fi
+
+if [[ ",$STAGES," == *",bench,"* ]]; then
+  for s in $SUITES; do
+    budget=$(left)
+    if (( budget < 20 )); then echo "== bench $s skipped: ${budget}s left"; continue; fi
+    echo "== bench $s ($(( $(date +%s) - t0 ))s, ${budget}s left)"
+    # shellcheck disable=SC2086
+    timeout "$budget" "$PY" -m ftkernels bench --suite "$s" --out "/tmp/ftk-bench/$s" ${BENCH_ARGS:-}
+    echo "bench $s exit $?"
+    cp "/tmp/ftk-bench/$s/results.json" "$DEST/$s.json" 2>/dev/null || true
+  done
+fi
 echo "== done $(( $(date +%s) - t0 ))s; results in $DEST"
