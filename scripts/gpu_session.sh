@@ -38,13 +38,15 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit -
 
 if [[ ",$STAGES," == *",tests,"* ]]; then
   echo "== tests $(( $(date +%s) - t0 ))s"
-  # xdist when present: the CPU half of the suite is most of its time.
+  # xdist when present (the CPU half of the suite is most of its time), 2 threads a worker so
+  # 8 workers do not oversubscribe the cores; -v names each result as it lands (a timeout keeps them).
   XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
   # shellcheck disable=SC2086
-  timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -q -p no:cacheprovider -rfE --durations=15 $XDIST ${TEST_ARGS:-} \
-    > "$DEST/tests.txt" 2>&1
+  OMP_NUM_THREADS=2 timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -v -p no:cacheprovider -p no:benchmark \
+    -W ignore::UserWarning -rfE --durations=15 $XDIST ${TEST_ARGS:-} > "$DEST/tests.txt" 2>&1
   echo "pytest exit $?"
-  tail -60 "$DEST/tests.txt"
+  grep -E "FAILED|ERROR" "$DEST/tests.txt" | head -40
+  tail -30 "$DEST/tests.txt"
 fi
 
 if [[ ",$STAGES," == *",bench,"* ]]; then

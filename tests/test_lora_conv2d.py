@@ -169,8 +169,10 @@ def test_dropout_op_triton_equals_cpu():
 
     x = torch.randn(2, 3, 5, 37)
     seed = torch.tensor(2024)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # else through Triton's interpreter
     for t in (x, x.to(memory_format=torch.channels_last), x[:, :, 1:4]):
-        torch.testing.assert_close(tk.lora_dropout(t, 0.3, seed), dropout_op.lora_dropout(t, 0.3, seed))
+        got = tk.lora_dropout(t.to(dev), 0.3, seed.to(dev)).cpu()
+        torch.testing.assert_close(got, dropout_op.lora_dropout(t, 0.3, seed))
 
 
 def test_saved_tensors_hold_no_dropped_copy():
@@ -210,6 +212,24 @@ def test_from_peft_layer_and_unbatched_and_autocast():
     torch.testing.assert_close(ours(x), peft(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert ours(x[None]).dtype == torch.bfloat16
+
+
+def test_autocast_takes_low_precision_activations_on_an_fp32_base():
+    # Inside autocast the activations a conv sees are already bf16 (the previous conv's output)
+    # while the base stays fp32: nn.Conv2d accepts that, so must we, with its numbers.
+    ours, _ = make_pair(6, 5, 3, 3, 1, p=0.0, dtype=torch.float32)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+    x = torch.randn(2, 6, 9, 9).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x)
+        ref = ours.base(x) + ours.scaling * F.conv2d(
+            F.conv2d(x, ours.lora_A, None, ours.base.stride, ours.base.padding, ours.base.dilation), ours.lora_B
+        )
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), atol=0.05, rtol=2e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and ours.lora_A.grad.dtype == torch.float32
 
 
 # ------------------------------------------------------------------ a ResNet-18 that trains

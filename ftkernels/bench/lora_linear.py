@@ -147,7 +147,7 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
                     floor_ms=floor,
                     baseline_mem_MB=mem[k],
                     ours_mem_MB=mem["ours"],
-                    baseline_saved_MB=saved[k],
+                    baseline_saved_MB=saved.get(k),  # None for torch.compile: its graph saves what it decides
                     ours_saved_MB=saved["ours"],
                     ours_vs_base=ms["ours"] / ms["frozen base layer (floor)"],
                     sweep=c["sweep"],

@@ -184,9 +184,7 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        dtype = _compute_dtype(x)
-        if dtype == x.dtype and self.base.weight.dtype != dtype:
-            raise TypeError(f"LoRAConv2d: x is {x.dtype} but the base weight is {self.base.weight.dtype}: must match")
+        dtype = _compute_dtype(x, self.base.weight, "LoRAConv2d")
         cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in self._tensors(x)]
         xc, w, b, a, bb = cast
         p = self.dropout if self.training else 0.0

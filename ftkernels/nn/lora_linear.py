@@ -19,10 +19,22 @@ def draw_seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul/conv on x in, or None when autocast is off for x."""
     dev = x.device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _compute_dtype(x: Tensor, weight: Tensor, who: str) -> torch.dtype:
+    """Autocast's dtype when it is on (any mix of x and weight dtypes then, as for nn.Linear/Conv2d),
+    else x's, which the base weight must match."""
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        return dtype
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{who}: x is {x.dtype} but the base weight is {weight.dtype}; like torch's layers, they must match")
     return x.dtype
 
 
@@ -66,11 +78,7 @@ def lora_linear(
             raise ValueError(f"lora_linear: x is on {x.device} but {name} is on {t.device}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
-    dtype = _compute_dtype(x)
-    if dtype == x.dtype and weight.dtype != dtype:
-        raise TypeError(
-            f"lora_linear: x is {x.dtype} but the base weight is {weight.dtype}; like nn.Linear, they must match"
-        )
+    dtype = _compute_dtype(x, weight, "lora_linear")
     if x.device.type == "cuda" and dtype == torch.float64:
         raise TypeError("lora_linear: float64 runs on CPU only; use float32, bfloat16 or float16 on GPU")
     p = float(dropout) if training else 0.0
