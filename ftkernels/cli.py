@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -19,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default="float32", choices=["float32"], help="parameter dtype of the optimizer suite"
     )
     p_bench.add_argument("--quick", action="store_true", help="small sizes and few repeats (seconds)")
+    p_bench.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile baselines (GPU; compiling takes minutes)"
+    )
     p_bench.add_argument("--out", help="directory for results.json and results.md")
     p_bench.add_argument("--plot", action="store_true", help="also write speedup/memory PNGs to --out")
     p_bench.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="show the change between two runs")
@@ -51,6 +55,8 @@ def _bench(args, parser) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
     names = args.suite or list(runner.SUITES)
+    if args.no_compile:
+        os.environ["FTKERNELS_BENCH_COMPILE"] = "0"
     try:
         results = runner.run_suites(names, device, quick=args.quick)
     except ValueError as e:

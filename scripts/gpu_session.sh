@@ -5,8 +5,9 @@
 # one, each bounded so the whole call ends before its limit and finished suites are kept.
 #   bash scripts/gpu_session.sh                 # build, tests, every suite
 #   STAGES=build,bench SUITES="e2e" bash scripts/gpu_session.sh
-# Env: STAGES (build,tests,bench), SUITES, BUDGET_S (whole-script deadline, default 560),
-# TEST_ARGS (extra pytest args, e.g. "-k cuda"), BENCH_ARGS (extra `ftkernels bench` args).
+# Env: STAGES (build,tests,bench), SUITES ("name" or "name:cap_s" each), BUDGET_S (whole-script deadline, default 560),
+# TEST_PATHS (default tests), TEST_ARGS (extra pytest args), BENCH_ARGS (extra `ftkernels bench` args),
+# BENCH_ARGS_<suite> (extra args for one suite).
 # Files left in ${OUT:-bench/results/gpu}: session.log, tests.txt, <suite>.json (at most 8 files,
 # which is what the device tool brings back).
 set -uo pipefail
@@ -42,7 +43,7 @@ if [[ ",$STAGES," == *",tests,"* ]]; then
   # 8 workers do not oversubscribe the cores; -v names each result as it lands (a timeout keeps them).
   XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
   # shellcheck disable=SC2086
-  OMP_NUM_THREADS=2 timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -v -p no:cacheprovider -p no:benchmark \
+  OMP_NUM_THREADS=2 timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest ${TEST_PATHS:-tests} -v -p no:cacheprovider -p no:benchmark \
     -W ignore::UserWarning -rfE --durations=15 $XDIST ${TEST_ARGS:-} > "$DEST/tests.txt" 2>&1
   echo "pytest exit $?"
   grep -E "FAILED|ERROR" "$DEST/tests.txt" | head -40
@@ -50,12 +51,15 @@ if [[ ",$STAGES," == *",tests,"* ]]; then
 fi
 
 if [[ ",$STAGES," == *",bench,"* ]]; then
-  for s in $SUITES; do
-    budget=$(left)
+  for entry in $SUITES; do
+    # "suite" or "suite:cap_seconds" (a cap keeps one slow suite from eating the others' time)
+    s="${entry%%:*}"; cap="${entry#*:}"; [[ "$cap" == "$entry" ]] && cap=100000
+    budget=$(left); (( cap < budget )) && budget=$cap
     if (( budget < 20 )); then echo "== bench $s skipped: ${budget}s left"; continue; fi
     echo "== bench $s ($(( $(date +%s) - t0 ))s, ${budget}s left)"
     # shellcheck disable=SC2086
-    timeout "$budget" "$PY" -m ftkernels bench --suite "$s" --out "/tmp/ftk-bench/$s" ${BENCH_ARGS:-}
+    more="BENCH_ARGS_$s"  # per-suite extra args, e.g. BENCH_ARGS_lora_linear=--quick
+    timeout "$budget" "$PY" -m ftkernels bench --suite "$s" --out "/tmp/ftk-bench/$s" ${BENCH_ARGS:-} ${!more:-}
     echo "bench $s exit $?"
     cp "/tmp/ftk-bench/$s/results.json" "$DEST/$s.json" 2>/dev/null || true
   done

@@ -77,11 +77,14 @@ def _worker(rank, world, port, out, mode):
             losses = _train(wrapped, [p for p in model.parameters() if p.requires_grad], x[half], y[half], world)
             state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         else:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
+            # fully_shard's default mesh is on the accelerator when there is one; these ranks are CPU/gloo.
+            mesh = init_device_mesh("cpu", (world,))
             for m in ftk.peft_compat.lora_modules(model).values():
-                fully_shard(m)  # the layer reads base.weight through the module: unshard hooks run
-            fully_shard(model)
+                fully_shard(m, mesh=mesh)  # the layer reads base.weight through the module: unshard hooks run
+            fully_shard(model, mesh=mesh)
             losses = _train(model, [p for p in model.parameters() if p.requires_grad], x[half], y[half], world)
             state = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if rank == 0:

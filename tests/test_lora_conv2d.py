@@ -276,7 +276,9 @@ def test_resnet18_with_lora_on_every_conv_trains_like_peft():
         losses[key] = hist
     assert losses["ours"][-1] < 0.7 * losses["ours"][0]
     for a, b in zip(losses["ours"], losses["peft"], strict=True):
-        assert a == pytest.approx(b, rel=1e-9)
+        # float64, but batch-8 BatchNorm over 1x1 maps amplifies last-bit differences (our grad_A
+        # sums in another order than PEFT's) step by step; a wrong gradient is off by far more.
+        assert a == pytest.approx(b, rel=1e-7)
 
 
 @pytest.mark.cuda
@@ -292,13 +294,16 @@ def test_cuda_matches_peft(dtype, p):
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     fn = ftk.nn.lora_conv2d._UnmergedConv
     seed_t = torch.tensor(seed, device="cuda")
-    y = fn.apply(x1, ours.weight, ours.bias, ours.lora_A, ours.lora_B, ours.scaling, p, seed_t, ours.geom)
-    yp = peft(x2)
+    # fp32 in true fp32: cuDNN's default TF32 rounds inputs to 10 bits, and a 1-ulp difference in a
+    # dropped element (x * 1/(1-p) against x / (1-p)) can land on either side of that rounding.
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        y = fn.apply(x1, ours.weight, ours.bias, ours.lora_A, ours.lora_B, ours.scaling, p, seed_t, ours.geom)
+        yp = peft(x2)
+        g = torch.randn_like(y)
+        ga = torch.autograd.grad(y, (x1, ours.lora_A, ours.lora_B), g)
+        gp = torch.autograd.grad(yp, (x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight), g)
     tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
     torch.testing.assert_close(y, yp, atol=tol * 4, rtol=tol)
-    g = torch.randn_like(y)
-    ga = torch.autograd.grad(y, (x1, ours.lora_A, ours.lora_B), g)
-    gp = torch.autograd.grad(yp, (x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight), g)
     for a, b in zip(ga, gp, strict=True):
         torch.testing.assert_close(a, b, atol=tol * 4 * max(1.0, b.abs().max().item()), rtol=tol)
 

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import statistics
 import subprocess
 import time
 
 import torch
+
+
+def compile_baselines(device: torch.device) -> bool:
+    """Whether to time the ``torch.compile`` baselines: on GPU, unless ``FTKERNELS_BENCH_COMPILE=0``
+    (compiling takes minutes; a short run can skip it)."""
+    return device.type == "cuda" and os.environ.get("FTKERNELS_BENCH_COMPILE", "1") != "0"
 
 
 def sync(device: torch.device) -> None:

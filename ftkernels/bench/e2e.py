@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..optim import FusedAdamW
 from ..peft_compat import apply_lora
-from .common import peak_extra_mb, time_rounds_ms
+from .common import compile_baselines, peak_extra_mb, time_rounds_ms
 from .models import resnet50
 
 R = 16
@@ -143,7 +143,7 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
             "PEFT eager": _step(peft_model, peft_opt, loss_fn, device, autocast),
             "ours": _step(ours, ours_opt, loss_fn, device, autocast),
         }
-        if device.type == "cuda" and not quick:
+        if compile_baselines(device) and not quick:
             fns["PEFT + torch.compile"] = _step(torch.compile(peft_model), peft_opt, loss_fn, device, autocast)
         ms = time_rounds_ms(fns, device, reps, rounds=2 if quick else 3)
         mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}

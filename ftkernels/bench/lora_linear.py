@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..nn import LoRALinear
-from .common import layer_step, peak_extra_mb, time_rounds_ms
+from .common import compile_baselines, layer_step, peak_extra_mb, time_rounds_ms
 
 
 class HandWrittenLoRA(torch.autograd.Function):
@@ -122,7 +122,7 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
         g = torch.randn(M, N, device=device, dtype=dtype)
         layers = {"frozen base layer (floor)": base, "PEFT eager": peft}
         fns = {"frozen base layer (floor)": layer_step(base, x, g), "PEFT eager": layer_step(peft, x, g)}
-        if device.type == "cuda" and not c["sweep"]:
+        if compile_baselines(device) and not c["sweep"]:
             fns["PEFT + torch.compile"] = layer_step(torch.compile(peft), x, g)
         if p == 0.0:
             layers["hand-written cuBLAS + addmm_"] = HandWrittenModule(ours)

@@ -34,7 +34,9 @@ def _compute_dtype(x: Tensor, weight: Tensor, who: str) -> torch.dtype:
     if dtype is not None:
         return dtype
     if weight.dtype != x.dtype:
-        raise TypeError(f"{who}: x is {x.dtype} but the base weight is {weight.dtype}; like torch's layers, they must match")
+        raise TypeError(
+            f"{who}: x is {x.dtype} but the base weight is {weight.dtype}; like torch's layers, they must match"
+        )
     return x.dtype
 
 
