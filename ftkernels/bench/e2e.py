@@ -16,6 +16,7 @@ in minutes (and tiny with ``--quick``).
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,8 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
             fns["PEFT + torch.compile"] = _step(torch.compile(peft_model), peft_opt, loss_fn, device, autocast)
         ms = time_rounds_ms(fns, device, reps, rounds=2 if quick else 3)
         mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
+        # Each case as it lands (a GPU case takes minutes, the table prints only at the end).
+        print(f"\ne2e {name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()), file=sys.stderr, flush=True)
         for k in fns:
             if k in ("floor", "ours"):
                 continue

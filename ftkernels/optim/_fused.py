@@ -14,6 +14,8 @@ Per element, in one read and one write of each tensor (math in ``csrc/include/ft
 5. ``p <- sign(p) max(|p| - lr l1, 0)`` (proximal L1: weights reach exactly 0).
 
 Elements masked out with :func:`ftkernels.set_grad_mask` are skipped: value and state unchanged.
+A param whose mask keeps less than ``compact_threshold`` (0.5) of it keeps state for its kept
+elements only (``ftkernels/optim/_compact.py``); set ``opt.compact_threshold = 0`` to keep it dense.
 Dropped-out elements still see moment decay and weight decay. With AMP (``GradScaler``) an inf/NaN
 gradient skips the whole step on the device, without a host sync; a non-finite gradient norm
 (with ``max_grad_norm``) does the same.
@@ -28,6 +30,7 @@ from torch.optim import Optimizer
 
 from .. import _ext
 from ..masks import mask_version, packed_grad_mask
+from . import _compact
 
 try:
     from torch.distributed.tensor import DTensor
@@ -94,6 +97,8 @@ class FusedOptimizer(Optimizer):
     """
 
     kind: str = ""
+    # Masks keeping less than this fraction of a param get compact state (see _compact.py).
+    compact_threshold: float = 0.5
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
 
     def __init__(self, params, defaults, anchors=None, fisher=None, anchor_dtype=None):
@@ -195,9 +200,18 @@ class FusedOptimizer(Optimizer):
         if master and "master" not in st:
             st["master"] = p.detach().to(torch.float32, copy=True)
         sdt = torch.float32 if master else p.dtype
-        for key in self._state_keys(group):
-            if key is not None and key not in st:
-                st[key] = self._initial_state(key, group, p, sdt)
+        keys = [k for k in self._state_keys(group) if k is not None]
+        plain = type(p) in (torch.Tensor, torch.nn.Parameter)
+        idx = _compact.wanted_index(p, group, self.compact_threshold, plain)
+
+        def initial(key, template, dtype):
+            return self._initial_state(key, group, template, dtype)
+
+        _compact.relayout(st, keys, p, idx, initial)
+        template = p if idx is None else p.new_empty(idx.numel())
+        for key in keys:
+            if key not in st:
+                st[key] = self._initial_state(key, group, template, sdt)
 
     def _initial_state(self, key, group, p, dtype) -> torch.Tensor:
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -205,8 +219,10 @@ class FusedOptimizer(Optimizer):
     # ----------------------------------------------------------------- state dict
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but keeps the saved dtype of each state
-        tensor (fp32 master weights and moments of bf16 params, bf16 anchors) instead of casting it
-        to the param's dtype, and keeps ``step`` as a float32 tensor on the param's device."""
+        tensor (fp32 master weights and moments of bf16 params, bf16 anchors, int32 compact-state
+        indices) instead of casting it to the param's dtype, and keeps ``step`` as a float32 tensor
+        on the param's device. Compact and dense state load into either layout (converted at the
+        next step)."""
         super().load_state_dict(state_dict)
         self._invalidate_plans()
         saved = state_dict["state"]
@@ -221,7 +237,7 @@ class FusedOptimizer(Optimizer):
                     continue
                 if k == "step":
                     st[k] = v.detach().to(device=_local(p).device, dtype=torch.float32, copy=True).reshape(())
-                elif v.is_floating_point() and st[k].dtype != v.dtype:
+                elif st[k].dtype != v.dtype:  # torch casts every tensor (compact indices too) to p's dtype
                     st[k] = v.detach().to(device=p.device, dtype=v.dtype, copy=True)
 
     # ----------------------------------------------------------------- the step
@@ -310,21 +326,27 @@ class FusedOptimizer(Optimizer):
         a = C.OptimArgs()
         params, steps, ids, s = [], [], [], ([], [], [])
         masks, anchors, fishers, masters = [], [], [], []
+        compact = {}  # position -> kept-element indices: gathered, stepped and scattered back each step
         for p, _i, t in entries:
             st = self.state[p]
+            if _compact.INDEX_KEY in st:
+                compact[len(params)] = st[_compact.INDEX_KEY]
             params.append(_local(p))
             steps.append(st["step"])
             ids.append(t)
             for slot, key in zip(s, keys):
                 slot.append(_local(st[key]) if key is not None and key in st else None)
-            masks.append(packed_grad_mask(p))
+            masks.append(None if len(params) - 1 in compact else packed_grad_mask(p))
             anchors.append(_local(st["anchor"]) if use_reg else None)
             fishers.append(_local(st["fisher"]) if group["ewc"] else None)
             masters.append(_local(st["master"]) if "master" in st else None)
         a.params, a.steps, a.tensor_ids = params, steps, ids
         a.s1, a.s2, a.s3 = s
         a.masks, a.anchors, a.fishers, a.masters = masks, anchors, fishers, masters
-        return dict(args=a, device=device, entries=entries, params=params, hyper_key=None)
+        return dict(
+            args=a, device=device, entries=entries, params=params, hyper_key=None, compact=compact,
+            anchors=anchors, fishers=fishers,
+        )  # fmt: skip
 
     def _run_plan(self, C, plan, group, grad_scale, found_inf, total_norm, seed):
         device = plan["device"]
@@ -344,6 +366,14 @@ class FusedOptimizer(Optimizer):
                 g = torch.empty_like(lp).copy_(g)
             grads.append(g)
         a = plan["args"]
+        compact = plan["compact"]
+        if compact:  # the kept elements only, flat; the kernel then runs unmasked on them
+            stepped = list(plan["params"])
+            anchors, fishers = list(plan["anchors"]), list(plan["fishers"])
+            for k, idx in compact.items():
+                stepped[k], grads[k] = _compact.gather(stepped[k], idx), _compact.gather(grads[k], idx)
+                anchors[k], fishers[k] = _compact.gather(anchors[k], idx), _compact.gather(fishers[k], idx)
+            a.params, a.anchors, a.fishers = stepped, anchors, fishers
         a.grads = grads
         lr = group["lr"]
         hyper_key = tuple(v for k, v in group.items() if k not in ("params", "param_names", "lr")) + (
@@ -365,3 +395,5 @@ class FusedOptimizer(Optimizer):
         a.skip = skip
         a.seed = seed
         C.fused_optim_step(a)  # advances each param's step count unless skipped
+        for k, idx in compact.items():
+            _compact.scatter_(plan["params"][k], idx, stepped[k])
