@@ -57,8 +57,8 @@ if [[ ",$STAGES," == *",bench,"* ]]; then
     budget=$(left); (( cap < budget )) && budget=$cap
     if (( budget < 20 )); then echo "== bench $s skipped: ${budget}s left"; continue; fi
     echo "== bench $s ($(( $(date +%s) - t0 ))s, ${budget}s left)"
-    # shellcheck disable=SC2086
     more="BENCH_ARGS_$s"  # per-suite extra args, e.g. BENCH_ARGS_lora_linear=--quick
+    # shellcheck disable=SC2086
     timeout "$budget" "$PY" -m ftkernels bench --suite "$s" --out "/tmp/ftk-bench/$s" ${BENCH_ARGS:-} ${!more:-}
     echo "bench $s exit $?"
     cp "/tmp/ftk-bench/$s/results.json" "$DEST/$s.json" 2>/dev/null || true

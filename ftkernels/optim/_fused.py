@@ -329,14 +329,15 @@ class FusedOptimizer(Optimizer):
         compact = {}  # position -> kept-element indices: gathered, stepped and scattered back each step
         for p, _i, t in entries:
             st = self.state[p]
-            if _compact.INDEX_KEY in st:
-                compact[len(params)] = st[_compact.INDEX_KEY]
+            idx = st.get(_compact.INDEX_KEY)
+            if idx is not None:
+                compact[len(params)] = idx
             params.append(_local(p))
             steps.append(st["step"])
             ids.append(t)
             for slot, key in zip(s, keys):
                 slot.append(_local(st[key]) if key is not None and key in st else None)
-            masks.append(None if len(params) - 1 in compact else packed_grad_mask(p))
+            masks.append(None if idx is not None else packed_grad_mask(p))
             anchors.append(_local(st["anchor"]) if use_reg else None)
             fishers.append(_local(st["fisher"]) if group["ewc"] else None)
             masters.append(_local(st["master"]) if "master" in st else None)
