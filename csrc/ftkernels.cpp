@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "ftk/lora_host.h"
+#include "ftk/loreft_host.h"
 #include "ftk/optimizer_host.h"
 
 #ifndef FTK_VERSION
@@ -34,6 +35,7 @@ py::dict native_ops() {
   ops["fused_optim_step"] = devices(kWithCuda);
   ops["lora_linear"] = devices(false);  // CUDA is served by Triton (ftkernels/triton)
   ops["lora_dropout"] = devices(false);
+  ops["loreft"] = devices(false);
   return ops;
 }
 
@@ -139,5 +141,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("lora_dropout_cpu", &ftk::lora_dropout_cpu, py::arg("x"), py::arg("dropout"), py::arg("seed"),
         "D(x) of the LoRA dropout stream over x's logical [numel / K, K] view, any memory format",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("loreft_fwd_cpu", &ftk::loreft_fwd_cpu, py::arg("h"), py::arg("rot"), py::arg("w"), py::arg("b"),
+        py::arg("dropout"), py::arg("seed"), "Fused LoReFT forward on CPU: (D(h + s R), s) with s = h (W - R)^T + b",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("loreft_bwd_cpu", &ftk::loreft_bwd_cpu, py::arg("grad"), py::arg("h"), py::arg("rot"), py::arg("w"),
+        py::arg("s"), py::arg("dropout"), py::arg("seed"),
+        "Fused LoReFT backward on CPU: (grad_h, grad_R, grad_W, grad_b), the mask regenerated",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -11,14 +11,17 @@ from .freeze import FreezeSummary, freeze
 from .info import build_info
 from .masks import clear_grad_mask, get_grad_mask, set_grad_mask
 from .peft_compat import apply_lora, from_peft, load_adapter, merge_lora, save_adapter, unmerge_lora
+from .reft import ReftModel, apply_reft, load_reft
 
 __version__ = _ext.installed_version() or "0.1.0+unknown"
 
 __all__ = [
     "ExtensionError",
     "FreezeSummary",
+    "ReftModel",
     "__version__",
     "apply_lora",
+    "apply_reft",
     "build_info",
     "clear_grad_mask",
     "fisher_diagonal",
@@ -26,6 +29,7 @@ __all__ = [
     "from_peft",
     "get_grad_mask",
     "load_adapter",
+    "load_reft",
     "masks",
     "merge_lora",
     "nn",

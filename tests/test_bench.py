@@ -54,7 +54,7 @@ def test_compare_shows_change(fake, tmp_path):
 
 
 def test_unknown_suite_is_named():
-    with pytest.raises(ValueError, match="available: lora_linear, lora_conv, masked, optimizer, e2e"):
+    with pytest.raises(ValueError, match="available: lora_linear, lora_conv, masked, loreft, optimizer, e2e"):
         runner.run_suites(["nope"], torch.device("cpu"), progress=None)
 
 

@@ -12,7 +12,7 @@ from peft.tuners.lora import Conv2d as PeftConv2d
 from torch import nn
 
 import ftkernels as ftk
-from ftkernels.nn.lora_conv2d import choose_strategy
+from ftkernels.nn.lora_conv2d import choose_strategy, draw_seed
 from ftkernels.nn.reference import lora_keep_mask
 from ftkernels.ops import lora_dropout as dropout_op
 
@@ -230,6 +230,35 @@ def test_autocast_takes_low_precision_activations_on_an_fp32_base():
     torch.testing.assert_close(y.float(), ref.float(), atol=0.05, rtol=2e-2)
     y.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and ours.lora_A.grad.dtype == torch.float32
+
+
+def test_fp32_adapters_on_a_bf16_base_one_autograd_node():
+    """PEFT's layout for a bf16 model (fp32 adapters): the unmerged node casts them inside (no cast
+    nodes; host time grows with nodes) and returns fp32 grads equal to the fp64 reference's."""
+    torch.manual_seed(2)
+    base = nn.Conv2d(6, 5, 3, padding=1).to(torch.bfloat16)
+    ours = ftk.nn.LoRAConv2d(base, r=2, alpha=4, dropout=0.25, strategy="unmerged")
+    assert ours.lora_A.dtype == torch.float32
+    with torch.no_grad():
+        ours.lora_B.normal_()
+    x = torch.randn(2, 6, 7, 7, dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(5)
+    y = ours(x)
+    assert type(y.grad_fn).__name__ == "_UnmergedConvBackward"
+    assert [type(f).__name__ for f, _ in y.grad_fn.next_functions if f is not None] == ["AccumulateGrad"] * 3
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert ours.lora_A.grad.dtype == ours.lora_B.grad.dtype == torch.float32
+    torch.manual_seed(5)
+    seed = int(draw_seed(torch.device("cpu")))  # the seed the layer drew
+    xd, a, b = (t.detach().double().requires_grad_(True) for t in (x, ours.lora_A, ours.lora_B))
+    xm = xd * keep4d(seed, xd.shape, 0.25).double() / 0.75
+    w, bias = base.weight.double(), base.bias.double()
+    yr = F.conv2d(xd, w, bias, padding=1) + ours.scaling * F.conv2d(F.conv2d(xm, a, padding=1), b)
+    torch.testing.assert_close(y.double(), yr, atol=0.1, rtol=3e-2)
+    got = (x.grad, ours.lora_A.grad, ours.lora_B.grad)
+    for t, want in zip(got, torch.autograd.grad(yr, (xd, a, b), g.double()), strict=True):
+        torch.testing.assert_close(t.double(), want, atol=0.05 * want.abs().max().item(), rtol=3e-2)
 
 
 # ------------------------------------------------------------------ a ResNet-18 that trains

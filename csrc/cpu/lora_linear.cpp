@@ -8,10 +8,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "ftk/lora.h"
+#include "ftk/lora_cpu.h"
 #include "ftk/lora_host.h"
 
 namespace ftk {
@@ -42,13 +44,11 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
 template <typename T, typename Acc>
 void dropped_block(const T* x, int64_t ldx, int64_t m0, int64_t rows, int64_t K, uint64_t seed, uint32_t thr,
                    Acc inv_keep, Acc* buf, Acc* mult, uint16_t* draws) {
-  const int groups = static_cast<int>((K + 7) / 8);
   for (int64_t i = 0; i < rows; ++i) {
-    philox_dropout_block(seed, kLoraStream, lora_dropout_group(static_cast<uint64_t>(m0 + i), 0), groups, draws);
     const T* xr = x + (m0 + i) * ldx;
     Acc* br = buf + i * K;
     Acc* mr = mult + i * K;
-    for (int64_t k = 0; k < K; ++k) mr[k] = draws[k] >= thr ? inv_keep : Acc(0);
+    keep_multipliers(seed, m0 + i, K, thr, inv_keep, mr, draws);
     for (int64_t k = 0; k < K; ++k) br[k] = static_cast<Acc>(xr[k]) * mr[k];
   }
 }
@@ -108,7 +108,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, cons
 // grad_x = g W runs whole in BLAS; everything rank-r runs in one parallel pass over row blocks of
 // g and x: v = s g B, the grad_B and grad_A partials (per thread, summed once: deterministic for a
 // given thread count) and grad_x += D'(v A). Skinny BLAS calls on whole matrices parallelize
-// poorly; per-block ones on both threads measured ~2x faster.
+// poorly; per-block ones on both threads measured ~2x faster. A thread's first block writes its
+// partials with beta = 0 (no zero fill) and one partial is used as is (no sum): small layers are
+// bound by the number of ATen calls, not by flops.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& weight, const at::Tensor& lora_a,
                                                                    const at::Tensor& lora_b, const at::Tensor& u,
@@ -127,43 +129,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(const at::Ten
   at::Tensor grad_a, grad_b;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool same = std::is_same_v<scalar_t, acc_t>;
     const auto acc = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     const at::ScalarType acc_type = acc.dtype().toScalarType();
-    const at::Tensor af = lora_a.to(acc_type).contiguous(), bf = lora_b.to(acc_type);
-    const int nthreads = at::get_num_threads();
-    const at::Tensor part_a = at::zeros({nthreads, R, K}, acc), part_b = at::zeros({nthreads, R, N}, acc);
-    const int64_t rb = rows_per_block(K), nblocks = (M + rb - 1) / rb;
+    const at::Tensor af = same ? lora_a : lora_a.to(acc_type), bf = same ? lora_b : lora_b.to(acc_type);
+    // Without dropout and without dtype conversion no block buffer exists, so one block per thread
+    // (fewest ATen calls); otherwise blocks are sized for the cache.
+    const int64_t nthr = at::get_num_threads();
+    const int64_t rb = dropout == 0 && same ? std::max<int64_t>((M + nthr - 1) / nthr, 1) : rows_per_block(K);
+    const int64_t nblocks = std::max<int64_t>((M + rb - 1) / rb, 1);
+    // One slot per thread that may run (parallel_for numbers its threads from 0).
+    const int nslots = nblocks == 1 ? 1 : at::get_num_threads();
+    const at::Tensor part_a = at::empty({nslots, R, K}, acc), part_b = at::empty({nslots, N, R}, acc);
+    std::vector<char> used(nslots, 0);
     const scalar_t* xp = xc.data_ptr<scalar_t>();
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    const bool masked_epilogue = need_x && (dropout > 0 || !same);
+    auto run = [&](int64_t b0, int64_t b1, int slot) {
       const at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads start with it on
-      Workspace ws(rb, K, acc);
-      at::Tensor mine_a = part_a[at::get_thread_num()], mine_b = part_b[at::get_thread_num()];
-      at::Tensor t = need_x ? at::empty({rb, K}, acc) : at::Tensor();
+      std::optional<Workspace> ws;
+      if (dropout > 0) ws.emplace(rb, K, acc);
+      at::Tensor mine_a = part_a[slot], mine_b = part_b[slot];
+      at::Tensor t = masked_epilogue ? at::empty({rb, K}, acc) : at::Tensor();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t m0 = b * rb, rows = std::min(rb, M - m0);
-        const at::Tensor gb = grad.narrow(0, m0, rows).to(acc_type);
+        const double beta = b == b0 ? 0.0 : 1.0;  // beta 0 ignores the uninitialized partial
+        const at::Tensor gb = same ? grad.narrow(0, m0, rows) : grad.narrow(0, m0, rows).to(acc_type);
+        const at::Tensor ubk = same ? u.narrow(0, m0, rows) : u.narrow(0, m0, rows).to(acc_type);
         const at::Tensor vb = at::mm(gb, bf).mul_(scaling);  // [rows, R]
-        mine_b.addmm_(u.narrow(0, m0, rows).to(acc_type).t(), gb);
+        mine_b.addmm_(gb.t(), ubk, beta, scaling);
         at::Tensor dx;  // D(x) block
         if (dropout > 0) {
           dropped_block(xp, xc.stride(0), m0, rows, K, static_cast<uint64_t>(seed), thr,
-                        static_cast<acc_t>(inv_keep), ws.buf.data_ptr<acc_t>(), ws.mult.data_ptr<acc_t>(),
-                        ws.draws.data());
-          dx = ws.buf.narrow(0, 0, rows);
+                        static_cast<acc_t>(inv_keep), ws->buf.data_ptr<acc_t>(), ws->mult.data_ptr<acc_t>(),
+                        ws->draws.data());
+          dx = ws->buf.narrow(0, 0, rows);
         } else {
-          dx = xc.narrow(0, m0, rows).to(acc_type);
+          dx = same ? xc.narrow(0, m0, rows) : xc.narrow(0, m0, rows).to(acc_type);
         }
-        mine_a.addmm_(vb.t(), dx);
+        mine_a.addmm_(vb.t(), dx, beta, 1.0);
         if (!need_x) continue;
         at::Tensor gxb = grad_x.narrow(0, m0, rows);
-        if (dropout == 0 && std::is_same_v<scalar_t, acc_t>) {
+        if (!masked_epilogue) {
           gxb.addmm_(vb, af);
           continue;
         }
         at::Tensor tb = t.narrow(0, 0, rows);
         at::mm_out(tb, vb, af);  // [rows, K] = v A, masked below: D'(v A)
         const acc_t* tp = tb.data_ptr<acc_t>();
-        const acc_t* mp = ws.mult.data_ptr<acc_t>();
+        const acc_t* mp = dropout > 0 ? ws->mult.data_ptr<acc_t>() : nullptr;
         for (int64_t i = 0; i < rows; ++i) {
           scalar_t* gr = gxb.data_ptr<scalar_t>() + i * K;
           if (dropout > 0) {
@@ -174,10 +187,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(const at::Ten
           }
         }
       }
-    });
-    grad_a = part_a.sum(0).to(x.scalar_type());
-    grad_b = part_b.sum(0).mul_(scaling).t().contiguous().to(x.scalar_type());  // [N, R]
+    };
+    if (nslots == 1) {
+      run(0, nblocks, 0);  // no parallel region: one slot, the caller's thread
+      used[0] = 1;
+    } else {
+      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+        const int slot = at::get_thread_num();
+        TORCH_CHECK(slot < nslots, "ftkernels lora_linear: thread ", slot, " beyond ", nslots, " slots");
+        run(b0, b1, slot);
+        used[slot] = 1;
+      });
+    }
+    std::vector<int64_t> slots;
+    for (int64_t i = 0; i < nslots; ++i)
+      if (used[i]) slots.push_back(i);
+    auto reduce = [&](const at::Tensor& part) {
+      if (slots.size() == 1) return part[slots[0]];
+      return part.index_select(0, at::tensor(slots, at::kLong)).sum(0);
+    };
+    grad_a = reduce(part_a).to(x.scalar_type());
+    grad_b = reduce(part_b).to(x.scalar_type());  // [N, R], scaled in its addmm
   });
+  if (M == 0) {  // no rows: no block ran; the grads are zero
+    grad_a = at::zeros_like(lora_a);
+    grad_b = at::zeros_like(lora_b);
+  }
   return {grad_x, grad_a, grad_b};
 }
 

@@ -14,13 +14,14 @@ import time
 
 import torch
 
-from . import e2e, lora_conv, lora_linear, masked, optimizer
+from . import e2e, lora_conv, lora_linear, loreft, masked, optimizer
 from .common import copy_bandwidth, environment, format_table, time_ms
 
 SUITES = {
     "lora_linear": lora_linear.run,
     "lora_conv": lora_conv.run,
     "masked": masked.run,
+    "loreft": loreft.run,
     "optimizer": optimizer.run,
     "e2e": e2e.run,
 }

@@ -8,11 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.lora_dropout import lora_dropout
+from ..ops.lora_dropout import lora_dropout_nograd
 from ._lora_common import LoRAMergeMixin, peft_adapter
-from .lora_linear import _compute_dtype, draw_seed
+from .lora_linear import _compute_dtype, _unused_seed, draw_seed
 
 STRATEGIES = ("auto", "unmerged", "merged")
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _rank_update_(y: Tensor, u: Tensor, lora_b2: Tensor, scaling: float) -> None:
@@ -36,23 +40,26 @@ class _UnmergedConv(torch.autograd.Function):
     Forward: ``y = conv(x, W, b)``, ``u = conv(D(x), A)``, ``y += s B u`` in place.
     Backward: ``gu = s B^T g``; ``grad_B = s sum g u^T``; ``grad_A = wgrad(D(x), gu)``;
     ``grad_x = dgrad(g, W) + D(dgrad(gu, A))`` (D is its own adjoint). Saved: x, u (r channels), seed.
+    Adapters of another dtype than x (fp32 on a bf16 base) are cast inside and get grads in their
+    own dtype: one autograd node per layer, no cast nodes.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout, seed, geom):
         stride, padding, dilation = geom
         y = F.conv2d(x, weight, bias, stride, padding, dilation)
-        xd = lora_dropout(x, dropout, seed) if dropout > 0 else x
-        u = F.conv2d(xd, lora_a, None, stride, padding, dilation)
+        xd = lora_dropout_nograd(x, dropout, seed) if dropout > 0 else x
+        u = F.conv2d(xd, _as(lora_a, x.dtype), None, stride, padding, dilation)
         del xd
-        _rank_update_(y, u, lora_b.view(lora_b.shape[0], -1), scaling)
+        _rank_update_(y, u, _as(lora_b, x.dtype).view(lora_b.shape[0], -1), scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, u, seed)
         ctx.scaling, ctx.dropout, ctx.geom = scaling, dropout, geom
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, lora_a, lora_b, u, seed = ctx.saved_tensors
+        x, weight, lora_a0, lora_b0, u, seed = ctx.saved_tensors
+        lora_a, lora_b = _as(lora_a0, x.dtype), _as(lora_b0, x.dtype)
         s, p, (stride, padding, dilation) = ctx.scaling, ctx.dropout, ctx.geom
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         # One aten.convolution_backward per conv, each producing the grads it is asked for (what
@@ -61,8 +68,8 @@ class _UnmergedConv(torch.autograd.Function):
         one, zero = [1, 1], [0, 0]
         gu, grad_b, _ = bwd(g, u, lora_b, None, one, zero, one, False, zero, 1, [True, need_b, False])
         gu.mul_(s)
-        grad_b = grad_b.mul_(s) if need_b else None
-        xd = lora_dropout(x, p, seed) if p > 0 and need_a else x
+        grad_b = _as(grad_b.mul_(s), lora_b0.dtype) if need_b else None
+        xd = lora_dropout_nograd(x, p, seed) if p > 0 and need_a else x
         t, grad_a, _ = bwd(gu, xd, lora_a, None, stride, padding, dilation, False, zero, 1, [need_x, need_a, False])
         del xd
         grad_x = grad_w = grad_bias = None
@@ -71,8 +78,9 @@ class _UnmergedConv(torch.autograd.Function):
             mask = [need_x, need_w, need_bias]
             grad_x, grad_w, grad_bias = bwd(g, x, weight, bias_sizes, stride, padding, dilation, False, zero, 1, mask)
         if need_x:
-            grad_x.add_(lora_dropout(t, p, seed) if p > 0 else t)
-        return grad_x, grad_w, grad_bias, grad_a if need_a else None, grad_b, None, None, None, None
+            grad_x.add_(lora_dropout_nograd(t, p, seed) if p > 0 else t)
+        grad_a = _as(grad_a, lora_a0.dtype) if need_a else None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 def merged_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
@@ -185,8 +193,8 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         dtype = _compute_dtype(x, self.base.weight, "LoRAConv2d")
-        cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in self._tensors(x)]
-        xc, w, b, a, bb = cast
+        xc, w, b = (t if t is None or t.dtype == dtype else t.to(dtype) for t in self._tensors(x)[:3])
+        a, bb = self.lora_A, self.lora_B  # cast inside the unmerged node (no cast nodes)
         p = self.dropout if self.training else 0.0
         strategy = self.strategy
         if strategy == "auto":
@@ -196,9 +204,10 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         self.last_strategy = strategy
         stride, padding, dilation = self.geom
         if strategy == "merged":
-            y = F.conv2d(xc, merged_weight(w, a, bb, self.scaling), b, stride, padding, dilation)
+            merged = merged_weight(w, _as(a, dtype), _as(bb, dtype), self.scaling)
+            y = F.conv2d(xc, merged, b, stride, padding, dilation)
         else:
-            seed = draw_seed(x.device) if p > 0 else torch.empty((), dtype=torch.int64, device=x.device)
+            seed = draw_seed(x.device) if p > 0 else _unused_seed(x.device)
             y = _UnmergedConv.apply(xc, w, b, a, bb, self.scaling, p, seed, self.geom)
         return y.squeeze(0) if unbatched else y
 

@@ -19,6 +19,18 @@ def draw_seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
+_UNUSED_SEEDS: dict[torch.device, Tensor] = {}
+
+
+def _unused_seed(device: torch.device) -> Tensor:
+    """A placeholder seed for dropout-free calls (never read), one per device: saves an allocation
+    per layer call."""
+    t = _UNUSED_SEEDS.get(device)
+    if t is None:
+        t = _UNUSED_SEEDS[device] = torch.zeros((), dtype=torch.int64, device=device)
+    return t
+
+
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype autocast would run a matmul/conv on x in, or None when autocast is off for x."""
     dev = x.device.type
@@ -87,11 +99,10 @@ def lora_linear(
     if p > 0 and seed is None:
         seed = draw_seed(x.device)
     elif seed is None:
-        seed = torch.empty((), dtype=torch.int64, device=x.device)  # unused without dropout
-    cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, bias, lora_a, lora_b)]
-    x2 = cast[0].reshape(-1, K)
-    y, _ = _ops.lora_linear_fwd(x2, cast[1], cast[2], cast[3], cast[4], float(scaling), p, seed)
-    return y.view(*x.shape[:-1], N)
+        seed = _unused_seed(x.device)
+    # The adapters keep their dtype: the op casts them inside its one autograd node (no cast nodes).
+    x, weight, bias = (t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, bias))
+    return _ops.lora_linear_y(x, weight, bias, lora_a, lora_b, float(scaling), p, seed)
 
 
 class LoRALinear(LoRAMergeMixin, nn.Module):

@@ -39,3 +39,16 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling: float, dropo
         keep = lora_keep_mask(seed, x2.shape[0], x2.shape[1], dropout).to(x.device)
         xd = (x2 * keep.to(x.dtype) / (1.0 - dropout)).reshape(x.shape)
     return y + scaling * ((xd @ lora_a.t()) @ lora_b.t())
+
+
+def loreft_reference(h, rot, w, b, dropout: float = 0.0, seed: int = 0):
+    """LoReFT ``h' = D(h + R^T (W h + b - R h))`` over the last dim, written row-vector style:
+    ``h + (h W^T + b - h R^T) R``; h ``[..., d]``, R and W ``[r, d]``, b ``[r]``; D = the LoRA dropout
+    stream over h's ``[numel / d, d]`` view (kept values scaled by ``1/(1-p)``), as pyreft's dropout
+    on the intervention's output."""
+    out = h + (h @ w.t() + b - h @ rot.t()) @ rot
+    if dropout > 0:
+        o2 = out.reshape(-1, out.shape[-1])
+        keep = lora_keep_mask(seed, o2.shape[0], o2.shape[1], dropout).to(out.device)
+        out = (o2 * keep.to(out.dtype) / (1.0 - dropout)).reshape(out.shape)
+    return out

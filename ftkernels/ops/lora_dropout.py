@@ -16,21 +16,28 @@ from torch import Tensor
 from .._ext import C, ExtensionError
 
 
-@torch.library.custom_op("ftkernels::lora_dropout", mutates_args=())
-def lora_dropout(x: Tensor, dropout: float, seed: Tensor) -> Tensor:
+def _impl(x: Tensor, dropout: float, seed: Tensor) -> Tensor:
+    if x.device.type == "cpu":
+        return C().lora_dropout_cpu(x, dropout, int(seed))
+    if x.device.type == "cuda":
+        from ..triton import lora_dropout as tk
+
+        return tk.lora_dropout(x, dropout, seed)
     raise ExtensionError(f"ftkernels lora_dropout has no kernel for device {x.device} (cpu and cuda are served)")
 
 
-@lora_dropout.register_kernel("cpu")
-def _cpu(x, dropout, seed):
-    return C().lora_dropout_cpu(x, dropout, int(seed))
+@torch.library.custom_op("ftkernels::lora_dropout", mutates_args=())
+def lora_dropout(x: Tensor, dropout: float, seed: Tensor) -> Tensor:
+    return _impl(x, dropout, seed)
 
 
-@lora_dropout.register_kernel("cuda")
-def _cuda(x, dropout, seed):
-    from ..triton import lora_dropout as tk
-
-    return tk.lora_dropout(x, dropout, seed)
+def lora_dropout_nograd(x: Tensor, dropout: float, seed: Tensor) -> Tensor:
+    """``D(x)`` inside an autograd.Function's forward or backward (no autograd wanted): the kernel
+    called directly in eager mode (a custom op's dispatch costs more host time than a small
+    kernel), the custom op when ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return lora_dropout(x, dropout, seed)
+    return _impl(x, dropout, seed)
 
 
 @lora_dropout.register_fake

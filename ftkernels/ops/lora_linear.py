@@ -7,15 +7,18 @@
     ``v = s g B``; ``grad_B = s g^T u``; ``grad_A = v^T D(x)``; ``grad_x = g W + D'(v A)`` (an empty
     tensor when ``need_x`` is false).
 
-x is ``[M, K]``, W ``[N, K]``, A ``[r, K]``, B ``[N, r]``, all one dtype and device; ``seed`` is an int64
-scalar tensor on x's device (read in-kernel on GPU: no host sync). The mask D is a pure function of
-(seed, row, column) (``csrc/include/ftk/lora.h``), so backward regenerates it: saved state is x, u and
-the seed. Both ops have fake implementations, so ``torch.compile`` traces through them, and the
-forward op has its autograd formula registered.
+x is ``[M, K]``, W ``[N, K]``, A ``[r, K]``, B ``[N, r]``, one device; x and W share a dtype, the
+adapters may have another (fp32 adapters on a bf16 base: cast inside, their grads returned in
+their dtype). ``seed`` is an int64 scalar tensor on x's device (read in-kernel on GPU: no host
+sync). The mask D is a pure function of (seed, row, column) (``csrc/include/ftk/lora.h``), so
+backward regenerates it: saved state is x, u and the seed. Both ops have fake implementations, so
+``torch.compile`` traces through them, and the forward op has its autograd formula registered; in
+eager mode :class:`LoRALinearFunction` runs the same kernels with less host time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -31,12 +34,44 @@ def _gemm_choice() -> str:
     return choice
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # skips the call's dispatch when nothing changes
+
+
+def _fwd_impl(x, weight, bias, lora_a, lora_b, scaling, dropout, seed):
+    """Device dispatch of the forward, adapters cast to x's dtype: (y, u)."""
+    lora_a, lora_b = _as(lora_a, x.dtype), _as(lora_b, x.dtype)
+    if x.device.type == "cpu":
+        return C().lora_linear_fwd_cpu(x, weight, bias, lora_a, lora_b, scaling, dropout, int(seed))
+    if x.device.type == "cuda":
+        from ..triton import lora_linear as tk
+
+        return tk.forward(x, weight, bias, lora_a, lora_b, scaling, dropout, seed, _gemm_choice())
+    raise ExtensionError(f"ftkernels lora_linear has no kernel for device {x.device} (cpu and cuda are served)")
+
+
+def _bwd_impl(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x):
+    """Device dispatch of the backward: (grad_x or empty, grad_A, grad_B), the adapter grads in the
+    adapters' own dtype (fp32 adapters on a bf16 base get fp32 grads, as autograd's cast would give)."""
+    a, b = _as(lora_a, x.dtype), _as(lora_b, x.dtype)
+    grad = grad.contiguous()
+    if x.device.type == "cpu":
+        gx, ga, gb = C().lora_linear_bwd_cpu(grad, x, weight, a, b, u, scaling, dropout, int(seed), need_x)
+    elif x.device.type == "cuda":
+        from ..triton import lora_linear as tk
+
+        gx, ga, gb = tk.backward(grad, x, weight, a, b, u, scaling, dropout, seed, need_x, _gemm_choice())
+    else:
+        raise ExtensionError(f"ftkernels lora_linear has no kernel for device {x.device} (cpu and cuda are served)")
+    return gx, _as(ga, lora_a.dtype), _as(gb, lora_b.dtype)
+
+
 @torch.library.custom_op("ftkernels::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, dropout: float,
     seed: Tensor,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    raise ExtensionError(f"ftkernels lora_linear has no kernel for device {x.device} (cpu and cuda are served)")
+    return _fwd_impl(x, weight, bias, lora_a, lora_b, scaling, dropout, seed)
 
 
 @torch.library.custom_op("ftkernels::lora_linear_bwd", mutates_args=())
@@ -44,31 +79,7 @@ def lora_linear_bwd(
     grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, u: Tensor, scaling: float,
     dropout: float, seed: Tensor, need_x: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    raise ExtensionError(f"ftkernels lora_linear has no kernel for device {x.device} (cpu and cuda are served)")
-
-
-@lora_linear_fwd.register_kernel("cpu")
-def _fwd_cpu(x, weight, bias, lora_a, lora_b, scaling, dropout, seed):
-    return C().lora_linear_fwd_cpu(x, weight, bias, lora_a, lora_b, scaling, dropout, int(seed))
-
-
-@lora_linear_bwd.register_kernel("cpu")
-def _bwd_cpu(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x):
-    return C().lora_linear_bwd_cpu(grad.contiguous(), x, weight, lora_a, lora_b, u, scaling, dropout, int(seed), need_x)
-
-
-@lora_linear_fwd.register_kernel("cuda")
-def _fwd_cuda(x, weight, bias, lora_a, lora_b, scaling, dropout, seed):
-    from ..triton import lora_linear as tk
-
-    return tk.forward(x, weight, bias, lora_a, lora_b, scaling, dropout, seed, _gemm_choice())
-
-
-@lora_linear_bwd.register_kernel("cuda")
-def _bwd_cuda(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x):
-    from ..triton import lora_linear as tk
-
-    return tk.backward(grad.contiguous(), x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x, _gemm_choice())
+    return _bwd_impl(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x)
 
 
 @lora_linear_fwd.register_fake
@@ -82,24 +93,17 @@ def _bwd_fake(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x
     return gx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scaling, dropout, seed = inputs
-    _, u = output
-    # x is the caller's own activation (alive anyway); u is M x r; no dropped copy of x is kept.
-    ctx.save_for_backward(x, weight, lora_a, lora_b, u, seed)
-    ctx.scaling, ctx.dropout = scaling, dropout
-    ctx.mark_non_differentiable(u)
-
-
-def _backward(ctx, grad_y, _grad_u):
+def _grads(ctx, grad_y, bwd):
+    """The input grads of the forward from the saved (x, weight, lora_a, lora_b, u, seed), with ``bwd``
+    the backward op (the custom op when traced, its implementation in eager mode)."""
     x, weight, lora_a, lora_b, u, seed = ctx.saved_tensors
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     grad_x = grad_a = grad_b = grad_w = grad_bias = None
     if need_x or need_a or need_b:
-        gx, ga, gb = lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, ctx.scaling, ctx.dropout, seed, need_x)
+        gx, ga, gb = bwd(grad_y, x, weight, lora_a, lora_b, u, ctx.scaling, ctx.dropout, seed, need_x)
         grad_x = gx if need_x else None
-        grad_a = ga if need_a else None
-        grad_b = gb if need_b else None
+        grad_a = _as(ga, ctx.adapter_dtypes[0]) if need_a else None
+        grad_b = _as(gb, ctx.adapter_dtypes[1]) if need_b else None
     if need_w:  # an unfrozen base weight: plain dW = g^T x
         grad_w = grad_y.t() @ x
     if need_bias:
@@ -107,4 +111,69 @@ def _backward(ctx, grad_y, _grad_u):
     return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 
-torch.library.register_autograd("ftkernels::lora_linear_fwd", _backward, setup_context=_setup_context)
+def _save(ctx, x, weight, lora_a, lora_b, u, seed, scaling, dropout, adapter_dtypes):
+    # x is the caller's own activation (alive anyway); u is M x r; no dropped copy of x is kept.
+    ctx.save_for_backward(x, weight, lora_a, lora_b, u, seed)
+    ctx.scaling, ctx.dropout, ctx.adapter_dtypes = scaling, dropout, adapter_dtypes
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, dropout, seed = inputs
+    _save(ctx, x, weight, lora_a, lora_b, output[1], seed, scaling, dropout, (lora_a.dtype, lora_b.dtype))
+    ctx.mark_non_differentiable(output[1])
+
+
+torch.library.register_autograd(
+    "ftkernels::lora_linear_fwd", lambda ctx, grad_y, _grad_u: _grads(ctx, grad_y, lora_linear_bwd),
+    setup_context=_setup_context,
+)  # fmt: skip
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """The eager-mode autograd node: the same kernels and formulas as the custom ops, called directly,
+    on x of any leading shape (flattened inside: no view nodes around it).
+
+    ``torch.library`` custom ops cost ~0.5 ms of Python per layer step in eager mode on a slow host
+    (argument re-binding through the schema, a generated autograd.Function, two redispatches),
+    more than the kernels of a small layer; :func:`lora_linear_y` uses this node unless
+    ``torch.compile`` traces.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout, seed):
+        flat = x.dim() != 2  # a 2-D x skips the reshape and view calls (~10 us each on a slow host)
+        x2 = x.reshape(-1, x.shape[-1]) if flat else x
+        a, b = _as(lora_a, x.dtype), _as(lora_b, x.dtype)  # cast once: backward reuses the r-row copies
+        with _no_autocast(x):
+            y, u = _fwd_impl(x2, weight, bias, a, b, scaling, dropout, seed)
+        _save(ctx, x2, weight, a, b, u, seed, scaling, dropout, (lora_a.dtype, lora_b.dtype))
+        ctx.x_shape = x.shape if flat else None
+        return y.view(*x.shape[:-1], y.shape[-1]) if flat else y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        flat = ctx.x_shape is not None
+        with _no_autocast(grad_y):
+            grads = _grads(ctx, grad_y.reshape(-1, grad_y.shape[-1]) if flat else grad_y, _bwd_impl)
+        gx = grads[0]
+        return (gx.view(ctx.x_shape) if flat and gx is not None else gx, *grads[1:])
+
+
+def _no_autocast(t: Tensor):
+    """Autocast off around the kernels (their inner matmuls run in the dtypes chosen here, as a custom
+    op's kernel does); a no-op context when it is off already."""
+    dev = t.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
+
+
+def lora_linear_y(x, weight, bias, lora_a, lora_b, scaling: float, dropout: float, seed: Tensor) -> Tensor:
+    """``y`` (``[..., N]``) of ``ftkernels::lora_linear_fwd`` for x ``[..., K]``, with autograd: through
+    the custom op when ``torch.compile`` traces, else through :class:`LoRALinearFunction` (same
+    kernels, less host time)."""
+    if torch.compiler.is_compiling():
+        y = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, dropout, seed)[0]
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout, seed)

@@ -205,11 +205,12 @@ def _br(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def lora_down(x, a, seed, p):
-    """``u = D(x) A^T * 1/(1-p)``: x ``[M, K]``, A ``[r, K]`` -> u ``[M, r]`` in x's dtype."""
+def lora_down(x, a, seed, p, out_dtype=None):
+    """``u = D(x) A^T * 1/(1-p)``: x ``[M, K]``, A ``[r, K]`` -> u ``[M, r]`` in ``out_dtype`` (x's by
+    default; fp32 accumulation either way)."""
     M, K = x.shape
     R = a.shape[0]
-    u = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    u = torch.empty((M, R), device=x.device, dtype=out_dtype or x.dtype)
     BM, BK = (32, 32) if INTERPRET else (64, 128)
     _lora_down_kernel[(triton.cdiv(M, BM),)](
         x, a, u, seed, M, K, R, x.stride(0), x.stride(1), a.stride(0), a.stride(1), u.stride(0), u.stride(1),
@@ -242,6 +243,17 @@ def lowrank_gemm(x, w_op, bias, u, v_op, scale, seed=None, p=0.0):
     return out
 
 
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a GPU, cached (the property lookup is host time on every call)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
 def lora_grad_a(x, v, a, seed, p, grad_x=None):
     """``grad_A = v^T D(x) * 1/(1-p)`` (``[r, K]``); with ``grad_x``, also ``grad_x += D'(v A)`` in place."""
     M, K = x.shape
@@ -250,7 +262,7 @@ def lora_grad_a(x, v, a, seed, p, grad_x=None):
     if INTERPRET:
         split = 2
     else:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        sms = _sm_count(x.device)
         split = max(1, min(triton.cdiv(M, BM), triton.cdiv(2 * sms, triton.cdiv(K, BK))))
     part = torch.empty((split, R, K), device=x.device, dtype=torch.float32)
     gx = grad_x if grad_x is not None else x

@@ -1,0 +1,75 @@
+"""LoReFT benchmark: one intervention's training-step work (forward + backward to h, R, W, b) of the
+fused op against the plain-PyTorch formula as pyreft writes it (``h + (h W^T + b - h R^T) R``, then
+``nn.functional.dropout``), side by side on the same inputs. R is given (the orthonormal
+parametrization's cost is the same for both and not part of the intervention).
+
+GPU: h of 8192 x 4096 bf16, r=4, fp32 parameters (the issue's case); CPU: 2048 x 1024 fp32
+(quick: 512 x 256). Inputs rotate over 3 buffers so the 64 MB of h do not sit in the H100's L2.
+
+Floors (bytes / measured copy bandwidth): the issue's (read h, write h' and grad_h: 3 passes over
+``[M, d]``) in ``floor_ms``, and the minimum the math allows (forward reads h and writes h';
+backward reads g and h and writes grad_h: 5 passes) in ``extra``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import loreft as ops
+from .common import peak_extra_mb, time_rounds_ms
+
+
+def _reference(h, rot, w, b, p):
+    out = h + ((h @ w.t().to(h.dtype) + b.to(h.dtype) - h @ rot.t().to(h.dtype)) @ rot.to(h.dtype))
+    return F.dropout(out, p) if p > 0 else out
+
+
+def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
+    """Rows: fused LoReFT vs the PyTorch formula, dropout 0 and 0.1."""
+    if device.type == "cuda":
+        M, d, dtype, reps = 8192, 4096, torch.bfloat16, 20
+    else:
+        M, d, dtype, reps = (512, 256, torch.float32, 5) if quick else (2048, 1024, torch.float32, 10)
+    r = 4
+    bw = ceilings["copy_GBps"] * 1e9
+    torch.manual_seed(0)
+    rot = torch.linalg.qr(torch.randn(d, r, device=device))[0].t().contiguous().requires_grad_(True)
+    w = torch.randn(r, d, device=device).mul_(d**-0.5).requires_grad_(True)
+    b = torch.randn(r, device=device).requires_grad_(True)
+    hs = [torch.randn(M, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+    gs = [torch.randn(M, d, device=device, dtype=dtype) for _ in range(3)]
+    nbytes = M * d * hs[0].element_size()
+    rows = []
+    for p in (0.0, 0.1):
+        seed = torch.randint(0, 2**62, (), device=device)
+
+        def step(fn, it=[0]):  # noqa: B006 - the rotation counter lives across calls
+            def go():
+                i = it[0] = (it[0] + 1) % 3
+                h, g = hs[i], gs[i]
+                h.grad = None
+                for t in (rot, w, b):
+                    t.grad = None
+                fn(h).backward(g)
+
+            return go
+
+        fns = {
+            "pytorch": step(lambda h: _reference(h, rot, w, b, p)),
+            "ours": step(lambda h: ops.loreft_apply(h, rot, w, b, p, seed)),
+        }
+        ms = time_rounds_ms(fns, device, reps)
+        rows.append(
+            dict(
+                case=f"LoReFT h {M}x{d} {str(dtype).replace('torch.', '')} r{r} p{p}",
+                baseline="PyTorch formula (pyreft's)",
+                baseline_ms=ms["pytorch"],
+                ours_ms=ms["ours"],
+                floor_ms=3 * nbytes / bw * 1e3,
+                baseline_mem_MB=peak_extra_mb(fns["pytorch"], device),
+                ours_mem_MB=peak_extra_mb(fns["ours"], device),
+                ours_vs_5pass=ms["ours"] / (5 * nbytes / bw * 1e3),
+            )
+        )
+    return rows, {"floor_5pass_ms": 5 * nbytes / bw * 1e3}

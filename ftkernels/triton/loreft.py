@@ -1,0 +1,133 @@
+"""Triton kernels of the fused LoReFT intervention (GPU; on CPU tensors through ``TRITON_INTERPRET=1``).
+
+``h' = D(h + s R)`` with ``s = h (W - R)^T + b``; h ``[M, d]``, R and W ``[r, d]``. The rank-r
+reductions over d (``s``, and backward's ``t = D(g) R^T``) run in ``lora_down`` (shared with the
+LoRA Linear: the dropout tile of x lives in registers only); the rest is one elementwise-shaped pass:
+
+- ``_reft_apply_kernel``: ``h' = D(h + s R)`` tile by tile, the rank-r product as r fp32 FMAs per
+  element (r is a compile-time constant), so h is read and h' written once.
+- ``_reft_bwd_kernel``: by column blocks with split-M partials (summed by torch: deterministic):
+  ``grad_h = D(g) + t (W - R)``, and the partials of ``t^T h`` and ``s^T D(g)`` (grad_W and grad_R),
+  reading g and h once.
+
+Passes over ``[M, d]``: forward reads h twice and writes h' (3); backward reads g twice and h once
+and writes grad_h (4). The minimum is 2 and 3 (bench/NOTES.md "LoReFT").
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .lora_linear import INTERPRET, _keep_tile, _load2d, _sm_count, dropout_threshold, lora_down
+
+
+@triton.jit
+def _reft_apply_kernel(
+    h_ptr, s_ptr, r_ptr, out_ptr, seed_ptr, M, D,
+    shm, shd, ssm, ssr, srr, srd, som, sod,
+    thr, inv_keep,
+    DROPOUT: tl.constexpr, RANK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    ks = tl.program_id(1) * BK + tl.arange(0, BK)
+    acc = _load2d(h_ptr, rm, ks, shm, shd, M, D).to(tl.float32)
+    for j in tl.static_range(RANK):  # h + s R, one fp32 FMA per rank
+        sj = tl.load(s_ptr + rm * ssm + j * ssr, mask=rm < M, other=0.0).to(tl.float32)
+        rj = tl.load(r_ptr + j * srr + ks * srd, mask=ks < D, other=0.0).to(tl.float32)
+        acc += sj[:, None] * rj[None, :]
+    if DROPOUT:
+        keep = _keep_tile(seed_ptr, rm, tl.program_id(1) * BK, thr, BM, BK)
+        acc = tl.where(keep, acc * inv_keep, tl.zeros_like(acc))
+    tl.store(out_ptr + rm[:, None] * som + ks[None, :] * sod, acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (ks[None, :] < D))  # fmt: skip
+
+
+@triton.jit
+def _reft_bwd_kernel(
+    g_ptr, h_ptr, t_ptr, s_ptr, wmr_ptr, gh_ptr, pw_ptr, ps_ptr, seed_ptr, M, D, R,
+    sgm, sgd, shm, shd, stm, str_, ssm, ssr, swr, swd, sghm, sghd,
+    thr, inv_keep,
+    DROPOUT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    pk, ps = tl.program_id(0), tl.program_id(1)
+    ks = pk * BK + tl.arange(0, BK)
+    rr = tl.arange(0, BR)
+    wmr = _load2d(wmr_ptr, rr, ks, swr, swd, R, D).to(tl.float32)  # [BR, BK], zero rows past r
+    acc_w = tl.zeros((BR, BK), dtype=tl.float32)
+    acc_s = tl.zeros((BR, BK), dtype=tl.float32)
+    for m0 in range(ps * BM, M, SPLIT * BM):
+        rm = m0 + tl.arange(0, BM)
+        gd = _load2d(g_ptr, rm, ks, sgm, sgd, M, D).to(tl.float32)
+        if DROPOUT:  # D(g): the forward's mask, regenerated
+            gd = tl.where(_keep_tile(seed_ptr, rm, pk * BK, thr, BM, BK), gd * inv_keep, tl.zeros_like(gd))
+        hb = _load2d(h_ptr, rm, ks, shm, shd, M, D).to(tl.float32)
+        tt = _load2d(t_ptr, rm, rr, stm, str_, M, R).to(tl.float32)  # [BM, BR]
+        st = _load2d(s_ptr, rm, rr, ssm, ssr, M, R).to(tl.float32)
+        gh = gd + tl.dot(tt, wmr, input_precision=PREC)
+        tl.store(gh_ptr + rm[:, None] * sghm + ks[None, :] * sghd, gh.to(gh_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (ks[None, :] < D))  # fmt: skip
+        acc_w = tl.dot(tl.trans(tt), hb, acc_w, input_precision=PREC)
+        acc_s = tl.dot(tl.trans(st), gd, acc_s, input_precision=PREC)
+    out = ps * R * D + rr[:, None] * D + ks[None, :]
+    keep = (rr[:, None] < R) & (ks[None, :] < D)
+    tl.store(pw_ptr + out, acc_w, mask=keep)
+    tl.store(ps_ptr + out, acc_s, mask=keep)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32 data honours torch's TF32 switch; fp16/bf16 data is exact in TF32 (the t and s factors
+    # are rounded to 10 bits, finer than the output's own rounding).
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"
+
+
+def _blocks():
+    return (32, 32) if INTERPRET else (64, 128)
+
+
+def forward(h, rot, w, b, dropout, seed):
+    """GPU forward of ``ftkernels::loreft_fwd``: h ``[M, d]``; R, W ``[r, d]`` and b ``[r]`` in fp32 (or
+    h's dtype). Returns (h' in h's dtype, s ``[M, r]`` fp32)."""
+    M, D = h.shape
+    R = rot.shape[0]
+    wmr = (w.float() - rot.float()).to(h.dtype)  # an operand of the tensor-core dot: h's dtype
+    s = lora_down(h, wmr, seed, 0.0, out_dtype=torch.float32).add_(b.float())
+    out = torch.empty_like(h)
+    BM, BK = _blocks()
+    rf = rot.float()
+    _reft_apply_kernel[(triton.cdiv(M, BM), triton.cdiv(D, BK))](
+        h, s, rf, out, seed, M, D, h.stride(0), h.stride(1), s.stride(0), s.stride(1), rf.stride(0), rf.stride(1),
+        out.stride(0), out.stride(1), dropout_threshold(dropout), 1.0 / (1.0 - dropout),
+        DROPOUT=dropout > 0, RANK=R, BM=BM, BK=BK, num_warps=4,
+    )  # fmt: skip
+    return out, s
+
+
+def backward(grad, h, rot, w, s, dropout, seed):
+    """GPU backward of ``ftkernels::loreft_bwd``: (grad_h, grad_R, grad_W, grad_b), the last three fp32."""
+    M, D = h.shape
+    R = rot.shape[0]
+    t = lora_down(grad, rot.to(h.dtype), seed, dropout, out_dtype=torch.float32)  # D(g) R^T
+    wmr = w.float() - rot.float()
+    grad_h = torch.empty_like(h)
+    BM, BK = _blocks()
+    # Column blocks x row splits ~ 2 programs per SM; each split writes [r, d] fp32 partials.
+    sms = 1 if INTERPRET else _sm_count(h.device)
+    split = 2 if INTERPRET else max(1, min(triton.cdiv(M, BM), triton.cdiv(2 * sms, triton.cdiv(D, BK))))
+    pw = torch.empty((split, R, D), device=h.device, dtype=torch.float32)
+    ps = torch.empty_like(pw)
+    BR = max(16, triton.next_power_of_2(R))
+    _reft_bwd_kernel[(triton.cdiv(D, BK), split)](
+        grad, h, t, s, wmr, grad_h, pw, ps, seed, M, D, R,
+        grad.stride(0), grad.stride(1), h.stride(0), h.stride(1), t.stride(0), t.stride(1), s.stride(0), s.stride(1),
+        wmr.stride(0), wmr.stride(1), grad_h.stride(0), grad_h.stride(1),
+        dropout_threshold(dropout), 1.0 / (1.0 - dropout),
+        DROPOUT=dropout > 0, SPLIT=split, PREC=_prec(h.dtype), BM=BM, BK=BK, BR=BR, num_warps=4,
+    )  # fmt: skip
+    grad_w = pw.sum(0)
+    grad_r = ps.sum(0).sub_(grad_w)
+    return grad_h, grad_r, grad_w, t.sum(0)
