@@ -15,7 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 DEST="${OUT:-bench/results/gpu}"
 STAGES="${STAGES:-build,tests,bench}"
-SUITES="${SUITES:-lora_linear optimizer masked lora_conv e2e}"
+SUITES="${SUITES:-lora_linear optimizer masked lora_conv loreft e2e}"
 BUDGET_S="${BUDGET_S:-560}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$DEST"

@@ -99,3 +99,18 @@ def test_lora_linear_suite_rows(monkeypatch):
         assert abs(r["ours_saved_MB"] - ((64 * 48 + 64 * 4) * 4 + 8) / 2**20) < 1e-12
         if r["baseline"] == "PEFT eager" and "p0.1" in r["case"]:
             assert r["baseline_saved_MB"] > r["ours_saved_MB"] + 64 * 48 * 4 / 2**20 * 0.99
+
+
+def test_cpu_peak_memory_counts_live_tensors():
+    """Two 4 MB tensors alive at once (the third is made after one is freed): a peak of 8 MB."""
+    from ftkernels.bench.common import cpu_peak_extra_mb
+
+    x = torch.randn(1000, 1000)
+
+    def f():
+        y = x * 2
+        z = y + 1
+        del y
+        return z * 3
+
+    assert cpu_peak_extra_mb(f) == pytest.approx(2 * x.numel() * 4 / 2**20, rel=0.01)

@@ -79,9 +79,35 @@ def time_rounds_ms(fns: dict, device: torch.device, reps: int, rounds: int = 3, 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def cpu_peak_extra_mb(fn) -> float | None:
+    """Peak of torch's CPU allocations made during ``fn()`` (MB): the maximum prefix sum of the
+    profiler's raw allocation and free records (``profile_memory``) in time order. ``fn`` runs once
+    unprofiled first, so every block alive before the profiled call (e.g. last step's grads) was
+    made outside the profiler: its free is not recorded and cannot lower the sum (an upper bound on
+    the GPU column's peak above the memory live before). tracemalloc cannot see torch's allocator,
+    and RSS keeps freed pages. Blocks made on OpenMP worker threads inside a kernel may be missed
+    (small here: per-thread buffers). None when this torch's profiler does not expose the records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
+        return None
+    records = sorted((e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]")
+    cur = peak = 0
+    for _, nbytes in records:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
 def peak_extra_mb(fn, device: torch.device) -> float | None:
-    """Peak memory ``fn()`` allocates beyond what is live before it (MB); GPU only (None on CPU,
-    where torch's allocations are not visible to tracemalloc)."""
+    """Peak memory ``fn()`` allocates beyond what is live before it (MB): the CUDA allocator's peak
+    on GPU, :func:`cpu_peak_extra_mb` on CPU."""
+    if device.type == "cpu":
+        return cpu_peak_extra_mb(fn)
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)

@@ -41,23 +41,24 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
     gs = [torch.randn(M, d, device=device, dtype=dtype) for _ in range(3)]
     nbytes = M * d * hs[0].element_size()
     rows = []
+    turn = [0]  # the input rotation, shared by both variants
+
+    def step(fn):
+        def go():
+            i = turn[0] = (turn[0] + 1) % 3
+            h, g = hs[i], gs[i]
+            h.grad = None
+            for t in (rot, w, b):
+                t.grad = None
+            fn(h).backward(g)
+
+        return go
+
     for p in (0.0, 0.1):
         seed = torch.randint(0, 2**62, (), device=device)
-
-        def step(fn, it=[0]):  # noqa: B006 - the rotation counter lives across calls
-            def go():
-                i = it[0] = (it[0] + 1) % 3
-                h, g = hs[i], gs[i]
-                h.grad = None
-                for t in (rot, w, b):
-                    t.grad = None
-                fn(h).backward(g)
-
-            return go
-
         fns = {
-            "pytorch": step(lambda h: _reference(h, rot, w, b, p)),
-            "ours": step(lambda h: ops.loreft_apply(h, rot, w, b, p, seed)),
+            "pytorch": step(lambda h, p=p: _reference(h, rot, w, b, p)),
+            "ours": step(lambda h, p=p, seed=seed: ops.loreft_apply(h, rot, w, b, p, seed)),
         }
         ms = time_rounds_ms(fns, device, reps)
         rows.append(
