@@ -7,4 +7,5 @@ OPS: dict[str, dict[str, str]] = {
     "fused_optim_step": {"cpu": "c++", "cuda": "cuda"},
     "lora_linear": {"cpu": "c++", "cuda": "triton"},
     "lora_dropout": {"cpu": "c++", "cuda": "triton"},
+    "loreft": {"cpu": "c++", "cuda": "triton"},
 }

@@ -71,8 +71,9 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
 class ReftModel(nn.Module):
     """The interventions applied to a model by :func:`apply_reft` (``interventions["<layer>"]`` are
     :class:`~ftkernels.nn.LoReFT`), with the hooks that run them. Train ``reft.parameters()``; call
-    the model as usual. ``save(path)`` / :func:`load_reft` store and restore the interventions;
-    ``remove()`` takes the hooks off (the model is then the frozen original again)."""
+    the model as usual (its train/eval mode also switches the interventions' dropout).
+    ``save(path)`` / :func:`load_reft` store and restore the interventions; ``remove()`` takes the
+    hooks off (the model is then the frozen original again)."""
 
     def __init__(self, model: nn.Module, layers: list[int], positions: str, r: int, dropout: float, d: int):
         super().__init__()
@@ -107,6 +108,8 @@ class ReftModel(nn.Module):
             h = output[0] if isinstance(output, tuple) else output
             if not isinstance(h, Tensor) or h.dim() != 3:
                 raise TypeError(f"apply_reft: layer {type(module).__name__} did not return hidden states [B, T, d]")
+            if intervention.training != module.training:  # model.eval() turns the dropout off too
+                intervention.train(module.training)
             new = self.intervene(intervention, h)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 

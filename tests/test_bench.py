@@ -114,3 +114,42 @@ def test_cpu_peak_memory_counts_live_tensors():
         return z * 3
 
     assert cpu_peak_extra_mb(f) == pytest.approx(2 * x.numel() * 4 / 2**20, rel=0.01)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_graphed_lora_step_matches_eager_steps(dropout):
+    """Our LoRA layers and FusedAdamW captured in one CUDA graph (the e2e suite's graphed variant):
+    3 warm-up steps + 2 replays land where 5 eager steps do (dropout: the same loss trend, the masks
+    differ by RNG offsets)."""
+    import copy
+
+    from torch import nn
+
+    import ftkernels as ftk
+    from ftkernels.bench.e2e import _step, graphed_step
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 8)).to(dev)
+    models = [ftk.apply_lora(copy.deepcopy(base), ["0", "2"], r=4, dropout=dropout) for _ in range(2)]
+    for m in models:
+        for q in m.modules():
+            if isinstance(q, ftk.nn.LoRALinear):
+                nn.init.normal_(q.lora_B, std=0.1)
+        m.load_state_dict(models[0].state_dict())
+    x, y = torch.randn(32, 64, device=dev), torch.randint(0, 8, (32,), device=dev)
+    loss_fn = lambda m: nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    opts = [ftk.optim.FusedAdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
+    replay = graphed_step(models[0], opts[0], loss_fn, dev, None, warmup=3)
+    for _ in range(2):
+        replay()
+    eager = _step(models[1], opts[1], loss_fn, dev, None)
+    for _ in range(5):
+        eager()
+    torch.cuda.synchronize()
+    if dropout == 0:
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    else:
+        assert abs(loss_fn(models[0]).item() - loss_fn(models[1]).item()) < 0.2

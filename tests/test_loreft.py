@@ -266,7 +266,7 @@ def test_bert_with_loreft_trains_and_save_load_round_trips(tmp_path):
     labels = torch.randint(0, 2, (16,))
     mask = torch.ones(16, 12, dtype=torch.long)
     mask[::2, 9:] = 0
-    reft.train()
+    model.train()
     losses = []
     for _ in range(25):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -278,14 +278,15 @@ def test_bert_with_loreft_trains_and_save_load_round_trips(tmp_path):
     for iv in reft.interventions.values():
         R = iv.rotation
         torch.testing.assert_close(R @ R.t(), torch.eye(4), atol=1e-5, rtol=0)
-    reft.eval()
+    model.eval()  # switches the interventions' dropout off too
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, want)
     path = str(tmp_path / "reft.pt")
     reft.save(path)
     reft.remove()
     fresh = copy.deepcopy(model)
-    loaded = ftk.load_reft(fresh, path).eval()
+    loaded = ftk.load_reft(fresh, path)
     with torch.no_grad():
         got = fresh(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want)
@@ -310,3 +311,24 @@ def test_cuda_op_matches_reference(dtype, p):
     h = torch.randn(3, 77, 200, device="cuda").to(dtype).requires_grad_(True)
     seed = torch.tensor(17, device="cuda")
     check_against_reference(lambda *a: ops.loreft_apply(*a, p, seed), h, rot, w, b, p, 17, TOL[dtype])
+
+
+def test_llama_decoder_layers_and_compile():
+    """A decoder (layers returning a tensor or a tuple, left padding) takes the interventions too, and
+    the module compiles without graph breaks (the custom op when traced)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=50)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    reft = ftk.apply_reft(model, layers="all", positions="l2", r=2)
+    ids = torch.randint(0, 50, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in reft.parameters())
+    m = ftk.nn.LoReFT(16, 2, dropout=0.2)
+    h = torch.randn(3, 5, 16)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    seed = torch.tensor(3)
+    torch.testing.assert_close(compiled(h, seed=seed), m(h, seed=seed))

@@ -6,8 +6,9 @@ with random weights (no downloads):
 (c) ResNet-50, LoRA r=16 on every residual-stage conv.
 
 Baselines: PEFT ``get_peft_model`` + ``torch.optim.AdamW(fused=True)``, eager (and under
-``torch.compile`` on GPU); ours: ``ftk.apply_lora`` + ``FusedAdamW``. The floor, measured in the
-same run: the frozen model's forward plus input-gradient backward (no weight gradients, no
+``torch.compile`` and captured in a CUDA graph on GPU); ours: ``ftk.apply_lora`` + ``FusedAdamW``,
+eager and (GPU) captured in a CUDA graph, the graphed step compared with the graphed baseline.
+The floor, measured in the same run: the frozen model's forward plus input-gradient backward (no weight gradients, no
 optimizer). GPU sizes are the issue's (BERT 32x128, Llama hidden 2048 / 8 layers / 16-4 heads /
 vocab 32000 at 4x1024 bf16, ResNet-50 batch 64 bf16 autocast); CPU sizes are scaled down to finish
 in minutes (and tiny with ``--quick``).
@@ -111,6 +112,52 @@ def _step(model, opt, loss_fn, device, autocast):
     return fn
 
 
+def graphed_step(model, opt, loss_fn, device, autocast, warmup: int = 3):
+    """The training step captured once in a CUDA graph and replayed (PyTorch's whole-step recipe:
+    warm-up on a side stream so Triton compiles and autotunes outside capture, grads set to None
+    before capture so backward allocates them in the graph's pool, the optimizer step captured
+    with them). A replay costs one launch, no Python: what a host-bound step would save. Inputs
+    are the ones ``loss_fn`` closes over (static). Raises what capture raises (a host sync, a
+    non-capturable op)."""
+    step = _step(model, opt, loss_fn, device, autocast)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = loss_fn(model)
+        loss.backward()
+        opt.step()
+    return graph.replay
+
+
+def _graph_variants(peft_model, ours, loss_fn, device, autocast) -> dict:
+    """``PEFT + CUDA graph`` (torch's fused AdamW, capturable) and ``ours + CUDA graph``; a variant
+    whose capture fails is left out with its error printed. Off with FTKERNELS_BENCH_GRAPHS=0."""
+    import os
+
+    if device.type != "cuda" or os.environ.get("FTKERNELS_BENCH_GRAPHS", "1") == "0":
+        return {}
+    out = {}
+    trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+    torch_opt = lambda m: torch.optim.AdamW(trainable(m), lr=1e-4, fused=True, capturable=True)  # noqa: E731
+    for key, model, make_opt in (
+        ("PEFT + CUDA graph", peft_model, torch_opt),
+        ("ours + CUDA graph", ours, lambda m: FusedAdamW(trainable(m), lr=1e-4)),
+    ):
+        try:
+            out[key] = graphed_step(model, make_opt(model), loss_fn, device, autocast)
+        except Exception as e:  # a model with a host sync cannot be captured: report, go on
+            print(f"e2e: {key} not captured: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr, flush=True)
+            torch.cuda.synchronize(device)
+    return out
+
+
 def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
     """One row per case and baseline; ``floor_ms`` is the frozen model's forward + input-gradient
     backward measured here (``ours_vs_floor`` is the target's ratio: <= 1.25 on an H100)."""
@@ -146,22 +193,28 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
         }
         if compile_baselines(device) and not quick:
             fns["PEFT + torch.compile"] = _step(torch.compile(peft_model), peft_opt, loss_fn, device, autocast)
+        fns.update(_graph_variants(peft_model, ours, loss_fn, device, autocast))
         ms = time_rounds_ms(fns, device, reps, rounds=2 if quick else 3)
-        mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
+        # A replay allocates nothing (its memory is the graph's pool, reserved at capture): no column.
+        mem = {k: None if "CUDA graph" in k else peak_extra_mb(fn, device) for k, fn in fns.items()}
         # Each case as it lands (a GPU case takes minutes, the table prints only at the end).
         print(f"\ne2e {name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()), file=sys.stderr, flush=True)
         for k in fns:
-            if k in ("floor", "ours"):
+            if k in ("floor", "ours", "ours + CUDA graph"):
+                continue
+            # A graphed baseline is compared with our graphed step (when it was captured too).
+            mine = "ours + CUDA graph" if k == "PEFT + CUDA graph" else "ours"
+            if mine not in fns:
                 continue
             rows.append(
                 dict(
-                    case=f"{name}: train step",
+                    case=f"{name}: train step" + (", CUDA graph" if mine != "ours" else ""),
                     baseline=f"{k} + AdamW(fused=True)",
                     baseline_ms=ms[k],
-                    ours_ms=ms["ours"],
+                    ours_ms=ms[mine],
                     floor_ms=ms["floor"],
                     baseline_mem_MB=mem[k],
-                    ours_mem_MB=mem["ours"],
+                    ours_mem_MB=mem[mine],
                     floor_mem_MB=mem["floor"],
                 )
             )

@@ -14,6 +14,8 @@ Physical floor of a case: (base + rank-r flops) / measured matmul rate; the LoRA
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -104,7 +106,19 @@ def saved_mb(layer, x) -> float:
 
 
 def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
-    """Rows per case and baseline; ``ours_vs_base`` = ours / frozen base layer (target <= 1.10 on GPU)."""
+    """Rows per case and baseline; ``ours_vs_base`` = ours / frozen base layer (target <= 1.10 on GPU).
+    The op's GEMM route is chosen by timing (``FTKERNELS_LORA_GEMM=auto``) unless the caller set one,
+    so this suite keeps reporting which route wins per shape."""
+    prev = os.environ.get("FTKERNELS_LORA_GEMM")
+    os.environ.setdefault("FTKERNELS_LORA_GEMM", "auto")
+    try:
+        return _run(device, quick, ceilings)
+    finally:
+        if prev is None:
+            os.environ.pop("FTKERNELS_LORA_GEMM", None)
+
+
+def _run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
     rows = []
     rate = ceilings["matmul_TFLOPs"] * 1e12
     reps = 5 if quick else 20
@@ -155,7 +169,7 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
             )
         del base, ours, peft, peft_base, x, g, fns
     extra = {}
-    if device.type == "cuda":  # which GEMM route the op picked per shape (FTKERNELS_LORA_GEMM=auto)
+    if device.type == "cuda":  # which GEMM route the op picked per shape (FTKERNELS_LORA_GEMM=auto here)
         from ..triton import lora_linear as tk
 
         extra["gemm_choices"] = {" ".join(map(str, k)): v for k, v in tk.chosen().items()}

@@ -20,7 +20,7 @@ from torch import nn
 from .. import masks
 from ..freeze import freeze
 from ..nn import MaskedLinear
-from ..nn.masked import masked_weight_grad_linear
+from ..nn.masked import _rows_weight_grad_torch, masked_weight_grad_linear, wgrad_choices
 from ..optim import FusedAdamW
 from .common import layer_step, peak_extra_mb, time_rounds_ms
 
@@ -39,11 +39,13 @@ def linear_rows(device: torch.device, quick: bool, rate: float) -> list[dict]:
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(M, N, device=device, dtype=dtype)
     xd = x.detach()
-    wg = time_rounds_ms(
-        {"dense": lambda: g.t() @ xd, "masked": lambda: masked_weight_grad_linear(g, xd, plan, lin.weight.shape)},
-        device,
-        reps,
-    )
+    variants = {"dense": lambda: g.t() @ xd, "masked": lambda: masked_weight_grad_linear(g, xd, plan, lin.weight.shape)}
+    if device.type == "cuda":  # both routes of the rows-mode gradient, whichever the op picked
+        from ..triton.masked import rows_weight_grad
+
+        variants["torch route"] = lambda: _rows_weight_grad_torch(g, xd, plan["rows"], lin.weight.shape)
+        variants["triton route"] = lambda: rows_weight_grad(g, xd, plan["rows"], lin.weight.shape)
+    wg = time_rounds_ms(variants, device, reps)
 
     steps = {"dense": layer_step(lin, x, g), "masked": layer_step(masked, x, g)}
     full = time_rounds_ms(steps, device, reps)
@@ -57,6 +59,7 @@ def linear_rows(device: torch.device, quick: bool, rate: float) -> list[dict]:
             ours_ms=wg["masked"],
             floor_ms=0.1 * flops / rate * 1e3,
             vs_ideal=wg["masked"] / (0.1 * wg["dense"]),
+            routes_ms={k: v for k, v in wg.items() if k.endswith("route")} or None,
         ),
         dict(
             case=f"{name}: forward + backward",
@@ -159,4 +162,5 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
     step, BERT with frozen bottom layers against full training and hand-written freezing, and the
     optimizer's compact against dense masked state."""
     rate = ceilings["matmul_TFLOPs"] * 1e12
-    return linear_rows(device, quick, rate) + bert_rows(device, quick) + optimizer_rows(device, quick), {}
+    rows = linear_rows(device, quick, rate) + bert_rows(device, quick) + optimizer_rows(device, quick)
+    return rows, {"wgrad_choices": {str(k): v for k, v in wgrad_choices().items()}}

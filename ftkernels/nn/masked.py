@@ -18,6 +18,8 @@ trainable weight.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -65,16 +67,58 @@ def _plan(mask: Tensor) -> dict:
     return {"kind": "elements", "mask": mask, "bias": row_any}
 
 
+def _rows_weight_grad_torch(g2: Tensor, x2: Tensor, rows: Tensor, shape) -> Tensor:
+    gw = g2.new_zeros(shape)
+    if rows.numel():
+        gw.index_copy_(0, rows, g2.index_select(1, rows).t() @ x2)
+    return gw
+
+
+_WGRAD_CHOICE: dict[tuple, str] = {}
+
+
+def _rows_route(g2: Tensor, x2: Tensor, rows: Tensor, shape) -> str:
+    """``torch`` (gather + GEMM + index_copy) or ``triton`` (ftkernels/triton/masked.py) for a rows-mode
+    weight gradient on GPU: ``FTKERNELS_MASKED_WGRAD`` when set, else both timed once per shape (like
+    Triton's autotuner) and the faster kept. Never timed inside CUDA graph capture."""
+    choice = os.environ.get("FTKERNELS_MASKED_WGRAD", "auto")
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"FTKERNELS_MASKED_WGRAD must be auto, triton or torch, got {choice!r}")
+    if g2.device.type != "cuda":
+        return "torch"
+    if choice != "auto":
+        return choice
+    key = (g2.shape[0], tuple(shape), rows.numel(), g2.dtype)
+    if key not in _WGRAD_CHOICE:
+        if torch.cuda.is_current_stream_capturing():
+            return "torch"
+        from triton.testing import do_bench
+
+        from ..triton.masked import rows_weight_grad
+
+        t_triton = do_bench(lambda: rows_weight_grad(g2, x2, rows, shape), warmup=5, rep=20)
+        t_torch = do_bench(lambda: _rows_weight_grad_torch(g2, x2, rows, shape), warmup=5, rep=20)
+        _WGRAD_CHOICE[key] = "triton" if t_triton < t_torch else "torch"
+    return _WGRAD_CHOICE[key]
+
+
+def wgrad_choices() -> dict[tuple, str]:
+    """The per-shape routes picked so far (key: M, weight shape, kept rows, dtype)."""
+    return dict(_WGRAD_CHOICE)
+
+
 def masked_weight_grad_linear(g2: Tensor, x2: Tensor, plan: dict, shape) -> Tensor:
     """grad_W ``[N, K]`` of ``y = x W^T`` for g ``[M, N]``, x ``[M, K]``, zero outside the plan."""
     if plan["kind"] == "elements":
         return (g2.t() @ x2).mul_(plan["mask"])
-    gw = g2.new_zeros(shape)
     if plan["kind"] == "rows":
         rows = plan["rows"]
-        if rows.numel():
-            gw.index_copy_(0, rows, g2.index_select(1, rows).t() @ x2)
-        return gw
+        if _rows_route(g2, x2, rows, shape) == "triton":
+            from ..triton.masked import rows_weight_grad
+
+            return rows_weight_grad(g2, x2, rows, shape)
+        return _rows_weight_grad_torch(g2, x2, rows, shape)
+    gw = g2.new_zeros(shape)
     for r0, r1, cols in plan["groups"]:
         gw[r0:r1].index_copy_(1, cols, g2[:, r0:r1].t() @ x2.index_select(1, cols))
     return gw

@@ -15,12 +15,11 @@ on the intervention's output.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from .._ext import C, ExtensionError
+from .lora_linear import _no_autocast
 
 
 def _no_kernel(device) -> ExtensionError:
@@ -104,13 +103,6 @@ def _setup_context(ctx, inputs, output):
 torch.library.register_autograd(
     "ftkernels::loreft_fwd", lambda ctx, g, _gs: _grads(ctx, g, loreft_bwd), setup_context=_setup_context
 )
-
-
-def _no_autocast(t: Tensor):
-    dev = t.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        return torch.autocast(dev, enabled=False)
-    return contextlib.nullcontext()
 
 
 class LoReFTFunction(torch.autograd.Function):

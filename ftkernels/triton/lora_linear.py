@@ -10,9 +10,9 @@ Three kernels, all regenerating the dropout mask from the Philox stream of ``csr
 - ``_lora_grad_a_kernel``: ``grad_A = v^T D(x)`` by column blocks with split-M partials (summed by
   torch, deterministic); optionally fused with ``grad_x += D'(v A)`` when grad_x came from cuBLAS.
 
-Two ways to run the big GEMMs, chosen per shape by timing both once (``FTKERNELS_LORA_GEMM`` =
-``auto`` | ``triton`` | ``cublas`` overrides): ``triton`` fuses the rank-r update into our GEMM;
-``cublas`` runs the base GEMM in cuBLAS and adds the rank-r part in a second pass.
+Two ways to run the big GEMMs (``FTKERNELS_LORA_GEMM`` = ``cublas``, the default | ``triton`` |
+``auto``, which times both once per shape and keeps the faster): ``triton`` fuses the rank-r update
+into our GEMM; ``cublas`` runs the base GEMM in cuBLAS and adds the rank-r part in a second pass.
 """
 
 from __future__ import annotations
