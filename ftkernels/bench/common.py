@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -79,6 +81,20 @@ def time_rounds_ms(fns: dict, device: torch.device, reps: int, rounds: int = 3, 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Send file descriptor 2 (C++ libraries' stderr) to /dev/null for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def cpu_peak_extra_mb(fn) -> float | None:
     """Peak of torch's CPU allocations made during ``fn()`` (MB): the maximum prefix sum of the
     profiler's raw allocation and free records (``profile_memory``) in time order. ``fn`` runs once
@@ -90,8 +106,14 @@ def cpu_peak_extra_mb(fn) -> float | None:
     from torch.profiler import ProfilerActivity, profile
 
     fn()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_fd2():  # kineto prints a line at each start and stop; fn's own output stays visible
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _quiet_fd2():
+            prof.__exit__(None, None, None)
     results = getattr(prof.profiler, "kineto_results", None)
     if results is None:
         return None
