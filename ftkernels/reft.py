@@ -49,7 +49,7 @@ def position_index(valid: Tensor, first: int, last: int) -> tuple[Tensor, Tensor
     pos_f = start[:, None] + j_f[None, :]
     keep_f = j_f[None, :] < n[:, None]
     pos_l = (start + n)[:, None] - last + j_l[None, :]
-    keep_l = (pos_l >= start[:, None] + first) & (pos_l >= start[:, None])
+    keep_l = pos_l >= start[:, None] + first  # inside the sequence and not in the first part
     pos = torch.cat([pos_f, pos_l], dim=1)
     keep = torch.cat([keep_f, keep_l], dim=1)
     pos = torch.where(keep, pos, start[:, None].expand_as(pos)).clamp_(0, max(T - 1, 0))

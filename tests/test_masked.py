@@ -165,3 +165,20 @@ def test_masked_linear_triton_route_matches_torch_route(monkeypatch):
         m(x).backward(g)
         grads[route] = m.weight.grad.float()
     torch.testing.assert_close(grads["triton"], grads["torch"], atol=0.05, rtol=2e-2)
+
+
+def test_route_settings(monkeypatch):
+    """The per-shape route helper behind FTKERNELS_MASKED_WGRAD / FTKERNELS_LORA_GEMM: a bad setting
+    is named, a forced one is taken as is, and ``auto`` falls back to the safe route without a GPU
+    to time on (and caches nothing)."""
+    from ftkernels.nn.masked import ROWS_WGRAD_ROUTE as route
+
+    monkeypatch.setenv("FTKERNELS_MASKED_WGRAD", "fastest")
+    with pytest.raises(ValueError, match="FTKERNELS_MASKED_WGRAD must be auto, triton or torch"):
+        route.setting()
+    monkeypatch.setenv("FTKERNELS_MASKED_WGRAD", "triton")
+    assert route.pick(("k",), {"triton": lambda: None, "torch": lambda: None}) == "triton"
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("FTKERNELS_MASKED_WGRAD")
+        assert route.pick(("k",), {"triton": lambda: None, "torch": lambda: None}) == "torch"
+        assert route.chosen() == {}

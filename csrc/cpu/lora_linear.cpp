@@ -19,11 +19,6 @@
 namespace ftk {
 namespace {
 
-// Rows per block: the dropped block, its keep multipliers and backward's rank-r product (fp32 or
-// fp64) stay within ~768 KiB (measured on 2 EPYC cores at K=1024: 64 rows beat 21 by ~7% of the
-// forward: fewer, fuller BLAS calls).
-int64_t rows_per_block(int64_t K) { return std::clamp<int64_t>((768 * 1024) / (12 * std::max<int64_t>(K, 1)), 1, 64); }
-
 void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                 double dropout) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_a.dim() == 2 && lora_b.dim() == 2,
@@ -139,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(const at::Ten
     const int64_t rb = dropout == 0 && same ? std::max<int64_t>((M + nthr - 1) / nthr, 1) : rows_per_block(K);
     const int64_t nblocks = std::max<int64_t>((M + rb - 1) / rb, 1);
     // One slot per thread that may run (parallel_for numbers its threads from 0).
-    const int nslots = nblocks == 1 ? 1 : at::get_num_threads();
+    const int nslots = nblocks == 1 ? 1 : static_cast<int>(nthr);
     const at::Tensor part_a = at::empty({nslots, R, K}, acc), part_b = at::empty({nslots, N, R}, acc);
     std::vector<char> used(nslots, 0);
     const scalar_t* xp = xc.data_ptr<scalar_t>();

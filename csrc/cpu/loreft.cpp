@@ -18,9 +18,6 @@
 namespace ftk {
 namespace {
 
-// Rows per block: a few [rows, d] fp32 buffers within ~768 KiB.
-int64_t reft_rows_per_block(int64_t d) { return std::clamp<int64_t>((768 * 1024) / (12 * std::max<int64_t>(d, 1)), 1, 64); }
-
 void check_reft(const at::Tensor& h, const at::Tensor& rot, const at::Tensor& w, double dropout) {
   TORCH_CHECK(h.dim() == 2 && rot.dim() == 2 && w.dim() == 2, "ftkernels loreft: h, R and W must be 2-D");
   TORCH_CHECK(rot.sizes() == w.sizes() && rot.size(1) == h.size(1), "ftkernels loreft: R ", rot.sizes(), " and W ",
@@ -88,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> loreft_fwd_cpu(const at::Tensor& h_in, const 
       at::addmm_out(out, h, s, ra);
       return;
     }
-    const int64_t rb = reft_rows_per_block(d);
+    const int64_t rb = rows_per_block(d);
     scalar_t* op = out.data_ptr<scalar_t>();
     for_row_blocks<acc_t>(M, d, rb, dropout, seed, [&](int64_t m0, int64_t rows, const acc_t* mult) {
       const at::Tensor hb = h.narrow(0, m0, rows).to(acc.dtype());
@@ -129,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loreft_bwd_cpu(const 
       const at::Tensor part_w = at::zeros({nthreads, R, d}, acc), part_s = at::zeros({nthreads, R, d}, acc);
       const at::Tensor part_b = at::zeros({nthreads, R}, acc);
       scalar_t* gp = grad_h.data_ptr<scalar_t>();
-      for_row_blocks<acc_t>(M, d, reft_rows_per_block(d), dropout, seed, [&](int64_t m0, int64_t rows, const acc_t* mult) {
+      for_row_blocks<acc_t>(M, d, rows_per_block(d), dropout, seed, [&](int64_t m0, int64_t rows, const acc_t* mult) {
         const int slot = at::get_thread_num();
         at::Tensor gd = g.narrow(0, m0, rows).to(acc.dtype(), /*non_blocking=*/false, /*copy=*/mult != nullptr);
         if (mult) {  // gd = D(g): the forward's mask, regenerated

@@ -8,8 +8,8 @@ with random weights (no downloads):
 Baselines: PEFT ``get_peft_model`` + ``torch.optim.AdamW(fused=True)``, eager (and under
 ``torch.compile`` and captured in a CUDA graph on GPU); ours: ``ftk.apply_lora`` + ``FusedAdamW``,
 eager and (GPU) captured in a CUDA graph, the graphed step compared with the graphed baseline.
-The floor, measured in the same run: the frozen model's forward plus input-gradient backward (no weight gradients, no
-optimizer). GPU sizes are the issue's (BERT 32x128, Llama hidden 2048 / 8 layers / 16-4 heads /
+The floor, measured in the same run: the frozen model's forward plus input-gradient backward (no
+weight gradients, no optimizer). GPU sizes are the issue's (BERT 32x128, Llama hidden 2048 / 8 layers / 16-4 heads /
 vocab 32000 at 4x1024 bf16, ResNet-50 batch 64 bf16 autocast); CPU sizes are scaled down to finish
 in minutes (and tiny with ``--quick``).
 """
@@ -17,6 +17,7 @@ in minutes (and tiny with ``--quick``).
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 import torch
@@ -139,8 +140,6 @@ def graphed_step(model, opt, loss_fn, device, autocast, warmup: int = 3):
 def _graph_variants(peft_model, ours, loss_fn, device, autocast) -> dict:
     """``PEFT + CUDA graph`` (torch's fused AdamW, capturable) and ``ours + CUDA graph``; a variant
     whose capture fails is left out with its error printed. Off with FTKERNELS_BENCH_GRAPHS=0."""
-    import os
-
     if device.type != "cuda" or os.environ.get("FTKERNELS_BENCH_GRAPHS", "1") == "0":
         return {}
     out = {}

@@ -9,14 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.lora_dropout import lora_dropout_nograd
+from ..ops.lora_linear import _as
 from ._lora_common import LoRAMergeMixin, peft_adapter
 from .lora_linear import _compute_dtype, _unused_seed, draw_seed
 
 STRATEGIES = ("auto", "unmerged", "merged")
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _rank_update_(y: Tensor, u: Tensor, lora_b2: Tensor, scaling: float) -> None:
@@ -193,7 +190,7 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         dtype = _compute_dtype(x, self.base.weight, "LoRAConv2d")
-        xc, w, b = (t if t is None or t.dtype == dtype else t.to(dtype) for t in self._tensors(x)[:3])
+        xc, w, b = (_as(t, dtype) for t in (x, self.base.weight, self.base.bias))
         a, bb = self.lora_A, self.lora_B  # cast inside the unmerged node (no cast nodes)
         p = self.dropout if self.training else 0.0
         strategy = self.strategy
@@ -210,9 +207,6 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
             seed = draw_seed(x.device) if p > 0 else _unused_seed(x.device)
             y = _UnmergedConv.apply(xc, w, b, a, bb, self.scaling, p, seed, self.geom)
         return y.squeeze(0) if unbatched else y
-
-    def _tensors(self, x):
-        return x, self.base.weight, self.base.bias, self.lora_A, self.lora_B
 
     def _merge_target(self) -> Tensor:
         return self.base.weight

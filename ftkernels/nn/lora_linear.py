@@ -101,7 +101,7 @@ def lora_linear(
     elif seed is None:
         seed = _unused_seed(x.device)
     # The adapters keep their dtype: the op casts them inside its one autograd node (no cast nodes).
-    x, weight, bias = (t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, bias))
+    x, weight, bias = (_ops._as(t, dtype) for t in (x, weight, bias))
     return _ops.lora_linear_y(x, weight, bias, lora_a, lora_b, float(scaling), p, seed)
 
 

@@ -7,9 +7,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..ops import loreft as _ops
-from .lora_linear import _unused_seed, draw_seed
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .lora_linear import _FLOATS, _unused_seed, draw_seed
 
 
 class OrthonormalRows(nn.Module):
@@ -35,12 +33,12 @@ class LoReFT(nn.Module):
     ``R`` (``[r, d]``, ``rotate_layer.weight``) has orthonormal rows, kept so by a parametrization
     (:class:`OrthonormalRows`: the optimizer moves the underlying parameter
     ``rotate_layer.parametrizations.weight.original`` and R is recomputed from it by a thin QR,
-    orthonormal to float precision). ``W`` and
-    ``b`` are ``learned_source`` (an ``nn.Linear(d, r)``), initialized as pyreft's. Forward and backward
-    are one fused op (``ftkernels::loreft_fwd``): h is read, h' written, nothing of size ``[..., d]``
-    is saved but h itself; the dropout mask (pyreft applies dropout to the intervention's output) is
-    regenerated from a seed. Parameters are fp32 by default and may differ from h's dtype (bf16
-    hidden states): they are converted inside the op and get grads in their own dtype.
+    orthonormal to float precision). ``W`` and ``b`` are ``learned_source`` (an ``nn.Linear(d, r)``),
+    initialized as pyreft's. Forward and backward are one fused op (``ftkernels::loreft_fwd``): h is
+    read, h' written, nothing of size ``[..., d]`` is saved but h itself; the dropout mask (pyreft
+    applies dropout to the intervention's output) is regenerated from a seed. Parameters are fp32
+    by default and may differ from h's dtype (bf16 hidden states): they are converted inside the op
+    and get grads in their own dtype.
     """
 
     def __init__(self, d: int, r: int, dropout: float = 0.0, device=None, dtype: torch.dtype = torch.float32):

@@ -18,12 +18,11 @@ trainable weight.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._route import Route
 from ..masks import set_grad_mask
 
 
@@ -74,37 +73,29 @@ def _rows_weight_grad_torch(g2: Tensor, x2: Tensor, rows: Tensor, shape) -> Tens
     return gw
 
 
-_WGRAD_CHOICE: dict[tuple, str] = {}
+# ``torch`` (gather + GEMM + index_copy) or ``triton`` (ftkernels/triton/masked.py) for a rows-mode
+# weight gradient on GPU; CPU always takes ``torch``.
+ROWS_WGRAD_ROUTE = Route("FTKERNELS_MASKED_WGRAD", ("triton", "torch"), default="auto", safe="torch")
 
 
 def _rows_route(g2: Tensor, x2: Tensor, rows: Tensor, shape) -> str:
-    """``torch`` (gather + GEMM + index_copy) or ``triton`` (ftkernels/triton/masked.py) for a rows-mode
-    weight gradient on GPU: ``FTKERNELS_MASKED_WGRAD`` when set, else both timed once per shape (like
-    Triton's autotuner) and the faster kept. Never timed inside CUDA graph capture."""
-    choice = os.environ.get("FTKERNELS_MASKED_WGRAD", "auto")
-    if choice not in ("auto", "triton", "torch"):
-        raise ValueError(f"FTKERNELS_MASKED_WGRAD must be auto, triton or torch, got {choice!r}")
+    setting = ROWS_WGRAD_ROUTE.setting()
     if g2.device.type != "cuda":
         return "torch"
-    if choice != "auto":
-        return choice
-    key = (g2.shape[0], tuple(shape), rows.numel(), g2.dtype)
-    if key not in _WGRAD_CHOICE:
-        if torch.cuda.is_current_stream_capturing():
-            return "torch"
-        from triton.testing import do_bench
 
+    def triton_route():
         from ..triton.masked import rows_weight_grad
 
-        t_triton = do_bench(lambda: rows_weight_grad(g2, x2, rows, shape), warmup=5, rep=20)
-        t_torch = do_bench(lambda: _rows_weight_grad_torch(g2, x2, rows, shape), warmup=5, rep=20)
-        _WGRAD_CHOICE[key] = "triton" if t_triton < t_torch else "torch"
-    return _WGRAD_CHOICE[key]
+        return rows_weight_grad(g2, x2, rows, shape)
+
+    key = (g2.shape[0], tuple(shape), rows.numel(), g2.dtype)
+    candidates = {"triton": triton_route, "torch": lambda: _rows_weight_grad_torch(g2, x2, rows, shape)}
+    return ROWS_WGRAD_ROUTE.pick(key, candidates, setting)
 
 
 def wgrad_choices() -> dict[tuple, str]:
     """The per-shape routes picked so far (key: M, weight shape, kept rows, dtype)."""
-    return dict(_WGRAD_CHOICE)
+    return ROWS_WGRAD_ROUTE.chosen()
 
 
 def masked_weight_grad_linear(g2: Tensor, x2: Tensor, plan: dict, shape) -> Tensor:

@@ -19,7 +19,6 @@ eager mode :class:`LoRALinearFunction` runs the same kernels with less host time
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import Tensor
@@ -27,18 +26,9 @@ from torch import Tensor
 from .._ext import C, ExtensionError
 
 
-def _gemm_choice() -> str:
-    # Default cuBLAS: on the H100 it won every (shape, dropout) key timed so far, and `auto` compiles
-    # and autotunes 9 Triton GEMM configs per new shape (~10-20 s each: what kept the first e2e
-    # GPU run past its time limit). `auto` times both routes once per shape and keeps the faster.
-    choice = os.environ.get("FTKERNELS_LORA_GEMM", "cublas")
-    if choice not in ("auto", "triton", "cublas"):
-        raise ValueError(f"FTKERNELS_LORA_GEMM must be auto, triton or cublas, got {choice!r}")
-    return choice
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)  # skips the call's dispatch when nothing changes
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """t in ``dtype`` (None stays None); skips the call's dispatch when nothing changes."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _fwd_impl(x, weight, bias, lora_a, lora_b, scaling, dropout, seed):
@@ -49,7 +39,7 @@ def _fwd_impl(x, weight, bias, lora_a, lora_b, scaling, dropout, seed):
     if x.device.type == "cuda":
         from ..triton import lora_linear as tk
 
-        return tk.forward(x, weight, bias, lora_a, lora_b, scaling, dropout, seed, _gemm_choice())
+        return tk.forward(x, weight, bias, lora_a, lora_b, scaling, dropout, seed, tk.GEMM_ROUTE.setting())
     raise ExtensionError(f"ftkernels lora_linear has no kernel for device {x.device} (cpu and cuda are served)")
 
 
@@ -63,7 +53,7 @@ def _bwd_impl(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x
     elif x.device.type == "cuda":
         from ..triton import lora_linear as tk
 
-        gx, ga, gb = tk.backward(grad, x, weight, a, b, u, scaling, dropout, seed, need_x, _gemm_choice())
+        gx, ga, gb = tk.backward(grad, x, weight, a, b, u, scaling, dropout, seed, need_x, tk.GEMM_ROUTE.setting())
     else:
         raise ExtensionError(f"ftkernels lora_linear has no kernel for device {x.device} (cpu and cuda are served)")
     return gx, _as(ga, lora_a.dtype), _as(gb, lora_b.dtype)

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._route import Route
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Globals read by kernels must be constexpr objects (the interpreter would not notice otherwise).
@@ -211,7 +213,7 @@ def lora_down(x, a, seed, p, out_dtype=None):
     M, K = x.shape
     R = a.shape[0]
     u = torch.empty((M, R), device=x.device, dtype=out_dtype or x.dtype)
-    BM, BK = (32, 32) if INTERPRET else (64, 128)
+    BM, BK = row_blocks()
     _lora_down_kernel[(triton.cdiv(M, BM),)](
         x, a, u, seed, M, K, R, x.stride(0), x.stride(1), a.stride(0), a.stride(1), u.stride(0), u.stride(1),
         dropout_threshold(p), 1.0 / (1.0 - p),
@@ -254,16 +256,25 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[idx]
 
 
+def row_blocks() -> tuple[int, int]:
+    """(BM, BK) of the row-streaming kernels (``lora_down``, the split-M column-block kernels)."""
+    return (32, 32) if INTERPRET else (64, 128)
+
+
+def split_m(M: int, K: int, BM: int, BK: int, device: torch.device) -> int:
+    """Row splits of a kernel gridded by column blocks: about 2 programs per SM, each split writing
+    its own fp32 partials (2 under the interpreter, to exercise the reduction)."""
+    if INTERPRET:
+        return 2
+    return max(1, min(triton.cdiv(M, BM), triton.cdiv(2 * _sm_count(device), triton.cdiv(K, BK))))
+
+
 def lora_grad_a(x, v, a, seed, p, grad_x=None):
     """``grad_A = v^T D(x) * 1/(1-p)`` (``[r, K]``); with ``grad_x``, also ``grad_x += D'(v A)`` in place."""
     M, K = x.shape
     R = a.shape[0]
-    BM, BK = (32, 32) if INTERPRET else (64, 128)
-    if INTERPRET:
-        split = 2
-    else:
-        sms = _sm_count(x.device)
-        split = max(1, min(triton.cdiv(M, BM), triton.cdiv(2 * sms, triton.cdiv(K, BK))))
+    BM, BK = row_blocks()
+    split = split_m(M, K, BM, BK, x.device)
     part = torch.empty((split, R, K), device=x.device, dtype=torch.float32)
     gx = grad_x if grad_x is not None else x
     _lora_grad_a_kernel[(triton.cdiv(K, BK), split)](
@@ -293,29 +304,15 @@ def keep_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The op's GPU implementation: per shape, the fused Triton GEMMs or cuBLAS plus a second pass.
 
-_CHOICE: dict[tuple, str] = {}
-
-
-def _pick(key: tuple, choice: str, run_triton, run_cublas) -> str:
-    """``choice`` unless it is ``auto``: then time both once for this shape key (like Triton's
-    autotuner) and keep the faster. Never times inside CUDA graph capture or on CPU tensors."""
-    if choice != "auto":
-        return choice
-    if key in _CHOICE:
-        return _CHOICE[key]
-    if INTERPRET or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
-        return "cublas"
-    from triton.testing import do_bench
-
-    t_triton = do_bench(run_triton, warmup=5, rep=20)
-    t_cublas = do_bench(run_cublas, warmup=5, rep=20)
-    _CHOICE[key] = "triton" if t_triton < t_cublas else "cublas"
-    return _CHOICE[key]
+# Default cuBLAS: on the H100 it won every (shape, dropout) key timed so far, and `auto` compiles
+# and autotunes 9 Triton GEMM configs per new shape (~10-20 s each: what kept the first e2e GPU run
+# past its time limit). `auto` times both routes once per shape and keeps the faster.
+GEMM_ROUTE = Route("FTKERNELS_LORA_GEMM", ("triton", "cublas"), default="cublas", safe="cublas")
 
 
 def chosen() -> dict[tuple, str]:
     """The per-shape choices made so far (key: direction, M, N, K, r, dtype, dropout > 0)."""
-    return dict(_CHOICE)
+    return GEMM_ROUTE.chosen()
 
 
 def forward(x, weight, bias, lora_a, lora_b, scaling, dropout, seed, choice="auto"):
@@ -332,7 +329,7 @@ def forward(x, weight, bias, lora_a, lora_b, scaling, dropout, seed, choice="aut
         return y.addmm_(uu, lora_b.t(), alpha=scaling), uu
 
     key = ("fwd", x.shape[0], weight.shape[0], x.shape[1], lora_a.shape[0], x.dtype, dropout > 0)
-    how = _pick(key, choice, run_triton, run_cublas)
+    how = GEMM_ROUTE.pick(key, {"triton": run_triton, "cublas": run_cublas}, choice)
     return run_triton() if how == "triton" else run_cublas()
 
 
@@ -364,6 +361,6 @@ def backward(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x,
         return gx, ga
 
     key = ("bwd", x.shape[0], weight.shape[0], x.shape[1], lora_a.shape[0], x.dtype, dropout > 0)
-    how = _pick(key, choice, run_triton, run_cublas) if need_x else "cublas"
+    how = GEMM_ROUTE.pick(key, {"triton": run_triton, "cublas": run_cublas}, choice) if need_x else "cublas"
     gx, ga = run_triton() if how == "triton" else run_cublas()
     return (gx if gx is not None else x.new_empty((0,))), ga, grad_b

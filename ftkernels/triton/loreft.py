@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_linear import INTERPRET, _keep_tile, _load2d, _sm_count, dropout_threshold, lora_down
+from .lora_linear import _br, _keep_tile, _load2d, dropout_threshold, lora_down, row_blocks, split_m
+from .lora_linear import _prec as _lora_prec
 
 
 @triton.jit
@@ -80,13 +81,7 @@ def _reft_bwd_kernel(
 def _prec(dtype: torch.dtype) -> str:
     # fp32 data honours torch's TF32 switch; fp16/bf16 data is exact in TF32 (the t and s factors
     # are rounded to 10 bits, finer than the output's own rounding).
-    if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return "tf32"
-
-
-def _blocks():
-    return (32, 32) if INTERPRET else (64, 128)
+    return _lora_prec(dtype) if dtype == torch.float32 else "tf32"
 
 
 def forward(h, rot, w, b, dropout, seed):
@@ -97,7 +92,7 @@ def forward(h, rot, w, b, dropout, seed):
     wmr = (w.float() - rot.float()).to(h.dtype)  # an operand of the tensor-core dot: h's dtype
     s = lora_down(h, wmr, seed, 0.0, out_dtype=torch.float32).add_(b.float())
     out = torch.empty_like(h)
-    BM, BK = _blocks()
+    BM, BK = row_blocks()
     rf = rot.float()
     _reft_apply_kernel[(triton.cdiv(M, BM), triton.cdiv(D, BK))](
         h, s, rf, out, seed, M, D, h.stride(0), h.stride(1), s.stride(0), s.stride(1), rf.stride(0), rf.stride(1),
@@ -114,19 +109,16 @@ def backward(grad, h, rot, w, s, dropout, seed):
     t = lora_down(grad, rot.to(h.dtype), seed, dropout, out_dtype=torch.float32)  # D(g) R^T
     wmr = w.float() - rot.float()
     grad_h = torch.empty_like(h)
-    BM, BK = _blocks()
-    # Column blocks x row splits ~ 2 programs per SM; each split writes [r, d] fp32 partials.
-    sms = 1 if INTERPRET else _sm_count(h.device)
-    split = 2 if INTERPRET else max(1, min(triton.cdiv(M, BM), triton.cdiv(2 * sms, triton.cdiv(D, BK))))
+    BM, BK = row_blocks()
+    split = split_m(M, D, BM, BK, h.device)
     pw = torch.empty((split, R, D), device=h.device, dtype=torch.float32)
     ps = torch.empty_like(pw)
-    BR = max(16, triton.next_power_of_2(R))
     _reft_bwd_kernel[(triton.cdiv(D, BK), split)](
         grad, h, t, s, wmr, grad_h, pw, ps, seed, M, D, R,
         grad.stride(0), grad.stride(1), h.stride(0), h.stride(1), t.stride(0), t.stride(1), s.stride(0), s.stride(1),
         wmr.stride(0), wmr.stride(1), grad_h.stride(0), grad_h.stride(1),
         dropout_threshold(dropout), 1.0 / (1.0 - dropout),
-        DROPOUT=dropout > 0, SPLIT=split, PREC=_prec(h.dtype), BM=BM, BK=BK, BR=BR, num_warps=4,
+        DROPOUT=dropout > 0, SPLIT=split, PREC=_prec(h.dtype), BM=BM, BK=BK, BR=_br(R), num_warps=4,
     )  # fmt: skip
     grad_w = pw.sum(0)
     grad_r = ps.sum(0).sub_(grad_w)
