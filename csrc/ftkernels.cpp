@@ -137,7 +137,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("lora_linear_bwd_cpu", &ftk::lora_linear_bwd_cpu, py::arg("grad"), py::arg("x"), py::arg("weight"),
         py::arg("lora_a"), py::arg("lora_b"), py::arg("u"), py::arg("scaling"), py::arg("dropout"), py::arg("seed"),
-        py::arg("need_x"), "Fused LoRA Linear backward on CPU: (grad_x, grad_A, grad_B), the mask regenerated",
+        py::arg("need_x"), py::arg("grad_x_acc") = py::none(),
+        "Fused LoRA Linear backward on CPU: (grad_x, grad_A, grad_B), the mask regenerated; grad_x added into "
+        "grad_x_acc when given",
         py::call_guard<py::gil_scoped_release>());
   m.def("lora_dropout_cpu", &ftk::lora_dropout_cpu, py::arg("x"), py::arg("dropout"), py::arg("seed"),
         "D(x) of the LoRA dropout stream over x's logical [numel / K, K] view, any memory format",

@@ -19,6 +19,7 @@ from torch import nn
 
 from .nn import LoRAConv1D, LoRAConv2d, LoRALinear
 from .nn.lora_conv1d import is_hf_conv1d
+from .nn.lora_group import group_shared_inputs
 
 LORA_TYPES = (LoRALinear, LoRAConv2d)  # LoRAConv1D is a LoRALinear
 _PREFIX = "base_model.model."
@@ -61,7 +62,10 @@ def apply_lora(
     or a regex matched against the full name) for its fused LoRA layer, in place: ``nn.Linear`` ->
     :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d`, HF ``Conv1D`` -> :class:`LoRAConv1D`.
     Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
-    classifier head). Returns the model. Raises when nothing matches or a match is unsupported."""
+    classifier head). Sibling LoRA Linear layers that turn out to read the same input (q/k/v) then run
+    as one autograd node (:func:`ftkernels.nn.lora_group.group_shared_inputs`; same results;
+    ``FTKERNELS_LORA_GROUP=0`` turns it off). Returns the model. Raises when nothing matches or a
+    match is unsupported."""
     if not isinstance(target_modules, str) and not target_modules:
         raise ValueError("apply_lora: target_modules is empty")
     names = [n for n, m in model.named_modules() if n and _matches(n, target_modules) and not isinstance(m, LORA_TYPES)]
@@ -88,6 +92,7 @@ def apply_lora(
         _CONFIG_ATTR,
         dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, modules_to_save=saved or None),
     )
+    group_shared_inputs(model)
     return model
 
 
@@ -122,6 +127,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             replaced.append(name)
     if not converted:
         raise ValueError("from_peft: the model holds no PEFT LoRA layer")
+    group_shared_inputs(model)
     if dropped:
         warnings.warn(f"from_peft: converted adapter only; dropped adapters {sorted(dropped)}", stacklevel=2)
     cfg = getattr(peft_model, "peft_config", {}).get(adapter_name or "default")

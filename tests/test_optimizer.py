@@ -519,3 +519,21 @@ def test_fisher_diagonal_matches_manual():
         assert p.grad is None
     opt = FusedAdamW(model.parameters(), ewc=1.0, fisher=fisher)
     assert set(opt.state) == set(model.parameters())
+
+
+@pytest.mark.parametrize("kind", [FusedAdamW, FusedSGD])
+def test_step_bumps_version_like_torch_in_place_ops(kind):
+    """The kernel writes through raw pointers; the step tells autograd, so a graph that saved a
+    param before the step refuses to backward after it (torch's optimizers behave the same)."""
+    p = torch.nn.Parameter(torch.randn(5, 3))
+    opt = kind([p], lr=0.1)
+    p.grad = torch.randn_like(p)
+    v = p._version
+    opt.step()
+    assert p._version > v
+    x = torch.randn(2, 3, requires_grad=True)
+    y = (x @ p.t()).square().sum()  # saves p
+    p.grad = torch.randn_like(p)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

@@ -110,14 +110,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(const at::Ten
                                                                    const at::Tensor& weight, const at::Tensor& lora_a,
                                                                    const at::Tensor& lora_b, const at::Tensor& u,
                                                                    double scaling, double dropout, int64_t seed,
-                                                                   bool need_x) {
+                                                                   bool need_x,
+                                                                   const c10::optional<at::Tensor>& grad_x_acc) {
   check_args(x, weight, lora_a, lora_b, dropout);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(0) &&
                   grad.scalar_type() == x.scalar_type(),
               "ftkernels lora_linear: grad ", grad.sizes(), " does not match the output of x ", x.sizes(), " and weight ",
               weight.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
-  at::Tensor grad_x = need_x ? at::mm(grad, weight) : at::empty({0}, x.options());
+  const bool acc_x = need_x && grad_x_acc.has_value() && grad_x_acc->defined();
+  if (acc_x)
+    TORCH_CHECK(grad_x_acc->sizes() == x.sizes() && grad_x_acc->scalar_type() == x.scalar_type() &&
+                    grad_x_acc->is_contiguous(),
+                "ftkernels lora_linear: grad_x_acc must be a contiguous ", x.scalar_type(), " tensor of shape ",
+                x.sizes());
+  // A group of layers sharing x accumulates its grad_x in one buffer (no per-layer buffer and sum).
+  at::Tensor grad_x = !need_x ? at::empty({0}, x.options())
+                      : acc_x ? grad_x_acc->addmm_(grad, weight)
+                              : at::mm(grad, weight);
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   const uint32_t thr = dropout_threshold(dropout);
   const double inv_keep = 1.0 / (1.0 - dropout);

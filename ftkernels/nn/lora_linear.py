@@ -160,7 +160,14 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
     weight = property(lambda self: self.base.weight)
     bias = property(lambda self: self.base.bias)
 
+    _lora_group = None  # a shared-input group (ftkernels/nn/lora_group.py) when siblings read the same x
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._lora_group is not None and not self.merged and not torch.compiler.is_compiling():
+            return self._lora_group(self, x)
+        return self._forward_alone(x)
+
+    def _forward_alone(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
         return lora_linear(

@@ -43,17 +43,20 @@ def _fwd_impl(x, weight, bias, lora_a, lora_b, scaling, dropout, seed):
     raise ExtensionError(f"ftkernels lora_linear has no kernel for device {x.device} (cpu and cuda are served)")
 
 
-def _bwd_impl(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x):
+def _bwd_impl(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x, grad_x_acc=None):
     """Device dispatch of the backward: (grad_x or empty, grad_A, grad_B), the adapter grads in the
-    adapters' own dtype (fp32 adapters on a bf16 base get fp32 grads, as autograd's cast would give)."""
+    adapters' own dtype (fp32 adapters on a bf16 base get fp32 grads, as autograd's cast would give).
+    With ``grad_x_acc`` (contiguous, x's shape and dtype) grad_x is added into it and returned."""
     a, b = _as(lora_a, x.dtype), _as(lora_b, x.dtype)
     grad = grad.contiguous()
     if x.device.type == "cpu":
-        gx, ga, gb = C().lora_linear_bwd_cpu(grad, x, weight, a, b, u, scaling, dropout, int(seed), need_x)
+        gx, ga, gb = C().lora_linear_bwd_cpu(grad, x, weight, a, b, u, scaling, dropout, int(seed), need_x, grad_x_acc)
     elif x.device.type == "cuda":
         from ..triton import lora_linear as tk
 
-        gx, ga, gb = tk.backward(grad, x, weight, a, b, u, scaling, dropout, seed, need_x, tk.GEMM_ROUTE.setting())
+        gx, ga, gb = tk.backward(
+            grad, x, weight, a, b, u, scaling, dropout, seed, need_x, tk.GEMM_ROUTE.setting(), grad_x_acc
+        )
     else:
         raise ExtensionError(f"ftkernels lora_linear has no kernel for device {x.device} (cpu and cuda are served)")
     return gx, _as(ga, lora_a.dtype), _as(gb, lora_b.dtype)

@@ -396,5 +396,8 @@ class FusedOptimizer(Optimizer):
         a.skip = skip
         a.seed = seed
         C.fused_optim_step(a)  # advances each param's step count unless skipped
+        # The kernel writes through raw pointers; tell autograd, as torch's in-place ops do (a graph
+        # still holding a param then fails its version check instead of using the new value).
+        torch.autograd.graph.increment_version(plan["params"])
         for k, idx in compact.items():
             _compact.scatter_(plan["params"][k], idx, stepped[k])

@@ -340,8 +340,10 @@ def _scaled_mm(a, b, scale):
     return torch.addmm(out, a, b, beta=0, alpha=scale)
 
 
-def backward(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x, choice="auto"):
-    """GPU backward of ``ftkernels::lora_linear_bwd``: returns (grad_x or empty, grad_A, grad_B)."""
+def backward(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x, choice="auto", grad_x_acc=None):
+    """GPU backward of ``ftkernels::lora_linear_bwd``: returns (grad_x or empty, grad_A, grad_B). With
+    ``grad_x_acc`` (x's shape, contiguous) grad_x is added into it (cuBLAS route, beta 1) and returned:
+    layers that share x then write one buffer, with no per-layer grad_x and no sum of them."""
     grad_b = _scaled_mm(grad.t(), u, scaling)
     v = _scaled_mm(grad, lora_b, scaling)
 
@@ -351,7 +353,7 @@ def backward(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x,
         return gx, ga
 
     def run_cublas():
-        gx = grad @ weight if need_x else None
+        gx = (grad_x_acc.addmm_(grad, weight) if grad_x_acc is not None else grad @ weight) if need_x else None
         if dropout > 0:
             ga = lora_grad_a(x, v, lora_a, seed, dropout, grad_x=gx)
         else:
@@ -361,6 +363,7 @@ def backward(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x,
         return gx, ga
 
     key = ("bwd", x.shape[0], weight.shape[0], x.shape[1], lora_a.shape[0], x.dtype, dropout > 0)
-    how = GEMM_ROUTE.pick(key, {"triton": run_triton, "cublas": run_cublas}, choice) if need_x else "cublas"
+    timed = need_x and grad_x_acc is None  # accumulating runs cuBLAS (timing it would add twice)
+    how = GEMM_ROUTE.pick(key, {"triton": run_triton, "cublas": run_cublas}, choice) if timed else "cublas"
     gx, ga = run_triton() if how == "triton" else run_cublas()
     return (gx if gx is not None else x.new_empty((0,))), ga, grad_b

@@ -13,12 +13,14 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, cons
                                                        int64_t seed);
 
 // grad_x = g W + D'(v A) (when need_x), grad_A = v^T D(x), grad_B = s g^T u, with v = s g B;
-// returns (grad_x or an empty tensor, grad_A [r, K], grad_B [N, r]).
+// returns (grad_x or an empty tensor, grad_A [r, K], grad_B [N, r]). With grad_x_acc (contiguous,
+// x's shape and dtype), grad_x is added into it in place and it is returned as grad_x.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& weight, const at::Tensor& lora_a,
                                                                    const at::Tensor& lora_b, const at::Tensor& u,
                                                                    double scaling, double dropout, int64_t seed,
-                                                                   bool need_x);
+                                                                   bool need_x,
+                                                                   const c10::optional<at::Tensor>& grad_x_acc);
 
 // D(x): x with the LoRA dropout stream applied over its logical [numel / K, K] view, kept values
 // scaled by 1 / (1 - p); same memory format as x (csrc/cpu/lora_dropout.cpp).
