@@ -90,9 +90,15 @@ def test_lora_linear_suite_rows(monkeypatch):
     monkeypatch.setattr(lora_linear, "cases", lambda device, quick: tiny)
     res = runner.run_suites(["lora_linear"], torch.device("cpu"), quick=True, progress=None)
     rows = res["suites"]["lora_linear"]["rows"]
+    trio = [r for r in rows if r["case"].startswith("q/k/v of one x")]
+    rows = [r for r in rows if r not in trio]
     baselines = [r["baseline"] for r in rows]
     # p=0.1: base and PEFT; p=0: also the hand-written cuBLAS technique
     assert baselines.count("PEFT eager") == 2 and baselines.count("hand-written cuBLAS + addmm_") == 1
+    # The q/k/v case: grouped against the same layers alone, PEFT and the frozen trio.
+    assert sorted(r["baseline"] for r in trio) == ["PEFT eager", "frozen q/k/v (floor)", "ours, each layer alone"]
+    alone = next(r for r in trio if r["baseline"] == "ours, each layer alone")
+    assert alone["baseline_saved_MB"] == alone["ours_saved_MB"] > 0  # grouping saves the same tensors
     for r in rows:
         assert r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["floor_ms"] > 0 and r["ours_vs_base"] > 0
         # x (64 x 48 fp32), u (64 x 4) and the int64 seed for ours; PEFT also keeps its dropped copy of x
@@ -153,3 +159,26 @@ def test_graphed_lora_step_matches_eager_steps(dropout):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     else:
         assert abs(loss_fn(models[0]).item() - loss_fn(models[1]).item()) < 0.2
+
+
+def test_profile_e2e_script_breakdown(tmp_path):
+    """scripts/profile_e2e.py on the tiny BERT case: every eager variant profiled, classes and
+    counts per step, and the grouped model running fewer backward nodes than the same layers alone."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_e2e.py"
+    spec = importlib.util.spec_from_file_location("profile_e2e", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.op_class("aten::addmm") == "gemm/conv" and mod.op_class("aten::_to_copy") == "casts"
+    assert mod.op_class("_lora_down_kernel") == "ours (triton)" and mod.op_class("aten::add_") == "other"
+    out = tmp_path / "p.json"
+    assert mod.main(["--case", "bert", "--quick", "--steps", "1", "--json", str(out)]) == 0
+    (res,) = json.loads(out.read_text())["results"].values()
+    assert set(res) == {"floor", "PEFT eager", "ours", "ours, each LoRA layer alone"}
+    for r in res.values():
+        assert r["wall_ms"] > 0 and r["aten_ops"] > 0 and r["gemm_calls"] > 0 and r["python_ms"] >= 0
+    assert res["ours"]["backward_nodes"] < res["ours, each LoRA layer alone"]["backward_nodes"]
+    assert res["PEFT eager"]["casts"] > res["ours"]["casts"]

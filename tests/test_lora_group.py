@@ -365,3 +365,23 @@ def test_group_function_is_the_only_node_for_llama_qkv():
     # Per layer: one node for q/k/v and one for gate/up; o and down alone.
     assert names.count("LoRAGroupFunctionBackward") == 4
     assert names.count("LoRALinearFunctionBackward") == 4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cuda_group_op_equals_layers_alone(dtype, p):
+    K, shapes = 256, [(256, 16), (64, 16), (256, 16)]
+    members = _members(K, shapes, dtype, device="cuda", adapter_dtype=torch.float32)
+    x = torch.randn(4, 33, K, dtype=dtype, device="cuda", requires_grad=True)
+    ys = lora_group_ys(x, members, (2.0, 2.0, 2.0), (p, p, p))
+    ref = _alone(x, members, (2.0, 2.0, 2.0), (p, p, p))
+    leaves = [x] + [t for m in members for t in m[2:4]]
+    gs = [torch.randn_like(y) for y in ys]
+    got = torch.autograd.grad(ys, leaves, gs)
+    want = torch.autograd.grad(ref, leaves, gs)
+    for y, yr in zip(ys, ref, strict=True):
+        assert torch.equal(y, yr)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # grad_x: one buffer vs autograd's sum
+    for g, gr in zip(got, want, strict=True):
+        torch.testing.assert_close(g, gr, atol=tol * max(1.0, gr.abs().max().item()), rtol=tol)

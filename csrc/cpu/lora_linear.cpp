@@ -160,7 +160,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(const at::Ten
         const double beta = b == b0 ? 0.0 : 1.0;  // beta 0 ignores the uninitialized partial
         const at::Tensor gb = same ? grad.narrow(0, m0, rows) : grad.narrow(0, m0, rows).to(acc_type);
         const at::Tensor ubk = same ? u.narrow(0, m0, rows) : u.narrow(0, m0, rows).to(acc_type);
-        const at::Tensor vb = at::mm(gb, bf).mul_(scaling);  // [rows, R]
+        // v = s g B as one GEMM (alpha s, beta 0 ignores the uninitialized output): a mul_ less,
+        // and its scalar-to-tensor cast, per block.
+        at::Tensor vb = at::empty({rows, R}, gb.options());  // [rows, R]
+        at::addmm_out(vb, vb, gb, bf, 0.0, scaling);
         mine_b.addmm_(gb.t(), ubk, beta, scaling);
         at::Tensor dx;  // D(x) block
         if (dropout > 0) {

@@ -160,49 +160,62 @@ def _graph_variants(peft_model, ours, loss_fn, device, autocast) -> dict:
     return out
 
 
-def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
-    """One row per case and baseline; ``floor_ms`` is the frozen model's forward + input-gradient
-    backward measured here (``ours_vs_floor`` is the target's ratio: <= 1.25 on an H100)."""
+CASES = {"bert": _bert, "llama": _llama, "resnet": _resnet}
+
+
+def eager_steps(build, device: torch.device, quick: bool) -> tuple[str, dict, dict]:
+    """``(case name, steps, parts)`` of one case: ``steps`` maps each eager variant (``floor``,
+    ``PEFT eager``, ``ours`` and, when ours has shared-input groups, :data:`ALONE`) to a closure
+    running one training step; ``parts`` holds what the graphed and compiled variants need (models,
+    optimizers, loss, autocast dtype). Also used by ``scripts/profile_e2e.py``."""
     from peft import LoraConfig, get_peft_model
 
     cpu = device.type == "cpu"
-    reps = 2 if quick else (10 if not cpu else 3)
-    rows = []
-    for build in (_bert, _llama, _resnet):
-        torch.manual_seed(0)
-        base, loss_fn, target, name, dtype = build(device, quick, cpu)
-        base = base.to(device)
-        if dtype is not None:
-            base = base.to(dtype)
-        autocast = torch.bfloat16 if (device.type == "cuda" and build is _resnet) else None
-        if device.type == "cuda" and build is _resnet:
-            base = base.to(memory_format=torch.channels_last)
-        base.train()
-        floor_model = copy.deepcopy(base).requires_grad_(False)
-        _floor_inputs(floor_model)
-        peft_model = get_peft_model(
-            copy.deepcopy(base),
-            LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=target["dropout"], target_modules=target["target_modules"]),
-        )
-        ours = apply_lora(copy.deepcopy(base), target["target_modules"], r=R, alpha=2 * R, dropout=target["dropout"])
-        peft_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-        ours_opt = FusedAdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+    torch.manual_seed(0)
+    base, loss_fn, target, name, dtype = build(device, quick, cpu)
+    base = base.to(device)
+    if dtype is not None:
+        base = base.to(dtype)
+    autocast = torch.bfloat16 if (device.type == "cuda" and build is _resnet) else None
+    if device.type == "cuda" and build is _resnet:
+        base = base.to(memory_format=torch.channels_last)
+    base.train()
+    floor_model = copy.deepcopy(base).requires_grad_(False)
+    _floor_inputs(floor_model)
+    peft_model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=target["dropout"], target_modules=target["target_modules"]),
+    )
+    ours = apply_lora(base, target["target_modules"], r=R, alpha=2 * R, dropout=target["dropout"])
+    peft_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    ours_opt = FusedAdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+    steps = {
+        "floor": _step(floor_model, None, loss_fn, device, autocast),
+        "PEFT eager": _step(peft_model, peft_opt, loss_fn, device, autocast),
+        "ours": _step(ours, ours_opt, loss_fn, device, autocast),
+    }
+    if any(getattr(m, "_lora_group", None) is not None for m in ours.modules()):
+        # The same model with every LoRA layer its own node: what the shared-input groups (q/k/v as
+        # one node) are worth, side by side.
+        alone = copy.deepcopy(ours)
+        ungroup(alone)
+        alone_opt = FusedAdamW([p for p in alone.parameters() if p.requires_grad], lr=1e-4)
+        steps[ALONE] = _step(alone, alone_opt, loss_fn, device, autocast)
+    parts = dict(peft_model=peft_model, peft_opt=peft_opt, ours=ours, loss_fn=loss_fn, autocast=autocast)
+    return name, steps, parts
 
-        fns = {
-            "floor": _step(floor_model, None, loss_fn, device, autocast),
-            "PEFT eager": _step(peft_model, peft_opt, loss_fn, device, autocast),
-            "ours": _step(ours, ours_opt, loss_fn, device, autocast),
-        }
-        if any(getattr(m, "_lora_group", None) is not None for m in ours.modules()):
-            # The same model with every LoRA layer its own node: what the shared-input groups (q/k/v
-            # as one node) are worth, side by side.
-            alone = copy.deepcopy(ours)
-            ungroup(alone)
-            alone_opt = FusedAdamW([p for p in alone.parameters() if p.requires_grad], lr=1e-4)
-            fns[ALONE] = _step(alone, alone_opt, loss_fn, device, autocast)
+
+def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
+    """One row per case and baseline; ``floor_ms`` is the frozen model's forward + input-gradient
+    backward measured here (``ours_vs_floor`` is the target's ratio: <= 1.25 on an H100)."""
+    reps = 2 if quick else (10 if device.type != "cpu" else 3)
+    rows = []
+    for build in CASES.values():
+        name, fns, parts = eager_steps(build, device, quick)
+        peft_model, loss_fn, autocast = parts["peft_model"], parts["loss_fn"], parts["autocast"]
         if compile_baselines(device) and not quick:
-            fns["PEFT + torch.compile"] = _step(torch.compile(peft_model), peft_opt, loss_fn, device, autocast)
-        fns.update(_graph_variants(peft_model, ours, loss_fn, device, autocast))
+            fns["PEFT + torch.compile"] = _step(torch.compile(peft_model), parts["peft_opt"], loss_fn, device, autocast)
+        fns.update(_graph_variants(peft_model, parts["ours"], loss_fn, device, autocast))
         ms = time_rounds_ms(fns, device, reps, rounds=2 if quick else 3)
         # A replay allocates nothing (its memory is the graph's pool, reserved at capture): no column.
         mem = {k: None if "CUDA graph" in k else peak_extra_mb(fn, device) for k, fn in fns.items()}
@@ -227,6 +240,5 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
                     floor_mem_MB=mem["floor"],
                 )
             )
-        del base, floor_model, peft_model, ours, fns
-        alone = alone_opt = None  # noqa: F841 (frees the variant's model before the next case)
+        del fns, parts, peft_model  # free this case's models before building the next
     return rows, {"floor": "frozen model forward + input-gradient backward, measured in this run"}

@@ -168,9 +168,73 @@ def _run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict],
                 )
             )
         del base, ours, peft, peft_base, x, g, fns
+    rows += _trio_rows(device, quick, rate, reps)
     extra = {}
     if device.type == "cuda":  # which GEMM route the op picked per shape (FTKERNELS_LORA_GEMM=auto here)
         from ..triton import lora_linear as tk
 
         extra["gemm_choices"] = {" ".join(map(str, k)): v for k, v in tk.chosen().items()}
     return rows, extra
+
+
+class Trio(nn.Module):
+    """Three projections of one x (attention's q/k/v), their outputs summed so one tensor carries
+    the step's gradient."""
+
+    def __init__(self, K: int, N: int, device, dtype):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(K, N, device=device, dtype=dtype) for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x) + self.k(x) + self.v(x)
+
+
+def _trio_rows(device: torch.device, quick: bool, rate: float, reps: int) -> list[dict]:
+    """q/k/v of one x at BERT-base width: ours grouped (one autograd node, one grad_x buffer; see
+    ftkernels/nn/lora_group.py) against ours with each layer alone and against PEFT, side by side.
+    At this size a step is host-bound on a GPU, which is what grouping addresses."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from ..nn.lora_group import ungroup
+    from ..peft_compat import apply_lora
+
+    if device.type == "cuda":
+        M, K, r, p, dtype = 4096, 768, 16, 0.1, torch.bfloat16  # BERT-base: batch 32 x 128 tokens
+    else:
+        M, K, r, p, dtype = (64, 128, 16, 0.1, torch.float32) if quick else (256, 256, 16, 0.1, torch.float32)
+    torch.manual_seed(0)
+    base = Trio(K, K, device, dtype).requires_grad_(False)
+    ours = apply_lora(copy.deepcopy(base), ["q", "k", "v"], r=r, alpha=2 * r, dropout=p)
+    alone = copy.deepcopy(ours)
+    ungroup(alone)
+    peft = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["q", "k", "v"])
+    )
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(M, K, device=device, dtype=dtype)
+    models = {"frozen q/k/v (floor)": base, "PEFT eager": peft, "ours, each layer alone": alone, "ours": ours}
+    fns = {k: layer_step(m, x, g) for k, m in models.items()}
+    ms = time_rounds_ms(fns, device, reps, rounds=4, warmup=3)  # warm-up also lets the groups learn
+    mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
+    saved = {k: saved_mb(m, x) for k, m in models.items()}
+    floor = 3 * (4 * M * K * K + 6 * M * r * 2 * K) / rate * 1e3
+    name = f"q/k/v of one x: M{M} K=N={K} r{r} p{p} {str(dtype).replace('torch.', '')}"
+    return [
+        dict(
+            case=name,
+            baseline=k,
+            baseline_ms=ms[k],
+            ours_ms=ms["ours"],
+            floor_ms=floor,
+            baseline_mem_MB=mem[k],
+            ours_mem_MB=mem["ours"],
+            baseline_saved_MB=saved[k],
+            ours_saved_MB=saved["ours"],
+            ours_vs_base=ms["ours"] / ms["frozen q/k/v (floor)"],
+            sweep=False,
+        )
+        for k in fns
+        if k != "ours"
+    ]
