@@ -149,24 +149,7 @@ def _run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict],
         flops = 4 * M * N * K + 6 * M * r * (K + N)
         floor = flops / rate * 1e3
         name = f"M{M} K{K} N{N} r{r} p{p} {str(dtype).replace('torch.', '')}"
-        for k in fns:
-            if k == "ours":
-                continue
-            rows.append(
-                dict(
-                    case=name,
-                    baseline=k,
-                    baseline_ms=ms[k],
-                    ours_ms=ms["ours"],
-                    floor_ms=floor,
-                    baseline_mem_MB=mem[k],
-                    ours_mem_MB=mem["ours"],
-                    baseline_saved_MB=saved.get(k),  # None for torch.compile: its graph saves what it decides
-                    ours_saved_MB=saved["ours"],
-                    ours_vs_base=ms["ours"] / ms["frozen base layer (floor)"],
-                    sweep=c["sweep"],
-                )
-            )
+        rows += _rows(name, ms, mem, saved, floor, "frozen base layer (floor)", c["sweep"])
         del base, ours, peft, peft_base, x, g, fns
     rows += _trio_rows(device, quick, rate, reps)
     extra = {}
@@ -221,6 +204,12 @@ def _trio_rows(device: torch.device, quick: bool, rate: float, reps: int) -> lis
     saved = {k: saved_mb(m, x) for k, m in models.items()}
     floor = 3 * (4 * M * K * K + 6 * M * r * 2 * K) / rate * 1e3
     name = f"q/k/v of one x: M{M} K=N={K} r{r} p{p} {str(dtype).replace('torch.', '')}"
+    return _rows(name, ms, mem, saved, floor, "frozen q/k/v (floor)", False)
+
+
+def _rows(name: str, ms: dict, mem: dict, saved: dict, floor: float, base_key: str, sweep: bool) -> list[dict]:
+    """One row per baseline of a case (every timed variant but ``ours``), ``ours_vs_base`` against
+    the frozen-base variant ``base_key``."""
     return [
         dict(
             case=name,
@@ -230,11 +219,11 @@ def _trio_rows(device: torch.device, quick: bool, rate: float, reps: int) -> lis
             floor_ms=floor,
             baseline_mem_MB=mem[k],
             ours_mem_MB=mem["ours"],
-            baseline_saved_MB=saved[k],
+            baseline_saved_MB=saved.get(k),  # None for torch.compile: its graph saves what it decides
             ours_saved_MB=saved["ours"],
-            ours_vs_base=ms["ours"] / ms["frozen q/k/v (floor)"],
-            sweep=False,
+            ours_vs_base=ms["ours"] / ms[base_key],
+            sweep=sweep,
         )
-        for k in fns
+        for k in ms
         if k != "ours"
     ]
