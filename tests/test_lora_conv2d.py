@@ -12,7 +12,8 @@ from peft.tuners.lora import Conv2d as PeftConv2d
 from torch import nn
 
 import ftkernels as ftk
-from ftkernels.nn.lora_conv2d import choose_strategy, draw_seed
+from ftkernels.nn.lora_conv2d import choose_strategy
+from ftkernels.nn.lora_linear import draw_seed
 from ftkernels.nn.reference import lora_keep_mask
 from ftkernels.ops import lora_dropout as dropout_op
 

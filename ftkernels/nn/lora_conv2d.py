@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..ops.lora_dropout import lora_dropout_nograd
 from ..ops.lora_linear import _as
 from ._lora_common import LoRAMergeMixin, peft_adapter
-from .lora_linear import _compute_dtype, _unused_seed, draw_seed
+from .lora_linear import _compute_dtype, call_seed
 
 STRATEGIES = ("auto", "unmerged", "merged")
 
@@ -204,7 +204,7 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
             merged = merged_weight(w, _as(a, dtype), _as(bb, dtype), self.scaling)
             y = F.conv2d(xc, merged, b, stride, padding, dilation)
         else:
-            seed = draw_seed(x.device) if p > 0 else _unused_seed(x.device)
+            seed = call_seed(p, x.device)
             y = _UnmergedConv.apply(xc, w, b, a, bb, self.scaling, p, seed, self.geom)
         return y.squeeze(0) if unbatched else y
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..ops import lora_group as _ops
 from ..ops.lora_linear import _as
-from .lora_linear import _FLOATS, _compute_dtype, _unused_seed, draw_seed
+from .lora_linear import _FLOATS, _compute_dtype, call_seed
 
 ENV = "FTKERNELS_LORA_GROUP"  # "0" turns grouping off for layers grouped later
 _MAX_MISSES = 8  # a group that keeps missing (layers never share x after all) stops trying
@@ -52,11 +52,6 @@ class LoRAGroup:
         state = self.__dict__.copy()
         state.update(_run=[], _run_x=None, _run_version=-1, _pending={}, _x=_dead)
         return state
-
-    @property
-    def active(self) -> bool:
-        """Whether the group has learned a run and fuses it."""
-        return self.order is not None
 
     def __call__(self, member: nn.Module, x: Tensor) -> Tensor:
         if _saved_tensor_hooks_active() or not isinstance(x, Tensor) or x.is_inference():
@@ -112,9 +107,9 @@ class LoRAGroup:
         run = [self.members[j] for j in self.order]
         if x.dtype not in _FLOATS:
             return None
-        w0 = run[0].linear_weight()
-        for m in run:
-            w = m.linear_weight()
+        weights = [m.linear_weight() for m in run]
+        w0 = weights[0]
+        for m, w in zip(run, weights):
             if m.merged or w.device != x.device or w.dtype != w0.dtype or w.shape[1] != x.shape[-1]:
                 return None
             if type(w).__name__ == "DTensor":  # sharded per layer: the weights exist only in each call
@@ -125,9 +120,9 @@ class LoRAGroup:
         ps = tuple(float(m.dropout) if m.training else 0.0 for m in run)
         # One draw per member with dropout, in call order: the generator advances exactly as when the
         # layers run alone, so grouping never changes a mask (checkpoint recomputes stay exact).
-        seeds = [draw_seed(x.device) if p > 0 else _unused_seed(x.device) for p in ps]
+        seeds = [call_seed(p, x.device) for p in ps]
         members = [
-            (_as(m.linear_weight(), dtype), _as(m.base.bias, dtype), m.lora_A, m.lora_B, s) for m, s in zip(run, seeds)
+            (_as(w, dtype), _as(m.base.bias, dtype), m.lora_A, m.lora_B, s) for m, w, s in zip(run, weights, seeds)
         ]
         ys = _ops.lora_group_ys(_as(x, dtype), members, tuple(m.scaling for m in run), ps)
         self._pending = {j: (y, self._state(m, x)) for j, m, y in zip(self.order[1:], run[1:], ys[1:])}

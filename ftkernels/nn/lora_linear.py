@@ -31,6 +31,12 @@ def _unused_seed(device: torch.device) -> Tensor:
     return t
 
 
+def call_seed(p: float, device: torch.device) -> Tensor:
+    """The dropout seed of one call: a fresh draw (:func:`draw_seed`) when ``p > 0``, else the cached
+    placeholder."""
+    return draw_seed(device) if p > 0 else _unused_seed(device)
+
+
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype autocast would run a matmul/conv on x in, or None when autocast is off for x."""
     dev = x.device.type
@@ -96,10 +102,8 @@ def lora_linear(
     if x.device.type == "cuda" and dtype == torch.float64:
         raise TypeError("lora_linear: float64 runs on CPU only; use float32, bfloat16 or float16 on GPU")
     p = float(dropout) if training else 0.0
-    if p > 0 and seed is None:
-        seed = draw_seed(x.device)
-    elif seed is None:
-        seed = _unused_seed(x.device)
+    if seed is None:
+        seed = call_seed(p, x.device)
     # The adapters keep their dtype: the op casts them inside its one autograd node (no cast nodes).
     x, weight, bias = (_ops._as(t, dtype) for t in (x, weight, bias))
     return _ops.lora_linear_y(x, weight, bias, lora_a, lora_b, float(scaling), p, seed)

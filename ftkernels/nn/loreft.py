@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..ops import loreft as _ops
-from .lora_linear import _FLOATS, _unused_seed, draw_seed
+from .lora_linear import _FLOATS, call_seed
 
 
 class OrthonormalRows(nn.Module):
@@ -77,7 +77,7 @@ class LoReFT(nn.Module):
             raise TypeError("LoReFT: float64 runs on CPU only; use float32, bfloat16 or float16 on GPU")
         p = self.dropout if self.training else 0.0
         if seed is None:
-            seed = draw_seed(h.device) if p > 0 else _unused_seed(h.device)
+            seed = call_seed(p, h.device)
         return _ops.loreft_apply(h, self.rotation, w, self.learned_source.bias, p, seed)
 
     def extra_repr(self) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .lora_linear import _as, _bwd_impl, _fwd_impl, _no_autocast
+from .lora_linear import _as, _bwd_impl, _fwd_impl, _no_autocast, layer_grads
 
 _PER = 5  # flat inputs per member: weight, bias, lora_a, lora_b, seed
 
@@ -53,29 +53,22 @@ class LoRAGroupFunction(torch.autograd.Function):
     def backward(ctx, *grad_ys):
         x2, *saved = ctx.saved_tensors
         need = ctx.needs_input_grad
-        need_x = need[0]
         grads: list[Tensor | None] = [None] * (3 + _PER * len(grad_ys))
         gx = None
         with _no_autocast(x2):
             for i, g in enumerate(grad_ys):
                 if g is None:
                     continue
-                g = g.reshape(-1, g.shape[-1])
-                w, a, b, u, seed = saved[_PER * i : _PER * (i + 1)]
-                need_w, need_bias, need_a, need_b = need[3 + _PER * i : 3 + _PER * i + 4]
-                if need_x or need_a or need_b:
-                    gxi, ga, gb = _bwd_impl(
-                        g, x2, w, a, b, u, ctx.scalings[i], ctx.dropouts[i], seed, need_x, grad_x_acc=gx
-                    )
-                    if need_x:
-                        gx = gxi  # the first member's buffer; later members add into it
-                    base = 3 + _PER * i
-                    grads[base + 2] = _as(ga, ctx.adapter_dtypes[i][0]) if need_a else None
-                    grads[base + 3] = _as(gb, ctx.adapter_dtypes[i][1]) if need_b else None
-                if need_w:  # an unfrozen base weight: plain dW = g^T x
-                    grads[3 + _PER * i] = g.t() @ x2
-                if need_bias:
-                    grads[3 + _PER * i + 1] = g.sum(0)
+                first = 3 + _PER * i  # this member's weight in the inputs
+                mine = (x2, *saved[_PER * i : _PER * (i + 1)])
+                needs = (need[0], *need[first : first + 4])
+                gxi, *member = layer_grads(
+                    g.reshape(-1, g.shape[-1]), mine, ctx.scalings[i], ctx.dropouts[i], ctx.adapter_dtypes[i],
+                    needs, _bwd_impl, grad_x_acc=gx,
+                )  # fmt: skip
+                grads[first : first + 4] = member  # grad of W, bias, A, B
+                if gxi is not None:
+                    gx = gxi  # the first member's buffer; later members add into it
         if gx is not None and ctx.x_shape is not None:
             gx = gx.view(ctx.x_shape)
         grads[0] = gx

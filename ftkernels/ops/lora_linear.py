@@ -89,22 +89,33 @@ def _bwd_fake(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x
     return gx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
-def _grads(ctx, grad_y, bwd):
-    """The input grads of the forward from the saved (x, weight, lora_a, lora_b, u, seed), with ``bwd``
-    the backward op (the custom op when traced, its implementation in eager mode)."""
-    x, weight, lora_a, lora_b, u, seed = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+def layer_grads(grad_y, saved, scaling, dropout, adapter_dtypes, needs, bwd, grad_x_acc=None):
+    """``(grad_x, grad_W, grad_bias, grad_A, grad_B)`` of one layer from its saved ``(x, weight, lora_a,
+    lora_b, u, seed)``, each None unless ``needs`` (five bools, same order) asks for it. ``bwd`` is the
+    backward op (the custom op when traced, its implementation in eager mode); ``grad_x_acc`` (eager
+    only) is a buffer grad_x is added into, as :func:`_bwd_impl` takes it."""
+    x, weight, lora_a, lora_b, u, seed = saved
+    need_x, need_w, need_bias, need_a, need_b = needs
     grad_x = grad_a = grad_b = grad_w = grad_bias = None
     if need_x or need_a or need_b:
-        gx, ga, gb = bwd(grad_y, x, weight, lora_a, lora_b, u, ctx.scaling, ctx.dropout, seed, need_x)
+        acc = {} if grad_x_acc is None else {"grad_x_acc": grad_x_acc}
+        gx, ga, gb = bwd(grad_y, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x, **acc)
         grad_x = gx if need_x else None
-        grad_a = _as(ga, ctx.adapter_dtypes[0]) if need_a else None
-        grad_b = _as(gb, ctx.adapter_dtypes[1]) if need_b else None
+        grad_a = _as(ga, adapter_dtypes[0]) if need_a else None
+        grad_b = _as(gb, adapter_dtypes[1]) if need_b else None
     if need_w:  # an unfrozen base weight: plain dW = g^T x
         grad_w = grad_y.t() @ x
     if need_bias:
         grad_bias = grad_y.sum(0)
-    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+    return grad_x, grad_w, grad_bias, grad_a, grad_b
+
+
+def _grads(ctx, grad_y, bwd):
+    """The forward's input grads (:func:`layer_grads` from the context, None for the non-tensor inputs)."""
+    grads = layer_grads(
+        grad_y, ctx.saved_tensors, ctx.scaling, ctx.dropout, ctx.adapter_dtypes, ctx.needs_input_grad[:5], bwd
+    )
+    return *grads, None, None, None
 
 
 def _save(ctx, x, weight, lora_a, lora_b, u, seed, scaling, dropout, adapter_dtypes):
