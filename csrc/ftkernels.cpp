@@ -63,18 +63,21 @@ py::dict build_info() {
   return d;
 }
 
-void fused_optim_step(const ftk::OptimArgs& args) {
+std::vector<at::Tensor> fused_optim_step(const ftk::OptimArgs& args) {
   ftk::check_optim_args(args);
-  if (args.params.empty()) return;
+  if (args.params.empty()) return {};
   const at::Device dev = args.params[0].device();
   for (const auto& p : args.params)
-    TORCH_CHECK(p.device() == dev, "ftkernels: one fused step needs all params on one device, got ", dev, " and ",
+    FTK_CHECK(p.device() == dev, "ftkernels: one fused step needs all params on one device, got ", dev, " and ",
                 p.device());
-  if (dev.is_cpu()) return ftk::fused_optim_step_cpu(args);
+  if (dev.is_cpu()) {
+    ftk::fused_optim_step_cpu(args);
+    return {};
+  }
 #ifdef FTK_WITH_CUDA
   if (dev.is_cuda()) return ftk::fused_optim_step_cuda(args);
 #endif
-  TORCH_CHECK(false, "ftkernels: fused optimizer step has no kernel for device ", dev,
+  FTK_CHECK(false, "ftkernels: fused optimizer step has no kernel for device ", dev,
               kWithCuda ? "" : " (this build of ftkernels._C has no CUDA: rebuild with a CUDA torch and nvcc)");
 }
 
@@ -125,10 +128,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("grad_scale", &ftk::OptimArgs::grad_scale)
       .def_readwrite("skip", &ftk::OptimArgs::skip)
       .def_readwrite("total_norm", &ftk::OptimArgs::total_norm)
-      .def_readwrite("seed", &ftk::OptimArgs::seed);
+      .def_readwrite("seed", &ftk::OptimArgs::seed)
+      .def_readwrite("seed_tensor", &ftk::OptimArgs::seed_tensor);
 
   m.def("fused_optim_step", &fused_optim_step, py::arg("args"),
-        "One fused optimizer step over all params of a group (math: ftk/optimizer.h)",
+        "One fused optimizer step over all params of a group (math: ftk/optimizer.h); returns the host "
+        "buffers a CUDA graph under capture reads at replay (keep them alive with the graph)",
         py::call_guard<py::gil_scoped_release>());
 
   m.def("lora_linear_fwd_cpu", &ftk::lora_linear_fwd_cpu, py::arg("x"), py::arg("weight"), py::arg("bias"),

@@ -161,6 +161,34 @@ def test_graphed_lora_step_matches_eager_steps(dropout):
         assert abs(loss_fn(models[0]).item() - loss_fn(models[1]).item()) < 0.2
 
 
+_TWO_GRAPHS = """
+import sys, torch
+from ftkernels.bench import e2e
+from ftkernels.optim import FusedAdamW
+dev = torch.device("cuda")
+name, fns, parts = e2e.eager_steps(e2e._bert, dev, quick=sys.argv[1] == "quick")
+tr = lambda m: [p for p in m.parameters() if p.requires_grad]
+pm, om, loss = parts["peft_model"], parts["ours"], parts["loss_fn"]
+peft = e2e.graphed_step(pm, torch.optim.AdamW(tr(pm), lr=1e-4, fused=True, capturable=True), loss, dev, None)
+peft(); torch.cuda.synchronize()
+ours = e2e.graphed_step(om, FusedAdamW(tr(om), lr=1e-4), loss, dev, None)
+ours(); torch.cuda.synchronize()
+peft(); torch.cuda.synchronize()
+print("ok")
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.xfail(reason="open bug: an earlier graph hits an illegal address once ours is captured", strict=False)
+@pytest.mark.parametrize("size", ["quick", "full"])
+def test_graph_captured_before_ours_still_replays(size):
+    """Repro of the H100 failure of 2026-11-23 (BERT-base): PEFT's graph replays, ours is captured
+    and replays, then PEFT's replay hits an illegal address. Each graph alone replays fine (also
+    between eager steps). A subprocess, so a poisoned CUDA context stays out of the other tests."""
+    r = subprocess.run([sys.executable, "-c", _TWO_GRAPHS, size], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
 def test_profile_e2e_script_breakdown(tmp_path):
     """scripts/profile_e2e.py on the tiny BERT case: every eager variant profiled, classes and
     counts per step, and the grouped model running fewer backward nodes than the same layers alone."""
@@ -178,7 +206,10 @@ def test_profile_e2e_script_breakdown(tmp_path):
     assert mod.main(["--case", "bert", "--quick", "--steps", "1", "--json", str(out)]) == 0
     (res,) = json.loads(out.read_text())["results"].values()
     assert set(res) == {"floor", "PEFT eager", "ours", "ours, each LoRA layer alone"}
+    cuda = torch.cuda.is_available()  # the script profiles the default device
     for r in res.values():
-        assert r["wall_ms"] > 0 and r["aten_ops"] > 0 and r["gemm_calls"] > 0 and r["python_ms"] >= 0
+        assert r["wall_ms"] > 0 and r["aten_ops"] > 0 and r["gemm_calls"] > 0
+        assert r["device_ms"] > 0 if cuda else r["python_ms"] >= 0  # kernel time on GPU, uncovered host time on CPU
     assert res["ours"]["backward_nodes"] < res["ours, each LoRA layer alone"]["backward_nodes"]
-    assert res["PEFT eager"]["casts"] > res["ours"]["casts"]
+    if not cuda:  # CPU counts cast ops (PEFT's per-layer input casts); GPU counts cast kernels
+        assert res["PEFT eager"]["casts"] > res["ours"]["casts"]

@@ -537,3 +537,63 @@ def test_step_bumps_version_like_torch_in_place_ops(kind):
     opt.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_own_metadata_and_redraws_grad_dropout():
+    """A step captured in a CUDA graph re-reads its pinned metadata at each replay: another
+    optimizer's eager steps between replays (same sizes, so the pinned allocator would hand them the
+    same block) must not redirect the replay. Gradient dropout draws a new mask at each replay."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    sizes = [(1023,), (7, 13), (65537,)]
+    p = [torch.nn.Parameter(t) for t in make_params(device=dev, sizes=sizes)]
+    other = [torch.nn.Parameter(t) for t in make_params(device=dev, sizes=sizes)]
+    ref = clones([t.detach() for t in p])
+    grads = [torch.randn_like(t) for t in p]
+    for t, g in zip(p, grads):
+        t.grad = g
+    opt, opt_ref, opt_other = (FusedAdamW(ps, lr=1e-2) for ps in (p, ref, other))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()  # warm-up: state created outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    other_before = [t.detach().clone() for t in other]
+    for _ in range(3):
+        for t in other:
+            t.grad = torch.randn_like(t)
+        opt_other.step()  # frees and reuses pinned metadata blocks of the captured sizes
+        other_before = [t.detach().clone() for t in other]
+        graph.replay()
+        torch.cuda.synchronize()
+        for t, b in zip(other, other_before):
+            assert torch.equal(t, b), "a replay stepped the other optimizer's params"
+    for t, g in zip(ref, grads):
+        t.grad = g
+    for _ in range(4):  # warm-up + 3 replays
+        opt_ref.step()
+    for a, b in zip(p, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+    q = torch.nn.Parameter(torch.randn(4096, device=dev))
+    q.grad = torch.randn_like(q) + 3.0  # never 0: a zero step means dropped
+    sgd = FusedSGD([q], lr=1.0, grad_dropout=0.5)
+    with torch.cuda.stream(side):
+        sgd.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sgd.step()
+    kept = []
+    for _ in range(2):
+        before = q.detach().clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        kept.append(q.detach() != before)
+    for k in kept:
+        assert 0.4 < k.float().mean().item() < 0.6
+    assert not torch.equal(kept[0], kept[1]), "each replay must draw a new gradient-dropout mask"

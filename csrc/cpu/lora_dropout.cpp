@@ -15,8 +15,8 @@
 namespace ftk {
 
 at::Tensor lora_dropout_cpu(const at::Tensor& x, double dropout, int64_t seed) {
-  TORCH_CHECK(x.dim() >= 1, "ftkernels lora_dropout: x must have at least one dimension");
-  TORCH_CHECK(dropout >= 0 && dropout < 1, "ftkernels lora_dropout: dropout must be in [0, 1), got ", dropout);
+  FTK_CHECK(x.dim() >= 1, "ftkernels lora_dropout: x must have at least one dimension");
+  FTK_CHECK(dropout >= 0 && dropout < 1, "ftkernels lora_dropout: dropout must be in [0, 1), got ", dropout);
   at::Tensor out = at::empty_like(x);  // same memory format
   const int64_t K = x.size(-1), rows = K == 0 ? 0 : x.numel() / K, nd = x.dim() - 1;
   if (rows == 0) return out;

@@ -21,16 +21,16 @@ namespace {
 
 void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                 double dropout) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_a.dim() == 2 && lora_b.dim() == 2,
+  FTK_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_a.dim() == 2 && lora_b.dim() == 2,
               "ftkernels lora_linear: x, weight, lora_a, lora_b must be 2-D");
-  TORCH_CHECK(weight.size(1) == x.size(1) && lora_a.size(1) == x.size(1) && lora_b.size(0) == weight.size(0) &&
+  FTK_CHECK(weight.size(1) == x.size(1) && lora_a.size(1) == x.size(1) && lora_b.size(0) == weight.size(0) &&
                   lora_b.size(1) == lora_a.size(0),
               "ftkernels lora_linear: shapes do not chain: x ", x.sizes(), ", weight ", weight.sizes(), ", lora_a ",
               lora_a.sizes(), ", lora_b ", lora_b.sizes());
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type() && x.scalar_type() == lora_a.scalar_type() &&
+  FTK_CHECK(x.scalar_type() == weight.scalar_type() && x.scalar_type() == lora_a.scalar_type() &&
                   x.scalar_type() == lora_b.scalar_type(),
               "ftkernels lora_linear: x, weight, lora_a, lora_b must share one dtype");
-  TORCH_CHECK(dropout >= 0 && dropout < 1, "ftkernels lora_linear: dropout must be in [0, 1), got ", dropout);
+  FTK_CHECK(dropout >= 0 && dropout < 1, "ftkernels lora_linear: dropout must be in [0, 1), got ", dropout);
 }
 
 // Row block [m0, m0 + rows) of the dropout: mult[i, k] = 1/(1-p) where the stream keeps element
@@ -113,14 +113,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(const at::Ten
                                                                    bool need_x,
                                                                    const c10::optional<at::Tensor>& grad_x_acc) {
   check_args(x, weight, lora_a, lora_b, dropout);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(0) &&
+  FTK_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(0) &&
                   grad.scalar_type() == x.scalar_type(),
               "ftkernels lora_linear: grad ", grad.sizes(), " does not match the output of x ", x.sizes(), " and weight ",
               weight.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
   const bool acc_x = need_x && grad_x_acc.has_value() && grad_x_acc->defined();
   if (acc_x)
-    TORCH_CHECK(grad_x_acc->sizes() == x.sizes() && grad_x_acc->scalar_type() == x.scalar_type() &&
+    FTK_CHECK(grad_x_acc->sizes() == x.sizes() && grad_x_acc->scalar_type() == x.scalar_type() &&
                     grad_x_acc->is_contiguous(),
                 "ftkernels lora_linear: grad_x_acc must be a contiguous ", x.scalar_type(), " tensor of shape ",
                 x.sizes());
@@ -202,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(const at::Ten
     } else {
       at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
         const int slot = at::get_thread_num();
-        TORCH_CHECK(slot < nslots, "ftkernels lora_linear: thread ", slot, " beyond ", nslots, " slots");
+        FTK_CHECK(slot < nslots, "ftkernels lora_linear: thread ", slot, " beyond ", nslots, " slots");
         run(b0, b1, slot);
         used[slot] = 1;
       });

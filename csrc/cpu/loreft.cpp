@@ -19,13 +19,13 @@ namespace ftk {
 namespace {
 
 void check_reft(const at::Tensor& h, const at::Tensor& rot, const at::Tensor& w, double dropout) {
-  TORCH_CHECK(h.dim() == 2 && rot.dim() == 2 && w.dim() == 2, "ftkernels loreft: h, R and W must be 2-D");
-  TORCH_CHECK(rot.sizes() == w.sizes() && rot.size(1) == h.size(1), "ftkernels loreft: R ", rot.sizes(), " and W ",
+  FTK_CHECK(h.dim() == 2 && rot.dim() == 2 && w.dim() == 2, "ftkernels loreft: h, R and W must be 2-D");
+  FTK_CHECK(rot.sizes() == w.sizes() && rot.size(1) == h.size(1), "ftkernels loreft: R ", rot.sizes(), " and W ",
               w.sizes(), " must both be [r, d] with d = ", h.size(1));
-  TORCH_CHECK(h.is_floating_point() && rot.scalar_type() == w.scalar_type() && rot.is_floating_point(),
+  FTK_CHECK(h.is_floating_point() && rot.scalar_type() == w.scalar_type() && rot.is_floating_point(),
               "ftkernels loreft: h must be floating and R, W share one floating dtype (converted to the "
               "accumulation dtype inside)");
-  TORCH_CHECK(dropout >= 0 && dropout < 1, "ftkernels loreft: dropout must be in [0, 1), got ", dropout);
+  FTK_CHECK(dropout >= 0 && dropout < 1, "ftkernels loreft: dropout must be in [0, 1), got ", dropout);
 }
 
 // Row-block loop: body(m0, rows, mult) with mult the [rows, d] keep multipliers (null without
@@ -69,7 +69,7 @@ void store_block(T* dst, int64_t ld, const Acc* src, const Acc* mult, int64_t ro
 std::tuple<at::Tensor, at::Tensor> loreft_fwd_cpu(const at::Tensor& h_in, const at::Tensor& rot, const at::Tensor& w,
                                                   const at::Tensor& b, double dropout, int64_t seed) {
   check_reft(h_in, rot, w, dropout);
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == rot.size(0), "ftkernels loreft: b must be [r]");
+  FTK_CHECK(b.dim() == 1 && b.size(0) == rot.size(0), "ftkernels loreft: b must be [r]");
   const at::Tensor h = h_in.contiguous();
   const int64_t M = h.size(0), d = h.size(1), R = rot.size(0);
   at::Tensor out = at::empty_like(h), s;
@@ -103,9 +103,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loreft_bwd_cpu(const 
                                                                           const at::Tensor& s, double dropout,
                                                                           int64_t seed) {
   check_reft(h_in, rot, w, dropout);
-  TORCH_CHECK(grad_in.sizes() == h_in.sizes() && grad_in.scalar_type() == h_in.scalar_type(),
+  FTK_CHECK(grad_in.sizes() == h_in.sizes() && grad_in.scalar_type() == h_in.scalar_type(),
               "ftkernels loreft: grad ", grad_in.sizes(), " does not match h ", h_in.sizes());
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == h_in.size(0) && s.size(1) == rot.size(0), "ftkernels loreft: s must be [M, r]");
+  FTK_CHECK(s.dim() == 2 && s.size(0) == h_in.size(0) && s.size(1) == rot.size(0), "ftkernels loreft: s must be [M, r]");
   const at::Tensor h = h_in.contiguous(), g = grad_in.contiguous();
   const int64_t M = h.size(0), d = h.size(1), R = rot.size(0);
   at::Tensor grad_h = at::empty_like(h), grad_r, grad_w, grad_b;

@@ -178,7 +178,7 @@ auto pick_runner(at::ScalarType p, at::ScalarType s, bool master)
     case at::kBFloat16:
       return same ? &scalar_range<KIND, at::BFloat16, at::BFloat16> : &scalar_range<KIND, at::BFloat16, float>;
     case at::kHalf: return same ? &scalar_range<KIND, at::Half, at::Half> : &scalar_range<KIND, at::Half, float>;
-    default: TORCH_CHECK(false, "ftkernels: unsupported param dtype ", p);
+    default: FTK_CHECK(false, "ftkernels: unsupported param dtype ", p);
   }
 }
 
@@ -199,7 +199,7 @@ void fused_optim_step_cpu(const OptimArgs& a) {
   for (size_t i = 0; i < a.params.size(); ++i) {
     Job& j = jobs[i];
     const at::Tensor& p = a.params[i];
-    TORCH_CHECK(p.device().is_cpu(), "ftkernels: CPU optimizer step got a tensor on ", p.device());
+    FTK_CHECK(p.device().is_cpu(), "ftkernels: CPU optimizer step got a tensor on ", p.device());
     j.p = p.data_ptr();
     j.g = a.grads[i].data_ptr();
     at::ScalarType state_type = p.scalar_type();
@@ -208,17 +208,17 @@ void fused_optim_step_cpu(const OptimArgs& a) {
     if (const at::Tensor* t = get(a.s3, i)) j.s3 = t->data_ptr();
     for (const OptTensorList* l : {&a.s2, &a.s3})
       if (const at::Tensor* t = get(*l, i))
-        TORCH_CHECK(t->scalar_type() == state_type, "ftkernels: optimizer states of one param differ in dtype");
-    TORCH_CHECK(state_type == p.scalar_type() || state_type == at::kFloat,
+        FTK_CHECK(t->scalar_type() == state_type, "ftkernels: optimizer states of one param differ in dtype");
+    FTK_CHECK(state_type == p.scalar_type() || state_type == at::kFloat,
                 "ftkernels: optimizer state must be float32 or the param's dtype");
     if (const at::Tensor* t = get(a.masters, i)) j.master = t->data_ptr<float>();
     if (const at::Tensor* t = get(a.masks, i)) j.mask = t->data_ptr<uint8_t>();
     if (const at::Tensor* t = get(a.anchors, i)) j.anchor = Aux{t->data_ptr(), t->scalar_type()};
     if (const at::Tensor* t = get(a.fishers, i)) j.fisher = Aux{t->data_ptr(), t->scalar_type()};
-    TORCH_CHECK(!(h.l2sp != 0 || h.ewc != 0) || j.anchor.ptr, "ftkernels: L2-SP/EWC needs an anchor for param ", i);
-    TORCH_CHECK(h.ewc == 0 || j.fisher.ptr, "ftkernels: EWC needs a Fisher diagonal for param ", i);
+    FTK_CHECK(!(h.l2sp != 0 || h.ewc != 0) || j.anchor.ptr, "ftkernels: L2-SP/EWC needs an anchor for param ", i);
+    FTK_CHECK(h.ewc == 0 || j.fisher.ptr, "ftkernels: EWC needs a Fisher diagonal for param ", i);
     j.tensor_id = static_cast<uint32_t>(a.tensor_ids[i]);
-    TORCH_CHECK(a.steps[i].device().is_cpu(), "ftkernels: step of param ", i, " must be on the CPU");
+    FTK_CHECK(a.steps[i].device().is_cpu(), "ftkernels: step of param ", i, " must be on the CPU");
     float* step = a.steps[i].data_ptr<float>();
     *step += 1.0f;  // the op owns the step count: advanced unless the step is skipped
     j.c = make_step_consts(h, lr, *step, inv_scale, norm);

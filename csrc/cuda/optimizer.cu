@@ -44,6 +44,7 @@ struct StepScalars {  // device-resident scalars; null when absent
   const float* grad_scale;
   const float* skip;
   const float* total_norm;
+  const int64_t* seed;  // grad-dropout seed on the device (CUDA graphs); null: the launch argument
 };
 
 template <class T, int N>
@@ -132,7 +133,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const TensorMet
     if (m.master) load4(m.master, i, m.numel, vec, mv);
     float u[kIlp] = {};
     if (h.grad_dropout > 0) {  // this thread's 4 elements are one half of a Philox group of 8
-      const U32x4 r = philox_dropout_words(seed, m.tensor_id, static_cast<uint64_t>(i) >> 3);
+      const uint64_t key = sc.seed ? static_cast<uint64_t>(*sc.seed) : seed;
+      const U32x4 r = philox_dropout_words(key, m.tensor_id, static_cast<uint64_t>(i) >> 3);
       const bool upper = (i >> 2) & 1;
       const uint32_t w0 = upper ? r.z : r.x, w1 = upper ? r.w : r.y;
       u[0] = uniform16(w0, false);
@@ -175,13 +177,13 @@ int32_t aux_type(const at::Tensor& t) {
     case at::kHalf: return kAuxF16;
     case at::kDouble: return kAuxF64;
     case at::kFloat: return kAuxF32;
-    default: TORCH_CHECK(false, "ftkernels: anchor/Fisher dtype must be floating, got ", t.scalar_type());
+    default: FTK_CHECK(false, "ftkernels: anchor/Fisher dtype must be floating, got ", t.scalar_type());
   }
 }
 
 const float* scalar_ptr(const OptTensor& t, const at::Device& dev, const char* what) {
   if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->device() == dev && t->scalar_type() == at::kFloat && t->numel() == 1, "ftkernels: ", what,
+  FTK_CHECK(t->device() == dev && t->scalar_type() == at::kFloat && t->numel() == 1, "ftkernels: ", what,
               " must be a float32 scalar tensor on ", dev);
   return t->data_ptr<float>();
 }
@@ -202,7 +204,7 @@ void launch_kind(at::ScalarType pt, at::ScalarType st, const TensorMeta* metas, 
       if (same) FTK_LAUNCH(c10::BFloat16, c10::BFloat16);
       else FTK_LAUNCH(c10::BFloat16, float);
       break;
-    default: TORCH_CHECK(false, "ftkernels: unsupported param dtype ", pt);
+    default: FTK_CHECK(false, "ftkernels: unsupported param dtype ", pt);
   }
 #undef FTK_LAUNCH
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -210,11 +212,18 @@ void launch_kind(at::ScalarType pt, at::ScalarType st, const TensorMeta* metas, 
 
 }  // namespace
 
-void fused_optim_step_cuda(const OptimArgs& a) {
+std::vector<at::Tensor> fused_optim_step_cuda(const OptimArgs& a) {
   const at::Device dev = a.params[0].device();
   const c10::cuda::CUDAGuard guard(dev);
-  const StepScalars sc{scalar_ptr(a.lr, dev, "lr"), scalar_ptr(a.grad_scale, dev, "grad_scale"),
-                       scalar_ptr(a.skip, dev, "found_inf"), scalar_ptr(a.total_norm, dev, "total_norm")};
+  StepScalars sc{scalar_ptr(a.lr, dev, "lr"), scalar_ptr(a.grad_scale, dev, "grad_scale"),
+                       scalar_ptr(a.skip, dev, "found_inf"), scalar_ptr(a.total_norm, dev, "total_norm"),
+                       nullptr};
+  if (a.seed_tensor.has_value() && a.seed_tensor->defined()) {
+    const at::Tensor& t = *a.seed_tensor;
+    FTK_CHECK(t.device() == dev && t.scalar_type() == at::kLong && t.numel() == 1,
+                "ftkernels: seed_tensor must be an int64 scalar tensor on ", dev);
+    sc.seed = t.data_ptr<int64_t>();
+  }
   const OptimHyper& h = a.hyper;
 
   // Group tensors by (param dtype, state dtype): one launch per group.
@@ -243,11 +252,11 @@ void fused_optim_step_cuda(const OptimArgs& a) {
       if (const at::Tensor* t = get(*lists[k], i)) {
         *slots[k] = t->data_ptr();
         if (k == 0) st = t->scalar_type();
-        TORCH_CHECK(t->scalar_type() == st, "ftkernels: optimizer states of one param differ in dtype");
+        FTK_CHECK(t->scalar_type() == st, "ftkernels: optimizer states of one param differ in dtype");
         check_align(t->data_ptr(), kIlp * t->element_size());
       }
     }
-    TORCH_CHECK(st == p.scalar_type() || st == at::kFloat,
+    FTK_CHECK(st == p.scalar_type() || st == at::kFloat,
                 "ftkernels: optimizer state must be float32 or the param's dtype");
     if (const at::Tensor* t = get(a.masters, i)) {
       m.master = t->data_ptr<float>();
@@ -256,9 +265,9 @@ void fused_optim_step_cuda(const OptimArgs& a) {
     if (const at::Tensor* t = get(a.masks, i)) m.mask = t->data_ptr<uint8_t>();
     if (const at::Tensor* t = get(a.anchors, i)) m.anchor = t->data_ptr(), m.anchor_type = aux_type(*t);
     if (const at::Tensor* t = get(a.fishers, i)) m.fisher = t->data_ptr(), m.fisher_type = aux_type(*t);
-    TORCH_CHECK(!(h.l2sp != 0 || h.ewc != 0) || m.anchor, "ftkernels: L2-SP/EWC needs an anchor for param ", i);
-    TORCH_CHECK(h.ewc == 0 || m.fisher, "ftkernels: EWC needs a Fisher diagonal for param ", i);
-    TORCH_CHECK(a.steps[i].device() == dev, "ftkernels: step of param ", i, " must be on ", dev);
+    FTK_CHECK(!(h.l2sp != 0 || h.ewc != 0) || m.anchor, "ftkernels: L2-SP/EWC needs an anchor for param ", i);
+    FTK_CHECK(h.ewc == 0 || m.fisher, "ftkernels: EWC needs a Fisher diagonal for param ", i);
+    FTK_CHECK(a.steps[i].device() == dev, "ftkernels: step of param ", i, " must be on ", dev);
     m.step = a.steps[i].data_ptr<float>();
     m.numel = p.numel();
     m.tensor_id = static_cast<uint32_t>(a.tensor_ids[i]);
@@ -272,11 +281,14 @@ void fused_optim_step_cuda(const OptimArgs& a) {
     const int32_t t = static_cast<int32_t>(it->metas.size());
     it->metas.push_back(m);
     const int64_t chunks = (m.numel + kChunk - 1) / kChunk;
-    TORCH_CHECK(chunks < INT32_MAX, "ftkernels: tensor too large");
+    FTK_CHECK(chunks < INT32_MAX, "ftkernels: tensor too large");
     for (int64_t c = 0; c < chunks; ++c) it->work.push_back(BlockWork{t, static_cast<int32_t>(c)});
   }
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  std::vector<at::Tensor> keep;  // under capture: the pinned metadata each replay copies again
   for (const Group& gr : groups) {
     // Metadata goes host -> device in one pinned, stream-ordered copy.
     const size_t meta_bytes = gr.metas.size() * sizeof(TensorMeta);
@@ -286,6 +298,9 @@ void fused_optim_step_cuda(const OptimArgs& a) {
     std::memcpy(host.data_ptr(), gr.metas.data(), meta_bytes);
     std::memcpy(static_cast<uint8_t*>(host.data_ptr()) + meta_bytes, gr.work.data(), work_bytes);
     at::Tensor dev_buf = host.to(dev, /*non_blocking=*/true);
+    // A captured copy re-reads `host` at every replay: freed now, the pinned allocator would hand
+    // it to the next step's metadata and the replay would launch on another step's pointers.
+    if (capture != cudaStreamCaptureStatusNone) keep.push_back(host);
     const auto* metas = reinterpret_cast<const TensorMeta*>(dev_buf.data_ptr());
     const auto* work = reinterpret_cast<const BlockWork*>(static_cast<uint8_t*>(dev_buf.data_ptr()) + meta_bytes);
     const int blocks = static_cast<int>(gr.work.size());
@@ -300,6 +315,7 @@ void fused_optim_step_cuda(const OptimArgs& a) {
     step_count_kernel<<<(n + 255) / 256, 256, 0, stream>>>(metas, n, sc.skip);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  return keep;
 }
 
 }  // namespace ftk

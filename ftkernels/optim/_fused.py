@@ -395,7 +395,14 @@ class FusedOptimizer(Optimizer):
             a.total_norm = None
         a.skip = skip
         a.seed = seed
-        C.fused_optim_step(a)  # advances each param's step count unless skipped
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        # Under CUDA-graph capture the host seed would be replayed frozen (one dropout mask for every
+        # replay): draw it on the device instead, which the graph redraws at each replay.
+        draw = capturing and group["grad_dropout"] > 0
+        a.seed_tensor = torch.randint(0, 2**62, (), dtype=torch.int64, device=device) if draw else None
+        keep = C.fused_optim_step(a)  # advances each param's step count unless skipped
+        if keep:  # buffers the captured graph re-reads at each replay: alive as long as this optimizer
+            self.__dict__.setdefault("_graph_buffers", []).extend(keep)
         # The kernel writes through raw pointers; tell autograd, as torch's in-place ops do (a graph
         # still holding a param then fails its version check instead of using the new value).
         torch.autograd.graph.increment_version(plan["params"])

@@ -1,6 +1,7 @@
 // Host entry points of the LoRA ops (CPU kernels in csrc/cpu/lora_linear.cpp, lora_dropout.cpp).
 #pragma once
 #include <torch/types.h>
+#include "check.h"
 
 #include <tuple>
 

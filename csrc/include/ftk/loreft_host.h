@@ -1,6 +1,7 @@
 // Host entry points of the fused LoReFT intervention (CPU kernel in csrc/cpu/loreft.cpp).
 #pragma once
 #include <torch/types.h>
+#include "check.h"
 
 #include <tuple>
 

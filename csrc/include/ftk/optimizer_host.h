@@ -2,6 +2,7 @@
 // entry points (they differ only in how they walk the elements).
 #pragma once
 #include <ATen/ATen.h>
+#include "check.h"
 
 #include <optional>
 #include <vector>
@@ -23,6 +24,9 @@ struct OptimArgs {
   std::vector<int64_t> tensor_ids;  // stable ids for the dropout RNG stream of each tensor
   OptTensor lr, grad_scale, skip, total_norm;  // 0-dim float tensors; skip != 0 skips the step
   int64_t seed = 0;
+  // CUDA only: the seed as an int64 scalar on the params' device, read by the kernel instead of
+  // `seed` (a CUDA graph replays a host value frozen; a device draw advances with each replay).
+  OptTensor seed_tensor;
 };
 
 inline const at::Tensor* get(const OptTensorList& l, size_t i) {
@@ -32,40 +36,42 @@ inline const at::Tensor* get(const OptTensorList& l, size_t i) {
 // Memory-safety checks (user-facing validation with friendly messages lives in Python).
 inline void check_optim_args(const OptimArgs& a) {
   const size_t n = a.params.size();
-  TORCH_CHECK(a.grads.size() == n && a.steps.size() == n && a.tensor_ids.size() == n,
+  FTK_CHECK(a.grads.size() == n && a.steps.size() == n && a.tensor_ids.size() == n,
               "ftkernels: fused optimizer step got lists of different lengths");
   for (const OptTensorList* l : {&a.s1, &a.s2, &a.s3, &a.masks, &a.anchors, &a.fishers, &a.masters})
-    TORCH_CHECK(l->empty() || l->size() == n, "ftkernels: fused optimizer step got lists of different lengths");
+    FTK_CHECK(l->empty() || l->size() == n, "ftkernels: fused optimizer step got lists of different lengths");
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = a.params[i];
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "ftkernels: param ", i, " must be dense");
+    FTK_CHECK(p.is_non_overlapping_and_dense(), "ftkernels: param ", i, " must be dense");
     auto same_layout = [&](const at::Tensor& t, const char* what) {
-      TORCH_CHECK(t.device() == p.device(), "ftkernels: ", what, " of param ", i, " is on ", t.device(),
+      FTK_CHECK(t.device() == p.device(), "ftkernels: ", what, " of param ", i, " is on ", t.device(),
                   ", param on ", p.device());
-      TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "ftkernels: ", what, " of param ", i,
+      FTK_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "ftkernels: ", what, " of param ", i,
                   " must have the param's shape and strides");
     };
     same_layout(a.grads[i], "grad");
-    TORCH_CHECK(a.grads[i].scalar_type() == p.scalar_type(), "ftkernels: grad dtype differs from param ", i);
+    FTK_CHECK(a.grads[i].scalar_type() == p.scalar_type(), "ftkernels: grad dtype differs from param ", i);
     for (const OptTensorList* l : {&a.s1, &a.s2, &a.s3, &a.anchors, &a.fishers, &a.masters})
       if (const at::Tensor* t = get(*l, i)) same_layout(*t, "state");
     if (const at::Tensor* m = get(a.masters, i))
-      TORCH_CHECK(m->scalar_type() == at::kFloat, "ftkernels: master weights must be float32");
+      FTK_CHECK(m->scalar_type() == at::kFloat, "ftkernels: master weights must be float32");
     if (const at::Tensor* m = get(a.masks, i)) {
-      TORCH_CHECK(m->scalar_type() == at::kByte && m->is_contiguous() && m->device() == p.device() &&
+      FTK_CHECK(m->scalar_type() == at::kByte && m->is_contiguous() && m->device() == p.device() &&
                       m->numel() == (p.numel() + 7) / 8,
                   "ftkernels: mask of param ", i, " must be packed bits (uint8, ceil(numel/8)) on its device");
     }
-    TORCH_CHECK(a.steps[i].numel() == 1 && a.steps[i].scalar_type() == at::kFloat,
+    FTK_CHECK(a.steps[i].numel() == 1 && a.steps[i].scalar_type() == at::kFloat,
                 "ftkernels: step of param ", i, " must be a float32 scalar tensor");
   }
   const int k = a.hyper.kind;
-  TORCH_CHECK(k >= kAdamW && k <= kRMSprop, "ftkernels: unknown optimizer kind ", k);
+  FTK_CHECK(k >= kAdamW && k <= kRMSprop, "ftkernels: unknown optimizer kind ", k);
 }
 
 void fused_optim_step_cpu(const OptimArgs& a);
 #ifdef FTK_WITH_CUDA
-void fused_optim_step_cuda(const OptimArgs& a);
+// Returns the host buffers a CUDA graph being captured reads at each replay (the caller keeps them
+// alive as long as the graph); empty outside capture.
+std::vector<at::Tensor> fused_optim_step_cuda(const OptimArgs& a);
 #endif
 
 }  // namespace ftk
