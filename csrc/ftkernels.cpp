@@ -69,7 +69,7 @@ std::vector<at::Tensor> fused_optim_step(const ftk::OptimArgs& args) {
   const at::Device dev = args.params[0].device();
   for (const auto& p : args.params)
     FTK_CHECK(p.device() == dev, "ftkernels: one fused step needs all params on one device, got ", dev, " and ",
-                p.device());
+              p.device());
   if (dev.is_cpu()) {
     ftk::fused_optim_step_cpu(args);
     return {};
@@ -78,7 +78,7 @@ std::vector<at::Tensor> fused_optim_step(const ftk::OptimArgs& args) {
   if (dev.is_cuda()) return ftk::fused_optim_step_cuda(args);
 #endif
   FTK_CHECK(false, "ftkernels: fused optimizer step has no kernel for device ", dev,
-              kWithCuda ? "" : " (this build of ftkernels._C has no CUDA: rebuild with a CUDA torch and nvcc)");
+            kWithCuda ? "" : " (this build of ftkernels._C has no CUDA: rebuild with a CUDA torch and nvcc)");
 }
 
 }  // namespace

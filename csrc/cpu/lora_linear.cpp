@@ -22,14 +22,14 @@ namespace {
 void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                 double dropout) {
   FTK_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_a.dim() == 2 && lora_b.dim() == 2,
-              "ftkernels lora_linear: x, weight, lora_a, lora_b must be 2-D");
+            "ftkernels lora_linear: x, weight, lora_a, lora_b must be 2-D");
   FTK_CHECK(weight.size(1) == x.size(1) && lora_a.size(1) == x.size(1) && lora_b.size(0) == weight.size(0) &&
-                  lora_b.size(1) == lora_a.size(0),
-              "ftkernels lora_linear: shapes do not chain: x ", x.sizes(), ", weight ", weight.sizes(), ", lora_a ",
-              lora_a.sizes(), ", lora_b ", lora_b.sizes());
+                lora_b.size(1) == lora_a.size(0),
+            "ftkernels lora_linear: shapes do not chain: x ", x.sizes(), ", weight ", weight.sizes(), ", lora_a ",
+            lora_a.sizes(), ", lora_b ", lora_b.sizes());
   FTK_CHECK(x.scalar_type() == weight.scalar_type() && x.scalar_type() == lora_a.scalar_type() &&
-                  x.scalar_type() == lora_b.scalar_type(),
-              "ftkernels lora_linear: x, weight, lora_a, lora_b must share one dtype");
+                x.scalar_type() == lora_b.scalar_type(),
+            "ftkernels lora_linear: x, weight, lora_a, lora_b must share one dtype");
   FTK_CHECK(dropout >= 0 && dropout < 1, "ftkernels lora_linear: dropout must be in [0, 1), got ", dropout);
 }
 
@@ -114,16 +114,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(const at::Ten
                                                                    const c10::optional<at::Tensor>& grad_x_acc) {
   check_args(x, weight, lora_a, lora_b, dropout);
   FTK_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(0) &&
-                  grad.scalar_type() == x.scalar_type(),
-              "ftkernels lora_linear: grad ", grad.sizes(), " does not match the output of x ", x.sizes(), " and weight ",
-              weight.sizes());
+                grad.scalar_type() == x.scalar_type(),
+            "ftkernels lora_linear: grad ", grad.sizes(), " does not match the output of x ", x.sizes(), " and weight ",
+            weight.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
   const bool acc_x = need_x && grad_x_acc.has_value() && grad_x_acc->defined();
   if (acc_x)
     FTK_CHECK(grad_x_acc->sizes() == x.sizes() && grad_x_acc->scalar_type() == x.scalar_type() &&
-                    grad_x_acc->is_contiguous(),
-                "ftkernels lora_linear: grad_x_acc must be a contiguous ", x.scalar_type(), " tensor of shape ",
-                x.sizes());
+                  grad_x_acc->is_contiguous(),
+              "ftkernels lora_linear: grad_x_acc must be a contiguous ", x.scalar_type(), " tensor of shape ",
+              x.sizes());
   // A group of layers sharing x accumulates its grad_x in one buffer (no per-layer buffer and sum).
   at::Tensor grad_x = !need_x ? at::empty({0}, x.options())
                       : acc_x ? grad_x_acc->addmm_(grad, weight)

@@ -21,10 +21,10 @@ namespace {
 void check_reft(const at::Tensor& h, const at::Tensor& rot, const at::Tensor& w, double dropout) {
   FTK_CHECK(h.dim() == 2 && rot.dim() == 2 && w.dim() == 2, "ftkernels loreft: h, R and W must be 2-D");
   FTK_CHECK(rot.sizes() == w.sizes() && rot.size(1) == h.size(1), "ftkernels loreft: R ", rot.sizes(), " and W ",
-              w.sizes(), " must both be [r, d] with d = ", h.size(1));
+            w.sizes(), " must both be [r, d] with d = ", h.size(1));
   FTK_CHECK(h.is_floating_point() && rot.scalar_type() == w.scalar_type() && rot.is_floating_point(),
-              "ftkernels loreft: h must be floating and R, W share one floating dtype (converted to the "
-              "accumulation dtype inside)");
+            "ftkernels loreft: h must be floating and R, W share one floating dtype (converted to the "
+            "accumulation dtype inside)");
   FTK_CHECK(dropout >= 0 && dropout < 1, "ftkernels loreft: dropout must be in [0, 1), got ", dropout);
 }
 
@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loreft_bwd_cpu(const 
                                                                           int64_t seed) {
   check_reft(h_in, rot, w, dropout);
   FTK_CHECK(grad_in.sizes() == h_in.sizes() && grad_in.scalar_type() == h_in.scalar_type(),
-              "ftkernels loreft: grad ", grad_in.sizes(), " does not match h ", h_in.sizes());
+            "ftkernels loreft: grad ", grad_in.sizes(), " does not match h ", h_in.sizes());
   FTK_CHECK(s.dim() == 2 && s.size(0) == h_in.size(0) && s.size(1) == rot.size(0), "ftkernels loreft: s must be [M, r]");
   const at::Tensor h = h_in.contiguous(), g = grad_in.contiguous();
   const int64_t M = h.size(0), d = h.size(1), R = rot.size(0);

@@ -210,7 +210,7 @@ void fused_optim_step_cpu(const OptimArgs& a) {
       if (const at::Tensor* t = get(*l, i))
         FTK_CHECK(t->scalar_type() == state_type, "ftkernels: optimizer states of one param differ in dtype");
     FTK_CHECK(state_type == p.scalar_type() || state_type == at::kFloat,
-                "ftkernels: optimizer state must be float32 or the param's dtype");
+              "ftkernels: optimizer state must be float32 or the param's dtype");
     if (const at::Tensor* t = get(a.masters, i)) j.master = t->data_ptr<float>();
     if (const at::Tensor* t = get(a.masks, i)) j.mask = t->data_ptr<uint8_t>();
     if (const at::Tensor* t = get(a.anchors, i)) j.anchor = Aux{t->data_ptr(), t->scalar_type()};

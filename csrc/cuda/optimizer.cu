@@ -184,7 +184,7 @@ int32_t aux_type(const at::Tensor& t) {
 const float* scalar_ptr(const OptTensor& t, const at::Device& dev, const char* what) {
   if (!t.has_value() || !t->defined()) return nullptr;
   FTK_CHECK(t->device() == dev && t->scalar_type() == at::kFloat && t->numel() == 1, "ftkernels: ", what,
-              " must be a float32 scalar tensor on ", dev);
+            " must be a float32 scalar tensor on ", dev);
   return t->data_ptr<float>();
 }
 
@@ -216,12 +216,11 @@ std::vector<at::Tensor> fused_optim_step_cuda(const OptimArgs& a) {
   const at::Device dev = a.params[0].device();
   const c10::cuda::CUDAGuard guard(dev);
   StepScalars sc{scalar_ptr(a.lr, dev, "lr"), scalar_ptr(a.grad_scale, dev, "grad_scale"),
-                       scalar_ptr(a.skip, dev, "found_inf"), scalar_ptr(a.total_norm, dev, "total_norm"),
-                       nullptr};
+                 scalar_ptr(a.skip, dev, "found_inf"), scalar_ptr(a.total_norm, dev, "total_norm"), nullptr};
   if (a.seed_tensor.has_value() && a.seed_tensor->defined()) {
     const at::Tensor& t = *a.seed_tensor;
     FTK_CHECK(t.device() == dev && t.scalar_type() == at::kLong && t.numel() == 1,
-                "ftkernels: seed_tensor must be an int64 scalar tensor on ", dev);
+              "ftkernels: seed_tensor must be an int64 scalar tensor on ", dev);
     sc.seed = t.data_ptr<int64_t>();
   }
   const OptimHyper& h = a.hyper;
@@ -257,7 +256,7 @@ std::vector<at::Tensor> fused_optim_step_cuda(const OptimArgs& a) {
       }
     }
     FTK_CHECK(st == p.scalar_type() || st == at::kFloat,
-                "ftkernels: optimizer state must be float32 or the param's dtype");
+              "ftkernels: optimizer state must be float32 or the param's dtype");
     if (const at::Tensor* t = get(a.masters, i)) {
       m.master = t->data_ptr<float>();
       check_align(m.master, kIlp * sizeof(float));

@@ -205,7 +205,9 @@ def _prec(dtype: torch.dtype) -> str:
     matmuls): 3xTF32 on tensor cores. IEEE fp32 dots run on FMA units and spilled registers: the
     dropout backward took 0.4-4.5 ms at BERT/Llama sizes on an H100, 20-50x cuBLAS."""
     if dtype != torch.float32:
-        return "tf32"  # unused: 16-bit dots ignore it
+        # 16-bit dots ignore it; fp32 dots on factors of 16-bit data (LoReFT's t and s) get TF32,
+        # whose 10-bit rounding is finer than the 16-bit output's own.
+        return "tf32"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 

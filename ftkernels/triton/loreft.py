@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_linear import _br, _keep_tile, _load2d, dropout_threshold, lora_down, row_blocks, split_m
-from .lora_linear import _prec as _lora_prec
+from .lora_linear import _br, _keep_tile, _load2d, _prec, dropout_threshold, lora_down, row_blocks, split_m
 
 
 @triton.jit
@@ -76,12 +75,6 @@ def _reft_bwd_kernel(
     keep = (rr[:, None] < R) & (ks[None, :] < D)
     tl.store(pw_ptr + out, acc_w, mask=keep)
     tl.store(ps_ptr + out, acc_s, mask=keep)
-
-
-def _prec(dtype: torch.dtype) -> str:
-    # fp32 data honours torch's TF32 switch; fp16/bf16 data is exact in TF32 (the t and s factors
-    # are rounded to 10 bits, finer than the output's own rounding).
-    return _lora_prec(dtype) if dtype == torch.float32 else "tf32"
 
 
 def forward(h, rot, w, b, dropout, seed):

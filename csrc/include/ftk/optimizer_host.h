@@ -37,7 +37,7 @@ inline const at::Tensor* get(const OptTensorList& l, size_t i) {
 inline void check_optim_args(const OptimArgs& a) {
   const size_t n = a.params.size();
   FTK_CHECK(a.grads.size() == n && a.steps.size() == n && a.tensor_ids.size() == n,
-              "ftkernels: fused optimizer step got lists of different lengths");
+            "ftkernels: fused optimizer step got lists of different lengths");
   for (const OptTensorList* l : {&a.s1, &a.s2, &a.s3, &a.masks, &a.anchors, &a.fishers, &a.masters})
     FTK_CHECK(l->empty() || l->size() == n, "ftkernels: fused optimizer step got lists of different lengths");
   for (size_t i = 0; i < n; ++i) {
@@ -45,9 +45,9 @@ inline void check_optim_args(const OptimArgs& a) {
     FTK_CHECK(p.is_non_overlapping_and_dense(), "ftkernels: param ", i, " must be dense");
     auto same_layout = [&](const at::Tensor& t, const char* what) {
       FTK_CHECK(t.device() == p.device(), "ftkernels: ", what, " of param ", i, " is on ", t.device(),
-                  ", param on ", p.device());
+                ", param on ", p.device());
       FTK_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "ftkernels: ", what, " of param ", i,
-                  " must have the param's shape and strides");
+                " must have the param's shape and strides");
     };
     same_layout(a.grads[i], "grad");
     FTK_CHECK(a.grads[i].scalar_type() == p.scalar_type(), "ftkernels: grad dtype differs from param ", i);
@@ -57,11 +57,11 @@ inline void check_optim_args(const OptimArgs& a) {
       FTK_CHECK(m->scalar_type() == at::kFloat, "ftkernels: master weights must be float32");
     if (const at::Tensor* m = get(a.masks, i)) {
       FTK_CHECK(m->scalar_type() == at::kByte && m->is_contiguous() && m->device() == p.device() &&
-                      m->numel() == (p.numel() + 7) / 8,
-                  "ftkernels: mask of param ", i, " must be packed bits (uint8, ceil(numel/8)) on its device");
+                    m->numel() == (p.numel() + 7) / 8,
+                "ftkernels: mask of param ", i, " must be packed bits (uint8, ceil(numel/8)) on its device");
     }
     FTK_CHECK(a.steps[i].numel() == 1 && a.steps[i].scalar_type() == at::kFloat,
-                "ftkernels: step of param ", i, " must be a float32 scalar tensor");
+              "ftkernels: step of param ", i, " must be a float32 scalar tensor");
   }
   const int k = a.hyper.kind;
   FTK_CHECK(k >= kAdamW && k <= kRMSprop, "ftkernels: unknown optimizer kind ", k);
