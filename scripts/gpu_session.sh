@@ -5,7 +5,8 @@
 # one, each bounded so the whole call ends before its limit and finished suites are kept.
 #   bash scripts/gpu_session.sh                 # build, tests, every suite
 #   STAGES=build,bench SUITES="e2e" bash scripts/gpu_session.sh
-# Env: STAGES (build,tests,bench), SUITES ("name" or "name:cap_s" each), BUDGET_S (whole-script deadline, default 560),
+#   STAGES=build,diag bash scripts/gpu_session.sh   # per-kernel times (scripts/diag_kernels.py)
+# Env: STAGES (build,tests,diag,bench), SUITES ("name" or "name:cap_s" each), BUDGET_S (whole-script deadline, default 560),
 # TEST_PATHS (default tests), TEST_ARGS (extra pytest args), BENCH_ARGS (extra `ftkernels bench` args),
 # BENCH_ARGS_<suite> (extra args for one suite).
 # Files left in ${OUT:-bench/results/gpu}: session.log, tests.txt, <suite>.json (at most 8 files,
@@ -48,6 +49,12 @@ if [[ ",$STAGES," == *",tests,"* ]]; then
   echo "pytest exit $?"
   grep -E "FAILED|ERROR" "$DEST/tests.txt" | head -40
   tail -30 "$DEST/tests.txt"
+fi
+
+if [[ ",$STAGES," == *",diag,"* ]]; then
+  echo "== diag $(( $(date +%s) - t0 ))s"
+  timeout "${DIAG_TIMEOUT:-150}" "$PY" scripts/diag_kernels.py ${DIAG_ARGS:-} --json "$DEST/diag.json"
+  echo "diag exit $?"
 fi
 
 if [[ ",$STAGES," == *",bench,"* ]]; then

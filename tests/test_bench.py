@@ -213,3 +213,31 @@ def test_profile_e2e_script_breakdown(tmp_path):
     assert res["ours"]["backward_nodes"] < res["ours, each LoRA layer alone"]["backward_nodes"]
     if not cuda:  # CPU counts cast ops (PEFT's per-layer input casts); GPU counts cast kernels
         assert res["PEFT eager"]["casts"] > res["ours"]["casts"]
+
+
+def _diag_kernels():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "diag_kernels.py"
+    spec = importlib.util.spec_from_file_location("diag_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_diag_kernels_needs_a_gpu_and_names_its_groups(capsys):
+    mod = _diag_kernels()
+    assert set(mod.GROUPS) == {"lora", "loreft", "masked"}
+    if not torch.cuda.is_available():
+        assert mod.main(["--quick"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_diag_kernels_quick_times_every_group(tmp_path):
+    out = tmp_path / "diag.json"
+    assert _diag_kernels().main(["--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["group"] for r in rows} == {"lora", "loreft", "masked"}
+    assert all(r["us"] > 0 and r["floor_us"] > 0 for r in rows)

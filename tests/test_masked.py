@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ftkernels as ftk
-from ftkernels.nn.masked import _plan
+from ftkernels.nn.masked import _gather_index, _plan
 from ftkernels.optim.reference import ReferenceOptimizer
 
 
@@ -43,6 +43,15 @@ def test_masked_linear_grads(kind):
     # grad_x is the exact gradient (grad_W is masked by design: compared with the dense one above)
     w = m.weight.detach()
     assert torch.autograd.gradcheck(lambda x: ftk.nn.masked._MaskedLinearFn.apply(x, w, None, m.plan), (x,))
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 410])
+def test_gather_index_pads_to_eight_with_the_last_row(n):
+    rows = torch.randperm(4096)[:n].sort().values
+    idx = _gather_index(rows)
+    assert idx.numel() % 8 == 0 and idx.numel() - n < 8
+    torch.testing.assert_close(idx[:n], rows, rtol=0, atol=0)
+    assert n == 0 or (idx[n:] == rows[-1]).all()
 
 
 @pytest.mark.parametrize("kind", ["rows", "elements"])

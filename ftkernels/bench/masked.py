@@ -43,7 +43,7 @@ def linear_rows(device: torch.device, quick: bool, rate: float) -> list[dict]:
     if device.type == "cuda":  # both routes of the rows-mode gradient, whichever the op picked
         from ..triton.masked import rows_weight_grad
 
-        variants["torch route"] = lambda: _rows_weight_grad_torch(g, xd, plan["rows"], lin.weight.shape)
+        variants["torch route"] = lambda: _rows_weight_grad_torch(g, xd, plan["rows"], lin.weight.shape, plan["gather"])
         variants["triton route"] = lambda: rows_weight_grad(g, xd, plan["rows"], lin.weight.shape)
     wg = time_rounds_ms(variants, device, reps)
 

@@ -109,20 +109,50 @@ def _lora_down_kernel(
              mask=(rm[:, None] < M) & (rr[None, :] < R))  # fmt: skip
 
 
+# (BM, BN, BK, warps, stages) of the fused GEMM, per operand width: the ones ptxas (triton 3.6,
+# sm_90a) compiles without spills and within 227 KB of shared memory (scripts/kernel_resources.py).
+# The usual 128x256 / 256x128 tiles spilled 570-870 bytes here (the u v epilogue and the dropout
+# draws share the registers); fp32 tiles of 128x128x64 also wanted 256-320 KB of shared memory.
+_GEMM_TILES = {
+    2: [(128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 3),
+        (64, 128, 32, 8, 3), (32, 64, 64, 4, 4)],
+    4: [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 3), (32, 64, 64, 4, 4)],
+}  # fmt: skip
+
+
+def _config_tile(c) -> tuple:
+    k = c.kwargs
+    return (k["BM"], k["BN"], k["BK"], c.num_warps, c.num_stages)
+
+
+def prune_by_width(tiles: dict[int, list[tuple]], arg: str):
+    """An autotuner ``early_config_prune`` keeping the configs listed for the element width of
+    tensor argument ``arg`` (all of them under the interpreter)."""
+
+    def prune(configs, nargs, **kwargs):
+        if INTERPRET:
+            return configs
+        keep = set(tiles[min(nargs[arg].element_size(), 4)])
+        return [c for c in configs if _config_tile(c) in keep]
+
+    return prune
+
+
 def _gemm_configs():
     if INTERPRET:
         return [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = [
-        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (32, 64, 64, 4, 4),
-    ]  # fmt: skip
+    shapes = sorted({t for tiles in _GEMM_TILES.values() for t in tiles})
     return [
         triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in shapes
     ]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R", "DROPOUT", "HAS_BIAS"])
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M", "N", "K", "R", "DROPOUT", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": prune_by_width(_GEMM_TILES, "x_ptr")},
+)
 @triton.jit
 def _lowrank_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, u_ptr, v_ptr, out_ptr, seed_ptr, M, N, K, R,
@@ -221,11 +251,11 @@ def lora_down(x, a, seed, p, out_dtype=None):
     M, K = x.shape
     R = a.shape[0]
     u = torch.empty((M, R), device=x.device, dtype=out_dtype or x.dtype)
-    BM, BK = row_blocks()
+    BM, BK, stages = _down_blocks(x.dtype)
     _lora_down_kernel[(triton.cdiv(M, BM),)](
         x, a, u, seed, M, K, R, x.stride(0), x.stride(1), a.stride(0), a.stride(1), u.stride(0), u.stride(1),
         dropout_threshold(p), 1.0 / (1.0 - p),
-        DROPOUT=p > 0, PREC=_prec(x.dtype), BM=BM, BK=BK, BR=_br(R), num_warps=4,
+        DROPOUT=p > 0, PREC=_prec(x.dtype), BM=BM, BK=BK, BR=_br(R), num_warps=4, num_stages=stages,
     )  # fmt: skip
     return u
 
@@ -264,8 +294,18 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[idx]
 
 
+def _down_blocks(dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BM, BK, pipeline stages) of ``lora_down``: 16-row blocks, 8 KB of x per stage. 64-row blocks
+    gave M/64 programs (64 at M=4096, for 132 SMs on an H100) and ran at ~0.6 TB/s. ptxas (triton
+    3.6, sm_90a, 4 warps) keeps these spill-free: 48 registers in 16-bit (72 with dropout), 243 in
+    fp32 (3xTF32 splits its operands; 64-row fp32 blocks spilled)."""
+    if INTERPRET:
+        return 16, 32, 1
+    return (16, 128, 3) if dtype == torch.float32 else (16, 256, 4)
+
+
 def row_blocks() -> tuple[int, int]:
-    """(BM, BK) of the row-streaming kernels (``lora_down``, the split-M column-block kernels)."""
+    """(BM, BK) of the split-M column-block kernels (grad_A, LoReFT's apply)."""
     return (32, 32) if INTERPRET else (64, 128)
 
 
@@ -281,7 +321,12 @@ def lora_grad_a(x, v, a, seed, p, grad_x=None):
     """``grad_A = v^T D(x) * 1/(1-p)`` (``[r, K]``); with ``grad_x``, also ``grad_x += D'(v A)`` in place."""
     M, K = x.shape
     R = a.shape[0]
+    # With the fused dgrad, 32-row blocks and 8 warps: the 64-row, 4-warp blocks took 236 registers
+    # in 16-bit and spilled 216 bytes in fp32 (ptxas, triton 3.6, sm_90a); these take 102 and 128.
     BM, BK = row_blocks()
+    warps, stages = 4, 3
+    if grad_x is not None and not INTERPRET:
+        BM, warps, stages = 32, 8, 2
     split = split_m(M, K, BM, BK, x.device)
     part = torch.empty((split, R, K), device=x.device, dtype=torch.float32)
     gx = grad_x if grad_x is not None else x
@@ -289,7 +334,8 @@ def lora_grad_a(x, v, a, seed, p, grad_x=None):
         x, v, a, gx, part, seed, M, K, R,
         x.stride(0), x.stride(1), v.stride(0), v.stride(1), a.stride(0), a.stride(1), gx.stride(0), gx.stride(1),
         dropout_threshold(p), 1.0 / (1.0 - p),
-        DX=grad_x is not None, SPLIT=split, PREC=_prec(x.dtype), BM=BM, BK=BK, BR=_br(R), num_warps=4,
+        DX=grad_x is not None, SPLIT=split, PREC=_prec(x.dtype), BM=BM, BK=BK, BR=_br(R), num_warps=warps,
+        num_stages=stages,
     )  # fmt: skip
     return part.sum(0).to(a.dtype)
 
@@ -313,7 +359,7 @@ def keep_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
 # The op's GPU implementation: per shape, the fused Triton GEMMs or cuBLAS plus a second pass.
 
 # Default cuBLAS: on the H100 it won every (shape, dropout) key timed so far, and `auto` compiles
-# and autotunes 9 Triton GEMM configs per new shape (~10-20 s each: what kept the first e2e GPU run
+# and autotunes 5-7 Triton GEMM configs per new shape (~10-20 s each: what kept the first e2e GPU run
 # past its time limit). `auto` times both routes once per shape and keeps the faster.
 GEMM_ROUTE = Route("FTKERNELS_LORA_GEMM", ("triton", "cublas"), default="cublas", safe="cublas")
 

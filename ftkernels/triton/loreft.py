@@ -20,7 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_linear import _br, _keep_tile, _load2d, _prec, dropout_threshold, lora_down, row_blocks, split_m
+from .lora_linear import (
+    INTERPRET,
+    _br,
+    _keep_tile,
+    _load2d,
+    _prec,
+    dropout_threshold,
+    lora_down,
+    row_blocks,
+    split_m,
+)
 
 
 @triton.jit
@@ -56,8 +66,10 @@ def _reft_bwd_kernel(
     ks = pk * BK + tl.arange(0, BK)
     rr = tl.arange(0, BR)
     wmr = _load2d(wmr_ptr, rr, ks, swr, swd, R, D).to(tl.float32)  # [BR, BK], zero rows past r
-    acc_w = tl.zeros((BR, BK), dtype=tl.float32)
-    acc_s = tl.zeros((BR, BK), dtype=tl.float32)
+    # grad_W^T and grad_S^T by blocks [BK, BR]: the column block is the MMA's M side (Hopper's wgmma
+    # wants 64+ rows there; r padded to 16 sat there before, as in lora_linear's grad_A kernel).
+    acc_w = tl.zeros((BK, BR), dtype=tl.float32)
+    acc_s = tl.zeros((BK, BR), dtype=tl.float32)
     for m0 in range(ps * BM, M, SPLIT * BM):
         rm = m0 + tl.arange(0, BM)
         gd = _load2d(g_ptr, rm, ks, sgm, sgd, M, D).to(tl.float32)
@@ -69,12 +81,18 @@ def _reft_bwd_kernel(
         gh = gd + tl.dot(tt, wmr, input_precision=PREC)
         tl.store(gh_ptr + rm[:, None] * sghm + ks[None, :] * sghd, gh.to(gh_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (ks[None, :] < D))  # fmt: skip
-        acc_w = tl.dot(tl.trans(tt), hb, acc_w, input_precision=PREC)
-        acc_s = tl.dot(tl.trans(st), gd, acc_s, input_precision=PREC)
-    out = ps * R * D + rr[:, None] * D + ks[None, :]
-    keep = (rr[:, None] < R) & (ks[None, :] < D)
+        acc_w = tl.dot(tl.trans(hb), tt, acc_w, input_precision=PREC)
+        acc_s = tl.dot(tl.trans(gd), st, acc_s, input_precision=PREC)
+    out = ps * R * D + rr[None, :] * D + ks[:, None]  # transposed store: partials stay [split, r, d]
+    keep = (rr[None, :] < R) & (ks[:, None] < D)
     tl.store(pw_ptr + out, acc_w, mask=keep)
     tl.store(ps_ptr + out, acc_s, mask=keep)
+
+
+# (BM, BK) of the backward kernel. Its (64, 128) tiles needed 255 registers and spilled 32-1300 bytes
+# (ptxas, triton 3.6, sm_90a), and with fp32 dropout wanted 232 KB of shared memory, over the H100's
+# 227. (32, 64) with 2 stages: 122-214 registers, no spills, <= 49 KB.
+_BWD_BLOCKS = (32, 32) if INTERPRET else (32, 64)
 
 
 def forward(h, rot, w, b, dropout, seed):
@@ -102,7 +120,7 @@ def backward(grad, h, rot, w, s, dropout, seed):
     t = lora_down(grad, rot.to(h.dtype), seed, dropout, out_dtype=torch.float32)  # D(g) R^T
     wmr = w.float() - rot.float()
     grad_h = torch.empty_like(h)
-    BM, BK = row_blocks()
+    BM, BK = _BWD_BLOCKS
     split = split_m(M, D, BM, BK, h.device)
     pw = torch.empty((split, R, D), device=h.device, dtype=torch.float32)
     ps = torch.empty_like(pw)
@@ -111,7 +129,7 @@ def backward(grad, h, rot, w, s, dropout, seed):
         grad.stride(0), grad.stride(1), h.stride(0), h.stride(1), t.stride(0), t.stride(1), s.stride(0), s.stride(1),
         wmr.stride(0), wmr.stride(1), grad_h.stride(0), grad_h.stride(1),
         dropout_threshold(dropout), 1.0 / (1.0 - dropout),
-        DROPOUT=dropout > 0, SPLIT=split, PREC=_prec(h.dtype), BM=BM, BK=BK, BR=_br(R), num_warps=4,
+        DROPOUT=dropout > 0, SPLIT=split, PREC=_prec(h.dtype), BM=BM, BK=BK, BR=_br(R), num_warps=4, num_stages=2,
     )  # fmt: skip
     grad_w = pw.sum(0)
     grad_r = ps.sum(0).sub_(grad_w)

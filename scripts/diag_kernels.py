@@ -1,0 +1,152 @@
+"""Per-kernel GPU times of our Triton kernels next to their bytes floor and the torch/cuBLAS pieces
+they replace, at the benchmark shapes: what a suite-level miss breaks down into.
+
+Groups (``--only`` picks some): ``lora`` (dropout down-projection, grad_A with and without the
+fused dgrad, at BERT and Llama widths), ``loreft`` (the four launches of a LoReFT forward and
+backward at 8192 x 4096, r4), ``masked`` (the rows-mode weight gradient: gather, GEMM with the
+kept count as is and padded to 8, zero fill, index_copy, both routes).
+
+    python scripts/diag_kernels.py [--quick] [--only lora,loreft,masked] [--json FILE]
+
+Times are medians of ``triton.testing.do_bench`` (us); ``floor`` is bytes / the copy bandwidth
+measured at start.
+"""
+
+# ruff: noqa: B023  (each loop's lambdas are timed inside that iteration)
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+
+
+def _copy_gbps(dev) -> float:
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / (_bench(lambda: y.copy_(x)) * 1e-6) / 1e9
+
+
+def lora_rows(dev, quick, gbps):
+    from ftkernels.triton import lora_linear as tk
+
+    rows = []
+    shapes = [(4096, 768, 16)] if quick else [(4096, 768, 16), (4096, 3072, 16), (8192, 4096, 16)]
+    for dtype in (torch.float32, torch.bfloat16):
+        for M, K, R in shapes:
+            x = torch.randn(M, K, device=dev, dtype=dtype)
+            a = torch.randn(R, K, device=dev, dtype=dtype) * 0.05
+            v = torch.randn(M, R, device=dev, dtype=dtype)
+            gx = torch.randn(M, K, device=dev, dtype=dtype)
+            seed = torch.tensor(123, device=dev)
+            read = M * K * x.element_size() / gbps / 1e3  # one pass over x, us
+            case = f"{str(dtype)[6:]} M{M} K{K} r{R}"
+            for name, fn, passes in (
+                ("lora_down p0.1", lambda: tk.lora_down(x, a, seed, 0.1), 1),
+                ("cuBLAS x A^T", lambda: x @ a.t(), 1),
+                ("lora_grad_a p0.1", lambda: tk.lora_grad_a(x, v, a, seed, 0.1), 1),
+                ("lora_grad_a+dx p0.1", lambda: tk.lora_grad_a(x, v, a, seed, 0.1, grad_x=gx), 3),
+                ("cuBLAS v^T x", lambda: v.t() @ x, 1),
+            ):
+                rows.append(dict(group="lora", case=case, kernel=name, us=_bench(fn), floor_us=passes * read))
+    return rows
+
+
+def loreft_rows(dev, quick, gbps):
+    from ftkernels.triton import lora_linear as tl
+    from ftkernels.triton import loreft as tk
+
+    M, D, R = (2048, 1024, 4) if quick else (8192, 4096, 4)
+    rows = []
+    for p in (0.0, 0.1):
+        h = torch.randn(M, D, device=dev, dtype=torch.bfloat16)
+        g = torch.randn_like(h)
+        rot = torch.linalg.qr(torch.randn(D, R, device=dev))[0].t().contiguous()
+        w, b = torch.randn(R, D, device=dev) * 0.05, torch.randn(R, device=dev)
+        seed = torch.tensor(7, device=dev)
+        _, s = tk.forward(h, rot, w, b, p, seed)
+        wmr = (w - rot).to(h.dtype)
+        read = M * D * h.element_size() / gbps / 1e3
+        case = f"bf16 {M}x{D} r{R} p{p}"
+        for name, fn, passes in (
+            ("fwd total", lambda: tk.forward(h, rot, w, b, p, seed), 2),
+            ("fwd: lora_down s", lambda: tl.lora_down(h, wmr, seed, 0.0, out_dtype=torch.float32), 1),
+            ("bwd total", lambda: tk.backward(g, h, rot, w, s, p, seed), 3),
+            ("bwd: lora_down t", lambda: tl.lora_down(g, rot.to(h.dtype), seed, p, out_dtype=torch.float32), 1),
+            ("copy h (reference)", lambda: h.clone(), 2),
+        ):
+            rows.append(dict(group="loreft", case=case, kernel=name, us=_bench(fn), floor_us=passes * read))
+    return rows
+
+
+def masked_rows(dev, quick, gbps):
+    from ftkernels.nn.masked import _gather_index, _rows_weight_grad_torch
+    from ftkernels.triton.masked import rows_weight_grad
+
+    M, N, K = (2048, 1024, 1024) if quick else (8192, 4096, 4096)
+    g = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+    rows = torch.randperm(N, device=dev)[: N // 10].sort().values
+    pad = _gather_index(rows)
+    gk, gp = g.index_select(1, rows), g.index_select(1, pad)
+    out = torch.zeros(N, K, device=dev, dtype=g.dtype)
+    res = gk.t() @ x
+    case = f"bf16 M{M} K=N={N} {rows.numel()} rows"
+    pieces = (
+        ("dense g^T x", lambda: g.t() @ x),
+        (f"gather [M, {rows.numel()}]", lambda: g.index_select(1, rows)),
+        (f"GEMM, ld {rows.numel()}", lambda: gk.t() @ x),
+        (f"GEMM, ld {pad.numel()} (padded)", lambda: gp.t() @ x),
+        ("zero fill [N, K]", lambda: out.zero_()),
+        ("index_copy rows", lambda: out.index_copy_(0, rows, res)),
+        ("torch route, unpadded", lambda: _rows_weight_grad_torch(g, x, rows, (N, K), rows)),
+        ("torch route, padded", lambda: _rows_weight_grad_torch(g, x, rows, (N, K), pad)),
+        ("triton route", lambda: rows_weight_grad(g, x, rows, (N, K))),
+    )
+    floor = (M * N + M * K + N * K) * g.element_size() / gbps / 1e3
+    return [dict(group="masked", case=case, kernel=n, us=_bench(f), floor_us=floor) for n, f in pieces]
+
+
+GROUPS = {"lora": lora_rows, "loreft": loreft_rows, "masked": masked_rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    ap.add_argument("--only", default=",".join(GROUPS), help="comma-separated groups: " + ", ".join(GROUPS))
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("diag_kernels: needs a CUDA GPU (kernel times on the device)", file=sys.stderr)
+        return 2
+    unknown = set(args.only.split(",")) - set(GROUPS)
+    if unknown:
+        ap.error(f"unknown group(s) {sorted(unknown)}; choose from {list(GROUPS)}")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    gbps = _copy_gbps(dev)
+    print(f"{torch.cuda.get_device_name(dev)}: copy {gbps:.0f} GB/s", flush=True)
+    rows = []
+    for name in args.only.split(","):
+        for r in GROUPS[name](dev, args.quick, gbps):
+            rows.append(r)
+            print(
+                f"{r['group']:7s} {r['case']:28s} {r['kernel']:28s} {r['us']:9.1f} us  floor {r['floor_us']:7.1f}",
+                flush=True,
+            )
+    if args.json:
+        env = dict(device=torch.cuda.get_device_name(dev), torch=torch.__version__, copy_GBps=gbps)
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
