@@ -148,6 +148,12 @@ def test_auto_strategy_rules():
     assert choose_strategy(big, w1, 8, None, 0.0, True) == "merged"
     assert choose_strategy(small, w1, 8, None, 0.0, True) == "unmerged"
     assert choose_strategy(big, w3, 8, None, 0.0, True) == "unmerged"
+    # GPUs (any non-CPU device; meta stands in here): merged for every shape when training
+    # without dropout (the H100 per-layer measurements), unmerged with dropout
+    for x in (big, small):
+        for w in (w1, w3):
+            assert choose_strategy(x.to("meta"), w.to("meta"), 8, None, 0.0, True) == "merged"
+    assert choose_strategy(big.to("meta"), w1.to("meta"), 8, None, 0.1, True) == "unmerged"
     ours, _ = make_pair(4, 4, 3, 1, 1, p=0.2)
     with pytest.raises(ValueError, match="merged"):
         ours.strategy = "merged"

@@ -91,12 +91,15 @@ def choose_strategy(x: Tensor, weight: Tensor, r: int, geom, dropout: float, gra
     """The strategy for one call: ``unmerged`` whenever dropout is on; ``merged`` without autograd
     (one conv). Training without dropout: ``merged`` pays a full weight-gradient conv to skip the
     rank-r convs and their passes over x and y: its extra cost grows with ``in * out`` per pixel,
-    what it saves with ``in + out``. Measured on ResNet-50's residual convs (CPU, batch 8 at
-    112x112, bench/NOTES.md "LoRA Conv2d"): merged wins for 1x1 convs on inputs of >= 28x28
-    pixels, and on >= 14x14 when ``in * out <= 256 * 256``; 3x3 convs and small maps stay unmerged."""
+    what it saves with ``in + out``. Measured on ResNet-50's residual convs (bench/NOTES.md "LoRA
+    Conv2d"): on CPU (batch 8 at 112x112) merged wins for 1x1 convs on inputs of >= 28x28 pixels,
+    and on >= 14x14 when ``in * out <= 256 * 256``; 3x3 convs and small maps stay unmerged. On an
+    H100 (batch 64 at 224, bf16) merged was faster on 21 of the 22 shapes (0.67-1.04x of
+    unmerged's time; the one loss within 4%): cuDNN's rank-16 convs and the extra launches cost
+    more there than the weight gradient, so every non-CPU device takes ``merged``."""
     if dropout > 0:
         return "unmerged"
-    if not grad:
+    if not grad or x.device.type != "cpu":
         return "merged"
     kh, kw = weight.shape[-2:]
     pixels, out_c, in_c = x.shape[-1] * x.shape[-2], weight.shape[0], weight.shape[1]
