@@ -77,7 +77,7 @@ def loreft_rows(dev, quick, gbps):
         case = f"bf16 {M}x{D} r{R} p{p}"
         for name, fn, passes in (
             ("fwd total", lambda: tk.forward(h, rot, w, b, p, seed), 2),
-            ("fwd: lora_down s", lambda: tl.lora_down(h, wmr, seed, 0.0, out_dtype=torch.float32), 1),
+            ("ref: a lora_down pass over h", lambda: tl.lora_down(h, wmr, seed, 0.0, out_dtype=torch.float32), 1),
             ("bwd total", lambda: tk.backward(g, h, rot, w, s, p, seed), 3),
             ("bwd: lora_down t", lambda: tl.lora_down(g, rot.to(h.dtype), seed, p, out_dtype=torch.float32), 1),
             ("copy h (reference)", lambda: h.clone(), 2),

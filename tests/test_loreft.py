@@ -78,7 +78,9 @@ def test_dropout_mask_is_the_lora_stream():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("M", "d", "r", "p"), [(70, 45, 4, 0.0), (33, 100, 3, 0.25), (40, 64, 8, 0.1)])
+@pytest.mark.parametrize(
+    ("M", "d", "r", "p"), [(70, 45, 4, 0.0), (33, 100, 3, 0.25), (40, 64, 8, 0.1), (37, 50, 12, 0.1)]
+)
 def test_triton_path_matches_reference(dtype, M, d, r, p):
     """The Triton kernels (interpreter on CPU; the GPU when present): fp32 adapters, h in fp32/fp16."""
     from ftkernels.triton import loreft as tk

@@ -1,17 +1,18 @@
 """Triton kernels of the fused LoReFT intervention (GPU; on CPU tensors through ``TRITON_INTERPRET=1``).
 
-``h' = D(h + s R)`` with ``s = h (W - R)^T + b``; h ``[M, d]``, R and W ``[r, d]``. The rank-r
-reductions over d (``s``, and backward's ``t = D(g) R^T``) run in ``lora_down`` (shared with the
-LoRA Linear: the dropout tile of x lives in registers only); the rest is one elementwise-shaped pass:
+``h' = D(h + s R)`` with ``s = h (W - R)^T + b``; h ``[M, d]``, R and W ``[r, d]``.
 
-- ``_reft_apply_kernel``: ``h' = D(h + s R)`` tile by tile, the rank-r product as r fp32 FMAs per
-  element (r is a compile-time constant), so h is read and h' written once.
+- ``_reft_fwd_kernel``: one program per row block sweeps d twice: ``s`` (a tensor-core dot, r
+  padded to 16), then ``h' = D(h + s R)``; the second sweep re-reads the rows from L2.
+- backward's ``t = D(g) R^T`` runs in ``lora_down`` (shared with the LoRA Linear: the dropout tile
+  of g lives in registers only).
 - ``_reft_bwd_kernel``: by column blocks with split-M partials (summed by torch: deterministic):
   ``grad_h = D(g) + t (W - R)``, and the partials of ``t^T h`` and ``s^T D(g)`` (grad_W and grad_R),
   reading g and h once.
 
-Passes over ``[M, d]``: forward reads h twice and writes h' (3); backward reads g twice and h once
-and writes grad_h (4). The minimum is 2 and 3 (bench/NOTES.md "LoReFT").
+Passes over ``[M, d]`` through HBM: forward reads h once (twice if its rows have left L2) and
+writes h' (2); backward reads g twice and h once and writes grad_h (4). The minimum is 2 and 3
+(bench/NOTES.md "LoReFT").
 """
 
 from __future__ import annotations
@@ -28,30 +29,39 @@ from .lora_linear import (
     _prec,
     dropout_threshold,
     lora_down,
-    row_blocks,
     split_m,
 )
 
 
 @triton.jit
-def _reft_apply_kernel(
-    h_ptr, s_ptr, r_ptr, out_ptr, seed_ptr, M, D,
-    shm, shd, ssm, ssr, srr, srd, som, sod,
+def _reft_fwd_kernel(
+    h_ptr, wmr_ptr, rot_ptr, b_ptr, out_ptr, s_ptr, seed_ptr, M, D, R,
+    shm, shd, swr, swd, srr, srd, som, sod, ssm, ssr,
     thr, inv_keep,
-    DROPOUT: tl.constexpr, RANK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    DROPOUT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
+    """One row block: s = h (W - R)^T + b over all of d (first sweep), then h' = D(h + s R) (second
+    sweep). The second read of the block's rows comes from L2 when it is still there, so h
+    crosses HBM once instead of twice (as it did with a ``lora_down`` pass and a separate apply kernel)."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    ks = tl.program_id(1) * BK + tl.arange(0, BK)
-    acc = _load2d(h_ptr, rm, ks, shm, shd, M, D).to(tl.float32)
-    for j in tl.static_range(RANK):  # h + s R, one fp32 FMA per rank
-        sj = tl.load(s_ptr + rm * ssm + j * ssr, mask=rm < M, other=0.0).to(tl.float32)
-        rj = tl.load(r_ptr + j * srr + ks * srd, mask=ks < D, other=0.0).to(tl.float32)
-        acc += sj[:, None] * rj[None, :]
-    if DROPOUT:
-        keep = _keep_tile(seed_ptr, rm, tl.program_id(1) * BK, thr, BM, BK)
-        acc = tl.where(keep, acc * inv_keep, tl.zeros_like(acc))
-    tl.store(out_ptr + rm[:, None] * som + ks[None, :] * sod, acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (ks[None, :] < D))  # fmt: skip
+    rr = tl.arange(0, BR)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        ht = _load2d(h_ptr, rm, ks, shm, shd, M, D)
+        wt = _load2d(wmr_ptr, ks, rr, swd, swr, D, R)  # (W - R)^T tile [BK, BR] in h's dtype
+        acc = tl.dot(ht, wt, acc, input_precision=PREC)
+    s = acc + tl.load(b_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]  # zero past r
+    tl.store(s_ptr + rm[:, None] * ssm + rr[None, :] * ssr, s, mask=(rm[:, None] < M) & (rr[None, :] < R))
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        rt = _load2d(rot_ptr, rr, ks, srr, srd, R, D)  # fp32 R tile [BR, BK], zero rows past r
+        # s R at float32 accuracy (3xTF32): the rank-r update of h, as exact as the FMAs it replaces
+        o = _load2d(h_ptr, rm, ks, shm, shd, M, D).to(tl.float32) + tl.dot(s, rt, input_precision="tf32x3")
+        if DROPOUT:
+            o = tl.where(_keep_tile(seed_ptr, rm, k0, thr, BM, BK), o * inv_keep, tl.zeros_like(o))
+        tl.store(out_ptr + rm[:, None] * som + ks[None, :] * sod, o.to(out_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (ks[None, :] < D))  # fmt: skip
 
 
 @triton.jit
@@ -95,20 +105,31 @@ def _reft_bwd_kernel(
 _BWD_BLOCKS = (32, 32) if INTERPRET else (32, 64)
 
 
+def _fwd_blocks(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BM, BK, warps, stages) of the forward kernel: 16-row blocks (a row block's second sweep should
+    find its rows in L2), spill-free in ptxas (sm_90a, triton 3.6 and 3.9): 62-75 registers in
+    16-bit (16x128, 8 warps; 16x256 spilled with dropout in 3.9), 168 in fp32 (16x64; 16x128
+    spilled 8-32 bytes)."""
+    if INTERPRET:
+        return 16, 32, 4, 1
+    return (16, 64, 4, 4) if dtype == torch.float32 else (16, 128, 8, 4)
+
+
 def forward(h, rot, w, b, dropout, seed):
     """GPU forward of ``ftkernels::loreft_fwd``: h ``[M, d]``; R, W ``[r, d]`` and b ``[r]`` in fp32 (or
     h's dtype). Returns (h' in h's dtype, s ``[M, r]`` fp32)."""
     M, D = h.shape
     R = rot.shape[0]
     wmr = (w.float() - rot.float()).to(h.dtype)  # an operand of the tensor-core dot: h's dtype
-    s = lora_down(h, wmr, seed, 0.0, out_dtype=torch.float32).add_(b.float())
+    rf, bf = rot.float(), b.float()
     out = torch.empty_like(h)
-    BM, BK = row_blocks()
-    rf = rot.float()
-    _reft_apply_kernel[(triton.cdiv(M, BM), triton.cdiv(D, BK))](
-        h, s, rf, out, seed, M, D, h.stride(0), h.stride(1), s.stride(0), s.stride(1), rf.stride(0), rf.stride(1),
-        out.stride(0), out.stride(1), dropout_threshold(dropout), 1.0 / (1.0 - dropout),
-        DROPOUT=dropout > 0, RANK=R, BM=BM, BK=BK, num_warps=4,
+    s = torch.empty((M, R), device=h.device, dtype=torch.float32)
+    BM, BK, warps, stages = _fwd_blocks(h.dtype)
+    _reft_fwd_kernel[(triton.cdiv(M, BM),)](
+        h, wmr, rf, bf, out, s, seed, M, D, R,
+        h.stride(0), h.stride(1), wmr.stride(0), wmr.stride(1), rf.stride(0), rf.stride(1),
+        out.stride(0), out.stride(1), s.stride(0), s.stride(1), dropout_threshold(dropout), 1.0 / (1.0 - dropout),
+        DROPOUT=dropout > 0, PREC=_prec(h.dtype), BM=BM, BK=BK, BR=_br(R), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, s
 
