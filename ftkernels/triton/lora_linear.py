@@ -305,7 +305,7 @@ def _down_blocks(dtype: torch.dtype) -> tuple[int, int, int]:
 
 
 def row_blocks() -> tuple[int, int]:
-    """(BM, BK) of the split-M column-block kernels (grad_A, LoReFT's apply)."""
+    """(BM, BK) of the split-M column-block grad_A kernel (its default; the fused dgrad uses 32 rows)."""
     return (32, 32) if INTERPRET else (64, 128)
 
 

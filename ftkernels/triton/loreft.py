@@ -99,9 +99,9 @@ def _reft_bwd_kernel(
     tl.store(ps_ptr + out, acc_s, mask=keep)
 
 
-# (BM, BK) of the backward kernel. Its (64, 128) tiles needed 255 registers and spilled 32-1300 bytes
-# (ptxas, triton 3.6, sm_90a), and with fp32 dropout wanted 232 KB of shared memory, over the H100's
-# 227. (32, 64) with 2 stages: 122-214 registers, no spills, <= 49 KB.
+# (BM, BK) of the backward kernel. On (64, 128) tiles it needed 255 registers and spilled 64-1264
+# bytes (ptxas, triton 3.6, sm_90a); the [BK, r] orientation there wanted 232 KB of shared memory in
+# fp32 with dropout, over the H100's 227. (32, 64) with 2 stages: 122-214 registers, no spills.
 _BWD_BLOCKS = (32, 32) if INTERPRET else (32, 64)
 
 
