@@ -562,7 +562,6 @@ def test_cuda_graph_replays_own_metadata_and_redraws_grad_dropout():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
-    other_before = [t.detach().clone() for t in other]
     for _ in range(3):
         for t in other:
             t.grad = torch.randn_like(t)

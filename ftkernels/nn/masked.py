@@ -77,13 +77,12 @@ def _gather_index(rows: Tensor) -> Tensor:
     return torch.cat([rows, rows[-1:].expand(pad)]) if pad and rows.numel() else rows
 
 
-def _rows_weight_grad_torch(g2: Tensor, x2: Tensor, rows: Tensor, shape, gather: Tensor | None = None) -> Tensor:
+def _rows_weight_grad_torch(g2: Tensor, x2: Tensor, rows: Tensor, shape, gather: Tensor) -> Tensor:
     """grad_W with only ``rows`` filled: gather of g's kept columns (``gather``: ``rows`` padded by
     :func:`_gather_index`), one GEMM, index_copy of its first len(rows) rows."""
     gw = g2.new_zeros(shape)
     n = rows.numel()
     if n:
-        gather = _gather_index(rows) if gather is None else gather
         gw.index_copy_(0, rows, (g2.index_select(1, gather).t() @ x2)[:n])
     return gw
 

@@ -30,6 +30,7 @@ from torch.optim import Optimizer
 
 from .. import _ext
 from ..masks import mask_version, packed_grad_mask
+from ..nn.lora_linear import draw_seed
 from . import _compact
 
 try:
@@ -399,7 +400,7 @@ class FusedOptimizer(Optimizer):
         # Under CUDA-graph capture the host seed would be replayed frozen (one dropout mask for every
         # replay): draw it on the device instead, which the graph redraws at each replay.
         draw = capturing and group["grad_dropout"] > 0
-        a.seed_tensor = torch.randint(0, 2**62, (), dtype=torch.int64, device=device) if draw else None
+        a.seed_tensor = draw_seed(device) if draw else None
         keep = C.fused_optim_step(a)  # advances each param's step count unless skipped
         if keep:  # buffers the captured graph re-reads at each replay: alive as long as this optimizer
             self.__dict__.setdefault("_graph_buffers", []).extend(keep)

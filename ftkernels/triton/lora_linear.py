@@ -138,14 +138,19 @@ def prune_by_width(tiles: dict[int, list[tuple]], arg: str):
     return prune
 
 
+def tile_configs(tiles: dict[int, list[tuple]], **extra) -> list:
+    """Autotuner configs for the union of the per-width (BM, BN, BK, warps, stages) lists; ``extra``
+    constexprs go into every config (``prune_by_width`` then keeps one width's list per call)."""
+    shapes = sorted({t for per_width in tiles.values() for t in per_width})
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, **extra}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes
+    ]
+
+
 def _gemm_configs():
     if INTERPRET:
         return [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = sorted({t for tiles in _GEMM_TILES.values() for t in tiles})
-    return [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
+    return tile_configs(_GEMM_TILES, GROUP_M=8)
 
 
 @triton.autotune(

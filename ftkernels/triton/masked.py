@@ -14,16 +14,11 @@ K=N=4096 bf16 ~160 MB, ~53 us at 3 TB/s, against 37.5 us for 10% of the dense GE
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .lora_linear import _prec, prune_by_width
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
+from .lora_linear import INTERPRET, _prec, prune_by_width, tile_configs
 
 # (BM reduction rows, BN kept rows, BK columns of x = the MMA's M side, warps, stages) per element
 # width: spill-free in ptxas (triton 3.6, sm_90a; scripts/kernel_resources.py). Every fp32 tile of
@@ -37,8 +32,7 @@ _TILES = {
 def _configs():
     if INTERPRET:
         return [triton.Config({"BM": 32, "BN": 16, "BK": 32}, num_warps=4, num_stages=1)]
-    shapes = sorted({t for tiles in _TILES.values() for t in tiles})
-    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+    return tile_configs(_TILES)
 
 
 @triton.autotune(configs=_configs(), key=["M", "NR", "K"],
