@@ -123,6 +123,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("anchors", &ftk::OptimArgs::anchors)
       .def_readwrite("fishers", &ftk::OptimArgs::fishers)
       .def_readwrite("masters", &ftk::OptimArgs::masters)
+      .def_readwrite("indices", &ftk::OptimArgs::indices)
       .def_readwrite("tensor_ids", &ftk::OptimArgs::tensor_ids)
       .def_readwrite("lr", &ftk::OptimArgs::lr)
       .def_readwrite("grad_scale", &ftk::OptimArgs::grad_scale)

@@ -36,6 +36,9 @@ struct Job {
   float* master = nullptr;
   const uint8_t* mask = nullptr;
   Aux anchor, fisher;
+  const void* index = nullptr;  // compact state: element i of the state is param element index[i]
+  bool index64 = false;
+  int64_t numel = 0;  // state elements (the index's length when compact)
   uint32_t tensor_id = 0;
   StepConsts c;
   void (*run)(const OptimHyper&, uint64_t, const Job&, int64_t, int64_t) = nullptr;
@@ -58,16 +61,20 @@ void scalar_range(const OptimHyper& h, uint64_t seed, const Job& j, int64_t b, i
   for (int64_t i = b; i < e; ++i) {
     if (h.grad_dropout > 0 && (i == b || (i & 7) == 0)) r = philox_dropout_words(seed, j.tensor_id, i >> 3);
     if (j.mask && !mask_bit(j.mask, i)) continue;
-    W pv = j.master ? static_cast<W>(j.master[i]) : static_cast<W>(p[i]);
+    // q: the param element of state element i (the same unless the state is compact)
+    const int64_t q = !j.index ? i
+                      : j.index64 ? static_cast<const int64_t*>(j.index)[i]
+                                  : static_cast<const int32_t*>(j.index)[i];
+    W pv = j.master ? static_cast<W>(j.master[i]) : static_cast<W>(p[q]);
     W a = s1 ? static_cast<W>(s1[i]) : W(0);
     W bb = s2 ? static_cast<W>(s2[i]) : W(0);
     W cc = s3 ? static_cast<W>(s3[i]) : W(0);
-    W an = reg ? j.anchor.load<W>(i) : W(0);
-    W fi = h.ewc != 0 ? j.fisher.load<W>(i) : W(0);
+    W an = reg ? j.anchor.load<W>(q) : W(0);
+    W fi = h.ewc != 0 ? j.fisher.load<W>(q) : W(0);
     W drop = h.grad_dropout > 0 ? static_cast<W>(drop_multiplier(dropout_uniform(r, static_cast<int>(i & 7)), h, j.c)) : W(1);
-    optim_update<KIND, W>(h, j.c, pv, static_cast<W>(g[i]), a, bb, cc, an, fi, drop);
+    optim_update<KIND, W>(h, j.c, pv, static_cast<W>(g[q]), a, bb, cc, an, fi, drop);
     if (j.master) j.master[i] = static_cast<float>(pv);
-    p[i] = static_cast<P>(pv);
+    p[q] = static_cast<P>(pv);
     if (s1) s1[i] = static_cast<S>(a);
     if (s2) s2[i] = static_cast<S>(bb);
     if (s3) s3[i] = static_cast<S>(cc);
@@ -168,11 +175,13 @@ void vector_range(const OptimHyper& h_in, uint64_t seed, const Job& j, int64_t b
 }
 
 template <int KIND>
-auto pick_runner(at::ScalarType p, at::ScalarType s, bool master)
+auto pick_runner(at::ScalarType p, at::ScalarType s, bool master, bool indexed)
     -> void (*)(const OptimHyper&, uint64_t, const Job&, int64_t, int64_t) {
   const bool same = p == s;
-  if (!master && same && p == at::kFloat) return &vector_range<KIND, float>;
-  if (!master && same && p == at::kDouble) return &vector_range<KIND, double>;
+  const bool simd = !master && !indexed && same;  // gathered elements take the scalar loop
+  if (simd && p == at::kFloat) return &vector_range<KIND, float>;
+  if (simd && p == at::kDouble) return &vector_range<KIND, double>;
+  if (same && p == at::kDouble) return &scalar_range<KIND, double, double>;
   switch (p) {
     case at::kFloat: return &scalar_range<KIND, float, float>;
     case at::kBFloat16:
@@ -215,6 +224,10 @@ void fused_optim_step_cpu(const OptimArgs& a) {
     if (const at::Tensor* t = get(a.masks, i)) j.mask = t->data_ptr<uint8_t>();
     if (const at::Tensor* t = get(a.anchors, i)) j.anchor = Aux{t->data_ptr(), t->scalar_type()};
     if (const at::Tensor* t = get(a.fishers, i)) j.fisher = Aux{t->data_ptr(), t->scalar_type()};
+    j.numel = p.numel();
+    if (const at::Tensor* t = get(a.indices, i)) {
+      j.index = t->data_ptr(), j.index64 = t->scalar_type() == at::kLong, j.numel = t->numel();
+    }
     FTK_CHECK(!(h.l2sp != 0 || h.ewc != 0) || j.anchor.ptr, "ftkernels: L2-SP/EWC needs an anchor for param ", i);
     FTK_CHECK(h.ewc == 0 || j.fisher.ptr, "ftkernels: EWC needs a Fisher diagonal for param ", i);
     j.tensor_id = static_cast<uint32_t>(a.tensor_ids[i]);
@@ -222,12 +235,12 @@ void fused_optim_step_cpu(const OptimArgs& a) {
     float* step = a.steps[i].data_ptr<float>();
     *step += 1.0f;  // the op owns the step count: advanced unless the step is skipped
     j.c = make_step_consts(h, lr, *step, inv_scale, norm);
-    const bool master = j.master != nullptr;
+    const bool master = j.master != nullptr, indexed = j.index != nullptr;
     switch (h.kind) {
-      case kAdamW: j.run = pick_runner<kAdamW>(p.scalar_type(), state_type, master); break;
-      case kSGD: j.run = pick_runner<kSGD>(p.scalar_type(), state_type, master); break;
-      case kAdagrad: j.run = pick_runner<kAdagrad>(p.scalar_type(), state_type, master); break;
-      default: j.run = pick_runner<kRMSprop>(p.scalar_type(), state_type, master); break;
+      case kAdamW: j.run = pick_runner<kAdamW>(p.scalar_type(), state_type, master, indexed); break;
+      case kSGD: j.run = pick_runner<kSGD>(p.scalar_type(), state_type, master, indexed); break;
+      case kAdagrad: j.run = pick_runner<kAdagrad>(p.scalar_type(), state_type, master, indexed); break;
+      default: j.run = pick_runner<kRMSprop>(p.scalar_type(), state_type, master, indexed); break;
     }
   }
 
@@ -235,13 +248,13 @@ void fused_optim_step_cpu(const OptimArgs& a) {
   constexpr int64_t kItem = 32768;
   std::vector<std::pair<int32_t, int64_t>> items;
   for (size_t i = 0; i < jobs.size(); ++i)
-    for (int64_t s = 0; s < a.params[i].numel(); s += kItem) items.emplace_back(static_cast<int32_t>(i), s);
+    for (int64_t s = 0; s < jobs[i].numel; s += kItem) items.emplace_back(static_cast<int32_t>(i), s);
   const uint64_t seed = static_cast<uint64_t>(a.seed);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       const auto [t, s] = items[k];
       const Job& j = jobs[t];
-      j.run(h, seed, j, s, std::min(s + kItem, a.params[t].numel()));
+      j.run(h, seed, j, s, std::min(s + kItem, j.numel));
     }
   });
 }

@@ -28,10 +28,12 @@ struct TensorMeta {
   const void* anchor;
   const void* fisher;
   const float* step;
-  int64_t numel;
+  const void* index;  // compact state: state element i updates param element index[i]
+  int64_t numel;      // state elements (the index's length when compact)
   uint32_t tensor_id;
   int32_t anchor_type, fisher_type;
   int32_t aligned;  // every pointer allows 4-element vector access
+  int32_t index64;
 };
 
 struct BlockWork {
@@ -88,7 +90,9 @@ __device__ __forceinline__ W load_aux(const void* ptr, int32_t type, int64_t i) 
   }
 }
 
-template <int KIND, class P, class S>
+// IDX: the tensors of this launch have compact state (their own instantiation, so the dense
+// kernel's registers are not spent on the gather).
+template <int KIND, class P, class S, bool IDX>
 __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const TensorMeta* __restrict__ metas,
                                                               const BlockWork* __restrict__ work, OptimHyper h,
                                                               StepScalars sc, uint64_t seed) {
@@ -125,8 +129,21 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const TensorMet
     P pv[kIlp], gv[kIlp];
     S a[kIlp] = {}, b[kIlp] = {}, cc[kIlp] = {};
     float mv[kIlp] = {};
-    load4(p, i, m.numel, vec, pv);
-    load4(g, i, m.numel, vec, gv);
+    int64_t q[kIlp];  // the param element of each state element
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) q[k] = i + k;
+    if constexpr (IDX) {
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) {
+        if (i + k < m.numel)
+          q[k] = m.index64 ? static_cast<const int64_t*>(m.index)[i + k] : static_cast<const int32_t*>(m.index)[i + k];
+        pv[k] = i + k < m.numel ? p[q[k]] : P(0);
+        gv[k] = i + k < m.numel ? g[q[k]] : P(0);
+      }
+    } else {
+      load4(p, i, m.numel, vec, pv);
+      load4(g, i, m.numel, vec, gv);
+    }
     if (s1) load4(s1, i, m.numel, vec, a);
     if (s2) load4(s2, i, m.numel, vec, b);
     if (s3) load4(s3, i, m.numel, vec, cc);
@@ -147,8 +164,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const TensorMet
       if (!((active >> k) & 1) || i + k >= m.numel) continue;
       W x = m.master ? static_cast<W>(mv[k]) : static_cast<W>(pv[k]);
       W sa = static_cast<W>(a[k]), sb = static_cast<W>(b[k]), sd = static_cast<W>(cc[k]);
-      const W an = reg ? load_aux<W>(m.anchor, m.anchor_type, i + k) : W(0);
-      const W fi = h.ewc != 0 ? load_aux<W>(m.fisher, m.fisher_type, i + k) : W(0);
+      const W an = reg ? load_aux<W>(m.anchor, m.anchor_type, q[k]) : W(0);
+      const W fi = h.ewc != 0 ? load_aux<W>(m.fisher, m.fisher_type, q[k]) : W(0);
       const W drop = h.grad_dropout > 0 ? static_cast<W>(drop_multiplier(u[k], h, c)) : W(1);
       optim_update<KIND, W>(h, c, x, static_cast<W>(gv[k]), sa, sb, sd, an, fi, drop);
       if (m.master) mv[k] = static_cast<float>(x);
@@ -157,7 +174,13 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const TensorMet
       b[k] = static_cast<S>(sb);
       cc[k] = static_cast<S>(sd);
     }
-    store4(p, i, m.numel, vec, pv);
+    if constexpr (IDX) {
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k)
+        if (i + k < m.numel) p[q[k]] = pv[k];
+    } else {
+      store4(p, i, m.numel, vec, pv);
+    }
     if (s1) store4(s1, i, m.numel, vec, a);
     if (s2) store4(s2, i, m.numel, vec, b);
     if (s3) store4(s3, i, m.numel, vec, cc);
@@ -188,10 +211,10 @@ const float* scalar_ptr(const OptTensor& t, const at::Device& dev, const char* w
   return t->data_ptr<float>();
 }
 
-template <int KIND>
+template <int KIND, bool IDX>
 void launch_kind(at::ScalarType pt, at::ScalarType st, const TensorMeta* metas, const BlockWork* work, int blocks,
                  const OptimHyper& h, StepScalars sc, uint64_t seed, cudaStream_t stream) {
-#define FTK_LAUNCH(P, S) fused_step_kernel<KIND, P, S><<<blocks, kThreads, 0, stream>>>(metas, work, h, sc, seed)
+#define FTK_LAUNCH(P, S) fused_step_kernel<KIND, P, S, IDX><<<blocks, kThreads, 0, stream>>>(metas, work, h, sc, seed)
   const bool same = pt == st;
   switch (pt) {
     case at::kFloat: FTK_LAUNCH(float, float); break;
@@ -208,6 +231,17 @@ void launch_kind(at::ScalarType pt, at::ScalarType st, const TensorMeta* metas, 
   }
 #undef FTK_LAUNCH
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <bool IDX>
+void launch(int kind, at::ScalarType pt, at::ScalarType st, const TensorMeta* metas, const BlockWork* work,
+            int blocks, const OptimHyper& h, StepScalars sc, uint64_t seed, cudaStream_t stream) {
+  switch (kind) {
+    case kAdamW: launch_kind<kAdamW, IDX>(pt, st, metas, work, blocks, h, sc, seed, stream); break;
+    case kSGD: launch_kind<kSGD, IDX>(pt, st, metas, work, blocks, h, sc, seed, stream); break;
+    case kAdagrad: launch_kind<kAdagrad, IDX>(pt, st, metas, work, blocks, h, sc, seed, stream); break;
+    default: launch_kind<kRMSprop, IDX>(pt, st, metas, work, blocks, h, sc, seed, stream); break;
+  }
 }
 
 }  // namespace
@@ -228,6 +262,7 @@ std::vector<at::Tensor> fused_optim_step_cuda(const OptimArgs& a) {
   // Group tensors by (param dtype, state dtype): one launch per group.
   struct Group {
     at::ScalarType pt, st;
+    bool indexed;
     std::vector<TensorMeta> metas;
     std::vector<BlockWork> work;
   };
@@ -269,12 +304,16 @@ std::vector<at::Tensor> fused_optim_step_cuda(const OptimArgs& a) {
     FTK_CHECK(a.steps[i].device() == dev, "ftkernels: step of param ", i, " must be on ", dev);
     m.step = a.steps[i].data_ptr<float>();
     m.numel = p.numel();
+    if (const at::Tensor* t = get(a.indices, i)) {
+      m.index = t->data_ptr(), m.index64 = t->scalar_type() == at::kLong, m.numel = t->numel();
+    }
+    const bool indexed = m.index != nullptr;
     m.tensor_id = static_cast<uint32_t>(a.tensor_ids[i]);
     m.aligned = aligned;
     auto it = std::find_if(groups.begin(), groups.end(),
-                           [&](const Group& gr) { return gr.pt == p.scalar_type() && gr.st == st; });
+                           [&](const Group& gr) { return gr.pt == p.scalar_type() && gr.st == st && gr.indexed == indexed; });
     if (it == groups.end()) {
-      groups.push_back(Group{p.scalar_type(), st, {}, {}});
+      groups.push_back(Group{p.scalar_type(), st, indexed, {}, {}});
       it = groups.end() - 1;
     }
     const int32_t t = static_cast<int32_t>(it->metas.size());
@@ -304,11 +343,11 @@ std::vector<at::Tensor> fused_optim_step_cuda(const OptimArgs& a) {
     const auto* work = reinterpret_cast<const BlockWork*>(static_cast<uint8_t*>(dev_buf.data_ptr()) + meta_bytes);
     const int blocks = static_cast<int>(gr.work.size());
     const uint64_t seed = static_cast<uint64_t>(a.seed);
-    if (blocks > 0) switch (h.kind) {
-      case kAdamW: launch_kind<kAdamW>(gr.pt, gr.st, metas, work, blocks, h, sc, seed, stream); break;
-      case kSGD: launch_kind<kSGD>(gr.pt, gr.st, metas, work, blocks, h, sc, seed, stream); break;
-      case kAdagrad: launch_kind<kAdagrad>(gr.pt, gr.st, metas, work, blocks, h, sc, seed, stream); break;
-      default: launch_kind<kRMSprop>(gr.pt, gr.st, metas, work, blocks, h, sc, seed, stream); break;
+    if (blocks > 0) {
+      if (gr.indexed)
+        launch<true>(h.kind, gr.pt, gr.st, metas, work, blocks, h, sc, seed, stream);
+      else
+        launch<false>(h.kind, gr.pt, gr.st, metas, work, blocks, h, sc, seed, stream);
     }
     const int n = static_cast<int>(gr.metas.size());
     step_count_kernel<<<(n + 255) / 256, 256, 0, stream>>>(metas, n, sc.skip);

@@ -117,13 +117,27 @@ def _step(model, opt, loss_fn, device, autocast):
     return fn
 
 
-def graphed_step(model, opt, loss_fn, device, autocast, warmup: int = 3):
+class GraphedStep:
+    """A captured training step: calling it replays the graph. It holds what the graph reads and
+    writes through raw addresses (the model, the optimizer and its state, the loss) for as long as
+    it lives: a graph whose optimizer was freed after capture replays into released memory, and the
+    next capture (``torch.cuda.graph`` empties the allocator's cache first) unmaps it, an illegal
+    address at the following replay (the two-graph failure of 2026-11-23, bench/NOTES.md)."""
+
+    def __init__(self, graph, model, opt, loss):
+        self.graph, self.model, self.opt, self.loss = graph, model, opt, loss
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+def graphed_step(model, opt, loss_fn, device, autocast, warmup: int = 3) -> GraphedStep:
     """The training step captured once in a CUDA graph and replayed (PyTorch's whole-step recipe:
     warm-up on a side stream so Triton compiles and autotunes outside capture, grads set to None
     before capture so backward allocates them in the graph's pool, the optimizer step captured
     with them). A replay costs one launch, no Python: what a host-bound step would save. Inputs
-    are the ones ``loss_fn`` closes over (static). Raises what capture raises (a host sync, a
-    non-capturable op)."""
+    are the ones ``loss_fn`` closes over (static). ``opt`` None captures the floor's step (no
+    optimizer, no parameter grads). Raises what capture raises (a host sync, a non-capturable op)."""
     step = _step(model, opt, loss_fn, device, autocast)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -132,24 +146,33 @@ def graphed_step(model, opt, loss_fn, device, autocast, warmup: int = 3):
             step()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             loss = loss_fn(model)
         loss.backward()
-        opt.step()
-    return graph.replay
+        if opt is not None:
+            opt.step()
+    return GraphedStep(graph, model, opt, loss)
 
 
-def _graph_variants(peft_model, ours, loss_fn, device, autocast) -> dict:
-    """``PEFT + CUDA graph`` (torch's fused AdamW, capturable) and ``ours + CUDA graph``: key ->
-    a function that captures that variant and returns its replay. Off with FTKERNELS_BENCH_GRAPHS=0."""
+def _graph_variants(floor_model, peft_model, ours, loss_fn, device, autocast) -> dict:
+    """``floor + CUDA graph``, ``PEFT + CUDA graph`` (torch's fused AdamW, capturable) and ``ours +
+    CUDA graph``: key -> a function that captures that variant and returns its replay. The graphed
+    floor is what the graphed steps are held to (the eager floor of a small model is host time).
+    Off with FTKERNELS_BENCH_GRAPHS=0."""
     if device.type != "cuda" or os.environ.get("FTKERNELS_BENCH_GRAPHS", "1") == "0":
         return {}
     trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
     torch_opt = lambda m: torch.optim.AdamW(trainable(m), lr=1e-4, fused=True, capturable=True)  # noqa: E731
     ours_opt = lambda m: FusedAdamW(trainable(m), lr=1e-4)  # noqa: E731
-    variants = (("PEFT + CUDA graph", peft_model, torch_opt), ("ours + CUDA graph", ours, ours_opt))
+    no_opt = lambda m: None  # noqa: E731
+    variants = (
+        ("floor + CUDA graph", floor_model, no_opt),
+        ("PEFT + CUDA graph", peft_model, torch_opt),
+        ("ours + CUDA graph", ours, ours_opt),
+    )
     return {
         key: (lambda m=model, make=make_opt: graphed_step(m, make(m), loss_fn, device, autocast))
         for key, model, make_opt in variants
@@ -158,10 +181,8 @@ def _graph_variants(peft_model, ours, loss_fn, device, autocast) -> dict:
 
 def time_graphs(makers: dict, device: torch.device, reps: int, rounds: int) -> dict[str, float]:
     """Median ms per replay of each graphed variant, each captured, timed and released before the
-    next capture. On the H100 (2026-11-23), PEFT's BERT-base graph replayed fine alone and between
-    eager steps, but hit an illegal address once our graph had been captured after it (open bug,
-    bench/NOTES.md): one live graph at a time keeps each number valid. A variant whose capture
-    fails (a host sync in model code) is left out with its error printed."""
+    next capture (one graph pool alive at a time keeps the peak memory of the run down). A variant
+    whose capture fails (a host sync in model code) is left out with its error printed."""
     out = {}
     for key, make in makers.items():
         try:
@@ -218,7 +239,9 @@ def eager_steps(build, device: torch.device, quick: bool) -> tuple[str, dict, di
         ungroup(alone)
         alone_opt = FusedAdamW([p for p in alone.parameters() if p.requires_grad], lr=1e-4)
         steps[ALONE] = _step(alone, alone_opt, loss_fn, device, autocast)
-    parts = dict(peft_model=peft_model, peft_opt=peft_opt, ours=ours, loss_fn=loss_fn, autocast=autocast)
+    parts = dict(
+        floor_model=floor_model, peft_model=peft_model, peft_opt=peft_opt, ours=ours, loss_fn=loss_fn, autocast=autocast
+    )
     return name, steps, parts
 
 
@@ -235,7 +258,7 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
         rounds = 2 if quick else 3
         ms = time_rounds_ms(fns, device, reps, rounds)
         mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
-        makers = _graph_variants(peft_model, parts["ours"], loss_fn, device, autocast)
+        makers = _graph_variants(parts["floor_model"], peft_model, parts["ours"], loss_fn, device, autocast)
         graphs = time_graphs(makers, device, reps, rounds)
         ms.update(graphs)
         # A replay allocates nothing (its memory is the graph's pool, reserved at capture): no column.
@@ -243,23 +266,28 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
         # Each case as it lands (a GPU case takes minutes, the table prints only at the end).
         print(f"\ne2e {name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()), file=sys.stderr, flush=True)
         for k in ms:
-            if k in ("floor", "ours", "ours + CUDA graph"):
+            if k in ("floor", "floor + CUDA graph", "ours", "ours + CUDA graph"):
                 continue
             # A graphed baseline is compared with our graphed step (when it was captured too).
             mine = "ours + CUDA graph" if k == "PEFT + CUDA graph" else "ours"
             if mine not in ms:
                 continue
+            # graphed rows against the graphed floor when it was captured
+            floor = "floor + CUDA graph" if mine != "ours" and "floor + CUDA graph" in ms else "floor"
             rows.append(
                 dict(
                     case=f"{name}: train step" + (", CUDA graph" if mine != "ours" else ""),
                     baseline=k if k == ALONE else f"{k} + AdamW(fused=True)",
                     baseline_ms=ms[k],
                     ours_ms=ms[mine],
-                    floor_ms=ms["floor"],
+                    floor_ms=ms[floor],
                     baseline_mem_MB=mem[k],
                     ours_mem_MB=mem[mine],
-                    floor_mem_MB=mem["floor"],
+                    floor_mem_MB=mem[floor],
                 )
             )
         del fns, parts, peft_model  # free this case's models before building the next
-    return rows, {"floor": "frozen model forward + input-gradient backward, measured in this run"}
+    return rows, {
+        "floor": "frozen model forward + input-gradient backward, measured in this run "
+        "(captured in a CUDA graph for the graphed rows)"
+    }

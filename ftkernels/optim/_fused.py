@@ -327,12 +327,11 @@ class FusedOptimizer(Optimizer):
         a = C.OptimArgs()
         params, steps, ids, s = [], [], [], ([], [], [])
         masks, anchors, fishers, masters = [], [], [], []
-        compact = {}  # position -> kept-element indices: gathered, stepped and scattered back each step
+        indices = []  # compact state: the kept elements' flat indices, which the kernel steps through
         for p, _i, t in entries:
             st = self.state[p]
             idx = st.get(_compact.INDEX_KEY)
-            if idx is not None:
-                compact[len(params)] = idx
+            indices.append(idx)
             params.append(_local(p))
             steps.append(st["step"])
             ids.append(t)
@@ -345,10 +344,8 @@ class FusedOptimizer(Optimizer):
         a.params, a.steps, a.tensor_ids = params, steps, ids
         a.s1, a.s2, a.s3 = s
         a.masks, a.anchors, a.fishers, a.masters = masks, anchors, fishers, masters
-        return dict(
-            args=a, device=device, entries=entries, params=params, hyper_key=None, compact=compact,
-            anchors=anchors, fishers=fishers,
-        )  # fmt: skip
+        a.indices = indices
+        return dict(args=a, device=device, entries=entries, params=params, hyper_key=None)
 
     def _run_plan(self, C, plan, group, grad_scale, found_inf, total_norm, seed):
         device = plan["device"]
@@ -368,14 +365,6 @@ class FusedOptimizer(Optimizer):
                 g = torch.empty_like(lp).copy_(g)
             grads.append(g)
         a = plan["args"]
-        compact = plan["compact"]
-        if compact:  # the kept elements only, flat; the kernel then runs unmasked on them
-            stepped = list(plan["params"])
-            anchors, fishers = list(plan["anchors"]), list(plan["fishers"])
-            for k, idx in compact.items():
-                stepped[k], grads[k] = _compact.gather(stepped[k], idx), _compact.gather(grads[k], idx)
-                anchors[k], fishers[k] = _compact.gather(anchors[k], idx), _compact.gather(fishers[k], idx)
-            a.params, a.anchors, a.fishers = stepped, anchors, fishers
         a.grads = grads
         lr = group["lr"]
         hyper_key = tuple(v for k, v in group.items() if k not in ("params", "param_names", "lr")) + (
@@ -407,5 +396,3 @@ class FusedOptimizer(Optimizer):
         # The kernel writes through raw pointers; tell autograd, as torch's in-place ops do (a graph
         # still holding a param then fails its version check instead of using the new value).
         torch.autograd.graph.increment_version(plan["params"])
-        for k, idx in compact.items():
-            _compact.scatter_(plan["params"][k], idx, stepped[k])

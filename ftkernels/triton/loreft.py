@@ -99,6 +99,128 @@ def _reft_bwd_kernel(
     tl.store(ps_ptr + out, acc_s, mask=keep)
 
 
+# Ranks up to _SLOTS take the FMA kernels below: r columns of s, t and W - R as separate fp32
+# vectors, so every product is an exact fp32 FMA on CUDA cores (12 per element of h at r = 4,
+# ~12 us over 8192 x 4096 on an H100, under the memory time) and nothing needs a transposed or
+# padded tensor-core operand. The MMA kernels above pad r to 16 and transpose fp32 tiles.
+_SLOTS = 4
+
+
+@triton.jit
+def _row(ptr, j, s_r, s_c, cols, R, D):
+    """Row j of an fp32 [R, D] matrix at ``cols``, as a [1, len(cols)] tile (zero for j >= R)."""
+    live = (cols[None, :] < D) & (cols[None, :] * 0 + j < R)  # a tensor mask (the interpreter wants one)
+    return tl.load(ptr + j * s_r + cols[None, :] * s_c, mask=live, other=0.0)
+
+
+@triton.jit
+def _col(ptr, rows, j, s_m, s_r, M, R):
+    """Column j of an fp32 [M, R] matrix at ``rows``, as a [len(rows), 1] tile (zero for j >= R)."""
+    live = (rows[:, None] < M) & (rows[:, None] * 0 + j < R)
+    return tl.load(ptr + rows[:, None] * s_m + j * s_r, mask=live, other=0.0)
+
+
+@triton.jit
+def _reft_fwd_fma_kernel(
+    h_ptr, wmr_ptr, rot_ptr, b_ptr, out_ptr, s_ptr, seed_ptr, M, D, R,
+    shm, shd, swr, swd, srr, srd, som, sod, ssm, ssr,
+    thr, inv_keep,
+    DROPOUT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """The forward for r <= 4 (``_SLOTS``): per row block, s_j = h . (W - R)_j + b_j as elementwise
+    fp32 partials [BM, BK] reduced once after the first sweep, then h' = D(h + sum_j s_j R_j)."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    a0 = tl.zeros((BM, BK), dtype=tl.float32)
+    a1 = tl.zeros((BM, BK), dtype=tl.float32)
+    a2 = tl.zeros((BM, BK), dtype=tl.float32)
+    a3 = tl.zeros((BM, BK), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        ht = _load2d(h_ptr, rm, ks, shm, shd, M, D).to(tl.float32)
+        a0 += ht * _row(wmr_ptr, 0, swr, swd, ks, R, D)
+        a1 += ht * _row(wmr_ptr, 1, swr, swd, ks, R, D)
+        a2 += ht * _row(wmr_ptr, 2, swr, swd, ks, R, D)
+        a3 += ht * _row(wmr_ptr, 3, swr, swd, ks, R, D)
+    # s_j as [BM, 1] columns (b_j added), stored for the backward
+    s0 = tl.sum(a0, axis=1)[:, None] + tl.load(b_ptr)  # b is padded to 4 by the caller
+    s1 = tl.sum(a1, axis=1)[:, None] + tl.load(b_ptr + 1)
+    s2 = tl.sum(a2, axis=1)[:, None] + tl.load(b_ptr + 2)
+    s3 = tl.sum(a3, axis=1)[:, None] + tl.load(b_ptr + 3)
+    live = rm[:, None] < M
+    tl.store(s_ptr + rm[:, None] * ssm, s0, mask=live)
+    tl.store(s_ptr + rm[:, None] * ssm + ssr, s1, mask=live & (rm[:, None] * 0 + 1 < R))
+    tl.store(s_ptr + rm[:, None] * ssm + 2 * ssr, s2, mask=live & (rm[:, None] * 0 + 2 < R))
+    tl.store(s_ptr + rm[:, None] * ssm + 3 * ssr, s3, mask=live & (rm[:, None] * 0 + 3 < R))
+    for k0 in range(0, D, BK):  # the block's rows again, from L2 while they are still there
+        ks = k0 + tl.arange(0, BK)
+        o = _load2d(h_ptr, rm, ks, shm, shd, M, D).to(tl.float32)
+        o += s0 * _row(rot_ptr, 0, srr, srd, ks, R, D)
+        o += s1 * _row(rot_ptr, 1, srr, srd, ks, R, D)
+        o += s2 * _row(rot_ptr, 2, srr, srd, ks, R, D)
+        o += s3 * _row(rot_ptr, 3, srr, srd, ks, R, D)
+        if DROPOUT:
+            o = tl.where(_keep_tile(seed_ptr, rm, k0, thr, BM, BK), o * inv_keep, tl.zeros_like(o))
+        tl.store(out_ptr + rm[:, None] * som + ks[None, :] * sod, o.to(out_ptr.dtype.element_ty),
+                 mask=live & (ks[None, :] < D))  # fmt: skip
+
+
+@triton.jit
+def _reft_bwd_fma_kernel(
+    g_ptr, h_ptr, t_ptr, s_ptr, wmr_ptr, gh_ptr, pw_ptr, ps_ptr, seed_ptr, M, D, R,
+    sgm, sgd, shm, shd, stm, str_, ssm, ssr, swr, swd, sghm, sghd,
+    thr, inv_keep,
+    DROPOUT: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """The backward for r <= 4 by column blocks with split-M partials: grad_h = D(g) + sum_j t_j (W-R)_j;
+    the partials of t_j^T h and s_j^T D(g) accumulate elementwise in [BM, BK] and are reduced over
+    rows once at the end (no per-iteration cross-thread reduction)."""
+    pk, ps = tl.program_id(0), tl.program_id(1)
+    ks = pk * BK + tl.arange(0, BK)
+    w0 = _row(wmr_ptr, 0, swr, swd, ks, R, D)
+    w1 = _row(wmr_ptr, 1, swr, swd, ks, R, D)
+    w2 = _row(wmr_ptr, 2, swr, swd, ks, R, D)
+    w3 = _row(wmr_ptr, 3, swr, swd, ks, R, D)
+    aw0 = tl.zeros((BM, BK), dtype=tl.float32)
+    aw1 = tl.zeros((BM, BK), dtype=tl.float32)
+    aw2 = tl.zeros((BM, BK), dtype=tl.float32)
+    aw3 = tl.zeros((BM, BK), dtype=tl.float32)
+    as0 = tl.zeros((BM, BK), dtype=tl.float32)
+    as1 = tl.zeros((BM, BK), dtype=tl.float32)
+    as2 = tl.zeros((BM, BK), dtype=tl.float32)
+    as3 = tl.zeros((BM, BK), dtype=tl.float32)
+    for m0 in range(ps * BM, M, SPLIT * BM):
+        rm = m0 + tl.arange(0, BM)
+        gd = _load2d(g_ptr, rm, ks, sgm, sgd, M, D).to(tl.float32)
+        if DROPOUT:  # the forward's mask, regenerated; 1/(1-p) is applied to the sums below
+            gd = tl.where(_keep_tile(seed_ptr, rm, pk * BK, thr, BM, BK), gd, tl.zeros_like(gd))
+        hb = _load2d(h_ptr, rm, ks, shm, shd, M, D).to(tl.float32)
+        t0 = _col(t_ptr, rm, 0, stm, str_, M, R)
+        t1 = _col(t_ptr, rm, 1, stm, str_, M, R)
+        t2 = _col(t_ptr, rm, 2, stm, str_, M, R)
+        t3 = _col(t_ptr, rm, 3, stm, str_, M, R)
+        gh = gd * inv_keep + t0 * w0 + t1 * w1 + t2 * w2 + t3 * w3
+        tl.store(gh_ptr + rm[:, None] * sghm + ks[None, :] * sghd, gh.to(gh_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (ks[None, :] < D))  # fmt: skip
+        aw0 += t0 * hb
+        aw1 += t1 * hb
+        aw2 += t2 * hb
+        aw3 += t3 * hb
+        as0 += _col(s_ptr, rm, 0, ssm, ssr, M, R) * gd
+        as1 += _col(s_ptr, rm, 1, ssm, ssr, M, R) * gd
+        as2 += _col(s_ptr, rm, 2, ssm, ssr, M, R) * gd
+        as3 += _col(s_ptr, rm, 3, ssm, ssr, M, R) * gd
+    out = ps * R * D + ks  # partials [split, r, d]
+    keep = ks < D
+    tl.store(pw_ptr + out, tl.sum(aw0, axis=0), mask=keep)
+    tl.store(pw_ptr + out + D, tl.sum(aw1, axis=0), mask=keep & (ks * 0 + 1 < R))
+    tl.store(pw_ptr + out + 2 * D, tl.sum(aw2, axis=0), mask=keep & (ks * 0 + 2 < R))
+    tl.store(pw_ptr + out + 3 * D, tl.sum(aw3, axis=0), mask=keep & (ks * 0 + 3 < R))
+    tl.store(ps_ptr + out, tl.sum(as0, axis=0) * inv_keep, mask=keep)
+    tl.store(ps_ptr + out + D, tl.sum(as1, axis=0) * inv_keep, mask=keep & (ks * 0 + 1 < R))
+    tl.store(ps_ptr + out + 2 * D, tl.sum(as2, axis=0) * inv_keep, mask=keep & (ks * 0 + 2 < R))
+    tl.store(ps_ptr + out + 3 * D, tl.sum(as3, axis=0) * inv_keep, mask=keep & (ks * 0 + 3 < R))
+
+
 # (BM, BK) of the backward kernel. On (64, 128) tiles it needed 255 registers and spilled 64-1264
 # bytes (ptxas, triton 3.6, sm_90a); the [BK, r] orientation there wanted 232 KB of shared memory in
 # fp32 with dropout, over the H100's 227. (32, 64) with 2 stages: 122-214 registers, no spills.
@@ -115,21 +237,34 @@ def _fwd_blocks(dtype: torch.dtype) -> tuple[int, int, int, int]:
     return (16, 64, 4, 4) if dtype == torch.float32 else (16, 128, 8, 4)
 
 
+# (BM, BK, warps, stages) of the FMA kernels (r <= 4); module-level so scripts can try others.
+FMA_FWD_BLOCKS = (16, 32, 4, 1) if INTERPRET else (32, 128, 8, 3)
+FMA_BWD_BLOCKS = (16, 32, 4, 1) if INTERPRET else (16, 64, 4, 3)
+
+
 def forward(h, rot, w, b, dropout, seed):
     """GPU forward of ``ftkernels::loreft_fwd``: h ``[M, d]``; R, W ``[r, d]`` and b ``[r]`` in fp32 (or
     h's dtype). Returns (h' in h's dtype, s ``[M, r]`` fp32)."""
     M, D = h.shape
     R = rot.shape[0]
-    wmr = (w.float() - rot.float()).to(h.dtype)  # an operand of the tensor-core dot: h's dtype
     rf, bf = rot.float(), b.float()
     out = torch.empty_like(h)
     s = torch.empty((M, R), device=h.device, dtype=torch.float32)
-    BM, BK, warps, stages = _fwd_blocks(h.dtype)
-    _reft_fwd_kernel[(triton.cdiv(M, BM),)](
+    thr, inv_keep = dropout_threshold(dropout), 1.0 / (1.0 - dropout)
+    if R <= _SLOTS:
+        wmr = w.float() - rf  # fp32: its products are FMAs
+        bf = torch.nn.functional.pad(bf, (0, _SLOTS - R))  # the kernel reads b_0..b_3
+        BM, BK, warps, stages = FMA_FWD_BLOCKS
+        kernel, extra = _reft_fwd_fma_kernel, {}
+    else:
+        wmr = (w.float() - rf).to(h.dtype)  # an operand of the tensor-core dot: h's dtype
+        BM, BK, warps, stages = _fwd_blocks(h.dtype)
+        kernel, extra = _reft_fwd_kernel, dict(PREC=_prec(h.dtype), BR=_br(R))
+    kernel[(triton.cdiv(M, BM),)](
         h, wmr, rf, bf, out, s, seed, M, D, R,
         h.stride(0), h.stride(1), wmr.stride(0), wmr.stride(1), rf.stride(0), rf.stride(1),
-        out.stride(0), out.stride(1), s.stride(0), s.stride(1), dropout_threshold(dropout), 1.0 / (1.0 - dropout),
-        DROPOUT=dropout > 0, PREC=_prec(h.dtype), BM=BM, BK=BK, BR=_br(R), num_warps=warps, num_stages=stages,
+        out.stride(0), out.stride(1), s.stride(0), s.stride(1), thr, inv_keep,
+        DROPOUT=dropout > 0, BM=BM, BK=BK, num_warps=warps, num_stages=stages, **extra,
     )  # fmt: skip
     return out, s
 
@@ -141,16 +276,21 @@ def backward(grad, h, rot, w, s, dropout, seed):
     t = lora_down(grad, rot.to(h.dtype), seed, dropout, out_dtype=torch.float32)  # D(g) R^T
     wmr = w.float() - rot.float()
     grad_h = torch.empty_like(h)
-    BM, BK = _BWD_BLOCKS
+    if R <= _SLOTS:
+        BM, BK, warps, stages = FMA_BWD_BLOCKS
+        kernel, extra = _reft_bwd_fma_kernel, {}
+    else:
+        (BM, BK), warps, stages = _BWD_BLOCKS, 4, 2
+        kernel, extra = _reft_bwd_kernel, dict(PREC=_prec(h.dtype), BR=_br(R))
     split = split_m(M, D, BM, BK, h.device)
     pw = torch.empty((split, R, D), device=h.device, dtype=torch.float32)
     ps = torch.empty_like(pw)
-    _reft_bwd_kernel[(triton.cdiv(D, BK), split)](
+    kernel[(triton.cdiv(D, BK), split)](
         grad, h, t, s, wmr, grad_h, pw, ps, seed, M, D, R,
         grad.stride(0), grad.stride(1), h.stride(0), h.stride(1), t.stride(0), t.stride(1), s.stride(0), s.stride(1),
         wmr.stride(0), wmr.stride(1), grad_h.stride(0), grad_h.stride(1),
         dropout_threshold(dropout), 1.0 / (1.0 - dropout),
-        DROPOUT=dropout > 0, SPLIT=split, PREC=_prec(h.dtype), BM=BM, BK=BK, BR=_br(R), num_warps=4, num_stages=2,
+        DROPOUT=dropout > 0, SPLIT=split, BM=BM, BK=BK, num_warps=warps, num_stages=stages, **extra,
     )  # fmt: skip
     grad_w = pw.sum(0)
     grad_r = ps.sum(0).sub_(grad_w)

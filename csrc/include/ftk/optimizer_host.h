@@ -21,6 +21,10 @@ struct OptimArgs {
   std::vector<at::Tensor> params, grads;
   std::vector<at::Tensor> steps;  // float32 scalars on the param's device; the op adds 1 unless skipped
   OptTensorList s1, s2, s3, masks, anchors, fishers, masters;
+  // Compact state (ftkernels/optim/_compact.py): int32/int64 flat indices of the kept elements.
+  // With them, the state slots hold those n elements only, and state element k updates param
+  // (and grad, anchor, Fisher) element idx[k]: the kernel gathers and scatters through them.
+  OptTensorList indices;
   std::vector<int64_t> tensor_ids;  // stable ids for the dropout RNG stream of each tensor
   OptTensor lr, grad_scale, skip, total_norm;  // 0-dim float tensors; skip != 0 skips the step
   int64_t seed = 0;
@@ -38,7 +42,8 @@ inline void check_optim_args(const OptimArgs& a) {
   const size_t n = a.params.size();
   FTK_CHECK(a.grads.size() == n && a.steps.size() == n && a.tensor_ids.size() == n,
             "ftkernels: fused optimizer step got lists of different lengths");
-  for (const OptTensorList* l : {&a.s1, &a.s2, &a.s3, &a.masks, &a.anchors, &a.fishers, &a.masters})
+  for (const OptTensorList* l :
+       {&a.s1, &a.s2, &a.s3, &a.masks, &a.anchors, &a.fishers, &a.masters, &a.indices})
     FTK_CHECK(l->empty() || l->size() == n, "ftkernels: fused optimizer step got lists of different lengths");
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = a.params[i];
@@ -51,8 +56,24 @@ inline void check_optim_args(const OptimArgs& a) {
     };
     same_layout(a.grads[i], "grad");
     FTK_CHECK(a.grads[i].scalar_type() == p.scalar_type(), "ftkernels: grad dtype differs from param ", i);
-    for (const OptTensorList* l : {&a.s1, &a.s2, &a.s3, &a.anchors, &a.fishers, &a.masters})
-      if (const at::Tensor* t = get(*l, i)) same_layout(*t, "state");
+    for (const OptTensorList* l : {&a.anchors, &a.fishers})
+      if (const at::Tensor* t = get(*l, i)) same_layout(*t, "anchor/Fisher");
+    const at::Tensor* idx = get(a.indices, i);
+    if (idx) {  // compact: flat state of the index's length; params indexed in memory order
+      FTK_CHECK((idx->scalar_type() == at::kInt || idx->scalar_type() == at::kLong) && idx->dim() == 1 &&
+                    idx->is_contiguous() && idx->device() == p.device() && idx->numel() <= p.numel(),
+                "ftkernels: compact index of param ", i, " must be a 1-D int32/int64 tensor on its device");
+      FTK_CHECK(p.is_contiguous(), "ftkernels: a param with compact state must be contiguous");
+      FTK_CHECK(!get(a.masks, i) && !get(a.masters, i) && a.hyper.grad_dropout == 0,
+                "ftkernels: compact state excludes masks, master weights and gradient dropout");
+      for (const OptTensorList* l : {&a.s1, &a.s2, &a.s3})
+        if (const at::Tensor* t = get(*l, i))
+          FTK_CHECK(t->device() == p.device() && t->is_contiguous() && t->numel() == idx->numel(),
+                    "ftkernels: compact state of param ", i, " must hold one element per index");
+    } else {
+      for (const OptTensorList* l : {&a.s1, &a.s2, &a.s3, &a.masters})
+        if (const at::Tensor* t = get(*l, i)) same_layout(*t, "state");
+    }
     if (const at::Tensor* m = get(a.masters, i))
       FTK_CHECK(m->scalar_type() == at::kFloat, "ftkernels: master weights must be float32");
     if (const at::Tensor* m = get(a.masks, i)) {
