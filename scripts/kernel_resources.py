@@ -134,11 +134,15 @@ def cases():
         gemm = partial(ll.lowrank_gemm, x, w.t(), b, u, lb.t(), 2.0, seed, 0.1)
         out.append((f"lowrank_gemm {tag} M4096 K=N=768 p0.1", gemm))
         out.append((f"lora_dropout {tag} 4096x768", partial(lora_dropout.lora_dropout, x, 0.1, seed)))
-        h, g, s = e(8192, 4096), e(8192, 4096), e(8192, 4, dtype=torch.float32)
-        rot, wr, br = e(4, 4096, dtype=torch.float32), e(4, 4096, dtype=torch.float32), e(4, dtype=torch.float32)
-        for p in (0.0, 0.1):
-            out.append((f"loreft fwd {tag} 8192x4096 r4 p{p}", partial(loreft.forward, h, rot, wr, br, p, seed)))
-            out.append((f"loreft bwd {tag} 8192x4096 r4 p{p}", partial(loreft.backward, g, h, rot, wr, s, p, seed)))
+        h, g = e(8192, 4096), e(8192, 4096)
+        for r in (4, 8):  # r <= 4: the FMA kernels; above: the tensor-core ones
+            s = e(8192, r, dtype=torch.float32)
+            rot, wr, br = e(r, 4096, dtype=torch.float32), e(r, 4096, dtype=torch.float32), e(r, dtype=torch.float32)
+            for p in (0.0, 0.1):
+                fwd = partial(loreft.forward, h, rot, wr, br, p, seed)
+                bwd = partial(loreft.backward, g, h, rot, wr, s, p, seed)
+                out.append((f"loreft fwd {tag} 8192x4096 r{r} p{p}", fwd))
+                out.append((f"loreft bwd {tag} 8192x4096 r{r} p{p}", bwd))
         rows = torch.arange(0, 4096, 10)
         wgrad = partial(masked.rows_weight_grad, g, h, rows, (4096, 4096))
         out.append((f"masked rows {tag} M8192 K=N=4096 10%", wgrad))

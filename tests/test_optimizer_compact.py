@@ -163,3 +163,32 @@ def test_cuda_same_trajectory(kind):
         runs.append(params)
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_kernel_rejects_inconsistent_compact_args():
+    """The extension's own checks on ``OptimArgs.indices`` (memory safety: the kernel indexes params
+    through it): state of another length, a float index, an index with a mask."""
+    from ftkernels._ext import C
+
+    opt = ftk.optim.FusedAdamW([torch.nn.Parameter(torch.randn(3))], lr=1e-2)  # for its hyper bundle
+    p = torch.randn(40)
+    idx = torch.tensor([1, 5, 9, 30], dtype=torch.int32)
+
+    def args(state_len=4, index=idx, mask=None):
+        a = C().OptimArgs()
+        a.hyper = opt._hyper(opt.param_groups[0])
+        a.params, a.grads, a.steps, a.tensor_ids = [p], [torch.randn(40)], [torch.zeros(())], [0]
+        a.s1, a.s2 = [torch.zeros(state_len)], [torch.zeros(state_len)]
+        a.indices, a.masks = [index], [mask]
+        return a
+
+    before = p.clone()
+    C().fused_optim_step(args())  # consistent: steps exactly the indexed elements
+    changed = (p != before).nonzero().flatten()
+    assert torch.equal(changed, idx.long())
+    with pytest.raises(RuntimeError, match="one element per index"):
+        C().fused_optim_step(args(state_len=5))
+    with pytest.raises(RuntimeError, match="int32/int64"):
+        C().fused_optim_step(args(index=idx.float()))
+    with pytest.raises(RuntimeError, match="excludes masks"):
+        C().fused_optim_step(args(mask=torch.full((5,), 255, dtype=torch.uint8)))
