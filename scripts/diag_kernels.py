@@ -2,9 +2,10 @@
 they replace, at the benchmark shapes: what a suite-level miss breaks down into.
 
 Groups (``--only`` picks some): ``lora`` (dropout down-projection, grad_A with and without the
-fused dgrad, at BERT and Llama widths), ``loreft`` (the four launches of a LoReFT forward and
-backward at 8192 x 4096, r4), ``masked`` (the rows-mode weight gradient: gather, GEMM with the
-kept count as is and padded to 8, zero fill, index_copy, both routes).
+fused dgrad, at BERT and Llama widths), ``loreft`` (the launches of a LoReFT forward and backward
+at 8192 x 4096, r4, with and without the FMA kernels' prefetch), ``masked`` (the rows-mode weight
+gradient: gather, GEMM with the kept count as is and padded to 8, zero fill, index_copy, both
+routes).
 
     python scripts/diag_kernels.py [--quick] [--only lora,loreft,masked] [--json FILE]
 
@@ -59,6 +60,15 @@ def lora_rows(dev, quick, gbps):
     return rows
 
 
+def _prefetch(tk, fn, *args):
+    """``fn(*args)`` with the LoReFT FMA kernels' next-tile prefetch on (an untimed option)."""
+    old, tk.FMA_PREFETCH = tk.FMA_PREFETCH, True
+    try:
+        return fn(*args)
+    finally:
+        tk.FMA_PREFETCH = old
+
+
 def loreft_rows(dev, quick, gbps):
     from ftkernels.triton import lora_linear as tl
     from ftkernels.triton import loreft as tk
@@ -79,6 +89,8 @@ def loreft_rows(dev, quick, gbps):
             ("fwd total", lambda: tk.forward(h, rot, w, b, p, seed), 2),
             ("ref: a lora_down pass over h", lambda: tl.lora_down(h, wmr, seed, 0.0, out_dtype=torch.float32), 1),
             ("bwd total", lambda: tk.backward(g, h, rot, w, s, p, seed), 3),
+            ("fwd total, FMA_PREFETCH", lambda: _prefetch(tk, tk.forward, h, rot, w, b, p, seed), 2),
+            ("bwd total, FMA_PREFETCH", lambda: _prefetch(tk, tk.backward, g, h, rot, w, s, p, seed), 3),
             ("bwd: lora_down t", lambda: tl.lora_down(g, rot.to(h.dtype), seed, p, out_dtype=torch.float32), 1),
             ("copy h (reference)", lambda: h.clone(), 2),
         ):

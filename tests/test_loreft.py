@@ -101,6 +101,17 @@ def test_triton_path_matches_reference(dtype, M, d, r, p):
         torch.testing.assert_close(a.double(), e, atol=tol * max(1.0, e.abs().max().item()), rtol=tol)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_triton_fma_prefetch_variant_matches_reference(monkeypatch, p):
+    """The r <= 4 kernels with next-tile prefetch (an option until timed on a GPU): same results,
+    at sizes whose last tiles and row blocks are partial."""
+    from ftkernels.triton import loreft as tk
+
+    monkeypatch.setattr(tk, "FMA_PREFETCH", True)
+    test_triton_path_matches_reference(torch.float32, 70, 45, 4, p)
+    test_triton_path_matches_reference(torch.float16, 33, 100, 3, p)
+
+
 def test_triton_and_cpu_share_the_stream():
     from ftkernels.triton import loreft as tk
 

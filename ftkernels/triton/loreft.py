@@ -125,18 +125,26 @@ def _reft_fwd_fma_kernel(
     h_ptr, wmr_ptr, rot_ptr, b_ptr, out_ptr, s_ptr, seed_ptr, M, D, R,
     shm, shd, swr, swd, srr, srd, som, sod, ssm, ssr,
     thr, inv_keep,
-    DROPOUT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    DROPOUT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """The forward for r <= 4 (``_SLOTS``): per row block, s_j = h . (W - R)_j + b_j as elementwise
-    fp32 partials [BM, BK] reduced once after the first sweep, then h' = D(h + sum_j s_j R_j)."""
+    fp32 partials [BM, BK] reduced once after the first sweep, then h' = D(h + sum_j s_j R_j).
+    PREFETCH loads the next tile of the first sweep before using the current one (Triton does not
+    software-pipeline loads that feed no dot: two tiles in flight instead of one)."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     a0 = tl.zeros((BM, BK), dtype=tl.float32)
     a1 = tl.zeros((BM, BK), dtype=tl.float32)
     a2 = tl.zeros((BM, BK), dtype=tl.float32)
     a3 = tl.zeros((BM, BK), dtype=tl.float32)
+    if PREFETCH:
+        nxt = _load2d(h_ptr, rm, tl.arange(0, BK), shm, shd, M, D)
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
-        ht = _load2d(h_ptr, rm, ks, shm, shd, M, D).to(tl.float32)
+        if PREFETCH:
+            ht = nxt.to(tl.float32)
+            nxt = _load2d(h_ptr, rm, ks + BK, shm, shd, M, D)  # past d: masked, no traffic
+        else:
+            ht = _load2d(h_ptr, rm, ks, shm, shd, M, D).to(tl.float32)
         a0 += ht * _row(wmr_ptr, 0, swr, swd, ks, R, D)
         a1 += ht * _row(wmr_ptr, 1, swr, swd, ks, R, D)
         a2 += ht * _row(wmr_ptr, 2, swr, swd, ks, R, D)
@@ -169,11 +177,12 @@ def _reft_bwd_fma_kernel(
     g_ptr, h_ptr, t_ptr, s_ptr, wmr_ptr, gh_ptr, pw_ptr, ps_ptr, seed_ptr, M, D, R,
     sgm, sgd, shm, shd, stm, str_, ssm, ssr, swr, swd, sghm, sghd,
     thr, inv_keep,
-    DROPOUT: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    DROPOUT: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """The backward for r <= 4 by column blocks with split-M partials: grad_h = D(g) + sum_j t_j (W-R)_j;
     the partials of t_j^T h and s_j^T D(g) accumulate elementwise in [BM, BK] and are reduced over
-    rows once at the end (no per-iteration cross-thread reduction)."""
+    rows once at the end (no per-iteration cross-thread reduction). PREFETCH: as in the forward, the
+    next row block's g and h tiles are loaded before the current ones are used."""
     pk, ps = tl.program_id(0), tl.program_id(1)
     ks = pk * BK + tl.arange(0, BK)
     w0 = _row(wmr_ptr, 0, swr, swd, ks, R, D)
@@ -188,12 +197,22 @@ def _reft_bwd_fma_kernel(
     as1 = tl.zeros((BM, BK), dtype=tl.float32)
     as2 = tl.zeros((BM, BK), dtype=tl.float32)
     as3 = tl.zeros((BM, BK), dtype=tl.float32)
+    if PREFETCH:
+        r0 = ps * BM + tl.arange(0, BM)
+        g_nxt = _load2d(g_ptr, r0, ks, sgm, sgd, M, D)
+        h_nxt = _load2d(h_ptr, r0, ks, shm, shd, M, D)
     for m0 in range(ps * BM, M, SPLIT * BM):
         rm = m0 + tl.arange(0, BM)
-        gd = _load2d(g_ptr, rm, ks, sgm, sgd, M, D).to(tl.float32)
+        if PREFETCH:
+            gd, hb = g_nxt.to(tl.float32), h_nxt.to(tl.float32)
+            rn = rm + SPLIT * BM  # past M: masked, no traffic
+            g_nxt = _load2d(g_ptr, rn, ks, sgm, sgd, M, D)
+            h_nxt = _load2d(h_ptr, rn, ks, shm, shd, M, D)
+        else:
+            gd = _load2d(g_ptr, rm, ks, sgm, sgd, M, D).to(tl.float32)
+            hb = _load2d(h_ptr, rm, ks, shm, shd, M, D).to(tl.float32)
         if DROPOUT:  # the forward's mask, regenerated; 1/(1-p) is applied to the sums below
             gd = tl.where(_keep_tile(seed_ptr, rm, pk * BK, thr, BM, BK), gd, tl.zeros_like(gd))
-        hb = _load2d(h_ptr, rm, ks, shm, shd, M, D).to(tl.float32)
         t0 = _col(t_ptr, rm, 0, stm, str_, M, R)
         t1 = _col(t_ptr, rm, 1, stm, str_, M, R)
         t2 = _col(t_ptr, rm, 2, stm, str_, M, R)
@@ -238,6 +257,9 @@ def _fwd_blocks(dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 
 # (BM, BK, warps, stages) of the FMA kernels (r <= 4); module-level so scripts can try others.
+# FMA_PREFETCH: two tiles in flight per program (written 2026-11-23 with no GPU lent; off until
+# scripts/diag_kernels.py has timed it, see bench/NOTES.md "Session 7").
+FMA_PREFETCH = False
 FMA_FWD_BLOCKS = (16, 32, 4, 1) if INTERPRET else (32, 128, 8, 3)
 FMA_BWD_BLOCKS = (16, 32, 4, 1) if INTERPRET else (16, 64, 4, 3)
 
@@ -255,7 +277,7 @@ def forward(h, rot, w, b, dropout, seed):
         wmr = w.float() - rf  # fp32: its products are FMAs
         bf = torch.nn.functional.pad(bf, (0, _SLOTS - R))  # the kernel reads b_0..b_3
         BM, BK, warps, stages = FMA_FWD_BLOCKS
-        kernel, extra = _reft_fwd_fma_kernel, {}
+        kernel, extra = _reft_fwd_fma_kernel, dict(PREFETCH=FMA_PREFETCH)
     else:
         wmr = (w.float() - rf).to(h.dtype)  # an operand of the tensor-core dot: h's dtype
         BM, BK, warps, stages = _fwd_blocks(h.dtype)
@@ -278,7 +300,7 @@ def backward(grad, h, rot, w, s, dropout, seed):
     grad_h = torch.empty_like(h)
     if R <= _SLOTS:
         BM, BK, warps, stages = FMA_BWD_BLOCKS
-        kernel, extra = _reft_bwd_fma_kernel, {}
+        kernel, extra = _reft_bwd_fma_kernel, dict(PREFETCH=FMA_PREFETCH)
     else:
         (BM, BK), warps, stages = _BWD_BLOCKS, 4, 2
         kernel, extra = _reft_bwd_kernel, dict(PREC=_prec(h.dtype), BR=_br(R))
