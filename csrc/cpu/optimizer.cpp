@@ -62,9 +62,7 @@ void scalar_range(const OptimHyper& h, uint64_t seed, const Job& j, int64_t b, i
     if (h.grad_dropout > 0 && (i == b || (i & 7) == 0)) r = philox_dropout_words(seed, j.tensor_id, i >> 3);
     if (j.mask && !mask_bit(j.mask, i)) continue;
     // q: the param element of state element i (the same unless the state is compact)
-    const int64_t q = !j.index ? i
-                      : j.index64 ? static_cast<const int64_t*>(j.index)[i]
-                                  : static_cast<const int32_t*>(j.index)[i];
+    const int64_t q = j.index ? compact_index(j.index, j.index64, i) : i;
     W pv = j.master ? static_cast<W>(j.master[i]) : static_cast<W>(p[q]);
     W a = s1 ? static_cast<W>(s1[i]) : W(0);
     W bb = s2 ? static_cast<W>(s2[i]) : W(0);

@@ -135,8 +135,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const TensorMet
     if constexpr (IDX) {
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
-        if (i + k < m.numel)
-          q[k] = m.index64 ? static_cast<const int64_t*>(m.index)[i + k] : static_cast<const int32_t*>(m.index)[i + k];
+        if (i + k < m.numel) q[k] = compact_index(m.index, m.index64, i + k);
         pv[k] = i + k < m.numel ? p[q[k]] : P(0);
         gv[k] = i + k < m.numel ? g[q[k]] : P(0);
       }

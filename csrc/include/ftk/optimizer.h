@@ -167,4 +167,9 @@ FTK_HD double drop_multiplier(float u, const OptimHyper& h, const StepConsts& c)
 
 FTK_HD bool mask_bit(const uint8_t* bits, int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
 
+// Compact state: the param element that state element i updates (int32 or int64 index).
+FTK_HD int64_t compact_index(const void* index, bool index64, int64_t i) {
+  return index64 ? static_cast<const int64_t*>(index)[i] : static_cast<const int32_t*>(index)[i];
+}
+
 }  // namespace ftk
