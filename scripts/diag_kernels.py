@@ -60,15 +60,6 @@ def lora_rows(dev, quick, gbps):
     return rows
 
 
-def _prefetch(tk, fn, *args):
-    """``fn(*args)`` with the LoReFT FMA kernels' next-tile prefetch on (an untimed option)."""
-    old, tk.FMA_PREFETCH = tk.FMA_PREFETCH, True
-    try:
-        return fn(*args)
-    finally:
-        tk.FMA_PREFETCH = old
-
-
 def loreft_rows(dev, quick, gbps):
     from ftkernels.triton import lora_linear as tl
     from ftkernels.triton import loreft as tk
@@ -89,8 +80,8 @@ def loreft_rows(dev, quick, gbps):
             ("fwd total", lambda: tk.forward(h, rot, w, b, p, seed), 2),
             ("ref: a lora_down pass over h", lambda: tl.lora_down(h, wmr, seed, 0.0, out_dtype=torch.float32), 1),
             ("bwd total", lambda: tk.backward(g, h, rot, w, s, p, seed), 3),
-            ("fwd total, FMA_PREFETCH", lambda: _prefetch(tk, tk.forward, h, rot, w, b, p, seed), 2),
-            ("bwd total, FMA_PREFETCH", lambda: _prefetch(tk, tk.backward, g, h, rot, w, s, p, seed), 3),
+            ("fwd total, FMA_PREFETCH", lambda: tk.with_prefetch(tk.forward, h, rot, w, b, p, seed), 2),
+            ("bwd total, FMA_PREFETCH", lambda: tk.with_prefetch(tk.backward, g, h, rot, w, s, p, seed), 3),
             ("bwd: lora_down t", lambda: tl.lora_down(g, rot.to(h.dtype), seed, p, out_dtype=torch.float32), 1),
             ("copy h (reference)", lambda: h.clone(), 2),
         ):

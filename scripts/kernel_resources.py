@@ -109,15 +109,6 @@ def compile_launch(fn, args, kwargs, config=None):
     return int(m.group(1)), int(m.group(2)), int(kernel.metadata.shared)
 
 
-def _prefetch(module, fn):
-    """``fn()`` with ``module.FMA_PREFETCH`` on (the LoReFT FMA kernels' untimed option)."""
-    old, module.FMA_PREFETCH = module.FMA_PREFETCH, True
-    try:
-        return fn()
-    finally:
-        module.FMA_PREFETCH = old
-
-
 def cases():
     """(name, launcher call) at the sizes the benchmarks and e2e models use."""
     from ftkernels.triton import lora_dropout, loreft, masked
@@ -153,8 +144,8 @@ def cases():
                 out.append((f"loreft fwd {tag} 8192x4096 r{r} p{p}", fwd))
                 out.append((f"loreft bwd {tag} 8192x4096 r{r} p{p}", bwd))
                 if r <= 4:  # the FMA kernels' prefetch option too
-                    out.append((f"loreft fwd prefetch {tag} 8192x4096 r{r} p{p}", partial(_prefetch, loreft, fwd)))
-                    out.append((f"loreft bwd prefetch {tag} 8192x4096 r{r} p{p}", partial(_prefetch, loreft, bwd)))
+                    out.append((f"loreft fwd prefetch {tag} 8192x4096 r{r} p{p}", partial(loreft.with_prefetch, fwd)))
+                    out.append((f"loreft bwd prefetch {tag} 8192x4096 r{r} p{p}", partial(loreft.with_prefetch, bwd)))
         rows = torch.arange(0, 4096, 10)
         wgrad = partial(masked.rows_weight_grad, g, h, rows, (4096, 4096))
         out.append((f"masked rows {tag} M8192 K=N=4096 10%", wgrad))

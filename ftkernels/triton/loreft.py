@@ -9,6 +9,10 @@
 - ``_reft_bwd_kernel``: by column blocks with split-M partials (summed by torch: deterministic):
   ``grad_h = D(g) + t (W - R)``, and the partials of ``t^T h`` and ``s^T D(g)`` (grad_W and grad_R),
   reading g and h once.
+- ``_reft_fwd_fma_kernel`` / ``_reft_bwd_fma_kernel``: the same two kernels for r <= 4, with the
+  rank-r products as exact fp32 FMAs on r separate vectors instead of tensor-core dots (r padded
+  to 16). Their loads feed no dot, so Triton does not pipeline them (``num_stages`` does nothing
+  there); ``FMA_PREFETCH`` is the hand-written alternative, off until timed.
 
 Passes over ``[M, d]`` through HBM: forward reads h once (twice if its rows have left L2) and
 writes h' (2); backward reads g twice and h once and writes grad_h (4). The minimum is 2 and 3
@@ -262,6 +266,16 @@ def _fwd_blocks(dtype: torch.dtype) -> tuple[int, int, int, int]:
 FMA_PREFETCH = False
 FMA_FWD_BLOCKS = (16, 32, 4, 1) if INTERPRET else (32, 128, 8, 3)
 FMA_BWD_BLOCKS = (16, 32, 4, 1) if INTERPRET else (16, 64, 4, 3)
+
+
+def with_prefetch(fn, *args):
+    """``fn(*args)`` with ``FMA_PREFETCH`` on, restored after (scripts time the option side by side)."""
+    global FMA_PREFETCH
+    old, FMA_PREFETCH = FMA_PREFETCH, True
+    try:
+        return fn(*args)
+    finally:
+        FMA_PREFETCH = old
 
 
 def forward(h, rot, w, b, dropout, seed):
