@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..nn.lora_group import ungroup
 from ..optim import FusedAdamW
 from ..peft_compat import apply_lora
-from .common import compile_baselines, peak_extra_mb, time_rounds_ms
+from .common import compile_baselines, peak_extra_mb, time_rounds_ms, warm_up_on_side_stream
 from .models import resnet50
 
 R = 16
@@ -138,13 +138,7 @@ def graphed_step(model, opt, loss_fn, device, autocast, warmup: int = 3) -> Grap
     with them). A replay costs one launch, no Python: what a host-bound step would save. Inputs
     are the ones ``loss_fn`` closes over (static). ``opt`` None captures the floor's step (no
     optimizer, no parameter grads). Raises what capture raises (a host sync, a non-capturable op)."""
-    step = _step(model, opt, loss_fn, device, autocast)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
+    warm_up_on_side_stream(_step(model, opt, loss_fn, device, autocast), warmup, device)
     graph = torch.cuda.CUDAGraph()
     if opt is not None:
         opt.zero_grad(set_to_none=True)

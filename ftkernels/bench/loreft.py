@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import loreft as ops
-from .common import peak_extra_mb, time_rounds_ms
+from .common import peak_extra_mb, time_rounds_ms, warm_up_on_side_stream
 
 
 def _reference(h, rot, w, b, p):
@@ -82,7 +82,7 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
         )
         if device.type == "cuda":
             try:
-                graphed = {k: _graphed(fn) for k, fn in fns.items()}
+                graphed = {k: _graphed(fn, device) for k, fn in fns.items()}
             except Exception as e:  # a failed capture loses only these rows: report it, go on
                 print(f"loreft: CUDA graph rows skipped: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
                 torch.cuda.synchronize(device)
@@ -104,15 +104,10 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
     return rows, {"floor_5pass_ms": 5 * nbytes / bw * 1e3}
 
 
-def _graphed(step):
+def _graphed(step, device: torch.device):
     """``step`` (one training step on the next of 3 input buffers) captured once per buffer in CUDA
     graphs; the returned function replays them in turn (the same rotation as eager)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up (Triton compiles) outside capture, every buffer once
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    warm_up_on_side_stream(step, 3, device)  # every buffer once
     graphs = []
     for _ in range(3):
         graph = torch.cuda.CUDAGraph()
