@@ -70,9 +70,8 @@ def _plan(mask: Tensor) -> dict:
 def _gather_index(rows: Tensor) -> Tensor:
     """``rows`` padded to a multiple of 8 by repeating its last entry. The gathered columns of g are
     the GEMM's left operand with leading dimension len(index): a multiple of 8 gives 16-byte aligned
-    rows in 16-bit types, which cuBLAS's TMA (Hopper) kernels need. With 410 kept rows (820-byte
-    rows) the route took 0.21 ms on an H100 for ~0.04 ms of GEMM flops; the misalignment is the
-    suspected cause (bench/NOTES.md, session 6)."""
+    rows in 16-bit types, which cuBLAS's TMA (Hopper) kernels need. With 409 kept rows the GEMM took
+    256 us on an H100, padded to 416 65 us (bench/NOTES.md, session 7)."""
     pad = -rows.numel() % 8
     return torch.cat([rows, rows[-1:].expand(pad)]) if pad and rows.numel() else rows
 
