@@ -5,7 +5,7 @@ that issue #8 asks for: the gap to the floor explained by op class, host time an
     python scripts/profile_e2e.py --case bert --quick --steps 3 --json out.json
 
 The variants are the e2e suite's eager ones (``ftkernels.bench.e2e.eager_steps``): floor, PEFT eager,
-ours, and ours with each LoRA layer alone. Per variant it reports:
+ours, ours with each LoRA layer alone, and ours keeping every LoRA input. Per variant it reports:
 - the wall time per step (CUDA events / perf_counter);
 - the device time per step (GPU: the sum of kernel durations);
 - time per class: GEMM/conv, attention, casts, optimizer (everything under ``Optimizer.step``),

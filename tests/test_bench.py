@@ -12,7 +12,7 @@ from ftkernels.bench import runner
 
 def _fake_suite(device, quick=False, ceilings=None):
     rows = [
-        dict(case="fast", baseline="torch", baseline_ms=10.0, ours_ms=2.5, floor_ms=2.0),
+        dict(case="fast", baseline="torch", baseline_ms=10.0, ours_ms=2.5, floor_ms=2.0, ours_mem_MB=3, floor_mem_MB=2),
         dict(case="slow", baseline="torch", baseline_ms=3.0, ours_ms=6.0, floor_ms=1.5),
     ]
     return rows, {"copy_seen": ceilings["copy_GBps"]}
@@ -31,6 +31,7 @@ def test_derived_columns_and_schema(fake, tmp_path):
     rows = runner.all_rows(res)
     assert [r["speedup"] for r in rows] == [4.0, 0.5]
     assert [r["ours_vs_floor"] for r in rows] == [1.25, 4.0]
+    assert [r.get("ours_mem_vs_floor") for r in rows] == [1.5, None]  # only where both peaks exist
     assert res["suites"]["fake"]["extra"] == {"copy_seen": 10.0}
     for key in ("device", "torch", "triton", "ftkernels", "date", "git_commit"):
         assert key in res["environment"]
@@ -225,7 +226,7 @@ def test_profile_e2e_script_breakdown(tmp_path):
     out = tmp_path / "p.json"
     assert mod.main(["--case", "bert", "--quick", "--steps", "1", "--json", str(out)]) == 0
     (res,) = json.loads(out.read_text())["results"].values()
-    assert set(res) == {"floor", "PEFT eager", "ours", "ours, each LoRA layer alone"}
+    assert set(res) == {"floor", "PEFT eager", "ours", "ours, each LoRA layer alone", "ours, LoRA inputs saved"}
     cuda = torch.cuda.is_available()  # the script profiles the default device
     for r in res.values():
         assert r["wall_ms"] > 0 and r["aten_ops"] > 0 and r["gemm_calls"] > 0

@@ -35,9 +35,34 @@ class Net(nn.Module):
         return self.fc2(F.gelu(self.fc1(h)))
 
 
-def _model():
+class NormNet(nn.Module):
+    """LoRA inputs that are rebuilt in backward (ftkernels/ops/input_recompute.py) from kept tensors:
+    a LayerNorm output whose weight FSDP2 frees after its unit's forward (fc1), and a GELU of a
+    LayerNorm output (fc2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.ln0 = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 16)
+        self.ln1 = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.fc1(self.ln0(self.conv(x).mean((2, 3))))
+        return self.fc2(F.gelu(self.ln1(h)))
+
+
+def _model(net=Net):
     torch.manual_seed(0)
-    model = ftk.apply_lora(Net(), ["conv", "fc1"], r=2, alpha=4, modules_to_save=["fc2"])
+    if net is NormNet:
+        model = ftk.apply_lora(NormNet(), ["conv", "fc1", "fc2"], r=2, alpha=4)
+        with torch.no_grad():
+            for ln in (model.ln0, model.ln1):  # not the identity LayerNorm: rebuilds must use them
+                ln.weight.normal_()
+                ln.bias.normal_()
+    else:
+        model = ftk.apply_lora(Net(), ["conv", "fc1"], r=2, alpha=4, modules_to_save=["fc2"])
     with torch.no_grad():
         for m in ftk.peft_compat.lora_modules(model).values():
             m.lora_B.normal_(std=0.1)
@@ -69,7 +94,7 @@ def _worker(rank, world, port, out, mode):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = _model()
+        model = _model(NormNet if mode == "fsdp2-norms" else Net)
         x, y = _data()
         half = slice(rank * 4, rank * 4 + 4)
         if mode == "ddp":
@@ -82,8 +107,14 @@ def _worker(rank, world, port, out, mode):
 
             # fully_shard's default mesh is on the accelerator when there is one; these ranks are CPU/gloo.
             mesh = init_device_mesh("cpu", (world,))
-            for m in ftk.peft_compat.lora_modules(model).values():
-                fully_shard(m, mesh=mesh)  # the layer reads base.weight through the module: unshard hooks run
+            if mode == "fsdp2-norms":
+                # ln0 its own unit, resharded (its weight's storage freed) before fc1 in the root runs:
+                # fc1 must not plan to rebuild its input from that weight. (A unit's inputs pass through
+                # FSDP's own autograd function, so LoRA layers sharded alone never plan a rebuild.)
+                fully_shard(model.ln0, mesh=mesh)
+            else:
+                for m in ftk.peft_compat.lora_modules(model).values():
+                    fully_shard(m, mesh=mesh)  # the layer reads base.weight through the module: unshard hooks run
             fully_shard(model, mesh=mesh)
             losses = _train(model, [p for p in model.parameters() if p.requires_grad], x[half], y[half], world)
             state = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -93,11 +124,11 @@ def _worker(rank, world, port, out, mode):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2-norms"])
 def test_two_ranks_match_one_process(tmp_path, mode):
     out = str(tmp_path / "r0.pt")
     mp.start_processes(_worker, args=(2, _free_port(), out, mode), nprocs=2, join=True, start_method="spawn")
-    model = _model()
+    model = _model(NormNet if mode == "fsdp2-norms" else Net)
     x, y = _data()
     losses = _train(model, [p for p in model.parameters() if p.requires_grad], x, y)
     got = torch.load(out)

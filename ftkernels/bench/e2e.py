@@ -8,7 +8,9 @@ with random weights (no downloads):
 Baselines: PEFT ``get_peft_model`` + ``torch.optim.AdamW(fused=True)``, eager (and under
 ``torch.compile`` and captured in a CUDA graph on GPU); ours: ``ftk.apply_lora`` + ``FusedAdamW``,
 eager and (GPU) captured in a CUDA graph, the graphed step compared with the graphed baseline;
-and ours with every LoRA layer its own node (no shared-input groups), to show what grouping gives.
+ours with every LoRA layer its own node (no shared-input groups), to show what grouping gives; and
+ours keeping every LoRA input for backward (no rebuild from its producer), to show the memory the
+rebuild saves and what it costs.
 The floor, measured in the same run: the frozen model's forward plus input-gradient backward (no
 weight gradients, no optimizer). GPU sizes are the issue's (BERT 32x128, Llama hidden 2048 / 8 layers / 16-4 heads /
 vocab 32000 at 4x1024 bf16, ResNet-50 batch 64 bf16 autocast); CPU sizes are scaled down to finish
@@ -26,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..nn.lora_group import ungroup
+from ..nn.lora_linear import LoRALinear
+from ..ops import input_recompute
 from ..optim import FusedAdamW
 from ..peft_compat import apply_lora
 from .common import compile_baselines, peak_extra_mb, time_rounds_ms, warm_up_on_side_stream
@@ -33,6 +37,7 @@ from .models import resnet50
 
 R = 16
 ALONE = "ours, each LoRA layer alone"  # the variant without shared-input groups
+SAVED = "ours, LoRA inputs saved"  # the variant that keeps every LoRA input instead of rebuilding it
 
 
 def _bert(device, quick, cpu):
@@ -192,12 +197,21 @@ def time_graphs(makers: dict, device: torch.device, reps: int, rounds: int) -> d
     return out
 
 
+def _without_recompute(step):
+    def fn():
+        with input_recompute.enabled(False):
+            step()
+
+    return fn
+
+
 CASES = {"bert": _bert, "llama": _llama, "resnet": _resnet}
 
 
 def eager_steps(build, device: torch.device, quick: bool) -> tuple[str, dict, dict]:
     """``(case name, steps, parts)`` of one case: ``steps`` maps each eager variant (``floor``,
-    ``PEFT eager``, ``ours`` and, when ours has shared-input groups, :data:`ALONE`) to a closure
+    ``PEFT eager``, ``ours``, :data:`ALONE` when ours has shared-input groups, :data:`SAVED` when it
+    has LoRA Linear layers) to a closure
     running one training step; ``parts`` holds what the graphed and compiled variants need (models,
     optimizers, loss, autocast dtype). Also used by ``scripts/profile_e2e.py``."""
     from peft import LoraConfig, get_peft_model
@@ -233,6 +247,10 @@ def eager_steps(build, device: torch.device, quick: bool) -> tuple[str, dict, di
         ungroup(alone)
         alone_opt = FusedAdamW([p for p in alone.parameters() if p.requires_grad], lr=1e-4)
         steps[ALONE] = _step(alone, alone_opt, loss_fn, device, autocast)
+    if any(isinstance(m, LoRALinear) for m in ours.modules()):
+        # The same model and optimizer keeping each LoRA layer's input for backward instead of
+        # rebuilding it from what its producer keeps: the memory the rebuild saves, at what time.
+        steps[SAVED] = _without_recompute(steps["ours"])
     parts = dict(
         floor_model=floor_model, peft_model=peft_model, peft_opt=peft_opt, ours=ours, loss_fn=loss_fn, autocast=autocast
     )
@@ -271,7 +289,7 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
             rows.append(
                 dict(
                     case=f"{name}: train step" + (", CUDA graph" if mine != "ours" else ""),
-                    baseline=k if k == ALONE else f"{k} + AdamW(fused=True)",
+                    baseline=k if k in (ALONE, SAVED) else f"{k} + AdamW(fused=True)",
                     baseline_ms=ms[k],
                     ours_ms=ms[mine],
                     floor_ms=ms[floor],

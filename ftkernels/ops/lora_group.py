@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .lora_linear import _as, _bwd_impl, _fwd_impl, _no_autocast, layer_grads
+from .lora_linear import _as, _bwd_impl, _fwd_impl, _no_autocast, layer_grads, save_x, saved_with_x
 
 _PER = 5  # flat inputs per member: weight, bias, lora_a, lora_b, seed
 
@@ -33,7 +33,7 @@ class LoRAGroupFunction(torch.autograd.Function):
     def forward(ctx, x, scalings, dropouts, *flat):
         flat_x = x.dim() != 2
         x2 = x.reshape(-1, x.shape[-1]) if flat_x else x
-        ys, saved, dtypes = [], [x2], []
+        ys, saved, dtypes = [], [], []
         with _no_autocast(x):
             for i in range(len(scalings)):
                 w, bias, a, b, seed = flat[_PER * i : _PER * (i + 1)]
@@ -42,7 +42,7 @@ class LoRAGroupFunction(torch.autograd.Function):
                 y, u = _fwd_impl(x2, w, bias, a, b, scalings[i], dropouts[i], seed)
                 ys.append(y.view(*x.shape[:-1], y.shape[-1]) if flat_x else y)
                 saved += [w, a, b, u, seed]
-        ctx.save_for_backward(*saved)
+        save_x(ctx, x2, x, *saved)  # x itself, or what its producer keeps to rebuild it
         ctx.scalings, ctx.dropouts, ctx.adapter_dtypes = scalings, dropouts, dtypes
         ctx.x_shape = x.shape if flat_x else None
         ctx.set_materialize_grads(False)  # an unused output's grad stays None: its member is skipped
@@ -51,7 +51,7 @@ class LoRAGroupFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_ys):
-        x2, *saved = ctx.saved_tensors
+        x2, *saved = saved_with_x(ctx)
         need = ctx.needs_input_grad
         grads: list[Tensor | None] = [None] * (3 + _PER * len(grad_ys))
         gx = None

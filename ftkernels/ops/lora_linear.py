@@ -11,7 +11,8 @@ x is ``[M, K]``, W ``[N, K]``, A ``[r, K]``, B ``[N, r]``, one device; x and W s
 adapters may have another (fp32 adapters on a bf16 base: cast inside, their grads returned in
 their dtype). ``seed`` is an int64 scalar tensor on x's device (read in-kernel on GPU: no host
 sync). The mask D is a pure function of (seed, row, column) (``csrc/include/ftk/lora.h``), so
-backward regenerates it: saved state is x, u and the seed. Both ops have fake implementations, so
+backward regenerates it: saved state is x, u and the seed (in eager mode x itself is often not
+kept: :mod:`.input_recompute` rebuilds it from what its producer keeps). Both ops have fake implementations, so
 ``torch.compile`` traces through them, and the forward op has its autograd formula registered; in
 eager mode :class:`LoRALinearFunction` runs the same kernels with less host time.
 """
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .._ext import C, ExtensionError
+from . import input_recompute
 
 
 def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -113,15 +115,39 @@ def layer_grads(grad_y, saved, scaling, dropout, adapter_dtypes, needs, bwd, gra
 def _grads(ctx, grad_y, bwd):
     """The forward's input grads (:func:`layer_grads` from the context, None for the non-tensor inputs)."""
     grads = layer_grads(
-        grad_y, ctx.saved_tensors, ctx.scaling, ctx.dropout, ctx.adapter_dtypes, ctx.needs_input_grad[:5], bwd
+        grad_y, saved_with_x(ctx), ctx.scaling, ctx.dropout, ctx.adapter_dtypes, ctx.needs_input_grad[:5], bwd
     )
     return *grads, None, None, None
 
 
-def _save(ctx, x, weight, lora_a, lora_b, u, seed, scaling, dropout, adapter_dtypes):
-    # x is the caller's own activation (alive anyway); u is M x r; no dropped copy of x is kept.
-    ctx.save_for_backward(x, weight, lora_a, lora_b, u, seed)
+def _save(ctx, x, weight, lora_a, lora_b, u, seed, scaling, dropout, adapter_dtypes, x_orig=None):
+    """Save the layer's backward state. x (2-D) itself, or, given the caller's ``x_orig`` (x before
+    flattening), what its producer keeps to rebuild it (:mod:`.input_recompute`); u is M x r; no
+    dropped copy of x is ever kept (the mask is regenerated from the seed)."""
+    save_x(ctx, x, x_orig, weight, lora_a, lora_b, u, seed)
     ctx.scaling, ctx.dropout, ctx.adapter_dtypes = scaling, dropout, adapter_dtypes
+
+
+def save_x(ctx, x: Tensor, x_orig: Tensor | None, *others: Tensor) -> None:
+    """``ctx.save_for_backward(x, *others)``, x (2-D) replaced by what its producer keeps when
+    ``x_orig`` (x before flattening; None: compiled path) can be rebuilt from it. Read back with
+    :func:`saved_with_x`."""
+    xs, ctx.x_plan = input_recompute.pack(x_orig) if x_orig is not None else ((x,), None)
+    if ctx.x_plan is None:
+        xs = (x,)
+    ctx.n_x = len(xs)
+    ctx.save_for_backward(*xs, *others)
+
+
+def saved_with_x(ctx) -> tuple:
+    """``ctx.saved_tensors`` as saved by :func:`_save`, with x first as a 2-D tensor (rebuilt when
+    its producer's tensors were saved instead)."""
+    saved = ctx.saved_tensors
+    n = ctx.n_x
+    x = input_recompute.unpack(saved[:n], ctx.x_plan)
+    if ctx.x_plan is not None:
+        x = x.reshape(-1, x.shape[-1])
+    return (x, *saved[n:])
 
 
 def _setup_context(ctx, inputs, output):
@@ -153,7 +179,7 @@ class LoRALinearFunction(torch.autograd.Function):
         a, b = _as(lora_a, x.dtype), _as(lora_b, x.dtype)  # cast once: backward reuses the r-row copies
         with _no_autocast(x):
             y, u = _fwd_impl(x2, weight, bias, a, b, scaling, dropout, seed)
-        _save(ctx, x2, weight, a, b, u, seed, scaling, dropout, (lora_a.dtype, lora_b.dtype))
+        _save(ctx, x2, weight, a, b, u, seed, scaling, dropout, (lora_a.dtype, lora_b.dtype), x_orig=x)
         ctx.x_shape = x.shape if flat else None
         return y.view(*x.shape[:-1], y.shape[-1]) if flat else y
 

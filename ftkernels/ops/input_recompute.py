@@ -1,0 +1,233 @@
+"""Keeping a LoRA layer's input for backward without keeping a copy of it: rebuild it in backward
+from what the op that produced it keeps anyway.
+
+The adapter gradient ``grad_A = (s g B)^T D(x)`` needs the layer's input x in backward, so a LoRA
+layer holds x from forward to backward, while the frozen layer it replaces holds nothing (its input
+gradient needs only W). On BERT-base that is 3 of every 4 inputs of the adapted layers: the GELU
+output feeding ``output.dense`` (``[tokens, 3072]``) and the LayerNorm outputs feeding q/k/v and
+``intermediate.dense``, about 75 MB a layer at 32 x 128 tokens in fp32, half the frozen model's
+activations. When x is the output of an op whose own backward keeps enough to rebuild it, the
+layer keeps those tensors instead (the very storages that op keeps: no extra memory) and rebuilds x
+when its backward runs (before the producer's, which frees them):
+
+==============  ================================  ======================================  ==============
+producer        x                                 kept by the producer's backward         rebuilt x
+==============  ================================  ======================================  ==============
+GELU, SiLU      ``gelu(h)``, ``silu(h)``          h                                       bit-identical
+product         ``a * b`` (SwiGLU's down input)   a and b, or an operand's own producer   bit-identical
+ReLU            ``relu(h)``                       the result itself                       the same tensor
+LayerNorm       ``(h - mean) rstd w + b``         h, mean, rstd, w, b (fp32/fp64 stats)   within 1-2 ulp
+dtype cast      ``y.to(dtype)`` of one of these   what y's producer keeps                 as y's, cast
+==============  ================================  ======================================  ==============
+
+HF's RMSNorm, ``w * (h * rsqrt(mean(h^2) + eps)).to(dtype)``, is a product of w (kept) and a cast of
+a product whose operands are kept: rebuilt bit-identical, the producers followed up to 4 deep.
+
+Only the adapter gradient reads the rebuilt x, so a LayerNorm rebuild changes ``grad_A`` by rounding
+only (as a different GEMM order would); outputs and every other gradient are unchanged. The cost is
+the rebuild's passes over x in backward (one for GELU, ReLU and products, two for LayerNorm).
+
+Not used under saved-tensor hooks (checkpointing and offloading manage saved tensors themselves) or
+under ``torch.compile`` (its partitioner chooses what to recompute). Off globally with the
+environment variable ``FTKERNELS_RECOMPUTE_INPUT=0`` or :func:`set_enabled`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ENV = "FTKERNELS_RECOMPUTE_INPUT"
+_enabled = os.environ.get(ENV, "1") != "0"
+_STATS = (torch.float32, torch.float64)  # LayerNorm statistics precise enough to rebuild from
+
+
+class Plan(NamedTuple):
+    """How to rebuild x: the ``spec`` tree evaluated on ``tensors`` (what the producers keep).
+
+    ``spec`` nodes: ``("t", i)`` is ``tensors[i]``; ``("gelu", child, approximate)``, ``("silu", child)``,
+    ``("mul", left, right)``, ``("to", child, dtype)``, ``("layer_norm", h, mean, rstd, w, b)``
+    (``w``/``b`` leaf specs or None)."""
+
+    spec: tuple
+    tensors: tuple[Tensor, ...]
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn input recomputation on or off for every LoRA layer call from now on; returns the
+    previous setting."""
+    global _enabled
+    prev, _enabled = _enabled, bool(flag)
+    return prev
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+@contextlib.contextmanager
+def enabled(flag: bool):
+    """``with enabled(False): ...``: the setting inside the block, restored after."""
+    prev = set_enabled(flag)
+    try:
+        yield
+    finally:
+        set_enabled(prev)
+
+
+_MAX_DEPTH = 4  # producers followed back from x (RMSNorm's weight * (h * rstd).to(dtype) takes 3)
+
+
+def plan(x: Tensor) -> Plan | None:
+    """A :class:`Plan` that rebuilds x (same shape, dtype, device and values) from tensors its
+    producers' backward nodes keep anyway, or None (no grad graph, another producer, a kept tensor
+    modified in place since, recomputation off, saved-tensor hooks active, compiling)."""
+    node = x.grad_fn
+    if node is None or not _enabled or torch.compiler.is_compiling():
+        return None
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return None
+    tensors: list[Tensor] = []
+    try:
+        spec = _spec(node, x.output_nr, tensors, 0)
+    except RuntimeError:  # a kept tensor was modified in place: autograd refuses to unpack it
+        return None
+    # The spec rebuilds the node's own output, x; the rebuild runs on x's device, where all it reads
+    # must be. A kept tensor whose storage is already released (FSDP frees a unit's unsharded
+    # parameters after its forward, e.g. the LayerNorm weight of the block before) cannot be read.
+    if spec is None or any(t.device != x.device or not storage_ok(t) for t in tensors):
+        return None
+    return Plan(spec, tuple(tensors))
+
+
+def storage_ok(t: Tensor) -> bool:
+    """Whether t's storage still holds every element t addresses (sharded data-parallel wrappers
+    resize the storage of gathered parameters to 0 between uses)."""
+    if t.numel() == 0:
+        return True
+    end = t.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.untyped_storage().nbytes() >= end * t.element_size()
+
+
+def _leaf(t: Tensor | None, tensors: list[Tensor]) -> tuple | None:
+    if t is None:
+        return None
+    tensors.append(t)
+    return ("t", len(tensors) - 1)
+
+
+def _operand(node, saved: Tensor | None, k: int, tensors: list[Tensor], depth: int) -> tuple | None:
+    """Spec of operand k of ``node``: the tensor the node kept, else rebuilt from its own producer."""
+    if saved is not None:
+        return _leaf(saved, tensors)
+    src, nr = node.next_functions[k]
+    return None if src is None else _spec(src, nr, tensors, depth + 1)
+
+
+def _spec(node, output_nr: int, tensors: list[Tensor], depth: int) -> tuple | None:
+    """Spec of output ``output_nr`` of ``node`` (tensors it reads appended to ``tensors``), or None."""
+    if depth >= _MAX_DEPTH:
+        return None
+    name = type(node).__name__
+    if name == "GeluBackward0":  # gelu and silu keep their input, relu its result
+        return ("gelu", _leaf(node._saved_self, tensors), node._saved_approximate)
+    if name == "SiluBackward0":
+        return ("silu", _leaf(node._saved_self, tensors))
+    if name == "ReluBackward0":
+        return _leaf(node._saved_result, tensors)
+    if name == "MulBackward0":  # a * b keeps each operand when the other needs grad
+        a = _operand(node, node._saved_self, 0, tensors, depth)
+        b = None if a is None else _operand(node, node._saved_other, 1, tensors, depth)
+        # a 0-dim operand may be a wrapped Python scalar, which promotes differently: not rebuilt
+        if b is None or any(tensors[c[1]].dim() == 0 for c in (a, b) if c[0] == "t"):
+            return None
+        return ("mul", a, b)
+    if name == "ToCopyBackward0":  # a dtype cast (not a device move: the rebuild would copy across)
+        src, nr = node.next_functions[0]
+        out, inp = _out_meta(node, 0), None if src is None else _out_meta(src, nr)
+        if out is None or inp is None or out.device != inp.device:
+            return None
+        child = _spec(src, nr, tensors, depth + 1)
+        return None if child is None else ("to", child, out.dtype)
+    if name == "NativeLayerNormBackward0" and output_nr == 0:
+        mean, rstd = node._saved_result1, node._saved_result2
+        if mean.dtype not in _STATS:  # CPU keeps bf16/fp16 statistics for bf16/fp16 inputs: too coarse
+            return None
+        return (
+            "layer_norm", _leaf(node._saved_input, tensors), _leaf(mean, tensors), _leaf(rstd, tensors),
+            _leaf(node._saved_weight, tensors), _leaf(node._saved_bias, tensors),
+        )  # fmt: skip
+    return None
+
+
+def _out_meta(node, output_nr: int):
+    """Shape, dtype and device of a node's forward output (its backward input), or None where this
+    torch does not expose them."""
+    meta = getattr(node, "_input_metadata", None)
+    return meta[output_nr] if meta is not None and output_nr < len(meta) else None
+
+
+def rebuild(p: Plan) -> Tensor:
+    """x from its :class:`Plan`, autograd and autocast off (the producers ran in the dtypes kept;
+    the result is only read by the adapter gradient)."""
+    bad = [i for i, t in enumerate(p.tensors) if not storage_ok(t)]
+    if bad:  # released after the forward and not restored before this backward: x is lost
+        raise RuntimeError(
+            "ftkernels: a LoRA layer's input cannot be rebuilt in backward: a tensor its producer kept "
+            f"({tuple(p.tensors[bad[0]].shape)}) has had its storage released since the forward (a sharding "
+            f"wrapper?). Set {ENV}=0 to keep LoRA inputs instead."
+        )
+    if p.spec[0] == "t":  # the producer kept x itself (ReLU)
+        return p.tensors[p.spec[1]].detach()
+    dev = p.tensors[0].device.type
+    if not torch.is_grad_enabled() and not (dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)):
+        return _eval(p.spec, p.tensors)  # a backward pass (no double backward): skip the contexts
+    with torch.no_grad(), torch.autocast(dev, enabled=False):
+        return _eval(p.spec, p.tensors)
+
+
+def _eval(spec: tuple, t: tuple[Tensor, ...]) -> Tensor:
+    op = spec[0]
+    if op == "t":
+        return t[spec[1]]
+    if op == "gelu":
+        return F.gelu(_eval(spec[1], t), approximate=spec[2])
+    if op == "silu":
+        return F.silu(_eval(spec[1], t))
+    if op == "mul":
+        return torch.mul(_eval(spec[1], t), _eval(spec[2], t))
+    if op == "to":
+        return _eval(spec[1], t).to(spec[2])
+    if op == "layer_norm":
+        h, mean, rstd = (_eval(c, t) for c in spec[1:4])
+        w, b = (None if c is None else _eval(c, t) for c in spec[4:6])
+        acc = mean.dtype  # the statistics' dtype (fp32 for half inputs on GPU) is the kernel's
+        cast = (lambda v: v) if h.dtype == acc else (lambda v: v.to(acc))
+        # (h - mean) rstd as h rstd - mean rstd: one pass over h, then w and b in one more
+        y = torch.addcmul(torch.mul(mean, rstd).neg_(), cast(h), rstd)
+        if w is not None:
+            y = torch.addcmul(cast(b), y, cast(w)) if b is not None else y.mul_(cast(w))
+        elif b is not None:
+            y = y.add_(cast(b))
+        return y if y.dtype == h.dtype else y.to(h.dtype)
+    raise ValueError(f"input_recompute: unknown plan node {op!r}")
+
+
+def pack(x: Tensor) -> tuple[tuple[Tensor, ...], Plan | None]:
+    """What a LoRA layer saves for x: ``((x,), None)``, or the plan's tensors and the plan without
+    them (they go through ``ctx.save_for_backward`` with the layer's others, so autograd checks
+    them for in-place changes as it checks x)."""
+    p = plan(x)
+    if p is None:
+        return (x,), None
+    return p.tensors, p._replace(tensors=())
+
+
+def unpack(tensors: tuple[Tensor, ...], p: Plan | None) -> Tensor:
+    """x from what :func:`pack` returned (after ``ctx.saved_tensors``)."""
+    return tensors[0] if p is None else rebuild(p._replace(tensors=tuple(tensors)))
