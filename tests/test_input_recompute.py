@@ -254,3 +254,64 @@ def test_lora_step_memory_is_the_frozen_floors():
     kept = depth * M * (d + f) * 4 / 2**20  # the fc inputs a LoRA step must keep: 7.5 MB
     assert peaks["off"] >= peaks["floor"] + 0.8 * kept, peaks
     assert peaks["on"] <= peaks["floor"] + 0.2 * kept, peaks  # at least 80% of them not kept
+
+
+def _hf(kind):
+    torch.manual_seed(0)
+    if kind == "bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+        cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
+        model, targets = BertForSequenceClassification(cfg), ["query", "key", "value", "dense"]
+        ids = torch.randint(0, cfg.vocab_size, (3, 20))
+        loss = lambda m: m(input_ids=ids, labels=torch.tensor([0, 1, 1])).loss  # noqa: E731
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=200, max_position_embeddings=32,
+        )  # fmt: skip
+        model = LlamaForCausalLM(cfg)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        ids = torch.randint(0, cfg.vocab_size, (2, 24))
+        loss = lambda m: m(input_ids=ids, labels=ids).loss  # noqa: E731
+    model = ftk.apply_lora(model, targets, r=4, alpha=8, dropout=0.1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.05)
+    return model, loss
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_hf_models_plan_and_match(kind):
+    """On the e2e suite's two transformer families, the plans fire where the notes say (BERT: the
+    LayerNorm-fed q/k/v group and intermediate.dense, GELU-fed output.dense; Llama: every
+    RMSNorm-fed group and the SwiGLU-fed down_proj), and the step's grads match the saved path."""
+    model, loss = _hf(kind)
+
+    def grads(flag):
+        model.zero_grad(set_to_none=True)
+        with ir.enabled(flag):
+            torch.manual_seed(3)
+            loss(model).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    grads(True)  # the groups learn their runs
+    seen = []
+    orig = ir.pack
+    try:
+        ir.pack = lambda t: (lambda r: seen.append(None if r[1] is None else r[1].spec[0]) or r)(orig(t))
+        on = grads(True)
+    finally:
+        ir.pack = orig
+    off = grads(False)
+    if kind == "bert":  # per layer: q/k/v group, attention.output.dense, intermediate, output; then pooler
+        # layer 0's q/k/v read the embeddings' LayerNorm output, which has no graph (frozen, ids in)
+        assert seen == [None, None, "layer_norm", "gelu", "layer_norm", None, "layer_norm", "gelu", None]
+    else:  # per layer: q/k/v group (RMSNorm), o_proj, gate/up group (RMSNorm), down_proj (SwiGLU)
+        assert seen == [None, None, "mul", "mul"] + ["mul", None, "mul", "mul"]
+    for n, g in off.items():
+        torch.testing.assert_close(on[n], g, rtol=2e-5, atol=1e-6 * g.abs().max().item())

@@ -95,8 +95,8 @@ def plan(x: Tensor) -> Plan | None:
     tensors: list[Tensor] = []
     try:
         spec = _spec(node, x.output_nr, tensors, 0)
-    except RuntimeError:  # a kept tensor was modified in place: autograd refuses to unpack it
-        return None
+    except (RuntimeError, AttributeError):  # a kept tensor modified in place (autograd refuses to
+        return None  # unpack it), or a torch whose node does not expose what is read here
     # The spec rebuilds the node's own output, x; the rebuild runs on x's device, where all it reads
     # must be. A kept tensor whose storage is already released (FSDP frees a unit's unsharded
     # parameters after its forward, e.g. the LayerNorm weight of the block before) cannot be read.
@@ -108,9 +108,13 @@ def plan(x: Tensor) -> Plan | None:
 def storage_ok(t: Tensor) -> bool:
     """Whether t's storage still holds every element t addresses (sharded data-parallel wrappers
     resize the storage of gathered parameters to 0 between uses)."""
-    if t.numel() == 0:
+    n = t.numel()
+    if n == 0:
         return True
-    end = t.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    if t.is_contiguous():
+        end = t.storage_offset() + n
+    else:
+        end = t.storage_offset() + 1 + sum((k - 1) * st for k, st in zip(t.shape, t.stride()))
     return t.untyped_storage().nbytes() >= end * t.element_size()
 
 
