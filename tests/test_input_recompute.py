@@ -315,3 +315,17 @@ def test_hf_models_plan_and_match(kind):
         assert seen == [None, None, "mul", "mul"] + ["mul", None, "mul", "mul"]
     for n, g in off.items():
         torch.testing.assert_close(on[n], g, rtol=2e-5, atol=1e-6 * g.abs().max().item())
+
+
+def test_retain_graph_backward_twice():
+    """A rebuilt x is rebuilt again by a second backward through a retained graph."""
+    model = _lora_model(torch.float64, 0.1)
+    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    _grads(model, x, True)  # groups learn
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(7)
+    loss = model(x).pow(2).sum()
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    second = torch.autograd.grad(loss, params)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
