@@ -266,6 +266,14 @@ def _hf(kind):
         model, targets = BertForSequenceClassification(cfg), ["query", "key", "value", "dense"]
         ids = torch.randint(0, cfg.vocab_size, (3, 20))
         loss = lambda m: m(input_ids=ids, labels=torch.tensor([0, 1, 1])).loss  # noqa: E731
+    elif kind == "gpt2":  # HF Conv1D layers (LoRAConv1D), NewGELU written as products
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=200, n_positions=32)
+        cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
+        model, targets = GPT2LMHeadModel(cfg), ["c_attn", "c_proj", "c_fc"]
+        ids = torch.randint(0, cfg.vocab_size, (2, 16))
+        loss = lambda m: m(input_ids=ids, labels=ids).loss  # noqa: E731
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -285,9 +293,9 @@ def _hf(kind):
     return model, loss
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
 def test_hf_models_plan_and_match(kind):
-    """On the e2e suite's two transformer families, the plans fire where the notes say (BERT: the
+    """On HF BERT, Llama and GPT-2 the plans fire where the notes say (BERT: the
     LayerNorm-fed q/k/v group and intermediate.dense, GELU-fed output.dense; Llama: every
     RMSNorm-fed group and the SwiGLU-fed down_proj), and the step's grads match the saved path."""
     model, loss = _hf(kind)
@@ -311,8 +319,10 @@ def test_hf_models_plan_and_match(kind):
     if kind == "bert":  # per layer: q/k/v group, attention.output.dense, intermediate, output; then pooler
         # layer 0's q/k/v read the embeddings' LayerNorm output, which has no graph (frozen, ids in)
         assert seen == [None, None, "layer_norm", "gelu", "layer_norm", None, "layer_norm", "gelu", None]
-    else:  # per layer: q/k/v group (RMSNorm), o_proj, gate/up group (RMSNorm), down_proj (SwiGLU)
+    elif kind == "llama":  # per layer: q/k/v group (RMSNorm), o_proj, gate/up group (RMSNorm), down_proj (SwiGLU)
         assert seen == [None, None, "mul", "mul"] + ["mul", None, "mul", "mul"]
+    else:  # per layer: c_attn (ln_1), attention c_proj (merged heads), c_fc (ln_2), mlp c_proj (NewGELU)
+        assert seen == [None, None, "layer_norm", "mul"] + ["layer_norm", None, "layer_norm", "mul"]
     for n, g in off.items():
         torch.testing.assert_close(on[n], g, rtol=2e-5, atol=1e-6 * g.abs().max().item())
 
