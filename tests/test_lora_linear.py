@@ -333,6 +333,10 @@ def test_bad_input_errors():
         m(torch.randn(3, 8, dtype=torch.float64))
     with pytest.raises(TypeError, match="floating"):
         m(torch.ones(3, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="expected"):
+        m(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="x is on meta but the layer is on cpu"):
+        m(torch.empty(3, 8, device="meta"))
 
 
 def test_from_peft_layer():

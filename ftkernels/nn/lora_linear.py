@@ -98,15 +98,20 @@ def lora_linear(
             raise ValueError(f"lora_linear: x is on {x.device} but {name} is on {t.device}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
+    return _lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout) if training else 0.0, seed)
+
+
+def _lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, p: float, seed) -> Tensor:
+    """:func:`lora_linear` after its argument checks (``p``: the dropout in effect). A layer's own call
+    enters here directly: its weights are checked at construction, only x is checked per call."""
     dtype = _compute_dtype(x, weight, "lora_linear")
-    if x.device.type == "cuda" and dtype == torch.float64:
+    if dtype == torch.float64 and x.device.type == "cuda":
         raise TypeError("lora_linear: float64 runs on CPU only; use float32, bfloat16 or float16 on GPU")
-    p = float(dropout) if training else 0.0
     if seed is None:
         seed = call_seed(p, x.device)
     # The adapters keep their dtype: the op casts them inside its one autograd node (no cast nodes).
-    x, weight, bias = (_ops._as(t, dtype) for t in (x, weight, bias))
-    return _ops.lora_linear_y(x, weight, bias, lora_a, lora_b, float(scaling), p, seed)
+    _as = _ops._as
+    return _ops.lora_linear_y(_as(x, dtype), _as(weight, dtype), _as(bias, dtype), lora_a, lora_b, scaling, p, seed)
 
 
 class LoRALinear(LoRAMergeMixin, nn.Module):
@@ -174,9 +179,16 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
     def _forward_alone(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
-        return lora_linear(
-            x, self.linear_weight(), self.base.bias, self.lora_A, self.lora_B, self.scaling, self.dropout, self.training
-        )
+        w = self.linear_weight()
+        # Per call only x is checked (the weights were at construction): host time is what a small
+        # layer's step is made of.
+        if not isinstance(x, Tensor) or x.dtype not in _FLOATS or x.dim() == 0 or x.shape[-1] != w.shape[1]:
+            a, b = self.lora_A, self.lora_B  # the functional form's checks raise the precise error
+            return lora_linear(x, w, self.base.bias, a, b, self.scaling, self.dropout, self.training)
+        if x.device != w.device:
+            raise ValueError(f"{type(self).__name__}: x is on {x.device} but the layer is on {w.device}")
+        p = self.dropout if self.training else 0.0
+        return _lora_linear(x, w, self.base.bias, self.lora_A, self.lora_B, self.scaling, p, None)
 
     def _merge_target(self) -> Tensor:
         return self.linear_weight()

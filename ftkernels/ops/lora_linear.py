@@ -193,13 +193,16 @@ class LoRALinearFunction(torch.autograd.Function):
         return (gx.view(ctx.x_shape) if flat and gx is not None else gx, *grads[1:])
 
 
+_NULL = contextlib.nullcontext()  # reusable: one object for every call with autocast off
+
+
 def _no_autocast(t: Tensor):
     """Autocast off around the kernels (their inner matmuls run in the dtypes chosen here, as a custom
     op's kernel does); a no-op context when it is off already."""
     dev = t.device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         return torch.autocast(dev, enabled=False)
-    return contextlib.nullcontext()
+    return _NULL
 
 
 def lora_linear_y(x, weight, bias, lora_a, lora_b, scaling: float, dropout: float, seed: Tensor) -> Tensor:
