@@ -78,14 +78,11 @@ def lora_linear(
     when None) and regenerated in backward, never stored. Adapter weights of another dtype (fp32
     adapters on a bf16 base) are cast to the compute dtype, differentiably.
     """
-    if not isinstance(x, Tensor) or x.dtype not in _FLOATS:
-        raise TypeError(f"lora_linear: x must be a floating tensor, got {getattr(x, 'dtype', type(x))}")
     if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
         raise ValueError("lora_linear: weight, lora_a and lora_b must be 2-D")
     N, K = weight.shape
     r = lora_a.shape[0]
-    if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(f"lora_linear: x has shape {tuple(x.shape)}, expected [..., {K}] (in_features of weight)")
+    _check_x(x, K)
     if lora_a.shape[1] != K or tuple(lora_b.shape) != (N, r):
         raise ValueError(
             f"lora_linear: lora_a {tuple(lora_a.shape)} / lora_b {tuple(lora_b.shape)} do not fit weight {N}x{K}:"
@@ -99,6 +96,14 @@ def lora_linear(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
     return _lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout) if training else 0.0, seed)
+
+
+def _check_x(x, K: int) -> None:
+    """The checks of x a call needs (a floating tensor ``[..., K]``); a layer makes only these."""
+    if not isinstance(x, Tensor) or x.dtype not in _FLOATS:
+        raise TypeError(f"lora_linear: x must be a floating tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"lora_linear: x has shape {tuple(x.shape)}, expected [..., {K}] (in_features of weight)")
 
 
 def _lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, p: float, seed) -> Tensor:
@@ -182,9 +187,7 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         w = self.linear_weight()
         # Per call only x is checked (the weights were at construction): host time is what a small
         # layer's step is made of.
-        if not isinstance(x, Tensor) or x.dtype not in _FLOATS or x.dim() == 0 or x.shape[-1] != w.shape[1]:
-            a, b = self.lora_A, self.lora_B  # the functional form's checks raise the precise error
-            return lora_linear(x, w, self.base.bias, a, b, self.scaling, self.dropout, self.training)
+        _check_x(x, w.shape[1])
         if x.device != w.device:
             raise ValueError(f"{type(self).__name__}: x is on {x.device} but the layer is on {w.device}")
         p = self.dropout if self.training else 0.0
