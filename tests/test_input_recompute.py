@@ -147,19 +147,22 @@ def _grads(model, x, flag):
     return named | {"x": x.grad.clone()}
 
 
+def _with_plans_seen(fn, monkeypatch):
+    """``(fn(), the top node of each LoRA call's plan in call order, None where x is kept)``."""
+    seen, orig = [], ir.plan
+    monkeypatch.setattr(ir, "plan", lambda t: (lambda p: seen.append(None if p is None else p.spec[0]) or p)(orig(t)))
+    out = fn()
+    monkeypatch.setattr(ir, "plan", orig)
+    return out, seen
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_grads_match_the_saved_input_path(dtype, dropout):
+def test_grads_match_the_saved_input_path(dtype, dropout, monkeypatch):
     model = _lora_model(dtype, dropout)
     x = torch.randn(3, 11, 32, dtype=dtype, requires_grad=True)
     _grads(model, x, True)  # the groups learn their runs on the first call
-    seen = []
-    orig = ir.pack
-    try:
-        ir.pack = lambda t: (lambda r: seen.append(None if r[1] is None else r[1].spec[0]) or r)(orig(t))
-        on = _grads(model, x, True)
-    finally:
-        ir.pack = orig
+    on, seen = _with_plans_seen(lambda: _grads(model, x, True), monkeypatch)
     off = _grads(model, x, False)
     # per block: q/k/v group (LayerNorm), up (tanh product: not kept), down (gelu), gate/up2 group
     # (RMSNorm: weight * cast), down2 (SwiGLU product)
@@ -294,7 +297,7 @@ def _hf(kind):
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
-def test_hf_models_plan_and_match(kind):
+def test_hf_models_plan_and_match(kind, monkeypatch):
     """On HF BERT, Llama and GPT-2 the plans fire where the notes say (BERT: the
     LayerNorm-fed q/k/v group and intermediate.dense, GELU-fed output.dense; Llama: every
     RMSNorm-fed group and the SwiGLU-fed down_proj), and the step's grads match the saved path."""
@@ -308,13 +311,7 @@ def test_hf_models_plan_and_match(kind):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     grads(True)  # the groups learn their runs
-    seen = []
-    orig = ir.pack
-    try:
-        ir.pack = lambda t: (lambda r: seen.append(None if r[1] is None else r[1].spec[0]) or r)(orig(t))
-        on = grads(True)
-    finally:
-        ir.pack = orig
+    on, seen = _with_plans_seen(lambda: grads(True), monkeypatch)
     off = grads(False)
     if kind == "bert":  # per layer: q/k/v group, attention.output.dense, intermediate, output; then pooler
         # layer 0's q/k/v read the embeddings' LayerNorm output, which has no graph (frozen, ids in)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import lora_group as _ops
+from ..ops.input_recompute import saved_tensor_hooks_active
 from ..ops.lora_linear import _as
 from .lora_linear import _FLOATS, _compute_dtype, call_seed
 
@@ -54,7 +55,7 @@ class LoRAGroup:
         return state
 
     def __call__(self, member: nn.Module, x: Tensor) -> Tensor:
-        if _saved_tensor_hooks_active() or not isinstance(x, Tensor) or x.is_inference():
+        if saved_tensor_hooks_active() or not isinstance(x, Tensor) or x.is_inference():
             # Non-reentrant checkpointing (or offloading) matches the tensors saved by a forward with
             # those of its recompute one by one: a group fusing in one and not the other would break
             # that, so under such hooks every layer runs alone and the group changes nothing.
@@ -128,10 +129,6 @@ class LoRAGroup:
         self._pending = {j: (y, self._state(m, x)) for j, m, y in zip(self.order[1:], run[1:], ys[1:])}
         self._x = weakref.ref(x)
         return ys[0]
-
-
-def _saved_tensor_hooks_active() -> bool:
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def _enabled() -> bool:

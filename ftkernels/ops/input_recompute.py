@@ -90,7 +90,7 @@ def plan(x: Tensor) -> Plan | None:
     node = x.grad_fn
     if node is None or not _enabled or torch.compiler.is_compiling():
         return None
-    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+    if saved_tensor_hooks_active():
         return None
     tensors: list[Tensor] = []
     try:
@@ -103,6 +103,12 @@ def plan(x: Tensor) -> Plan | None:
     if spec is None or any(t.device != x.device or not storage_ok(t) for t in tensors):
         return None
     return Plan(spec, tuple(tensors))
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (non-reentrant checkpointing, offloading) handle what autograd
+    saves right now."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def storage_ok(t: Tensor) -> bool:
@@ -220,18 +226,3 @@ def _eval(spec: tuple, t: tuple[Tensor, ...]) -> Tensor:
             y = y.add_(cast(b))
         return y if y.dtype == h.dtype else y.to(h.dtype)
     raise ValueError(f"input_recompute: unknown plan node {op!r}")
-
-
-def pack(x: Tensor) -> tuple[tuple[Tensor, ...], Plan | None]:
-    """What a LoRA layer saves for x: ``((x,), None)``, or the plan's tensors and the plan without
-    them (they go through ``ctx.save_for_backward`` with the layer's others, so autograd checks
-    them for in-place changes as it checks x)."""
-    p = plan(x)
-    if p is None:
-        return (x,), None
-    return p.tensors, p._replace(tensors=())
-
-
-def unpack(tensors: tuple[Tensor, ...], p: Plan | None) -> Tensor:
-    """x from what :func:`pack` returned (after ``ctx.saved_tensors``)."""
-    return tensors[0] if p is None else rebuild(p._replace(tensors=tuple(tensors)))

@@ -132,9 +132,8 @@ def save_x(ctx, x: Tensor, x_orig: Tensor | None, *others: Tensor) -> None:
     """``ctx.save_for_backward(x, *others)``, x (2-D) replaced by what its producer keeps when
     ``x_orig`` (x before flattening; None: compiled path) can be rebuilt from it. Read back with
     :func:`saved_with_x`."""
-    xs, ctx.x_plan = input_recompute.pack(x_orig) if x_orig is not None else ((x,), None)
-    if ctx.x_plan is None:
-        xs = (x,)
+    p = input_recompute.plan(x_orig) if x_orig is not None else None
+    xs, ctx.x_spec = ((x,), None) if p is None else (p.tensors, p.spec)
     ctx.n_x = len(xs)
     ctx.save_for_backward(*xs, *others)
 
@@ -144,10 +143,10 @@ def saved_with_x(ctx) -> tuple:
     its producer's tensors were saved instead)."""
     saved = ctx.saved_tensors
     n = ctx.n_x
-    x = input_recompute.unpack(saved[:n], ctx.x_plan)
-    if ctx.x_plan is not None:
-        x = x.reshape(-1, x.shape[-1])
-    return (x, *saved[n:])
+    if ctx.x_spec is None:
+        return saved
+    x = input_recompute.rebuild(input_recompute.Plan(ctx.x_spec, saved[:n]))
+    return (x.reshape(-1, x.shape[-1]), *saved[n:])
 
 
 def _setup_context(ctx, inputs, output):
