@@ -8,6 +8,7 @@ from . import _ext, masks, nn, optim
 from ._ext import ExtensionError
 from .fisher import fisher_diagonal
 from .freeze import FreezeSummary, freeze
+from .graphed_step import GraphedTrainStep, graphed_train_step
 from .info import build_info
 from .masks import clear_grad_mask, get_grad_mask, set_grad_mask
 from .peft_compat import apply_lora, from_peft, load_adapter, merge_lora, save_adapter, unmerge_lora
@@ -18,6 +19,7 @@ __version__ = _ext.installed_version() or "0.1.0+unknown"
 __all__ = [
     "ExtensionError",
     "FreezeSummary",
+    "GraphedTrainStep",
     "ReftModel",
     "__version__",
     "apply_lora",
@@ -28,6 +30,7 @@ __all__ = [
     "freeze",
     "from_peft",
     "get_grad_mask",
+    "graphed_train_step",
     "load_adapter",
     "load_reft",
     "masks",

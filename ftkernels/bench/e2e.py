@@ -27,12 +27,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from ..graphed_step import GraphedTrainStep
 from ..nn.lora_group import ungroup
 from ..nn.lora_linear import LoRALinear
 from ..ops import input_recompute
 from ..optim import FusedAdamW
 from ..peft_compat import apply_lora
-from .common import compile_baselines, peak_extra_mb, time_rounds_ms, warm_up_on_side_stream
+from .common import compile_baselines, peak_extra_mb, time_rounds_ms
 from .models import resnet50
 
 R = 16
@@ -122,38 +123,22 @@ def _step(model, opt, loss_fn, device, autocast):
     return fn
 
 
-class GraphedStep:
-    """A captured training step: calling it replays the graph. It holds what the graph reads and
-    writes through raw addresses (the model, the optimizer and its state, the loss) for as long as
-    it lives: a graph whose optimizer was freed after capture replays into released memory, and the
-    next capture (``torch.cuda.graph`` empties the allocator's cache first) unmaps it, an illegal
-    address at the following replay (the two-graph failure of 2026-11-23, bench/NOTES.md)."""
+def graphed_step(model, opt, loss_fn, device, autocast, warmup: int = 3) -> GraphedTrainStep:
+    """The training step as :func:`ftkernels.graphed_train_step` runs it for a user: ``warmup`` eager
+    steps on a side stream, then captured once and replayed at each call (one launch, no Python per
+    layer: what a host-bound step saves). Inputs are the ones ``loss_fn`` closes over. ``opt`` None
+    captures the floor's step (no optimizer, no parameter grads). Returned captured and replayed
+    once; raises what capture raises (a host sync, a non-capturable op). The step holds the graph,
+    model and optimizer for as long as it lives (the two-graph failure of bench/NOTES.md "Session 7")."""
 
-    def __init__(self, graph, model, opt, loss):
-        self.graph, self.model, self.opt, self.loss = graph, model, opt, loss
-
-    def __call__(self) -> None:
-        self.graph.replay()
-
-
-def graphed_step(model, opt, loss_fn, device, autocast, warmup: int = 3) -> GraphedStep:
-    """The training step captured once in a CUDA graph and replayed (PyTorch's whole-step recipe:
-    warm-up on a side stream so Triton compiles and autotunes outside capture, grads set to None
-    before capture so backward allocates them in the graph's pool, the optimizer step captured
-    with them). A replay costs one launch, no Python: what a host-bound step would save. Inputs
-    are the ones ``loss_fn`` closes over (static). ``opt`` None captures the floor's step (no
-    optimizer, no parameter grads). Raises what capture raises (a host sync, a non-capturable op)."""
-    warm_up_on_side_stream(_step(model, opt, loss_fn, device, autocast), warmup, device)
-    graph = torch.cuda.CUDAGraph()
-    if opt is not None:
-        opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
+    def loss_of(model, _batch):
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            loss = loss_fn(model)
-        loss.backward()
-        if opt is not None:
-            opt.step()
-    return GraphedStep(graph, model, opt, loss)
+            return loss_fn(model)
+
+    step = GraphedTrainStep(model, opt, loss_of, warmup=warmup, enabled=True)
+    for _ in range(warmup + 1):  # the warm-up, then the capture and its first replay
+        step()
+    return step
 
 
 def _graph_variants(floor_model, peft_model, ours, loss_fn, device, autocast) -> dict:
