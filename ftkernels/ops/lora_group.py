@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autograd import first_order
 from .lora_linear import _as, _bwd_impl, _fwd_impl, _no_autocast, layer_grads, save_x, saved_with_x
 
 _PER = 5  # flat inputs per member: weight, bias, lora_a, lora_b, seed
@@ -49,7 +50,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         return tuple(ys)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, *grad_ys):
         x2, *saved = saved_with_x(ctx)
         need = ctx.needs_input_grad

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .._ext import C, ExtensionError
 from . import input_recompute
+from ._autograd import first_order
 
 
 def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -183,7 +184,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1]) if flat else y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, grad_y):
         flat = ctx.x_shape is not None
         with _no_autocast(grad_y):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .._ext import C, ExtensionError
+from ._autograd import first_order
 from .lora_linear import _no_autocast
 
 
@@ -119,7 +120,7 @@ class LoReFTFunction(torch.autograd.Function):
         return out.view(h.shape)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         with _no_autocast(grad_out):
             grads = _grads(ctx, grad_out.reshape(-1, grad_out.shape[-1]), _bwd_impl)
