@@ -195,10 +195,12 @@ class GraphedTrainStep:
                 self._warm += 1
                 return self._eager(batch, side_stream=True)
             return self._capture_and_run(batch)
-        if self._signature() != self._sig:
-            return self._recapture(batch)
         with torch.no_grad():  # a batch tensor that requires grad must not make the buffers autograd nodes
             why = _fill(self._static, batch, "batch")
+        if self._signature() != self._sig:
+            if why is None:
+                return self._recapture(batch)
+            self.reset()  # stale, and this batch is not the usual kind: the next usual one captures
         if why is not None:
             warnings.warn(
                 f"graphed_train_step: this batch differs from the captured one ({why}); this call runs eagerly",

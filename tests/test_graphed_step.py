@@ -272,6 +272,13 @@ def test_changes_the_graph_cannot_follow_recapture(fake_graphs):
     m1.eval()
     step(batches[0])
     assert step.stats["captures"] == 4
+    # a change arriving with an unusual batch: that call is eager, the next usual one captures
+    o1.param_groups[0]["weight_decay"] = 0.1
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        step(_batches(1, rows=3)[0])
+    assert not step.graphed
+    step(batches[1])
+    assert step.graphed and step._static["x"].shape == (8, 12) and step.stats["captures"] == 5
 
 
 def test_a_hyperparameter_changing_every_step_goes_eager(fake_graphs):
