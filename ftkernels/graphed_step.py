@@ -8,7 +8,9 @@ benchmark's graphed rows are this class.
 
 What a call does, in order (the same on every path, so results never depend on whether a graph ran):
 ``zero_grad(set_to_none=True)``; ``loss = loss_fn(model, batch)``; ``loss.backward()``;
-``optimizer.step()``; returns ``loss`` (detached).
+``optimizer.step()``; returns ``loss`` (detached). With a ``grad_scaler`` (fp16 AMP) the middle is
+``scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()``: with ftkernels' fused
+optimizers (and torch's fused ones) that sequence never syncs with the host, so it is captured too.
 
 - The first ``warmup`` calls run eagerly on a side stream: they are real training steps on the
   batches given, and they let Triton compile and autotune, cuBLAS set up, the optimizer create its
@@ -25,8 +27,9 @@ What a call does, in order (the same on every path, so results never depend on w
   warning.
 - On CPU (or any non-CUDA model) every call is eager, with the same semantics.
 
-Not covered: ``torch.amp.GradScaler`` (its step syncs with the host; use bf16 autocast, inside
-``loss_fn``), DDP/FSDP (their communication hooks need their own graph recipe), work between
+Not covered: a ``GradScaler`` with an optimizer that does not take the scale itself (torch's
+non-fused optimizers: ``scaler.step`` reads found_inf on the host, so the capture fails and the step
+stays eager, warned), DDP/FSDP (their communication hooks need their own graph recipe), work between
 backward and the optimizer step (use the fused optimizers' ``max_grad_norm`` for clipping), and
 changes to the model's code path after capture (``merge_lora``, swapping layers, new gradient
 masks), which no check sees: call :meth:`GraphedTrainStep.reset` after those.
@@ -145,7 +148,16 @@ class GraphedTrainStep:
     """See :func:`graphed_train_step` (and the module docstring). Attributes: ``graphed`` (a graph is
     captured and in use), ``stats`` (calls run eagerly, replays, captures)."""
 
-    def __init__(self, model: nn.Module, optimizer, loss_fn: Callable, *, warmup: int = 3, enabled: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer,
+        loss_fn: Callable,
+        *,
+        warmup: int = 3,
+        enabled: bool | None = None,
+        grad_scaler=None,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"graphed_train_step: model must be an nn.Module, got {type(model).__name__}")
         if optimizer is not None and not hasattr(optimizer, "param_groups"):
@@ -158,9 +170,18 @@ class GraphedTrainStep:
             raise ValueError(
                 f"graphed_train_step: warmup must be an int >= 1 (eager steps before the capture), got {warmup!r}"
             )
+        if grad_scaler is not None:
+            if optimizer is None:
+                raise ValueError("graphed_train_step: a grad_scaler needs an optimizer to step")
+            if not all(callable(getattr(grad_scaler, f, None)) for f in ("scale", "step", "update")):
+                raise TypeError(
+                    "graphed_train_step: grad_scaler must be a torch.amp.GradScaler (scale, step, update), got "
+                    f"{type(grad_scaler).__name__}"
+                )
         if enabled not in (None, True, False):
             raise ValueError(f"graphed_train_step: enabled must be None (auto), True or False, got {enabled!r}")
         self.model, self.optimizer, self.loss_fn, self.warmup = model, optimizer, loss_fn, warmup
+        self.grad_scaler = grad_scaler
         self._device = _graph_device(model, optimizer) if enabled is not False else None
         if enabled and self._device is None:
             raise ValueError(
@@ -238,10 +259,19 @@ class GraphedTrainStep:
                 "graphed_train_step: loss_fn must return a one-element loss tensor, got "
                 + (f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__)
             )
+        self._backward_and_step(loss)
+        return loss.detach()
+
+    def _backward_and_step(self, loss: Tensor) -> None:
+        scaler = self.grad_scaler
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(self.optimizer)
+            scaler.update()
+            return
         loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
-        return loss.detach()
 
     def _eager(self, batch, side_stream: bool = False) -> Tensor:
         self.stats["eager"] += 1
@@ -324,9 +354,7 @@ class GraphedTrainStep:
                 g["lr"] = t
             try:
                 loss = self.loss_fn(self.model, _shallow(static))
-                loss.backward()
-                if self.optimizer is not None:
-                    self.optimizer.step()
+                self._backward_and_step(loss)
             finally:
                 for g, lr in zip(groups, kept):
                     g["lr"] = lr
@@ -392,7 +420,13 @@ class GraphedTrainStep:
 
 
 def graphed_train_step(
-    model: nn.Module, optimizer, loss_fn: Callable, *, warmup: int = 3, enabled: bool | None = None
+    model: nn.Module,
+    optimizer,
+    loss_fn: Callable,
+    *,
+    warmup: int = 3,
+    enabled: bool | None = None,
+    grad_scaler=None,
 ) -> GraphedTrainStep:
     """A training step of ``model`` that runs as one CUDA-graph replay after ``warmup`` eager steps.
 
@@ -414,8 +448,10 @@ def graphed_train_step(
         enabled: None (default) graphs on CUDA and falls back to eager, warned, when the capture
             fails (a host sync in the model, say); True raises instead, and raises for a model not on
             one CUDA device; False is always eager.
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 AMP (scale, step and update inside the
+            step), or None.
 
     The learning rate may change between calls; other changes the graph cannot follow re-capture
     it (see the module docstring). ``step.stats`` counts eager calls, replays and captures.
     """
-    return GraphedTrainStep(model, optimizer, loss_fn, warmup=warmup, enabled=enabled)
+    return GraphedTrainStep(model, optimizer, loss_fn, warmup=warmup, enabled=enabled, grad_scaler=grad_scaler)

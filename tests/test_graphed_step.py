@@ -45,15 +45,20 @@ def _batches(n, rows=8, device="cpu", seed=1):
     ]
 
 
-def _hand_loop(model, opt, batches, sched=None, each=None):
+def _hand_loop(model, opt, batches, sched=None, each=None, scaler=None):
     losses = []
     for i, b in enumerate(batches):
         if each is not None:
             each(i, opt)
         opt.zero_grad(set_to_none=True)
         loss = _loss(model, b)
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         if sched is not None:
             sched.step()
         losses.append(loss.detach())
@@ -132,6 +137,10 @@ def test_bad_arguments_are_named():
         ftk.graphed_train_step(m, object(), _loss)
     with pytest.raises(TypeError, match="nn.Module"):
         ftk.graphed_train_step(lambda x: x, o, _loss)
+    with pytest.raises(ValueError, match="needs an optimizer"):
+        ftk.graphed_train_step(m, None, _loss, grad_scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(TypeError, match="GradScaler"):
+        ftk.graphed_train_step(m, o, _loss, grad_scaler=object())
     step = ftk.graphed_train_step(m, o, lambda model, b: model(b["x"]))  # not a scalar loss
     with pytest.raises(TypeError, match="one-element loss"):
         step(_batches(1)[0])
@@ -324,6 +333,28 @@ def test_a_failed_capture_falls_back_or_raises(monkeypatch):
         strict(batches[1])
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "recorded"])
+def test_grad_scaler_steps_like_a_hand_loop(graphs, request):
+    """fp16-AMP style: scale, step, update inside the step; the scale grows and a step whose grads
+    overflow is skipped, as in a hand-written loop."""
+    if graphs:
+        request.getfixturevalue("fake_graphs")
+    batches = _batches(8)
+    batches[5] = dict(batches[5], x=batches[5]["x"] * float("inf"))  # an overflowing step: skipped
+    m1, m2 = _model(), _model()
+    o1, o2 = _opt(m1), _opt(m2)
+    sc1 = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    sc2 = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    step = ftk.graphed_train_step(m1, o1, _loss, warmup=2, grad_scaler=sc1)
+    for b in batches:
+        step(b)
+    _hand_loop(m2, o2, batches, scaler=sc2)
+    assert step.stats["captures"] == (1 if graphs else 0)
+    assert sc1.get_scale() == sc2.get_scale() != 2.0**8
+    _assert_same_params(m1, m2, **_LR_TOL)
+    assert all(torch.isfinite(p).all() for p in m1.parameters())
+
+
 def test_forward_backward_only_without_an_optimizer(fake_graphs):
     m = _model()
     step = ftk.graphed_train_step(m, None, _loss, warmup=1)
@@ -385,6 +416,31 @@ def test_cuda_graph_with_lora_dropout_draws_new_masks():
     losses = torch.stack([step(b) for _ in range(6)])
     assert step.stats["replays"] == 5
     assert len(set(losses[1:].tolist())) > 1
+
+
+@pytest.mark.cuda
+def test_cuda_graph_with_grad_scaler_fp16_autocast():
+    """fp16 autocast + GradScaler + FusedAdamW captured: no host sync in scale/step/update."""
+    dev = torch.device("cuda")
+    m1, m2 = _model(device=dev), _model(device=dev)
+    o1, o2 = _opt(m1), _opt(m2)
+    sc1, sc2 = torch.amp.GradScaler("cuda", growth_interval=2), torch.amp.GradScaler("cuda", growth_interval=2)
+
+    def amp_loss(model, b):
+        with torch.autocast("cuda", dtype=torch.float16):
+            return _loss(model, b)
+
+    batches = _batches(8, device=dev)
+    step = ftk.graphed_train_step(m1, o1, amp_loss, warmup=2, enabled=True, grad_scaler=sc1)
+    for b in batches:
+        step(b)
+    for b in batches:
+        o2.zero_grad(set_to_none=True)
+        sc2.scale(amp_loss(m2, b)).backward()
+        sc2.step(o2)
+        sc2.update()
+    assert step.stats["replays"] == 6 and sc1.get_scale() == sc2.get_scale()
+    _assert_same_params(m1, m2, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.cuda
