@@ -419,15 +419,7 @@ class GraphedTrainStep:
         return self._capture_and_run(batch)
 
 
-def graphed_train_step(
-    model: nn.Module,
-    optimizer,
-    loss_fn: Callable,
-    *,
-    warmup: int = 3,
-    enabled: bool | None = None,
-    grad_scaler=None,
-) -> GraphedTrainStep:
+def graphed_train_step(model: nn.Module, optimizer, loss_fn: Callable, **options) -> GraphedTrainStep:
     """A training step of ``model`` that runs as one CUDA-graph replay after ``warmup`` eager steps.
 
     ``step = graphed_train_step(model, optimizer, loss_fn)``, then ``loss = step(batch)`` per batch:
@@ -439,19 +431,19 @@ def graphed_train_step(
     lists and tuples; its shapes, dtypes and non-tensor values must match the captured call's,
     else that call runs eagerly (warned).
 
-    Args:
+    Args (``options`` are the keyword-only ones, as :class:`GraphedTrainStep` takes them):
         model: the module being trained (its parameters' grads are set to None before each step).
         optimizer: a capturable optimizer: ftkernels' fused optimizers, or torch's with
             ``capturable=True``; None runs forward and backward only.
         loss_fn: ``loss_fn(model, batch) -> loss`` (one element). Put autocast inside it.
-        warmup: eager steps before the capture (>= 1; they train on the batches given).
+        warmup: eager steps before the capture (default 3, >= 1; they train on the batches given).
         enabled: None (default) graphs on CUDA and falls back to eager, warned, when the capture
             fails (a host sync in the model, say); True raises instead, and raises for a model not on
             one CUDA device; False is always eager.
         grad_scaler: a ``torch.amp.GradScaler`` for fp16 AMP (scale, step and update inside the
-            step), or None.
+            step), or None (default).
 
     The learning rate may change between calls; other changes the graph cannot follow re-capture
     it (see the module docstring). ``step.stats`` counts eager calls, replays and captures.
     """
-    return GraphedTrainStep(model, optimizer, loss_fn, warmup=warmup, enabled=enabled, grad_scaler=grad_scaler)
+    return GraphedTrainStep(model, optimizer, loss_fn, **options)
