@@ -62,26 +62,40 @@ def _graph_device(model: nn.Module, optimizer) -> torch.device | None:
     return dev if dev.type == "cuda" else None
 
 
-def _to_static(batch, device: torch.device):
-    """A copy of ``batch`` (tensors, mappings, lists and tuples of them, other values kept) whose tensors
-    are new buffers on ``device``: what the graph reads."""
+def _map_tensors(batch, fn):
+    """``batch`` (tensors in mappings, lists and tuples, other values kept as they are) with new
+    containers of the same types and ``fn(t)`` for each tensor t."""
     if isinstance(batch, Tensor):
-        return torch.empty(batch.shape, dtype=batch.dtype, device=device).copy_(batch)
+        return fn(batch)
     if isinstance(batch, Mapping):
-        return _rebuild(batch, {k: _to_static(v, device) for k, v in batch.items()})
+        return _rebuild(batch, {k: _map_tensors(v, fn) for k, v in batch.items()})
     if isinstance(batch, (list, tuple)):
-        return _rebuild(batch, [_to_static(v, device) for v in batch])
+        return _rebuild(batch, [_map_tensors(v, fn) for v in batch])
     return batch
+
+
+def on_side_stream(fn: Callable, device: torch.device):
+    """``fn()`` on a new side stream of ``device``, then the current stream waits for it; returns what
+    fn returns. PyTorch's recipe for the steps before a CUDA-graph capture: lazy set-up (Triton
+    compiling and autotuning, cuBLAS workspaces, allocations) stays off the stream the capture uses."""
+    here = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(here)
+    with torch.cuda.stream(side):
+        out = fn()
+    here.wait_stream(side)
+    return out
+
+
+def _to_static(batch, device: torch.device):
+    """A copy of ``batch`` whose tensors are new buffers on ``device``: what the graph reads."""
+    return _map_tensors(batch, lambda t: torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t))
 
 
 def _shallow(batch):
     """``batch`` with new containers around the same tensors: ``loss_fn`` may pop or add keys in what it
     is given without changing the static structure later batches are checked against."""
-    if isinstance(batch, Mapping):
-        return _rebuild(batch, {k: _shallow(v) for k, v in batch.items()})
-    if isinstance(batch, (list, tuple)):
-        return _rebuild(batch, [_shallow(v) for v in batch])
-    return batch
+    return _map_tensors(batch, lambda t: t)
 
 
 def _rebuild(like, items):
@@ -254,15 +268,17 @@ class GraphedTrainStep:
     def _run(self, batch) -> Tensor:
         self._zero_grad()
         loss = self.loss_fn(self.model, batch)
+        self._backward_and_step(loss)
+        return loss.detach()
+
+    def _backward_and_step(self, loss: Tensor) -> None:
+        """Backward and optimizer step of ``loss`` (through the grad scaler when there is one), on the
+        eager and the captured path alike."""
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(
                 "graphed_train_step: loss_fn must return a one-element loss tensor, got "
                 + (f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__)
             )
-        self._backward_and_step(loss)
-        return loss.detach()
-
-    def _backward_and_step(self, loss: Tensor) -> None:
         scaler = self.grad_scaler
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -279,15 +295,7 @@ class GraphedTrainStep:
             self._grads_replaced = True
         if not (side_stream and self._device is not None and self._device.type == "cuda"):
             return self._run(batch)
-        # PyTorch's recipe: steps before a capture run on a side stream (lazy set-up stays off the
-        # stream the capture uses), then the caller's stream waits for them.
-        here = torch.cuda.current_stream(self._device)
-        side = torch.cuda.Stream(self._device)
-        side.wait_stream(here)
-        with torch.cuda.stream(side):
-            loss = self._run(batch)
-        here.wait_stream(side)
-        return loss.clone()
+        return on_side_stream(lambda: self._run(batch), self._device).clone()
 
     # ------------------------------------------------------------------ capture
     def _params(self) -> list[Tensor]:
@@ -381,16 +389,7 @@ class GraphedTrainStep:
         except Exception as e:
             if self._strict:
                 raise
-            warnings.warn(
-                f"graphed_train_step: the step could not be captured ({type(e).__name__}: {str(e)[:300]});"
-                " every call runs eagerly",
-                stacklevel=3,
-            )
-            self._eager_only = True
-            self.reset()
-            return self._eager(batch)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise TypeError("graphed_train_step: loss_fn must return a one-element loss tensor")
+            return self._go_eager(f"the step could not be captured ({type(e).__name__}: {str(e)[:300]})", batch)
         self._graph, self._static, self._loss = graph, static, loss
         self._lr = [(t, g["lr"]) for t, g in zip(lrs, self.optimizer.param_groups if self.optimizer else ())]
         self._grads = [(p, p.grad) for p in self._params()]
@@ -406,17 +405,21 @@ class GraphedTrainStep:
         if self._since_capture < _FREQUENT:
             self._frequent += 1
             if self._frequent >= _MAX_FREQUENT:
-                warnings.warn(
-                    "graphed_train_step: the optimizer or model changed in a way the graph cannot follow"
-                    f" {self._frequent} times within {_FREQUENT} steps of a capture (a hyper-parameter other than"
-                    " lr changing every step, e.g. OneCycleLR's cycle_momentum); every call runs eagerly from now on",
-                    stacklevel=3,
+                return self._go_eager(
+                    f"the optimizer or model changed in a way the graph cannot follow {self._frequent} times"
+                    f" within {_FREQUENT} steps of a capture (a hyper-parameter other than lr changing every step,"
+                    " e.g. OneCycleLR's cycle_momentum)",
+                    batch,
                 )
-                self.reset()
-                self._eager_only = True
-                return self._eager(batch)
         self.reset()
         return self._capture_and_run(batch)
+
+    def _go_eager(self, why: str, batch) -> Tensor:
+        """Stop graphing for good (warned with ``why``) and run this call eagerly."""
+        warnings.warn(f"graphed_train_step: {why}; every call runs eagerly from now on", stacklevel=4)
+        self.reset()
+        self._eager_only = True
+        return self._eager(batch)
 
 
 def graphed_train_step(model: nn.Module, optimizer, loss_fn: Callable, **options) -> GraphedTrainStep:

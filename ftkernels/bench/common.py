@@ -51,17 +51,6 @@ def time_ms(fn, device: torch.device, warmup: int = 3, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def warm_up_on_side_stream(fn, n: int, device: torch.device) -> None:
-    """``fn()`` ``n`` times on a side stream, then the current stream waits for it: PyTorch's recipe
-    before a CUDA-graph capture (Triton compiles and autotunes, allocations settle, outside capture)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(n):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-
-
 def time_pair_ms(fa, fb, device: torch.device, rounds: int = 4, reps: int = 5) -> tuple[float, float]:
     """Medians of ``fa`` and ``fb`` timed in alternating rounds, so drift in machine speed (turbo,
     neighbours on a shared host) hits both sides alike."""

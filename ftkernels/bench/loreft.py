@@ -23,8 +23,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from ..graphed_step import on_side_stream
 from ..ops import loreft as ops
-from .common import peak_extra_mb, time_rounds_ms, warm_up_on_side_stream
+from .common import peak_extra_mb, time_rounds_ms
 
 
 def _reference(h, rot, w, b, p):
@@ -107,7 +108,12 @@ def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], 
 def _graphed(step, device: torch.device):
     """``step`` (one training step on the next of 3 input buffers) captured once per buffer in CUDA
     graphs; the returned function replays them in turn (the same rotation as eager)."""
-    warm_up_on_side_stream(step, 3, device)  # every buffer once
+
+    def warm_up():  # every buffer once, outside capture (Triton compiles there)
+        for _ in range(3):
+            step()
+
+    on_side_stream(warm_up, device)
     graphs = []
     for _ in range(3):
         graph = torch.cuda.CUDAGraph()
