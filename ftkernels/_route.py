@@ -23,7 +23,7 @@ class Route:
         """The environment's setting (validated): ``auto`` or a route name."""
         value = os.environ.get(self.env, self.default)
         if value != "auto" and value not in self.routes:
-            raise ValueError(f"{self.env} must be auto, {' or '.join(self.routes)}, got {value!r}")
+            raise ValueError(f"{self.env} must be one of auto, {', '.join(self.routes)}; got {value!r}")
         return value
 
     def pick(self, key: tuple, candidates: dict[str, Callable[[], object]], setting: str | None = None) -> str:

@@ -4,8 +4,8 @@ they replace, at the benchmark shapes: what a suite-level miss breaks down into.
 Groups (``--only`` picks some): ``lora`` (dropout down-projection, grad_A with and without the
 fused dgrad, at BERT and Llama widths), ``loreft`` (the launches of a LoReFT forward and backward
 at 8192 x 4096, r4, with and without the FMA kernels' prefetch), ``masked`` (the rows-mode weight
-gradient: gather, GEMM with the kept count as is and padded to 8, zero fill, index_copy, both
-routes).
+gradient: the gathers, GEMMs in three layouts, zero fill, index_copy, the one-pass fill, the fused
+GEMM, and the three routes).
 
     python scripts/diag_kernels.py [--quick] [--only lora,loreft,masked] [--json FILE]
 
@@ -90,31 +90,44 @@ def loreft_rows(dev, quick, gbps):
 
 
 def masked_rows(dev, quick, gbps):
-    from ftkernels.nn.masked import _gather_index, _rows_weight_grad_torch
-    from ftkernels.triton.masked import rows_weight_grad
+    from ftkernels import masks
+    from ftkernels.nn.masked import _ROWS, _plan
+    from ftkernels.triton.masked import fill_rows, gather_t, rows_gemm
 
     M, N, K = (2048, 1024, 1024) if quick else (8192, 4096, 4096)
     g = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
     x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-    rows = torch.randperm(N, device=dev)[: N // 10].sort().values
-    pad = _gather_index(rows)
-    gk, gp = g.index_select(1, rows), g.index_select(1, pad)
+    plan = _plan(masks.rows(torch.empty(N, K, device=dev), keep=0.1, by="random"))
+    rows, pad, inv, zrows = plan["rows"], plan["gather"], plan["inv"], plan["zrows"]
+    gk, gp, gt = g.index_select(1, rows), g.index_select(1, pad), gather_t(g, rows)
     out = torch.zeros(N, K, device=dev, dtype=g.dtype)
     res = gk.t() @ x
     case = f"bf16 M{M} K=N={N} {rows.numel()} rows"
-    pieces = (
-        ("dense g^T x", lambda: g.t() @ x),
-        (f"gather [M, {rows.numel()}]", lambda: g.index_select(1, rows)),
-        (f"GEMM, ld {rows.numel()}", lambda: gk.t() @ x),
-        (f"GEMM, ld {pad.numel()} (padded)", lambda: gp.t() @ x),
-        ("zero fill [N, K]", lambda: out.zero_()),
-        ("index_copy rows", lambda: out.index_copy_(0, rows, res)),
-        ("torch route, unpadded", lambda: _rows_weight_grad_torch(g, x, rows, (N, K), rows)),
-        ("torch route, padded", lambda: _rows_weight_grad_torch(g, x, rows, (N, K), pad)),
-        ("triton route", lambda: rows_weight_grad(g, x, rows, (N, K))),
+    elt = g.element_size()
+    mb = 1e6 / elt  # elements per MB
+    flops = 2 * M * K * rows.numel()  # the kept rows' GEMM
+    gather_mb = (M * N + M * rows.numel()) / mb
+    pieces = (  # (name, call, MB moved by the memory-bound pieces; None: the kept rows' GEMM flops)
+        ("dense g^T x", lambda: g.t() @ x, -1),
+        (f"gather [M, {rows.numel()}] (index_select)", lambda: g.index_select(1, rows), gather_mb),
+        ("gather_t [NR, M] (triton)", lambda: gather_t(g, rows), gather_mb),
+        (f"GEMM g_c^T x, ld {rows.numel()}", lambda: gk.t() @ x, None),
+        (f"GEMM g_c^T x, ld {pad.numel()} (padded)", lambda: gp.t() @ x, None),
+        ("GEMM gt @ x (gt [NR, M])", lambda: gt @ x, None),
+        ("GEMM x^T g_c -> [K, NR]", lambda: x.t() @ gp, None),
+        ("zero fill [N, K]", lambda: out.zero_(), N * K / mb),
+        ("index_copy rows", lambda: out.index_copy_(0, rows, res), 2 * rows.numel() * K / mb),
+        ("fill_rows (triton)", lambda: fill_rows(res, inv, (N, K), g.dtype), (N * K + rows.numel() * K) / mb),
+        ("rows_gemm on gt (triton, zeroing fused)", lambda: rows_gemm(gt, x, rows, zrows, (N, K)), None),
+        *((f"{name} route", lambda f=f: f(g, x, plan, (N, K)), None) for name, f in _ROWS.items()),
     )
-    floor = (M * N + M * K + N * K) * g.element_size() / gbps / 1e3
-    return [dict(group="masked", case=case, kernel=n, us=_bench(f), floor_us=floor) for n, f in pieces]
+
+    def floor(moved):  # us; GEMMs at ~750 TFLOP/s (-1: the dense GEMM)
+        if moved is None or moved < 0:
+            return (flops * N / rows.numel() if moved else flops) / 7.5e14 * 1e6
+        return moved * 1e3 / gbps
+
+    return [dict(group="masked", case=case, kernel=n, us=_bench(f), floor_us=floor(m)) for n, f, m in pieces]
 
 
 GROUPS = {"lora": lora_rows, "loreft": loreft_rows, "masked": masked_rows}

@@ -114,7 +114,7 @@ def cases():
     from ftkernels.triton import lora_dropout, loreft, masked
     from ftkernels.triton import lora_linear as ll
 
-    ll._sm_count = lambda device: SMS  # no GPU to ask
+    ll._sm_count = masked._sm_count = lambda device: SMS  # no GPU to ask
     seed = torch.zeros((), dtype=torch.int64)
     out = []
     for dt in (torch.bfloat16, torch.float32):
@@ -146,9 +146,13 @@ def cases():
                 if r <= 4:  # the FMA kernels' prefetch option too
                     out.append((f"loreft fwd prefetch {tag} 8192x4096 r{r} p{p}", partial(loreft.with_prefetch, fwd)))
                     out.append((f"loreft bwd prefetch {tag} 8192x4096 r{r} p{p}", partial(loreft.with_prefetch, bwd)))
-        rows = torch.arange(0, 4096, 10)
-        wgrad = partial(masked.rows_weight_grad, g, h, rows, (4096, 4096))
-        out.append((f"masked rows {tag} M8192 K=N=4096 10%", wgrad))
+        rows, zrows = torch.arange(0, 4096, 10), torch.arange(1, 4096, 10)  # (zrows: only its count matters)
+        gt = e(rows.numel(), 8192)
+        out.append((f"masked gather_t {tag} M8192 N4096 10%", partial(masked.gather_t, g, rows)))
+        fill = partial(masked.fill_rows, gt[:, :4096], e(4096, dtype=torch.int32), (4096, 4096), dt)
+        out.append((f"masked fill_rows {tag} 4096x4096", fill))
+        gemm = partial(masked.rows_gemm, gt, h, rows, zrows, (4096, 4096))
+        out.append((f"masked rows_gemm {tag} M8192 K=N=4096 10%", gemm))
     return out
 
 

@@ -138,42 +138,113 @@ def test_plan_detects_structure():
     assert _plan(ftk.masks.blocks(w, keep=0.5, block=16, by="random"))["kind"] == "blocks"
 
 
+def _rows_case(dev, dtype, M, N, K, keep):
+    """A random rows plan (int64 rows as ``_plan`` makes them) and non-contiguous g [M, N], x [M, K]."""
+    kept = torch.rand(N) < keep
+    plan = _plan(kept[:, None].expand(N, K).contiguous().to(dev))
+    g = torch.randn(N, M, device=dev).to(dtype).t()  # non-contiguous [M, N]
+    x = torch.randn(K, M, device=dev).to(dtype).t()
+    return plan, kept.to(dev), g, x
+
+
+_ROW_CASES = [(70, 45, 33, 0.2), (33, 100, 64, 0.1), (16, 8, 5, 1.0), (9, 12, 7, 0.0), (130, 70, 90, 0.5)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(
-    ("M", "N", "K", "keep"), [(70, 45, 33, 0.2), (33, 100, 64, 0.1), (16, 8, 5, 1.0), (9, 12, 7, 0.0)]
-)
-def test_triton_rows_weight_grad(dtype, M, N, K, keep):
-    """The gather-free Triton kernel (interpreter on CPU, the GPU when present): the kept rows equal
-    g^T x there, every other row exactly zero; any strides of g and x."""
-    from ftkernels.triton.masked import rows_weight_grad
+@pytest.mark.parametrize(("M", "N", "K", "keep"), _ROW_CASES)
+def test_triton_gather_t_and_fill_rows(dtype, M, N, K, keep):
+    """gather_t is g[:, rows]^T exactly; fill_rows puts each kept row's values at its index and exact
+    zeros elsewhere (interpreter on CPU, the GPU when present)."""
+    from ftkernels.triton.masked import fill_rows, gather_t
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = torch.nonzero(torch.rand(N) < keep).flatten().to(dev)
-    g = torch.randn(N, M, device=dev).to(dtype).t()  # non-contiguous [M, N]
-    x = torch.randn(M, K, device=dev).to(dtype)
-    out = rows_weight_grad(g, x, rows, (N, K))
+    plan, kept, g, _ = _rows_case(dev, dtype, M, N, K, keep)
+    rows = plan["rows"]
+    gt = gather_t(g, rows)
+    assert gt.shape == (rows.numel(), M) and gt.is_contiguous()
+    assert torch.equal(gt, g[:, rows].t())
+    res = torch.randn(K, rows.numel(), device=dev).to(dtype).t()  # any strides
+    out = fill_rows(res, plan["inv"], (N, K), dtype)
+    assert out.dtype == dtype and torch.equal(out[rows], res) and torch.all(out[~kept] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("M", "N", "K", "keep"), _ROW_CASES)
+def test_triton_rows_gemm(monkeypatch, dtype, M, N, K, keep):
+    """The fused GEMM: the kept rows equal g^T x (float64 reference), every other row exactly zero,
+    whether the zeroing programs come after an idle-SM tail or as a full wave."""
+    from ftkernels.triton import masked
+    from ftkernels.triton.masked import gather_t, rows_gemm, zero_programs
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    plan, kept, g, x = _rows_case(dev, dtype, M, N, K, keep)
+    gt = gather_t(g, plan["rows"])
+    # The output starts as NaN, so an element no program writes cannot pass for a zero.
+    monkeypatch.setattr(masked.torch, "empty", lambda *a, **k: torch.full(*a, float("nan"), **k))
+    out = rows_gemm(gt, x, plan["rows"], plan["zrows"], (N, K))
+    monkeypatch.undo()
     want = g.double().t() @ x.double()
-    kept = torch.zeros(N, dtype=torch.bool, device=dev)
-    kept[rows] = True
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out[kept].double(), want[kept], atol=tol * M, rtol=tol)
     assert torch.all(out[~kept] == 0) and out.dtype == dtype
+    assert zero_programs(112, 0, 132) == 0 and zero_programs(112, 5, 132) == 20 and zero_programs(130, 5, 132) == 132
+
+
+def test_triton_kernels_reject_bad_indices():
+    from ftkernels.triton.masked import gather_t
+
+    with pytest.raises(TypeError, match="int32/int64"):
+        gather_t(torch.randn(4, 5), torch.tensor([0.0, 2.0]))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_masked_linear_routes_agree(monkeypatch, bias):
+    """Every rows-mode route gives the same weight and bias gradients (forced one at a time; on CPU
+    the op always takes ``torch``, so there the Triton routes are run directly)."""
+    from ftkernels.nn.masked import _ROWS
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(1)
+    plan, kept, g, x = _rows_case(dev, torch.float32, 77, 50, 40, 0.3)
+    want = (g.double().t() @ x.double()) * kept[:, None]
+    for name, route in _ROWS.items():
+        gw, compact, dim = route(g, x, plan, (50, 40))
+        torch.testing.assert_close(gw.double(), want, atol=1e-4, rtol=1e-5, msg=name)
+        bsum = torch.zeros(50, dtype=torch.float64, device=dev)
+        bsum[plan["rows"]] = compact.double().sum(dim)[: plan["rows"].numel()]
+        torch.testing.assert_close(bsum, g.double().sum(0) * kept, atol=1e-4, rtol=1e-5, msg=name)
+    lin = nn.Linear(40, 50, bias=bias, device=dev)
+    mask = kept[:, None].expand(50, 40).contiguous()
+    grads = {}
+    for name in _ROWS if dev == "cuda" else ["torch"]:
+        monkeypatch.setenv("FTKERNELS_MASKED_WGRAD", name)
+        m = ftk.nn.MaskedLinear.from_linear(lin, mask)
+        m.weight.grad = None
+        if bias:
+            m.bias.grad = None
+        m(x).backward(g)
+        grads[name] = (m.weight.grad, m.bias.grad if bias else None)
+        torch.testing.assert_close(m.weight.grad.double(), want, atol=1e-4, rtol=1e-5)
+        if bias:
+            torch.testing.assert_close(m.bias.grad.double(), g.double().sum(0) * kept, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.cuda
-def test_masked_linear_triton_route_matches_torch_route(monkeypatch):
+def test_masked_linear_bf16_routes_match_torch_route(monkeypatch):
     lin = nn.Linear(256, 192, device="cuda", dtype=torch.bfloat16)
     mask = ftk.masks.rows(lin.weight, keep=0.1, by="random")
     x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(300, 192, device="cuda", dtype=torch.bfloat16)
     grads = {}
-    for route in ("torch", "triton"):
+    for route in ("torch", "split", "fused"):
         monkeypatch.setenv("FTKERNELS_MASKED_WGRAD", route)
         m = ftk.nn.MaskedLinear.from_linear(lin, mask)
-        m.weight.grad = None
+        m.weight.grad = m.bias.grad = None
         m(x).backward(g)
-        grads[route] = m.weight.grad.float()
-    torch.testing.assert_close(grads["triton"], grads["torch"], atol=0.05, rtol=2e-2)
+        grads[route] = (m.weight.grad.float(), m.bias.grad.float())
+    for route in ("split", "fused"):
+        for got, want in zip(grads[route], grads["torch"], strict=True):
+            torch.testing.assert_close(got, want, atol=0.05, rtol=2e-2)
 
 
 def test_route_settings(monkeypatch):
@@ -183,11 +254,11 @@ def test_route_settings(monkeypatch):
     from ftkernels.nn.masked import ROWS_WGRAD_ROUTE as route
 
     monkeypatch.setenv("FTKERNELS_MASKED_WGRAD", "fastest")
-    with pytest.raises(ValueError, match="FTKERNELS_MASKED_WGRAD must be auto, triton or torch"):
+    with pytest.raises(ValueError, match="MASKED_WGRAD must be one of auto, fused, split, torch; got .fastest."):
         route.setting()
-    monkeypatch.setenv("FTKERNELS_MASKED_WGRAD", "triton")
-    assert route.pick(("k",), {"triton": lambda: None, "torch": lambda: None}) == "triton"
+    monkeypatch.setenv("FTKERNELS_MASKED_WGRAD", "fused")
+    assert route.pick(("k",), {"fused": lambda: None, "torch": lambda: None}) == "fused"
     if not torch.cuda.is_available():
         monkeypatch.delenv("FTKERNELS_MASKED_WGRAD")
-        assert route.pick(("k",), {"triton": lambda: None, "torch": lambda: None}) == "torch"
+        assert route.pick(("k",), {"fused": lambda: None, "torch": lambda: None}) == "torch"
         assert route.chosen() == {}

@@ -20,7 +20,7 @@ from torch import nn
 from .. import masks
 from ..freeze import freeze
 from ..nn import MaskedLinear
-from ..nn.masked import _rows_weight_grad_torch, masked_weight_grad_linear, wgrad_choices
+from ..nn.masked import _ROWS, masked_weight_grad_linear, wgrad_choices
 from ..optim import FusedAdamW
 from .common import layer_step, peak_extra_mb, time_rounds_ms
 
@@ -40,11 +40,9 @@ def linear_rows(device: torch.device, quick: bool, rate: float) -> list[dict]:
     g = torch.randn(M, N, device=device, dtype=dtype)
     xd = x.detach()
     variants = {"dense": lambda: g.t() @ xd, "masked": lambda: masked_weight_grad_linear(g, xd, plan, lin.weight.shape)}
-    if device.type == "cuda":  # both routes of the rows-mode gradient, whichever the op picked
-        from ..triton.masked import rows_weight_grad
-
-        variants["torch route"] = lambda: _rows_weight_grad_torch(g, xd, plan["rows"], lin.weight.shape, plan["gather"])
-        variants["triton route"] = lambda: rows_weight_grad(g, xd, plan["rows"], lin.weight.shape)
+    if device.type == "cuda":  # every route of the rows-mode gradient, whichever the op picked
+        for name, route in _ROWS.items():
+            variants[f"{name} route"] = lambda route=route: route(g, xd, plan, lin.weight.shape)[0]
     wg = time_rounds_ms(variants, device, reps)
 
     steps = {"dense": layer_step(lin, x, g), "masked": layer_step(masked, x, g)}

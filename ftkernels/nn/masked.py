@@ -45,7 +45,10 @@ def _plan(mask: Tensor) -> dict:
     row_any, row_all = flat.any(1), flat.all(1)
     if torch.equal(row_any, row_all):
         rows = row_any.nonzero().flatten()
-        return {"kind": "rows", "rows": rows, "gather": _gather_index(rows), "bias": row_any}
+        inv = torch.full((n,), -1, dtype=torch.int32, device=mask.device)  # row -> its place in rows, or -1
+        inv[rows] = torch.arange(rows.numel(), dtype=torch.int32, device=mask.device)
+        return {"kind": "rows", "rows": rows, "gather": _gather_index(rows), "inv": inv,
+                "zrows": (~row_any).nonzero().flatten(), "bias": row_any}  # fmt: skip
     if mask.dim() == 2:
         r, c = mask.shape
         for bs in (32, 16):
@@ -76,33 +79,46 @@ def _gather_index(rows: Tensor) -> Tensor:
     return torch.cat([rows, rows[-1:].expand(pad)]) if pad and rows.numel() else rows
 
 
-def _rows_weight_grad_torch(g2: Tensor, x2: Tensor, rows: Tensor, shape, gather: Tensor) -> Tensor:
-    """grad_W with only ``rows`` filled: gather of g's kept columns (``gather``: ``rows`` padded by
-    :func:`_gather_index`), one GEMM, index_copy of its first len(rows) rows."""
+def _rows_torch(g2: Tensor, x2: Tensor, plan: dict, shape):
+    """Gather of g's kept columns (padded by :func:`_gather_index`), one GEMM, zero fill and index_copy.
+    Returns (grad_W, the gathered g ``[M, >= NR]``, the dim to sum it over for the bias)."""
+    rows, gather = plan["rows"], plan["gather"]
     gw = g2.new_zeros(shape)
-    n = rows.numel()
-    if n:
-        gw.index_copy_(0, rows, (g2.index_select(1, gather).t() @ x2)[:n])
-    return gw
+    gc = g2.index_select(1, gather)
+    if rows.numel():
+        gw.index_copy_(0, rows, (gc.t() @ x2)[: rows.numel()])
+    return gw, gc, 0
 
 
-# ``torch`` (gather + GEMM + index_copy) or ``triton`` (ftkernels/triton/masked.py) for a rows-mode
-# weight gradient on GPU; CPU always takes ``torch``.
-ROWS_WGRAD_ROUTE = Route("FTKERNELS_MASKED_WGRAD", ("triton", "torch"), default="auto", safe="torch")
+def _rows_split(g2: Tensor, x2: Tensor, plan: dict, shape):
+    """Triton gather of g's kept columns transposed, cuBLAS GEMM, one-pass Triton fill of grad_W."""
+    from ..triton.masked import fill_rows, gather_t
+
+    gt = gather_t(g2, plan["rows"])
+    return fill_rows(gt @ x2, plan["inv"], shape, g2.dtype), gt, 1
 
 
-def _rows_route(g2: Tensor, x2: Tensor, rows: Tensor, gather: Tensor, shape) -> str:
+def _rows_fused(g2: Tensor, x2: Tensor, plan: dict, shape):
+    """Triton gather, then one Triton GEMM writing the kept rows in place and zeroing the others."""
+    from ..triton.masked import gather_t, rows_gemm
+
+    gt = gather_t(g2, plan["rows"])
+    return rows_gemm(gt, x2, plan["rows"], plan["zrows"], shape), gt, 1
+
+
+_ROWS = {"fused": _rows_fused, "split": _rows_split, "torch": _rows_torch}
+
+# How a rows-mode weight gradient runs on GPU (``FTKERNELS_MASKED_WGRAD``): ``auto`` times the three
+# once per shape and keeps the fastest; CPU always takes ``torch``.
+ROWS_WGRAD_ROUTE = Route("FTKERNELS_MASKED_WGRAD", tuple(_ROWS), default="auto", safe="torch")
+
+
+def _rows_route(g2: Tensor, x2: Tensor, plan: dict, shape) -> str:
     setting = ROWS_WGRAD_ROUTE.setting()
     if g2.device.type != "cuda":
         return "torch"
-
-    def triton_route():
-        from ..triton.masked import rows_weight_grad
-
-        return rows_weight_grad(g2, x2, rows, shape)
-
-    key = (g2.shape[0], tuple(shape), rows.numel(), g2.dtype)
-    candidates = {"triton": triton_route, "torch": lambda: _rows_weight_grad_torch(g2, x2, rows, shape, gather)}
+    key = (g2.shape[0], tuple(shape), plan["rows"].numel(), g2.dtype)
+    candidates = {name: (lambda f=f: f(g2, x2, plan, shape)) for name, f in _ROWS.items()}
     return ROWS_WGRAD_ROUTE.pick(key, candidates, setting)
 
 
@@ -111,21 +127,31 @@ def wgrad_choices() -> dict[tuple, str]:
     return ROWS_WGRAD_ROUTE.chosen()
 
 
+def masked_grads_linear(g2: Tensor, x2: Tensor, plan: dict, shape, need_w: bool = True, need_b: bool = False):
+    """(grad_W ``[N, K]``, grad_b ``[N]``) of ``y = x W^T + b`` for g ``[M, N]``, x ``[M, K]``, zero
+    outside the plan (None where not needed). In rows mode the bias gradient sums the gathered kept
+    columns of g, not all of g."""
+    gw = gb = None
+    if need_w and plan["kind"] == "rows":
+        gw, kept, dim = _ROWS[_rows_route(g2, x2, plan, shape)](g2, x2, plan, shape)
+        if need_b:
+            rows = plan["rows"]
+            gb = g2.new_zeros(shape[0]).index_copy_(0, rows, kept.sum(dim)[: rows.numel()])
+        return gw, gb
+    if need_w and plan["kind"] == "elements":
+        gw = (g2.t() @ x2).mul_(plan["mask"])
+    elif need_w:
+        gw = g2.new_zeros(shape)
+        for r0, r1, cols in plan["groups"]:
+            gw[r0:r1].index_copy_(1, cols, g2[:, r0:r1].t() @ x2.index_select(1, cols))
+    if need_b:
+        gb = g2.sum(0).mul_(plan["bias"])
+    return gw, gb
+
+
 def masked_weight_grad_linear(g2: Tensor, x2: Tensor, plan: dict, shape) -> Tensor:
     """grad_W ``[N, K]`` of ``y = x W^T`` for g ``[M, N]``, x ``[M, K]``, zero outside the plan."""
-    if plan["kind"] == "elements":
-        return (g2.t() @ x2).mul_(plan["mask"])
-    if plan["kind"] == "rows":
-        rows, gather = plan["rows"], plan["gather"]
-        if _rows_route(g2, x2, rows, gather, shape) == "triton":
-            from ..triton.masked import rows_weight_grad
-
-            return rows_weight_grad(g2, x2, rows, shape)
-        return _rows_weight_grad_torch(g2, x2, rows, shape, gather)
-    gw = g2.new_zeros(shape)
-    for r0, r1, cols in plan["groups"]:
-        gw[r0:r1].index_copy_(1, cols, g2[:, r0:r1].t() @ x2.index_select(1, cols))
-    return gw
+    return masked_grads_linear(g2, x2, plan, shape)[0]
 
 
 class _MaskedLinearFn(torch.autograd.Function):
@@ -142,8 +168,7 @@ class _MaskedLinearFn(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g2 = g.reshape(-1, g.shape[-1])
         grad_x = (g2 @ weight).view(x.shape) if need_x else None
-        grad_w = masked_weight_grad_linear(g2, x.reshape(-1, x.shape[-1]), plan, weight.shape) if need_w else None
-        grad_b = g2.sum(0).mul_(plan["bias"]) if need_b else None
+        grad_w, grad_b = masked_grads_linear(g2, x.reshape(-1, x.shape[-1]), plan, weight.shape, need_w, need_b)
         return grad_x, grad_w, grad_b, None
 
 
