@@ -78,6 +78,25 @@ def test_masked_conv2d_grads(kind):
     assert torch.autograd.gradcheck(lambda x: ftk.nn.masked._MaskedConvFn.apply(x, w, b, m.plan, geom), (x,))
 
 
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_all_frozen_rows_give_zero_weight_and_bias_grads(layer):
+    """An all-False mask is a rows plan with no rows: zero weight and bias gradients, exact grad_x."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5, dtype=torch.float64) if layer == "linear" else nn.Conv2d(3, 4, 3, dtype=torch.float64)
+    mask = torch.zeros_like(base.weight, dtype=torch.bool)
+    m = (ftk.nn.MaskedLinear.from_linear if layer == "linear" else ftk.nn.MaskedConv2d.from_conv)(base, mask)
+    assert m.plan["kind"] == "rows" and m.plan["rows"].numel() == 0
+    x = torch.randn(2, 6, dtype=torch.float64) if layer == "linear" else torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    x.requires_grad_(True)
+    y = m(x)
+    g = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, (x, m.weight, m.bias), g)
+    x2 = x.detach().requires_grad_(True)
+    (gx2,) = torch.autograd.grad(base(x2), (x2,), g)
+    torch.testing.assert_close(gx, gx2)
+    assert torch.all(gw == 0) and torch.all(gb == 0)
+
+
 def test_from_conv_shares_the_parameters():
     conv = nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64)
     mask = ftk.masks.rows(conv.weight, indices=[1, 4])
