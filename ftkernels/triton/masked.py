@@ -92,8 +92,8 @@ def _rows_gemm_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for m0 in range(0, M, BK):
             rm = m0 + tl.arange(0, BK)
-            a = tl.load(gt_ptr + rr[:, None] * sgr + rm[None, :] * sgm, mask=(rr[:, None] < NR) & (rm[None, :] < M),
-                        other=0.0)  # fmt: skip
+            a = tl.load(gt_ptr + rr.to(tl.int64)[:, None] * sgr + rm[None, :] * sgm,
+                        mask=(rr[:, None] < NR) & (rm[None, :] < M), other=0.0)  # fmt: skip
             b = tl.load(x_ptr + rm.to(tl.int64)[:, None] * sxm + rk[None, :] * sxk,
                         mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)  # fmt: skip
             acc = tl.dot(a, b, acc, input_precision=PREC)
