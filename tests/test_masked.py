@@ -266,6 +266,19 @@ def test_masked_linear_bf16_routes_match_torch_route(monkeypatch):
             torch.testing.assert_close(got, want, atol=0.05, rtol=2e-2)
 
 
+@pytest.mark.cuda
+def test_masked_linear_fp64_on_cuda_takes_aten_whatever_the_setting(monkeypatch):
+    """The Triton GEMM serves fp16/bf16/fp32 only: fp64 runs the ATen route even when ``fused`` is forced."""
+    monkeypatch.setenv("FTKERNELS_MASKED_WGRAD", "fused")
+    lin = nn.Linear(40, 30, device="cuda", dtype=torch.float64)
+    mask = ftk.masks.rows(lin.weight, keep=0.3, by="random")
+    m = ftk.nn.MaskedLinear.from_linear(lin, mask)
+    x = torch.randn(20, 40, device="cuda", dtype=torch.float64)
+    g = torch.randn(20, 30, device="cuda", dtype=torch.float64)
+    m(x).backward(g)
+    torch.testing.assert_close(m.weight.grad, (g.t() @ x) * mask)
+
+
 def test_route_settings(monkeypatch):
     """The per-shape route helper behind FTKERNELS_MASKED_WGRAD / FTKERNELS_LORA_GEMM: a bad setting
     is named, a forced one is taken as is, and ``auto`` falls back to the safe route without a GPU

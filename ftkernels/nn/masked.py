@@ -121,8 +121,8 @@ ROWS_WGRAD_ROUTE = Route("FTKERNELS_MASKED_WGRAD", tuple(_ROWS), default="auto",
 
 def _rows_route(g2: Tensor, x2: Tensor, plan: dict, shape) -> str:
     setting = ROWS_WGRAD_ROUTE.setting()
-    if g2.device.type != "cuda":
-        return "torch"
+    if g2.device.type != "cuda" or g2.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return "torch"  # the Triton GEMM serves the tensor-core dtypes only (fp64: ATen)
     key = (g2.shape[0], tuple(shape), plan["rows"].numel(), g2.dtype)
     candidates = {name: (lambda f=f: f(g2, x2, plan, shape)) for name, f in _ROWS.items()}
     return ROWS_WGRAD_ROUTE.pick(key, candidates, setting)
