@@ -36,9 +36,7 @@ def _gather_t_kernel(g_ptr, idx_ptr, out_ptr, M, NI, sgm, sgn, BM: tl.constexpr,
     col = tl.load(idx_ptr + rj, mask=rj < NI, other=0)
     ok = (rm[:, None] < M) & (rj[None, :] < NI)
     t = tl.load(g_ptr + rm.to(tl.int64)[:, None] * sgm + col[None, :] * sgn, mask=ok)
-    # Stored as [BN, BM] with the token index last: the store runs along out's contiguous dim (the
-    # transpose goes through shared memory; triton 3.6 stored the [BM, BN] tile 2 bytes at a time).
-    tl.store(out_ptr + rj.to(tl.int64)[:, None] * M + rm[None, :], tl.trans(t), mask=tl.trans(ok))
+    tl.store(out_ptr + rj.to(tl.int64)[None, :] * M + rm[:, None], t, mask=ok)
 
 
 @triton.jit
