@@ -85,6 +85,13 @@ def _gather_for(plan: dict, t: Tensor) -> Tensor:
     return plan["gather"] if t.is_cuda else plan["rows"]
 
 
+def _bias_from_kept(sums: Tensor, plan: dict, n: int) -> Tensor:
+    """The bias gradient ``[n]`` of a rows plan from the sums of g's gathered kept rows/channels
+    (``sums`` may carry the padding of :func:`_gather_for` at its end): zero elsewhere."""
+    rows = plan["rows"]
+    return sums.new_zeros(n).index_copy_(0, rows, sums[: rows.numel()])
+
+
 def _rows_torch(g2: Tensor, x2: Tensor, plan: dict, shape):
     """Gather of g's kept columns (padded on CUDA: :func:`_gather_for`), one GEMM, zero fill and index_copy.
     Returns (grad_W, the gathered g ``[M, >= NR]``, the dim to sum it over for the bias)."""
@@ -141,8 +148,7 @@ def masked_grads_linear(g2: Tensor, x2: Tensor, plan: dict, shape, need_w: bool 
     if need_w and plan["kind"] == "rows":
         gw, kept, dim = _ROWS[_rows_route(g2, x2, plan, shape)](g2, x2, plan, shape)
         if need_b:
-            rows = plan["rows"]
-            gb = g2.new_zeros(shape[0]).index_copy_(0, rows, kept.sum(dim)[: rows.numel()])
+            gb = _bias_from_kept(kept.sum(dim), plan, shape[0])
         return gw, gb
     if need_w and plan["kind"] == "elements":
         gw = (g2.t() @ x2).mul_(plan["mask"])
@@ -253,8 +259,7 @@ class _MaskedConvFn(torch.autograd.Function):
                 _, gw, _ = bwd(kept, x, sel, None, stride, padding, dilation, False, zero, 1, [False, True, False])
                 grad_w.index_copy_(0, rows, gw[: rows.numel()])
         if need_b and kept is not None:  # the kept channels' sums only: a read of the gathered part of g
-            rows = plan["rows"]
-            grad_b = g.new_zeros(g.shape[1]).index_copy_(0, rows, kept.sum((0, 2, 3))[: rows.numel()])
+            grad_b = _bias_from_kept(kept.sum((0, 2, 3)), plan, g.shape[1])
         elif need_b:
             grad_b = g.sum((0, 2, 3)).mul_(plan["bias"])
         return grad_x, grad_w, grad_b, None, None
