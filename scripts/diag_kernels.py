@@ -103,31 +103,29 @@ def masked_rows(dev, quick, gbps):
     out = torch.zeros(N, K, device=dev, dtype=g.dtype)
     res = gk.t() @ x
     case = f"bf16 M{M} K=N={N} {rows.numel()} rows"
-    elt = g.element_size()
-    mb = 1e6 / elt  # elements per MB
-    flops = 2 * M * K * rows.numel()  # the kept rows' GEMM
-    gather_mb = (M * N + M * rows.numel()) / mb
-    pieces = (  # (name, call, MB moved by the memory-bound pieces; None: the kept rows' GEMM flops)
-        ("dense g^T x", lambda: g.t() @ x, -1),
-        (f"gather [M, {rows.numel()}] (index_select)", lambda: g.index_select(1, rows), gather_mb),
-        ("gather_t [NR, M] (triton)", lambda: gather_t(g, rows), gather_mb),
-        (f"GEMM g_c^T x, ld {rows.numel()}", lambda: gk.t() @ x, None),
-        (f"GEMM g_c^T x, ld {pad.numel()} (padded)", lambda: gp.t() @ x, None),
-        ("GEMM gt @ x (gt [NR, M])", lambda: gt @ x, None),
-        ("GEMM x^T g_c -> [K, NR]", lambda: x.t() @ gp, None),
-        ("zero fill [N, K]", lambda: out.zero_(), N * K / mb),
-        ("index_copy rows", lambda: out.index_copy_(0, rows, res), 2 * rows.numel() * K / mb),
-        ("fill_rows (triton)", lambda: fill_rows(res, inv, (N, K), g.dtype), (N * K + rows.numel() * K) / mb),
-        ("rows_gemm on gt (triton, zeroing fused)", lambda: rows_gemm(gt, x, rows, zrows, (N, K)), None),
-        *((f"{name} route", lambda f=f: f(g, x, plan, (N, K)), None) for name, f in _ROWS.items()),
+    nr = rows.numel()
+
+    def bytes_us(elements):  # memory-bound pieces: the elements moved at the measured copy rate
+        return elements * g.element_size() / gbps / 1e3
+
+    def gemm_us(n_rows):  # GEMMs of n_rows output rows at ~750 TFLOP/s
+        return 2 * M * K * n_rows / 7.5e14 * 1e6
+
+    pieces = (  # (name, call, floor in us)
+        ("dense g^T x", lambda: g.t() @ x, gemm_us(N)),
+        (f"gather [M, {nr}] (index_select)", lambda: g.index_select(1, rows), bytes_us(M * N + M * nr)),
+        ("gather_t [NR, M] (triton)", lambda: gather_t(g, rows), bytes_us(M * N + M * nr)),
+        (f"GEMM g_c^T x, ld {nr}", lambda: gk.t() @ x, gemm_us(nr)),
+        (f"GEMM g_c^T x, ld {pad.numel()} (padded)", lambda: gp.t() @ x, gemm_us(nr)),
+        ("GEMM gt @ x (gt [NR, M])", lambda: gt @ x, gemm_us(nr)),
+        ("GEMM x^T g_c -> [K, NR]", lambda: x.t() @ gp, gemm_us(nr)),
+        ("zero fill [N, K]", lambda: out.zero_(), bytes_us(N * K)),
+        ("index_copy rows", lambda: out.index_copy_(0, rows, res), bytes_us(2 * nr * K)),
+        ("fill_rows (triton)", lambda: fill_rows(res, inv, (N, K), g.dtype), bytes_us(N * K + nr * K)),
+        ("rows_gemm on gt (triton, zeroing fused)", lambda: rows_gemm(gt, x, rows, zrows, (N, K)), gemm_us(nr)),
+        *((f"{name} route", lambda f=f: f(g, x, plan, (N, K)), gemm_us(nr)) for name, f in _ROWS.items()),
     )
-
-    def floor(moved):  # us; GEMMs at ~750 TFLOP/s (-1: the dense GEMM)
-        if moved is None or moved < 0:
-            return (flops * N / rows.numel() if moved else flops) / 7.5e14 * 1e6
-        return moved * 1e3 / gbps
-
-    return [dict(group="masked", case=case, kernel=n, us=_bench(f), floor_us=floor(m)) for n, f, m in pieces]
+    return [dict(group="masked", case=case, kernel=n, us=_bench(f), floor_us=fl) for n, f, fl in pieces]
 
 
 GROUPS = {"lora": lora_rows, "loreft": loreft_rows, "masked": masked_rows}

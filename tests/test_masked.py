@@ -240,7 +240,6 @@ def test_masked_linear_routes_agree(monkeypatch, bias):
         torch.testing.assert_close(bsum, g.double().sum(0) * kept, atol=1e-4, rtol=1e-5, msg=name)
     lin = nn.Linear(40, 50, bias=bias, device=dev)
     mask = kept[:, None].expand(50, 40).contiguous()
-    grads = {}
     for name in _ROWS if dev == "cuda" else ["torch"]:
         monkeypatch.setenv("FTKERNELS_MASKED_WGRAD", name)
         m = ftk.nn.MaskedLinear.from_linear(lin, mask)
@@ -248,7 +247,6 @@ def test_masked_linear_routes_agree(monkeypatch, bias):
         if bias:
             m.bias.grad = None
         m(x).backward(g)
-        grads[name] = (m.weight.grad, m.bias.grad if bias else None)
         torch.testing.assert_close(m.weight.grad.double(), want, atol=1e-4, rtol=1e-5)
         if bias:
             torch.testing.assert_close(m.bias.grad.double(), g.double().sum(0) * kept, atol=1e-4, rtol=1e-5)
