@@ -83,7 +83,9 @@ def cudart_dirs():
 def build_extension():
     cuda = want_cuda()
     csrc = os.path.join("csrc")
-    sources = [os.path.join(csrc, "ftkernels.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    sources = [os.path.join(csrc, "ftkernels.cpp")] + sorted(
+        glob.glob(os.path.join(csrc, "cpu", "*.cpp")) + glob.glob(os.path.join(csrc, "autograd", "*.cpp"))
+    )
     include_dirs = [os.path.join(ROOT, csrc, "include")]
     version = f"{BASE_VERSION}+{local_tag(cuda)}"
     defines = [

@@ -1,6 +1,7 @@
 // The one pybind11 module, ftkernels._C: registers every op and reports how it was built.
 #include <torch/extension.h>
 
+#include "ftk/autograd_host.h"
 #include "ftk/lora_host.h"
 #include "ftk/loreft_host.h"
 #include "ftk/optimizer_host.h"
@@ -156,5 +157,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("loreft_bwd_cpu", &ftk::loreft_bwd_cpu, py::arg("grad"), py::arg("h"), py::arg("rot"), py::arg("w"),
         py::arg("s"), py::arg("dropout"), py::arg("seed"),
         "Fused LoReFT backward on CPU: (grad_h, grad_R, grad_W, grad_b), the mask regenerated",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("lora_linear_node", &ftk::lora_linear_node, py::arg("x"), py::arg("weights"), py::arg("biases"),
+        py::arg("lora_as"), py::arg("lora_bs"), py::arg("bias_of"), py::arg("scalings"), py::arg("dropouts"),
+        py::arg("seeds"), py::arg("kept"), py::arg("program"),
+        "G fused LoRA Linear layers on one x as one C++ autograd node: [y_1, ..., y_G]; x rebuilt in backward "
+        "from `kept` by `program` when the program is not empty",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rebuild_input", &ftk::rebuild_input, py::arg("program"), py::arg("kept"),
+        "A LoRA layer's input rebuilt from its producers' kept tensors by a postfix program "
+        "(ftkernels/ops/input_recompute.py)",
         py::call_guard<py::gil_scoped_release>());
 }

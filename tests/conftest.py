@@ -23,3 +23,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(params=[True, False], ids=["cpp_node", "py_function"])
+def lora_node(request, monkeypatch):
+    """Runs a test with eager LoRA calls through the C++ autograd node where it serves them, and again
+    through the Python autograd Functions (what CUDA calls with dropout use)."""
+    from ftkernels.ops import lora_linear
+
+    monkeypatch.setattr(lora_linear, "_node_on", request.param)
+    return request.param

@@ -158,7 +158,7 @@ def _with_plans_seen(fn, monkeypatch):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_grads_match_the_saved_input_path(dtype, dropout, monkeypatch):
+def test_grads_match_the_saved_input_path(dtype, dropout, monkeypatch, lora_node):
     model = _lora_model(dtype, dropout)
     x = torch.randn(3, 11, 32, dtype=dtype, requires_grad=True)
     _grads(model, x, True)  # the groups learn their runs on the first call
@@ -176,7 +176,7 @@ def test_grads_match_the_saved_input_path(dtype, dropout, monkeypatch):
             assert torch.equal(on[name], g), name
 
 
-def test_in_place_change_of_x_after_the_layer():
+def test_in_place_change_of_x_after_the_layer(lora_node):
     """A saved x modified in place makes backward fail; a rebuilt one is the value the forward used."""
     torch.manual_seed(0)
     layer = ftk.nn.LoRALinear(nn.Linear(16, 12, dtype=torch.float64), r=4)
@@ -199,7 +199,7 @@ def test_in_place_change_of_x_after_the_layer():
         run(False, True)
 
 
-def test_checkpointed_block_is_unchanged():
+def test_checkpointed_block_is_unchanged(lora_node):
     model = _lora_model(torch.float64, 0.1)
     x = torch.randn(2, 9, 32, dtype=torch.float64, requires_grad=True)
     ref = _grads(model, x, True)
@@ -229,7 +229,7 @@ class _MLP(nn.Module):
         return x
 
 
-def test_lora_step_memory_is_the_frozen_floors():
+def test_lora_step_memory_is_the_frozen_floors(lora_node):
     """The BERT pattern (LayerNorm -> fc1, GELU -> fc2), CPU allocator records: with inputs saved a
     LoRA step keeps every fc input on top of what the frozen model keeps; rebuilt, it keeps almost
     nothing more."""
@@ -297,7 +297,7 @@ def _hf(kind):
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
-def test_hf_models_plan_and_match(kind, monkeypatch):
+def test_hf_models_plan_and_match(kind, monkeypatch, lora_node):
     """On HF BERT, Llama and GPT-2 the plans fire where the notes say (BERT: the
     LayerNorm-fed q/k/v group and intermediate.dense, GELU-fed output.dense; Llama: every
     RMSNorm-fed group and the SwiGLU-fed down_proj), and the step's grads match the saved path."""
@@ -324,7 +324,7 @@ def test_hf_models_plan_and_match(kind, monkeypatch):
         torch.testing.assert_close(on[n], g, rtol=2e-5, atol=1e-6 * g.abs().max().item())
 
 
-def test_retain_graph_backward_twice():
+def test_retain_graph_backward_twice(lora_node):
     """A rebuilt x is rebuilt again by a second backward through a retained graph."""
     model = _lora_model(torch.float64, 0.1)
     x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)

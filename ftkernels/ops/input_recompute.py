@@ -39,8 +39,9 @@ import os
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .._ext import C, available
 
 ENV = "FTKERNELS_RECOMPUTE_INPUT"
 _enabled = os.environ.get(ENV, "1") != "0"
@@ -88,8 +89,8 @@ def plan(x: Tensor) -> Plan | None:
     producers' backward nodes keep anyway, or None (no grad graph, another producer, a kept tensor
     modified in place since, recomputation off, saved-tensor hooks active, compiling)."""
     node = x.grad_fn
-    if node is None or not _enabled or torch.compiler.is_compiling():
-        return None
+    if node is None or not _enabled or torch.compiler.is_compiling() or not available():
+        return None  # (without the extension, which rebuilds, x is kept)
     if saved_tensor_hooks_active():
         return None
     tensors: list[Tensor] = []
@@ -160,7 +161,7 @@ def _spec(node, output_nr: int, tensors: list[Tensor], depth: int) -> tuple | No
     if name == "ToCopyBackward0":  # a dtype cast (not a device move: the rebuild would copy across)
         src, nr = node.next_functions[0]
         out, inp = _out_meta(node, 0), None if src is None else _out_meta(src, nr)
-        if out is None or inp is None or out.device != inp.device:
+        if out is None or inp is None or out.device != inp.device or out.dtype not in _SCALAR_TYPES:
             return None
         child = _spec(src, nr, tensors, depth + 1)
         return None if child is None else ("to", child, out.dtype)
@@ -184,45 +185,55 @@ def _out_meta(node, output_nr: int):
 
 def rebuild(p: Plan) -> Tensor:
     """x from its :class:`Plan`, autograd and autocast off (the producers ran in the dtypes kept;
-    the result is only read by the adapter gradient)."""
-    bad = [i for i, t in enumerate(p.tensors) if not storage_ok(t)]
-    if bad:  # released after the forward and not restored before this backward: x is lost
-        raise RuntimeError(
-            "ftkernels: a LoRA layer's input cannot be rebuilt in backward: a tensor its producer kept "
-            f"({tuple(p.tensors[bad[0]].shape)}) has had its storage released since the forward (a sharding "
-            f"wrapper?). Set {ENV}=0 to keep LoRA inputs instead."
-        )
+    the result is only read by the adapter gradient). Evaluated by the extension's
+    ``rebuild_input`` (csrc/autograd/input_recompute.cpp), which the C++ LoRA node calls too: one
+    implementation, the same bits from either node. Raises when a kept tensor's storage was released."""
     if p.spec[0] == "t":  # the producer kept x itself (ReLU)
         return p.tensors[p.spec[1]].detach()
-    dev = p.tensors[0].device.type
-    if not torch.is_grad_enabled() and not (dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)):
-        return _eval(p.spec, p.tensors)  # a backward pass (no double backward): skip the contexts
-    with torch.no_grad(), torch.autocast(dev, enabled=False):
-        return _eval(p.spec, p.tensors)
+    return C().rebuild_input(program(p.spec), list(p.tensors))
 
 
-def _eval(spec: tuple, t: tuple[Tensor, ...]) -> Tensor:
+# Opcodes of the postfix program (csrc/include/ftk/autograd_host.h, namespace rebuild_op).
+_T, _GELU, _SILU, _MUL, _TO, _LN = range(6)
+_GELU_APPROX = {"none": 0, "tanh": 1}
+_programs: dict[tuple, list[int]] = {}
+
+
+def program(spec: tuple) -> list[int]:
+    """``spec`` as the extension's postfix program (a list of ints; cached per spec: a model has a
+    handful of distinct ones)."""
+    prog = _programs.get(spec)
+    if prog is None:
+        prog = _programs[spec] = []
+        _encode(spec, prog)
+    return prog
+
+
+def _encode(spec: tuple, out: list[int]) -> None:
     op = spec[0]
     if op == "t":
-        return t[spec[1]]
-    if op == "gelu":
-        return F.gelu(_eval(spec[1], t), approximate=spec[2])
-    if op == "silu":
-        return F.silu(_eval(spec[1], t))
-    if op == "mul":
-        return torch.mul(_eval(spec[1], t), _eval(spec[2], t))
-    if op == "to":
-        return _eval(spec[1], t).to(spec[2])
-    if op == "layer_norm":
-        h, mean, rstd = (_eval(c, t) for c in spec[1:4])
-        w, b = (None if c is None else _eval(c, t) for c in spec[4:6])
-        acc = mean.dtype  # the statistics' dtype (fp32 for half inputs on GPU) is the kernel's
-        cast = (lambda v: v) if h.dtype == acc else (lambda v: v.to(acc))
-        # (h - mean) rstd as h rstd - mean rstd: one pass over h, then w and b in one more
-        y = torch.addcmul(torch.mul(mean, rstd).neg_(), cast(h), rstd)
-        if w is not None:
-            y = torch.addcmul(cast(b), y, cast(w)) if b is not None else y.mul_(cast(w))
-        elif b is not None:
-            y = y.add_(cast(b))
-        return y if y.dtype == h.dtype else y.to(h.dtype)
-    raise ValueError(f"input_recompute: unknown plan node {op!r}")
+        out += (_T, spec[1])
+    elif op == "gelu":
+        _encode(spec[1], out)
+        out += (_GELU, _GELU_APPROX[spec[2]])
+    elif op == "silu":
+        _encode(spec[1], out)
+        out.append(_SILU)
+    elif op == "mul":
+        _encode(spec[1], out)
+        _encode(spec[2], out)
+        out.append(_MUL)
+    elif op == "to":
+        _encode(spec[1], out)
+        out += (_TO, _SCALAR_TYPES[spec[2]])
+    elif op == "layer_norm":
+        for c in spec[1:6]:
+            if c is not None:
+                _encode(c, out)
+        out += (_LN, int(spec[4] is not None), int(spec[5] is not None))
+    else:
+        raise ValueError(f"input_recompute: unknown plan node {op!r}")
+
+
+# c10::ScalarType numbers of the dtypes a rebuilt input can have (c10/core/ScalarType.h)
+_SCALAR_TYPES = {torch.float16: 5, torch.float32: 6, torch.float64: 7, torch.bfloat16: 15}

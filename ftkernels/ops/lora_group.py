@@ -19,7 +19,17 @@ import torch
 from torch import Tensor
 
 from ._autograd import first_order
-from .lora_linear import _as, _bwd_impl, _fwd_impl, _no_autocast, layer_grads, save_x, saved_with_x
+from .lora_linear import (
+    _as,
+    _bwd_impl,
+    _fwd_impl,
+    _no_autocast,
+    layer_grads,
+    node_serves,
+    node_ys,
+    save_x,
+    saved_with_x,
+)
 
 _PER = 5  # flat inputs per member: weight, bias, lora_a, lora_b, seed
 
@@ -80,6 +90,9 @@ def lora_group_ys(x: Tensor, members: list[tuple], scalings: tuple, dropouts: tu
     """``(y_1, ..., y_G)`` of G fused LoRA Linear layers on one x ``[..., K]`` (math in the module
     docstring), one autograd node. ``members``: ``(weight [N_i, K], bias [N_i] or None, lora_a [r_i, K],
     lora_b [N_i, r_i], seed)`` per member, already in the compute dtype (adapters excepted), ``seed`` an
-    int64 scalar tensor on x's device; ``scalings``/``dropouts``: G floats."""
+    int64 scalar tensor on x's device; ``scalings``/``dropouts``: G floats. Runs as the C++ node where
+    it serves the call (:func:`ftkernels.ops.lora_linear.node_serves`), else as :class:`LoRAGroupFunction`."""
+    if node_serves(x, dropouts):
+        return tuple(node_ys(x, members, scalings, dropouts))
     flat = [t for m in members for t in m]
     return LoRAGroupFunction.apply(x, tuple(scalings), tuple(dropouts), *flat)

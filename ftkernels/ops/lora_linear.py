@@ -20,11 +20,12 @@ eager mode :class:`LoRALinearFunction` runs the same kernels with less host time
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import Tensor
 
-from .._ext import C, ExtensionError
+from .._ext import C, ExtensionError, available
 from . import input_recompute
 from ._autograd import first_order
 
@@ -205,11 +206,51 @@ def _no_autocast(t: Tensor):
     return _NULL
 
 
+NODE_ENV = "FTKERNELS_LORA_NODE"  # "0": eager calls use the Python autograd Functions (A/B timing)
+_node_on = os.environ.get(NODE_ENV, "1") != "0"
+
+
+def node_serves(x: Tensor, dropouts) -> bool:
+    """Whether the C++ autograd node (csrc/autograd/lora_linear.cpp) serves an eager call on x: any
+    call on CPU; on CUDA, dropout-free calls on the cuBLAS route (dropout runs Triton kernels, which
+    Python launches). Needs the extension; off with ``FTKERNELS_LORA_NODE=0``."""
+    if not _node_on:
+        return False
+    dev = x.device.type
+    if dev == "cpu":
+        return available()
+    if dev != "cuda" or any(p > 0 for p in dropouts) or not available():
+        return False
+    from ..triton import lora_linear as tk
+
+    return tk.GEMM_ROUTE.setting() == "cublas"
+
+
+def node_ys(x: Tensor, members, scalings, dropouts) -> list[Tensor]:
+    """``[y_1, ..., y_G]`` of G layers on x through the C++ node; ``members`` as in
+    :func:`ftkernels.ops.lora_group.lora_group_ys`. x is kept, or rebuilt in backward from what its
+    producer keeps (:mod:`.input_recompute`)."""
+    p = input_recompute.plan(x)
+    kept, prog = ([], []) if p is None else (list(p.tensors), input_recompute.program(p.spec))
+    biases = [m[1] for m in members if m[1] is not None]
+    bias_of, j = [], 0
+    for m in members:
+        bias_of.append(-1 if m[1] is None else j)
+        j += m[1] is not None
+    return C().lora_linear_node(
+        x, [m[0] for m in members], biases, [m[2] for m in members], [m[3] for m in members], bias_of,
+        list(scalings), list(dropouts), [m[4] for m in members], kept, prog,
+    )  # fmt: skip
+
+
 def lora_linear_y(x, weight, bias, lora_a, lora_b, scaling: float, dropout: float, seed: Tensor) -> Tensor:
     """``y`` (``[..., N]``) of ``ftkernels::lora_linear_fwd`` for x ``[..., K]``, with autograd: through
-    the custom op when ``torch.compile`` traces, else through :class:`LoRALinearFunction` (same
-    kernels, less host time)."""
+    the custom op when ``torch.compile`` traces, else through the C++ node where it serves the call
+    (:func:`node_serves`: no Python in the step's backward), else through :class:`LoRALinearFunction`
+    (the same kernels as the custom op, less host time)."""
     if torch.compiler.is_compiling():
         y = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, dropout, seed)[0]
         return y.view(*x.shape[:-1], y.shape[-1])
+    if node_serves(x, (dropout,)):
+        return node_ys(x, ((weight, bias, lora_a, lora_b, seed),), (scaling,), (dropout,))[0]
     return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout, seed)

@@ -1,0 +1,155 @@
+"""The C++ autograd node of fused LoRA Linear layers (csrc/autograd/lora_linear.cpp): bit-identical to
+the Python autograd Functions it replaces in eager mode, gradchecked, first-order only, and the
+input rebuild it shares with them."""
+
+import pytest
+import torch
+from torch import nn
+
+import ftkernels as ftk
+from ftkernels.ops import input_recompute as ir
+from ftkernels.ops import lora_linear as ops
+from ftkernels.ops.lora_group import lora_group_ys
+
+
+def _members(K, shapes, dtype, adapter_dtype=None, bias=(True,), base_grad=False):
+    out = []
+    for i, (N, r) in enumerate(shapes):
+        ad = adapter_dtype or dtype
+        w = (torch.randn(N, K, dtype=dtype) / K**0.5).requires_grad_(base_grad)
+        b = torch.randn(N, dtype=dtype).requires_grad_(base_grad) if bias[i % len(bias)] else None
+        a = torch.randn(r, K, dtype=ad, requires_grad=True)
+        bb = torch.randn(N, r, dtype=ad, requires_grad=True)
+        out.append((w, b, a, bb, torch.tensor(900 + 31 * i)))
+    return out
+
+
+def _run(node_on, monkeypatch, x, members, scalings, ps, use=None):
+    """Outputs and grads (x, then every member tensor that needs one) with the node on or off."""
+    monkeypatch.setattr(ops, "_node_on", node_on)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    ms = [tuple(t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in m) for m in members]
+    ys = lora_group_ys(x, ms, scalings, ps)
+    kinds = {y.grad_fn.name() for y in ys}
+    torch.manual_seed(3)
+    loss = sum((y.float() * torch.randn_like(y.float())).sum() for i, y in enumerate(ys) if use is None or i in use)
+    loss.backward()
+    leaves = [x] + [t for m in ms for t in m[:4] if t is not None]
+    return ys, [t.grad for t in leaves if t.requires_grad], kinds
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 5)])
+@pytest.mark.parametrize("ps", [(0.0,), (0.3,), (0.0, 0.2, 0.0)])
+@pytest.mark.parametrize(
+    "dtype,adapter_dtype", [(torch.float64, None), (torch.float32, None), (torch.bfloat16, torch.float32)]
+)
+def test_node_equals_python_functions(lead, ps, dtype, adapter_dtype, monkeypatch):
+    """Same kernels on CPU: bit-identical outputs and grads, single layers and groups, with and without
+    dropout, bias or not, 2-D and N-D x, adapters of the base's dtype or fp32 on a bf16 base."""
+    K, shapes = 21, [(17, 4), (6, 2), (23, 5)][: len(ps)]
+    members = _members(K, shapes, dtype, adapter_dtype, bias=(True, False))
+    x = torch.randn(*lead, 11, K, dtype=dtype, requires_grad=True)
+    scalings = tuple(0.5 + i for i in range(len(ps)))
+    y1, g1, k1 = _run(True, monkeypatch, x, members, scalings, ps)
+    y2, g2, k2 = _run(False, monkeypatch, x, members, scalings, ps)
+    assert all("LoRALinearNode" in k for k in k1) and not any("LoRALinearNode" in k for k in k2)
+    for a, b in zip(y1, y2, strict=True):
+        assert a.shape == (*lead, 11, b.shape[-1]) and torch.equal(a, b)
+    for a, b in zip(g1, g2, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_node_unfrozen_base_and_unused_output(monkeypatch):
+    """A trainable base weight and bias get g^T x and sum(g); an output never used costs nothing and
+    its member gets no grads."""
+    members = _members(13, [(9, 3), (5, 2)], torch.float64, base_grad=True)
+    x = torch.randn(4, 13, dtype=torch.float64, requires_grad=True)
+    y1, g1, _ = _run(True, monkeypatch, x, members, (1.0, 2.0), (0.0, 0.0), use={0})
+    y2, g2, _ = _run(False, monkeypatch, x, members, (1.0, 2.0), (0.0, 0.0), use={0})
+    for a, b in zip(g1, g2, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert g1[1] is not None and all(g is None for g in g1[5:])  # member 2: unused
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_node_gradcheck(p):
+    """float64 gradcheck of x, every adapter and an unfrozen base through one node of two members (the
+    dropout mask is a function of the seed: fixed across gradcheck's evaluations)."""
+    members = _members(7, [(5, 2), (3, 3)], torch.float64, base_grad=True)
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    assert ops.node_serves(x, (p, p))
+
+    def f(x, w0, b0, a0, bb0, w1, a1, bb1):
+        ms = [(w0, b0, a0, bb0, members[0][4]), (w1, None, a1, bb1, members[1][4])]
+        return lora_group_ys(x, ms, (0.7, 1.3), (p, p))
+
+    m0, m1 = members
+    assert torch.autograd.gradcheck(f, (x, *m0[:4], m1[0], *m1[2:4]))
+
+
+def test_node_is_first_order():
+    """create_graph=True gives the first-order grads; differentiating them again raises (as Python's
+    once_differentiable), never a silent zero."""
+    layer = ftk.nn.LoRALinear(nn.Linear(8, 6).double(), r=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert "LoRALinearNode" in y.grad_fn.name()
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (ref,) = torch.autograd.grad(layer(x).square().sum(), x)
+    assert gx.requires_grad and torch.equal(gx.detach(), ref)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
+def test_node_under_cpu_autocast(monkeypatch):
+    """Autocast bf16 on CPU: the layer casts to bf16 before the node, whose GEMMs then run in bf16 with
+    autocast off inside (as the Python Function): the same bits either way."""
+    torch.manual_seed(5)
+    layer = ftk.nn.LoRALinear(nn.Linear(24, 16), r=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 7, 24)
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(ops, "_node_on", on)
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().square().sum().backward()
+        outs.append((y, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    assert outs[0][0].dtype == torch.bfloat16
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_rebuild_program_is_validated():
+    """The extension's rebuild evaluator refuses a malformed program or a tensor index out of range."""
+    C = ftk._ext.C()
+    t = torch.randn(3)
+    assert torch.equal(C.rebuild_input([0, 0, 2], [t]), torch.nn.functional.silu(t))
+    for bad in ([0, 1], [3], [0, 0, 0, 0], [9], [0]):
+        with pytest.raises(RuntimeError, match="rebuild_input"):
+            C.rebuild_input(bad, [t])
+
+
+def test_program_encodes_every_plan_node():
+    """Plans from LayerNorm (with and without affine), GELU (both approximations), SiLU * x and a cast
+    rebuild their x bit-identically (LayerNorm within its ulp) through the encoded program."""
+    h = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    cases = [
+        nn.functional.layer_norm(h, (12,), w, torch.randn(12, dtype=torch.float64)),
+        nn.functional.layer_norm(h, (12,)),
+        nn.functional.gelu(h, approximate="tanh"),
+        nn.functional.gelu(h),
+        nn.functional.silu(h) * (h * 2),
+        (nn.functional.silu(h) * w).to(torch.float32),
+    ]
+    for x in cases:
+        p = ir.plan(x)
+        assert p is not None, x.grad_fn
+        got = ir.rebuild(p)
+        assert got.dtype == x.dtype and got.shape == x.shape
+        torch.testing.assert_close(got, x.detach(), rtol=0, atol=4 * torch.finfo(x.dtype).eps * x.abs().max().item())
