@@ -28,7 +28,7 @@ def _run(node_on, monkeypatch, x, members, scalings, ps, use=None):
     """Outputs and grads (x, then every member tensor that needs one) with the node on or off."""
     monkeypatch.setattr(ops, "_node_on", node_on)
     x = x.detach().clone().requires_grad_(x.requires_grad)
-    ms = [tuple(t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in m) for m in members]
+    ms = [tuple(None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in m) for m in members]
     ys = lora_group_ys(x, ms, scalings, ps)
     kinds = {y.grad_fn.name() for y in ys}
     torch.manual_seed(3)
