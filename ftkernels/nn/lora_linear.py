@@ -182,16 +182,17 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         return self._forward_alone(x)
 
     def _forward_alone(self, x: Tensor) -> Tensor:
+        base = self._modules["base"]  # (dict reads, not nn.Module.__getattr__: host time per call)
         if self.merged:
-            return self.base(x)
-        w = self.linear_weight()
+            return base(x)
+        w = self._linear_weight_of(base)
         # Per call only x is checked (the weights were at construction): host time is what a small
         # layer's step is made of.
         _check_x(x, w.shape[1])
         if x.device != w.device:
             raise ValueError(f"{type(self).__name__}: x is on {x.device} but the layer is on {w.device}")
         p = self.dropout if self.training else 0.0
-        return _lora_linear(x, w, self.base.bias, self.lora_A, self.lora_B, self.scaling, p, None)
+        return _lora_linear(x, w, base.bias, self.lora_A, self.lora_B, self.scaling, p, None)
 
     def _merge_target(self) -> Tensor:
         return self.linear_weight()

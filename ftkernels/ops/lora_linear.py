@@ -251,6 +251,11 @@ def lora_linear_y(x, weight, bias, lora_a, lora_b, scaling: float, dropout: floa
     if torch.compiler.is_compiling():
         y = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, dropout, seed)[0]
         return y.view(*x.shape[:-1], y.shape[-1])
-    if node_serves(x, (dropout,)):
-        return node_ys(x, ((weight, bias, lora_a, lora_b, seed),), (scaling,), (dropout,))[0]
+    if node_serves(x, (dropout,)):  # the lists of node_ys written out for one member: host time
+        p = input_recompute.plan(x)
+        kept, prog = ([], []) if p is None else (list(p.tensors), input_recompute.program(p.spec))
+        biases, bias_of = ([], [-1]) if bias is None else ([bias], [0])
+        return C().lora_linear_node(
+            x, [weight], biases, [lora_a], [lora_b], bias_of, [scaling], [dropout], [seed], kept, prog
+        )[0]
     return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout, seed)
