@@ -168,4 +168,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "A LoRA layer's input rebuilt from its producers' kept tensors by a postfix program "
         "(ftkernels/ops/input_recompute.py)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("storage_ok", &ftk::storage_ok, py::arg("t"),
+        "Whether t's storage still holds every element t addresses (not released by a sharding wrapper)");
 }

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from helpers.lora import lora_nodes
+from helpers.lora import lora_members, lora_nodes
 from torch import nn
 
 import ftkernels as ftk
@@ -17,18 +17,6 @@ from ftkernels.ops.lora_group import lora_group_ys
 CUDA = torch.cuda.is_available()
 
 
-def _members(K, shapes, dtype, device="cpu", adapter_dtype=None, base_grad=False):
-    out = []
-    for i, (N, r) in enumerate(shapes):
-        ad = adapter_dtype or dtype
-        w = (torch.randn(N, K, dtype=dtype, device=device) / K**0.5).requires_grad_(base_grad)
-        b = torch.randn(N, dtype=dtype, device=device).requires_grad_(base_grad)
-        a = torch.randn(r, K, dtype=ad, device=device, requires_grad=True)
-        bb = torch.randn(N, r, dtype=ad, device=device, requires_grad=True)
-        out.append((w, b, a, bb, torch.tensor(1000 + 17 * i, device=device)))
-    return out
-
-
 def _alone(x, members, scalings, ps):
     return [lora_linear(x, w, b, a, bb, s, p, True, seed) for (w, b, a, bb, seed), s, p in zip(members, scalings, ps)]
 
@@ -37,7 +25,7 @@ def _alone(x, members, scalings, ps):
 @pytest.mark.parametrize("lead", [(), (3,), (2, 5)])
 def test_group_op_equals_layers_alone_float64(ps, lead, lora_node):
     K, shapes = 19, [(19, 4), (7, 2), (23, 5)]
-    members = _members(K, shapes, torch.float64, base_grad=True)
+    members = lora_members(K, shapes, torch.float64, base_grad=True)
     x = torch.randn(*lead, 13, K, dtype=torch.float64, requires_grad=True)
     scalings = (0.5, 2.0, 1.25)
     ys = lora_group_ys(x, members, scalings, ps)
@@ -54,7 +42,7 @@ def test_group_op_equals_layers_alone_float64(ps, lead, lora_node):
 
 def test_group_op_gradcheck_with_dropout():
     K = 6
-    members = _members(K, [(5, 2), (4, 3)], torch.float64)
+    members = lora_members(K, [(5, 2), (4, 3)], torch.float64)
     x = torch.randn(4, K, dtype=torch.float64, requires_grad=True)
 
     def fn(x, a0, b0, a1, b1):
@@ -67,7 +55,7 @@ def test_group_op_gradcheck_with_dropout():
 
 def test_group_op_unused_output_and_frozen_x():
     K = 8
-    members = _members(K, [(8, 2), (8, 2), (8, 2)], torch.float32)
+    members = lora_members(K, [(8, 2), (8, 2), (8, 2)], torch.float32)
     x = torch.randn(5, K)  # no grad: grad_x is never computed
     ys = lora_group_ys(x, members, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     ys[0].sum().backward()  # the other outputs are unused: their members get no grads
@@ -80,7 +68,7 @@ def test_group_op_unused_output_and_frozen_x():
 
 def test_group_op_fp32_adapters_on_bf16_base():
     K = 16
-    members = _members(K, [(16, 4), (8, 4)], torch.bfloat16, adapter_dtype=torch.float32)
+    members = lora_members(K, [(16, 4), (8, 4)], torch.bfloat16, adapter_dtype=torch.float32)
     x = torch.randn(6, K, dtype=torch.bfloat16, requires_grad=True)
     ys = lora_group_ys(x, members, (2.0, 2.0), (0.1, 0.1))
     ref = _alone(x, members, (2.0, 2.0), (0.1, 0.1))
@@ -358,7 +346,7 @@ def test_group_function_is_the_only_node_for_llama_qkv(lora_node):
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_cuda_group_op_equals_layers_alone(dtype, p):
     K, shapes = 256, [(256, 16), (64, 16), (256, 16)]
-    members = _members(K, shapes, dtype, device="cuda", adapter_dtype=torch.float32)
+    members = lora_members(K, shapes, dtype, device="cuda", adapter_dtype=torch.float32)
     x = torch.randn(4, 33, K, dtype=dtype, device="cuda", requires_grad=True)
     ys = lora_group_ys(x, members, (2.0, 2.0, 2.0), (p, p, p))
     ref = _alone(x, members, (2.0, 2.0, 2.0), (p, p, p))

@@ -4,24 +4,13 @@ input rebuild it shares with them."""
 
 import pytest
 import torch
+from helpers.lora import lora_members
 from torch import nn
 
 import ftkernels as ftk
 from ftkernels.ops import input_recompute as ir
 from ftkernels.ops import lora_linear as ops
 from ftkernels.ops.lora_group import lora_group_ys
-
-
-def _members(K, shapes, dtype, adapter_dtype=None, bias=(True,), base_grad=False):
-    out = []
-    for i, (N, r) in enumerate(shapes):
-        ad = adapter_dtype or dtype
-        w = (torch.randn(N, K, dtype=dtype) / K**0.5).requires_grad_(base_grad)
-        b = torch.randn(N, dtype=dtype).requires_grad_(base_grad) if bias[i % len(bias)] else None
-        a = torch.randn(r, K, dtype=ad, requires_grad=True)
-        bb = torch.randn(N, r, dtype=ad, requires_grad=True)
-        out.append((w, b, a, bb, torch.tensor(900 + 31 * i)))
-    return out
 
 
 def _run(node_on, monkeypatch, x, members, scalings, ps, use=None):
@@ -47,7 +36,7 @@ def test_node_equals_python_functions(lead, ps, dtype, adapter_dtype, monkeypatc
     """Same kernels on CPU: bit-identical outputs and grads, single layers and groups, with and without
     dropout, bias or not, 2-D and N-D x, adapters of the base's dtype or fp32 on a bf16 base."""
     K, shapes = 21, [(17, 4), (6, 2), (23, 5)][: len(ps)]
-    members = _members(K, shapes, dtype, adapter_dtype, bias=(True, False))
+    members = lora_members(K, shapes, dtype, adapter_dtype=adapter_dtype, bias=(True, False))
     x = torch.randn(*lead, 11, K, dtype=dtype, requires_grad=True)
     scalings = tuple(0.5 + i for i in range(len(ps)))
     y1, g1, k1 = _run(True, monkeypatch, x, members, scalings, ps)
@@ -62,7 +51,7 @@ def test_node_equals_python_functions(lead, ps, dtype, adapter_dtype, monkeypatc
 def test_node_unfrozen_base_and_unused_output(monkeypatch):
     """A trainable base weight and bias get g^T x and sum(g); an output never used costs nothing and
     its member gets no grads."""
-    members = _members(13, [(9, 3), (5, 2)], torch.float64, base_grad=True)
+    members = lora_members(13, [(9, 3), (5, 2)], torch.float64, base_grad=True)
     x = torch.randn(4, 13, dtype=torch.float64, requires_grad=True)
     y1, g1, _ = _run(True, monkeypatch, x, members, (1.0, 2.0), (0.0, 0.0), use={0})
     y2, g2, _ = _run(False, monkeypatch, x, members, (1.0, 2.0), (0.0, 0.0), use={0})
@@ -75,7 +64,7 @@ def test_node_unfrozen_base_and_unused_output(monkeypatch):
 def test_node_gradcheck(p):
     """float64 gradcheck of x, every adapter and an unfrozen base through one node of two members (the
     dropout mask is a function of the seed: fixed across gradcheck's evaluations)."""
-    members = _members(7, [(5, 2), (3, 3)], torch.float64, base_grad=True)
+    members = lora_members(7, [(5, 2), (3, 3)], torch.float64, base_grad=True)
     x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     assert ops.node_serves(x, (p, p))
 
@@ -162,10 +151,7 @@ def test_cuda_node_equals_cublas_route(dtype, adapter_dtype, monkeypatch):
     bit-identical outputs and grads, single layers and groups. Dropout stays with the Triton kernels."""
     K, shapes = 96, [(80, 8), (32, 4), (80, 8)]
     for ps in [(0.0,), (0.0, 0.0, 0.0)]:
-        members = [
-            tuple(None if t is None else t.cuda() for t in m)
-            for m in _members(K, shapes[: len(ps)], dtype, adapter_dtype, bias=(True, False))
-        ]
+        members = lora_members(K, shapes[: len(ps)], dtype, "cuda", adapter_dtype, bias=(True, False))
         x = torch.randn(3, 40, K, dtype=dtype, device="cuda", requires_grad=True)
         scal = tuple(1.0 + i for i in range(len(ps)))
         y1, g1, k1 = _run(True, monkeypatch, x, members, scal, ps)

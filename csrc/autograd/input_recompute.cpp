@@ -12,10 +12,7 @@
 #include "ftk/check.h"
 
 namespace ftk {
-namespace {
 
-// Whether t's storage still holds every element t addresses (sharded data-parallel wrappers
-// resize gathered parameters' storages to 0 between uses).
 bool storage_ok(const at::Tensor& t) {
   const int64_t n = t.numel();
   if (n == 0) return true;
@@ -23,6 +20,8 @@ bool storage_ok(const at::Tensor& t) {
   for (int64_t d = 0; d < t.dim(); ++d) end += (t.size(d) - 1) * t.stride(d);
   return static_cast<int64_t>(t.storage().nbytes()) >= end * static_cast<int64_t>(t.element_size());
 }
+
+namespace {
 
 at::Tensor layer_norm(const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor* w,
                       const at::Tensor* b) {

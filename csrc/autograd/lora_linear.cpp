@@ -12,6 +12,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -93,12 +94,10 @@ struct LoRALinearNode : public torch::autograd::Function<LoRALinearNode> {
       ys.push_back(x.dim() == 2 ? y : y.view(out_shape));
       to_save.insert(to_save.end(), {w, a, b, u});
     }
-    ctx->save_for_backward(to_save);
-    ctx->saved_data["n_kept"] = program.empty() ? int64_t{1} : static_cast<int64_t>(kept.size());
+    ctx->save_for_backward(to_save);  // x or the kept tensors, then w, A, B, u per member
     ctx->saved_data["program"] = program;
     ctx->saved_data["x_shape"] = x.sizes().vec();
     ctx->saved_data["bias_of"] = bias_of;
-    ctx->saved_data["n_bias"] = static_cast<int64_t>(biases.size());
     ctx->saved_data["scalings"] = scalings;
     ctx->saved_data["dropouts"] = dropouts;
     ctx->saved_data["seeds"] = seed_ints;
@@ -138,16 +137,16 @@ struct LoRALinearNode : public torch::autograd::Function<LoRALinearNode> {
     const at::NoGradGuard no_grad;
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const variable_list saved = ctx->get_saved_variables();
-    const int64_t n_kept = ctx->saved_data["n_kept"].toInt();
     const std::vector<int64_t> program = ctx->saved_data["program"].toIntVector();
     const std::vector<int64_t> x_shape = ctx->saved_data["x_shape"].toIntVector();
     const std::vector<int64_t> bias_of = ctx->saved_data["bias_of"].toIntVector();
-    const int64_t nb = ctx->saved_data["n_bias"].toInt();
     const std::vector<double> scalings = ctx->saved_data["scalings"].toDoubleVector();
     const std::vector<double> dropouts = ctx->saved_data["dropouts"].toDoubleVector();
     const std::vector<int64_t> seeds = ctx->saved_data["seeds"].toIntVector();
     const std::vector<int64_t> adtypes = ctx->saved_data["adapter_dtypes"].toIntVector();
     const int64_t G = static_cast<int64_t>(scalings.size()), K = x_shape.back();
+    const int64_t n_kept = static_cast<int64_t>(saved.size()) - 4 * G;  // x itself, or the rebuild's tensors
+    const int64_t nb = std::count_if(bias_of.begin(), bias_of.end(), [](int64_t j) { return j >= 0; });
     at::Tensor x2;
     if (program.empty()) {
       x2 = saved[0];

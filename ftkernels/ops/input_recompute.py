@@ -106,6 +106,13 @@ def plan(x: Tensor) -> Plan | None:
     return Plan(spec, tuple(tensors))
 
 
+def kept_and_program(x: Tensor) -> tuple[list[Tensor], list[int]]:
+    """What the C++ LoRA node takes to rebuild x in backward instead of keeping it: the plan's tensors
+    and its encoded :func:`program`, or two empty lists (x is kept)."""
+    p = plan(x)
+    return ([], []) if p is None else (list(p.tensors), program(p.spec))
+
+
 def saved_tensor_hooks_active() -> bool:
     """Whether saved-tensor hooks (non-reentrant checkpointing, offloading) handle what autograd
     saves right now."""
@@ -114,15 +121,9 @@ def saved_tensor_hooks_active() -> bool:
 
 def storage_ok(t: Tensor) -> bool:
     """Whether t's storage still holds every element t addresses (sharded data-parallel wrappers
-    resize the storage of gathered parameters to 0 between uses)."""
-    n = t.numel()
-    if n == 0:
-        return True
-    if t.is_contiguous():
-        end = t.storage_offset() + n
-    else:
-        end = t.storage_offset() + 1 + sum((k - 1) * st for k, st in zip(t.shape, t.stride()))
-    return t.untyped_storage().nbytes() >= end * t.element_size()
+    resize the storage of gathered parameters to 0 between uses). The extension's check, which its
+    rebuild makes again in backward."""
+    return C().storage_ok(t)
 
 
 def _leaf(t: Tensor | None, tensors: list[Tensor]) -> tuple | None:

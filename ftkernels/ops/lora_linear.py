@@ -230,8 +230,7 @@ def node_ys(x: Tensor, members, scalings, dropouts) -> list[Tensor]:
     """``[y_1, ..., y_G]`` of G layers on x through the C++ node; ``members`` as in
     :func:`ftkernels.ops.lora_group.lora_group_ys`. x is kept, or rebuilt in backward from what its
     producer keeps (:mod:`.input_recompute`)."""
-    p = input_recompute.plan(x)
-    kept, prog = ([], []) if p is None else (list(p.tensors), input_recompute.program(p.spec))
+    kept, prog = input_recompute.kept_and_program(x)
     biases = [m[1] for m in members if m[1] is not None]
     bias_of, j = [], 0
     for m in members:
@@ -252,8 +251,7 @@ def lora_linear_y(x, weight, bias, lora_a, lora_b, scaling: float, dropout: floa
         y = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, dropout, seed)[0]
         return y.view(*x.shape[:-1], y.shape[-1])
     if node_serves(x, (dropout,)):  # the lists of node_ys written out for one member: host time
-        p = input_recompute.plan(x)
-        kept, prog = ([], []) if p is None else (list(p.tensors), input_recompute.program(p.spec))
+        kept, prog = input_recompute.kept_and_program(x)
         biases, bias_of = ([], [-1]) if bias is None else ([bias], [0])
         return C().lora_linear_node(
             x, [weight], biases, [lora_a], [lora_b], bias_of, [scaling], [dropout], [seed], kept, prog

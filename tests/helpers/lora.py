@@ -1,5 +1,6 @@
 """Test helpers shared by the LoRA layer tests."""
 
+import torch
 from torch import nn
 
 from ftkernels.nn.reference import lora_keep_mask
@@ -33,3 +34,18 @@ def lora_nodes(fn) -> list[int]:
             sizes.append(len(f._input_metadata))
         stack.extend(n for n, _ in f.next_functions)
     return sorted(sizes)
+
+
+def lora_members(K, shapes, dtype, device="cpu", adapter_dtype=None, base_grad=False, bias=(True,)):
+    """Random ``(weight [N, K], bias [N] or None, lora_a [r, K], lora_b [N, r], seed)`` per ``(N, r)`` in
+    ``shapes``, as ``lora_group_ys`` takes them; member i has a bias when ``bias[i % len(bias)]``.
+    Adapters in ``adapter_dtype`` (default: ``dtype``) and trainable; the base trains with ``base_grad``."""
+    out = []
+    for i, (N, r) in enumerate(shapes):
+        ad = adapter_dtype or dtype
+        w = (torch.randn(N, K, dtype=dtype, device=device) / K**0.5).requires_grad_(base_grad)
+        b = torch.randn(N, dtype=dtype, device=device).requires_grad_(base_grad) if bias[i % len(bias)] else None
+        a = torch.randn(r, K, dtype=ad, device=device, requires_grad=True)
+        bb = torch.randn(N, r, dtype=ad, device=device, requires_grad=True)
+        out.append((w, b, a, bb, torch.tensor(1000 + 17 * i, device=device)))
+    return out

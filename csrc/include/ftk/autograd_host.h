@@ -14,6 +14,10 @@ enum : int64_t { kTensor = 0, kGelu = 1, kSilu = 2, kMul = 3, kTo = 4, kLayerNor
 }
 at::Tensor rebuild_input(const std::vector<int64_t>& program, const std::vector<at::Tensor>& kept);
 
+// Whether t's storage still holds every element t addresses (sharded data-parallel wrappers resize
+// gathered parameters' storages to 0 between uses): checked when a plan is made and at the rebuild.
+bool storage_ok(const at::Tensor& t);
+
 // G fused LoRA Linear layers on one x [..., K] as one autograd node (G = 1: a single layer):
 // y_i = x W_i^T + b_i + s_i (D_i(x) A_i^T) B_i^T. biases holds the present biases, bias_of[i] the
 // index of member i's (-1: none). seeds: int64 scalars, read on CPU only (dropout > 0 on CPU only).
