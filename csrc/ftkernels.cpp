@@ -36,6 +36,7 @@ py::dict native_ops() {
   ops["fused_optim_step"] = devices(kWithCuda);
   ops["lora_linear"] = devices(false);  // CUDA is served by Triton (ftkernels/triton)
   ops["lora_dropout"] = devices(false);
+  ops["lora_mask_apply"] = devices(kWithCuda);  // the C++ LoRA node's dropout on the GEMM route
   ops["loreft"] = devices(false);
   return ops;
 }
@@ -160,9 +161,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("lora_linear_node", &ftk::lora_linear_node, py::arg("x"), py::arg("weights"), py::arg("biases"),
         py::arg("lora_as"), py::arg("lora_bs"), py::arg("bias_of"), py::arg("scalings"), py::arg("dropouts"),
-        py::arg("seeds"), py::arg("kept"), py::arg("program"),
+        py::arg("seeds"), py::arg("kept"), py::arg("program"), py::arg("dense_cpu") = false,
         "G fused LoRA Linear layers on one x as one C++ autograd node: [y_1, ..., y_G]; x rebuilt in backward "
-        "from `kept` by `program` when the program is not empty",
+        "from `kept` by `program` when the program is not empty; dense_cpu runs CPU calls on the GEMM route",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("lora_mask_apply", &ftk::lora_mask_apply, py::arg("src"), py::arg("seed"), py::arg("dropout"),
+        py::arg("scale"), py::arg("acc") = py::none(),
+        "The LoRA dropout mask on a 2-D src: keep ? src * scale : 0, new or added into acc in place",
         py::call_guard<py::gil_scoped_release>());
   m.def("rebuild_input", &ftk::rebuild_input, py::arg("program"), py::arg("kept"),
         "A LoRA layer's input rebuilt from its producers' kept tensors by a postfix program "

@@ -43,6 +43,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .ops.lora_linear import graph_routing
+
 _FREQUENT = 2  # a re-capture fewer than this many replays after the last one counts as frequent
 _MAX_FREQUENT = 3  # that many frequent re-captures: the step goes eager for good
 _DYNAMIC = ("params", "lr")  # param-group entries a replay follows (lr through a device tensor)
@@ -295,7 +297,8 @@ class GraphedTrainStep:
             self._grads_replaced = True
         if not (side_stream and self._device is not None and self._device.type == "cuda"):
             return self._run(batch)
-        return on_side_stream(lambda: self._run(batch), self._device).clone()
+        with graph_routing():  # the warm-up runs the kernels the capture will launch
+            return on_side_stream(lambda: self._run(batch), self._device).clone()
 
     # ------------------------------------------------------------------ capture
     def _params(self) -> list[Tensor]:
@@ -375,7 +378,7 @@ class GraphedTrainStep:
         """Capture ``program`` in a CUDA graph: (graph, the loss tensor its replays write). Nothing
         runs until a replay."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with graph_routing(), torch.cuda.graph(graph):
             loss = program()
         return graph, loss
 

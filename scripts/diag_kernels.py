@@ -2,7 +2,8 @@
 they replace, at the benchmark shapes: what a suite-level miss breaks down into.
 
 Groups (``--only`` picks some): ``lora`` (dropout down-projection, grad_A with and without the
-fused dgrad, at BERT and Llama widths), ``loreft`` (the launches of a LoReFT forward and backward
+fused dgrad, and the C++ node's mask kernel and GEMM-route pieces that stand in for them in eager
+steps, at BERT and Llama widths), ``loreft`` (the launches of a LoReFT forward and backward
 at 8192 x 4096, r4, with and without the FMA kernels' prefetch), ``masked`` (the rows-mode weight
 gradient: the gathers, GEMMs in three layouts, zero fill, index_copy, the one-pass fill, the fused
 GEMM, and the three routes).
@@ -35,8 +36,35 @@ def _copy_gbps(dev) -> float:
     return 2 * x.numel() / (_bench(lambda: y.copy_(x)) * 1e-6) / 1e9
 
 
+def _node_dropout_cases(x, a, v, gx, seed, p):
+    """The C++ node's dropout pieces on the GEMM route (csrc/autograd/lora_linear.cpp), each next to the
+    Triton kernel it stands in for: (name, fn, passes over x)."""
+    from ftkernels._ext import C
+
+    mask = C().lora_mask_apply
+    keep = 1 / (1 - p)
+    u = torch.empty(x.shape[0], a.shape[0], device=x.device, dtype=x.dtype)
+    ga = torch.empty_like(a)
+    t = torch.empty_like(x)
+
+    def bwd():  # grad_A = v^T D(x), grad_x += D'(v A), the mask regenerated
+        xm = mask(x, seed, p, 1.0)
+        torch.addmm(ga, v.t(), xm, beta=0, alpha=keep)
+        mask(torch.mm(v, a, out=t), seed, p, keep, gx)
+
+    return [
+        ("node mask x", lambda: mask(x, seed, p, 1.0), 2),
+        ("node mask-add dx", lambda: mask(t, seed, p, keep, gx), 3),
+        ("node fwd (mask, GEMM)", lambda: torch.addmm(u, mask(x, seed, p, 1.0), a.t(), beta=0, alpha=keep), 3),
+        ("node bwd (grad_A+dx)", bwd, 7),
+    ]
+
+
 def lora_rows(dev, quick, gbps):
+    from ftkernels.ops.lora_linear import _cuda_mask
     from ftkernels.triton import lora_linear as tk
+
+    node = _cuda_mask()  # the extension has the node's CUDA mask kernel
 
     rows = []
     shapes = [(4096, 768, 16)] if quick else [(4096, 768, 16), (4096, 3072, 16), (8192, 4096, 16)]
@@ -55,6 +83,7 @@ def lora_rows(dev, quick, gbps):
                 ("lora_grad_a p0.1", lambda: tk.lora_grad_a(x, v, a, seed, 0.1), 1),
                 ("lora_grad_a+dx p0.1", lambda: tk.lora_grad_a(x, v, a, seed, 0.1, grad_x=gx), 3),
                 ("cuBLAS v^T x", lambda: v.t() @ x, 1),
+                *(_node_dropout_cases(x, a, v, gx, seed, 0.1) if node else []),
             ):
                 rows.append(dict(group="lora", case=case, kernel=name, us=_bench(fn), floor_us=passes * read))
     return rows

@@ -5,6 +5,7 @@ and the time is host time: Python, autograd and ATen dispatch (bench/NOTES.md, "
 
     python scripts/host_time.py                       # 8 layers, each after a LayerNorm (input rebuilt)
     python scripts/host_time.py --producer none --group 3   # q/k/v-style groups of 3 on one x
+    python scripts/host_time.py --dropout 0.1          # BERT-style LoRA dropout
 """
 
 from __future__ import annotations
@@ -33,17 +34,17 @@ class Block(nn.Module):
         return sum(layer(h) for layer in self.layers)
 
 
-def build(kind, depth, group, k, r, producer, device):
+def build(kind, depth, group, k, r, producer, device, p=0.0):
     blocks = []
     for _ in range(depth):
         layers = []
         for _ in range(group):
             base = nn.Linear(k, k, device=device)
-            ours = ftk.nn.LoRALinear(base, r=r, alpha=2 * r)
+            ours = ftk.nn.LoRALinear(base, r=r, alpha=2 * r, dropout=p)
             with torch.no_grad():
                 ours.lora_B.normal_()
             if kind == "PEFT":
-                ours = _peft_layer(nn.Linear(k, k, device=device).requires_grad_(False), r, 2 * r, 0.0, ours)
+                ours = _peft_layer(nn.Linear(k, k, device=device).requires_grad_(False), r, 2 * r, p, ours)
             elif kind == "frozen nn.Linear":
                 ours = base
             layers.append(ours)
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--M", type=int, default=16)
     ap.add_argument("--K", type=int, default=64)
     ap.add_argument("--r", type=int, default=4)
+    ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     kinds = ["ours, C++ node", "ours, Python Functions", "PEFT", "frozen nn.Linear"]
-    models = {k: build(k, args.depth, args.group, args.K, args.r, args.producer, device) for k in kinds}
+    models = {k: build(k, args.depth, args.group, args.K, args.r, args.producer, device, args.dropout) for k in kinds}
     x = torch.randn(args.M, args.K, device=device, requires_grad=True)
     n_layers = args.depth * args.group
 
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
             sync()
             times[k].append((time.perf_counter() - t) / 10 / n_layers * 1e6)
     ops._node_on = True
-    what = f"{args.depth} blocks x {args.group} layer(s), producer {args.producer}, M{args.M} K{args.K} r{args.r}"
+    what = f"{args.depth} blocks x {args.group} layer(s), producer {args.producer}, M{args.M} K{args.K} r{args.r} p{args.dropout}"
     print(f"{device.type}, {what}, {args.threads} thread(s): median us per layer (with its share of the block)")
     ref = statistics.median(times["PEFT"])
     for k in kinds:

@@ -28,7 +28,7 @@ def _seed():
 @pytest.fixture(params=[True, False], ids=["cpp_node", "py_function"])
 def lora_node(request, monkeypatch):
     """Runs a test with eager LoRA calls through the C++ autograd node where it serves them, and again
-    through the Python autograd Functions (what CUDA calls with dropout use)."""
+    through the Python autograd Functions (what CUDA calls with dropout use under graph capture)."""
     from ftkernels.ops import lora_linear
 
     monkeypatch.setattr(lora_linear, "_node_on", request.param)

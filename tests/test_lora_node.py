@@ -8,6 +8,7 @@ from helpers.lora import lora_members
 from torch import nn
 
 import ftkernels as ftk
+from ftkernels.nn.reference import lora_keep_mask
 from ftkernels.ops import input_recompute as ir
 from ftkernels.ops import lora_linear as ops
 from ftkernels.ops.lora_group import lora_group_ys
@@ -144,11 +145,163 @@ def test_program_encodes_every_plan_node():
         torch.testing.assert_close(got, x.detach(), rtol=0, atol=4 * torch.finfo(x.dtype).eps * x.abs().max().item())
 
 
+def _node_run(x, members, scalings, ps, dense_cpu):
+    """Outputs and grads (x, then each member's A and B) of one node call on fresh leaf copies."""
+    x = x.detach().clone().requires_grad_()
+    ms = [tuple(None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in m) for m in members]
+    ys = ops.node_ys(x, ms, scalings, ps, dense_cpu)
+    torch.manual_seed(3)
+    sum((y.float() * torch.randn_like(y.float())).sum() for y in ys).backward()
+    return [*ys, x.grad, *(t.grad for m in ms for t in m[2:4])]
+
+
+@pytest.mark.parametrize("lead", [(), (2, 3)])
+@pytest.mark.parametrize("ps", [(0.3,), (0.2, 0.0, 0.5)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_gemm_route_equals_cpu_kernels(lead, ps, dtype, tol):
+    """The GEMM route CUDA calls take (ATen GEMMs around the mask kernel), run on CPU, against the CPU
+    kernels: the same mask and the same sums up to rounding, dropout on and off, groups included."""
+    K, shapes = 29, [(17, 4), (6, 2), (23, 5)][: len(ps)]
+    members = lora_members(K, shapes, dtype, bias=(True, False))
+    x = torch.randn(*lead, 13, K, dtype=dtype)
+    scalings = tuple(0.5 + i for i in range(len(ps)))
+    fused = _node_run(x, members, scalings, ps, dense_cpu=False)
+    gemm = _node_run(x, members, scalings, ps, dense_cpu=True)
+    for a, b in zip(gemm, fused, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+def test_gemm_route_gradcheck():
+    """float64 gradcheck of the GEMM route with dropout (x, both members' adapters)."""
+    members = lora_members(9, [(5, 2), (4, 3)], torch.float64)
+
+    def f(x, a0, b0, a1, b1):
+        ms = [(members[0][0], members[0][1], a0, b0, members[0][4]), (members[1][0], None, a1, b1, members[1][4])]
+        return ops.node_ys(x, ms, (0.7, 1.3), (0.4, 0.25), True)
+
+    x = torch.randn(2, 5, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, *members[0][2:4], *members[1][2:4]))
+
+
+def _mask_reference(src, seed, p, scale, acc=None):
+    """keep ? src * scale : 0 (plus acc) in the kernels' opmath dtype, from the reference mask."""
+    op = torch.float64 if src.dtype == torch.float64 else torch.float32
+    keep = lora_keep_mask(seed, src.shape[0], src.shape[1], p).to(src.device)
+    v = torch.where(keep, src.to(op) * torch.tensor(scale, dtype=op, device=src.device), 0)
+    return (v if acc is None else acc.to(op) + v).to(src.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K", [1, 13, 64])
+def test_mask_apply_is_the_dropout_stream(dtype, K):
+    """lora_mask_apply: the LoRA stream's mask (the reference mask, and the same bits as lora_dropout
+    with scale 1/(1-p)), copied or added into an accumulator in place."""
+    C, p, seed = ftk._ext.C(), 0.3, torch.tensor(987654321987)
+    x = torch.randn(37, K).to(dtype)
+    got = C.lora_mask_apply(x, seed, p, 1 / (1 - p))
+    assert torch.equal(got, C.lora_dropout_cpu(x, p, int(seed)))
+    assert torch.equal(got, _mask_reference(x, seed, p, 1 / (1 - p)))
+    assert torch.equal(C.lora_mask_apply(x, seed, p, 1.0), _mask_reference(x, seed, p, 1.0))
+    acc = torch.randn(37, K).to(dtype)
+    want = _mask_reference(x, seed, p, 2.5, acc)
+    out = C.lora_mask_apply(x, seed, p, 2.5, acc)
+    assert out.data_ptr() == acc.data_ptr() and torch.equal(acc, want)
+    view = torch.randn(K, 37).to(dtype).t()  # a non-contiguous src is read through a copy
+    assert torch.equal(C.lora_mask_apply(view, seed, p, 1.0), _mask_reference(view.contiguous(), seed, p, 1.0))
+
+
+def test_mask_apply_rejects_bad_input():
+    C, x, seed = ftk._ext.C(), torch.randn(4, 6), torch.tensor(5)
+    cases = [
+        ((torch.randn(2, 3, 4), seed, 0.1, 1.0, None), "2-D"),
+        ((x, seed.double(), 0.1, 1.0, None), "int64"),
+        ((x, torch.tensor([1, 2]), 0.1, 1.0, None), "int64"),
+        ((x, seed, 1.0, 1.0, None), r"\[0, 1\)"),
+        ((x, seed, 0.1, 1.0, torch.randn(4, 5)), "acc"),
+        ((x, seed, 0.1, 1.0, torch.randn(6, 4).t()), "acc"),
+        ((x, seed, 0.1, 1.0, torch.randn(4, 6, dtype=torch.float64)), "acc"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            C.lora_mask_apply(*args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K", [13, 64, 200])
+def test_cuda_mask_apply_equals_cpu(dtype, K):
+    """The CUDA mask kernel gives the CPU kernel's bits: copy and accumulate, vector rows (K % 8 == 0,
+    aligned) and element-wise ones (odd K, or a src 1 element off alignment)."""
+    C, p = ftk._ext.C(), 0.1
+    seed = torch.tensor(123456789123)
+    flat = torch.randn(45 * K + 1).to(dtype)
+    for x in (flat[: 45 * K].view(45, K), flat[1:].view(45, K)):
+        acc = torch.randn(45, K).to(dtype)
+        for scale, a in ((1.0, None), (1 / (1 - p), None), (1 / (1 - p), acc)):
+            want = C.lora_mask_apply(x, seed, p, scale, None if a is None else a.clone())
+            got = C.lora_mask_apply(x.cuda(), seed.cuda(), p, scale, None if a is None else a.cuda())
+            assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "dtype,adapter_dtype,tol", [(torch.float32, None, 1e-4), (torch.bfloat16, torch.float32, 3e-2)]
+)
+def test_cuda_node_with_dropout_matches_triton_route(dtype, adapter_dtype, tol, monkeypatch):
+    """With dropout, the node's GEMM route (cuBLAS and the mask kernel) against the Python route's Triton
+    kernels: the same mask, so the same outputs and grads up to the GEMMs' rounding; single layers and
+    groups."""
+    K, shapes = 96, [(80, 8), (32, 4), (80, 8)]
+    for ps in [(0.1,), (0.1, 0.0, 0.3)]:
+        members = lora_members(K, shapes[: len(ps)], dtype, "cuda", adapter_dtype, bias=(True, False))
+        x = torch.randn(3, 40, K, dtype=dtype, device="cuda", requires_grad=True)
+        scal = tuple(1.0 + i for i in range(len(ps)))
+        y1, g1, k1 = _run(True, monkeypatch, x, members, scal, ps)
+        y2, g2, k2 = _run(False, monkeypatch, x, members, scal, ps)
+        assert all("LoRALinearNode" in k for k in k1) and not any("LoRALinearNode" in k for k in k2)
+        for a, b in zip(y1 + g1, y2 + g2, strict=True):
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item())
+
+
+@pytest.mark.cuda
+def test_cuda_dropout_routes_with_graphs():
+    """Eager CUDA calls with dropout take the node; inside graph_routing (GraphedTrainStep's warm-up and
+    capture) the Triton route. A user's own capture outside it gets the node: warmed up, captured and
+    replayed, it gives the eager result for the same seed."""
+    x = torch.randn(4, 8, device="cuda")
+    assert ops.node_serves(x, (0.1,))
+    with ops.graph_routing():
+        assert not ops.node_serves(x, (0.1,)) and ops.node_serves(x, (0.0,))
+    base = nn.Linear(64, 48).cuda()
+    a = torch.randn(4, 64, device="cuda", requires_grad=True)
+    b = torch.randn(48, 4, device="cuda", requires_grad=True)
+    xs, seed = torch.randn(16, 64, device="cuda", requires_grad=True), torch.tensor(77, device="cuda")
+
+    def step():
+        y = ftk.nn.lora_linear(xs, base.weight, base.bias, a, b, 0.5, 0.2, seed=seed)
+        return (y, *torch.autograd.grad(y.square().sum(), (xs, a, b)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    assert "LoRALinearNode" in captured[0].grad_fn.name()
+    graph.replay()
+    for got, want in zip(captured, step(), strict=True):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32)])
 def test_cuda_node_equals_cublas_route(dtype, adapter_dtype, monkeypatch):
     """On CUDA the node serves dropout-free calls with the same cuBLAS calls as the Python route:
-    bit-identical outputs and grads, single layers and groups. Dropout stays with the Triton kernels."""
+    bit-identical outputs and grads, single layers and groups."""
     K, shapes = 96, [(80, 8), (32, 4), (80, 8)]
     for ps in [(0.0,), (0.0, 0.0, 0.0)]:
         members = lora_members(K, shapes[: len(ps)], dtype, "cuda", adapter_dtype, bias=(True, False))
@@ -159,5 +312,3 @@ def test_cuda_node_equals_cublas_route(dtype, adapter_dtype, monkeypatch):
         assert all("LoRALinearNode" in k for k in k1) and not any("LoRALinearNode" in k for k in k2)
         for a, b in zip(y1 + g1, y2 + g2, strict=True):
             assert torch.equal(a, b)
-    x = torch.randn(4, K, device="cuda")
-    assert not ops.node_serves(x, (0.1,)) and ops.node_serves(x, (0.0,))

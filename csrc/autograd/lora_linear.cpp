@@ -3,9 +3,11 @@
 // layer step on a slow host (apply, the engine's call back into Python, the Python around each
 // ATen call); this node's forward is one call from Python and its backward none (bench/NOTES.md,
 // "Session 11"). Kernels: the CPU kernels of csrc/cpu/lora_linear.cpp on CPU (dropout included);
-// on other devices dropout-free cuBLAS GEMMs, the same calls as ftkernels/triton/lora_linear.py's
-// cuBLAS route (outputs bit-identical to it; tests/test_lora_node.py). Dropout on a GPU runs Triton
-// kernels, launched from Python: such calls do not come here.
+// on other devices the GEMM route: cuBLAS GEMMs, dropout-free the same calls as
+// ftkernels/triton/lora_linear.py's cuBLAS route (outputs bit-identical to it; tests/test_lora_node.py),
+// with dropout the mask applied by lora_mask_apply around them (where the Python route runs Triton
+// kernels that fuse it). The GEMM route also runs on CPU when asked (dense_cpu), so tests check it
+// against the CPU kernels.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -28,28 +30,48 @@ using torch::autograd::variable_list;
 
 at::Tensor as_dtype(const at::Tensor& t, at::ScalarType d) { return t.scalar_type() == d ? t : t.to(d); }
 
-// (y, u) of one member, dropout-free, off CPU: u = x A^T, y = x W^T + b + s u B^T.
+// s (l @ r) as one GEMM: alpha s, beta 0 ignores the uninitialized output.
+at::Tensor scaled_mm(const at::Tensor& l, const at::Tensor& r, double s) {
+  at::Tensor out = at::empty({l.size(0), r.size(1)}, l.options());
+  return at::addmm_out(out, out, l, r, 0.0, s);
+}
+
+// x with D's zeros, unscaled (exact): the GEMMs that read it take 1 / (1 - p) as alpha.
+at::Tensor masked(const at::Tensor& x, double p, const at::Tensor& seed) {
+  return lora_mask_apply(x, seed, p, 1.0, c10::nullopt);
+}
+
+// (y, u) of one member on the GEMM route: u = D(x) A^T, y = x W^T + b + s u B^T. D's 1 / (1 - p)
+// is the GEMM's alpha, as the Triton kernel scales its fp32 sum.
 std::tuple<at::Tensor, at::Tensor> dense_fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias,
-                                             const at::Tensor& a, const at::Tensor& b, double s) {
-  at::Tensor u = at::mm(x, a.t());
+                                             const at::Tensor& a, const at::Tensor& b, double s, double p,
+                                             const at::Tensor& seed) {
+  at::Tensor u = p > 0 ? scaled_mm(masked(x, p, seed), a.t(), 1.0 / (1.0 - p)) : at::mm(x, a.t());
   at::Tensor y = bias != nullptr ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
   y.addmm_(u, b.t(), 1.0, s);
   return {y, u};
 }
 
-// (grad_x, grad_A, grad_B) of one member, dropout-free, off CPU; grad_x added into gx when defined.
+// (grad_x, grad_A, grad_B) of one member on the GEMM route; grad_x added into gx when defined.
+// grad_A = v^T D(x), grad_x = g W + D'(v A) with v = s g B; D is regenerated from the seed.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bwd(const at::Tensor& g, const at::Tensor& x,
                                                          const at::Tensor& w, const at::Tensor& a,
                                                          const at::Tensor& b, const at::Tensor& u, double s,
-                                                         bool need_x, at::Tensor gx) {
-  // s g^T u and s g B as single GEMMs (alpha s, beta 0 ignores the uninitialized output)
-  at::Tensor gb = at::empty({g.size(1), u.size(1)}, g.options());
-  at::addmm_out(gb, gb, g.t(), u, 0.0, s);
-  at::Tensor v = at::empty({g.size(0), b.size(1)}, g.options());
-  at::addmm_out(v, v, g, b, 0.0, s);
+                                                         double p, const at::Tensor& seed, bool need_x,
+                                                         at::Tensor gx) {
+  at::Tensor gb = scaled_mm(g.t(), u, s);
+  at::Tensor v = scaled_mm(g, b, s);
   if (need_x) gx = gx.defined() ? gx.addmm_(g, w) : at::mm(g, w);
-  at::Tensor ga = at::mm(v.t(), x);
-  if (need_x) gx.addmm_(v, a);
+  if (p == 0) {
+    at::Tensor ga = at::mm(v.t(), x);
+    if (need_x) gx.addmm_(v, a);
+    return {gx, ga, gb};
+  }
+  const double inv_keep = 1.0 / (1.0 - p);
+  at::Tensor xm = masked(x, p, seed);
+  at::Tensor ga = scaled_mm(v.t(), xm, inv_keep);
+  // grad_x += D'(v A), v A written over the masked x (one [M, K] temporary, not two)
+  if (need_x) lora_mask_apply(at::mm_out(xm, v, a), seed, p, inv_keep, gx);
   return {gx, ga, gb};
 }
 
@@ -61,14 +83,14 @@ struct LoRALinearNode : public torch::autograd::Function<LoRALinearNode> {
                                at::TensorList biases, at::TensorList lora_as, at::TensorList lora_bs,
                                const std::vector<int64_t>& bias_of, const std::vector<double>& scalings,
                                const std::vector<double>& dropouts, const std::vector<at::Tensor>& seeds,
-                               const std::vector<at::Tensor>& kept, const std::vector<int64_t>& program) {
+                               const std::vector<at::Tensor>& kept, const std::vector<int64_t>& program,
+                               bool dense_cpu) {
     // The caller chose the compute dtype (autocast's included): the GEMMs run in it.
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const int64_t G = static_cast<int64_t>(weights.size()), K = x.size(-1);
-    const bool cpu = x.is_cpu();
+    const bool cpu = x.is_cpu() && !dense_cpu;  // the CPU kernels, else the GEMM route
     const at::ScalarType dt = x.scalar_type();
     const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, K});
-    std::vector<int64_t> seed_ints(G, 0);
     variable_list ys, to_save;
     if (program.empty())
       to_save.push_back(x2);
@@ -82,13 +104,11 @@ struct LoRALinearNode : public torch::autograd::Function<LoRALinearNode> {
       const at::Tensor a = as_dtype(lora_as[i], dt), b = as_dtype(lora_bs[i], dt);
       at::Tensor y, u;
       if (cpu) {
-        if (dropouts[i] > 0) seed_ints[i] = seeds[i].item<int64_t>();
+        const int64_t seed = dropouts[i] > 0 ? seeds[i].item<int64_t>() : 0;
         std::tie(y, u) = lora_linear_fwd_cpu(x2, w, bias ? c10::optional<at::Tensor>(*bias) : c10::nullopt, a, b,
-                                             scalings[i], dropouts[i], seed_ints[i]);
+                                             scalings[i], dropouts[i], seed);
       } else {
-        FTK_CHECK(dropouts[i] == 0, "ftkernels lora_linear_node: dropout on ", x.device().str(),
-                  " runs in the Triton kernels, not in this node");
-        std::tie(y, u) = dense_fwd(x2, w, bias, a, b, scalings[i]);
+        std::tie(y, u) = dense_fwd(x2, w, bias, a, b, scalings[i], dropouts[i], seeds[i]);
       }
       out_shape.back() = w.size(0);
       ys.push_back(x.dim() == 2 ? y : y.view(out_shape));
@@ -100,7 +120,8 @@ struct LoRALinearNode : public torch::autograd::Function<LoRALinearNode> {
     ctx->saved_data["bias_of"] = bias_of;
     ctx->saved_data["scalings"] = scalings;
     ctx->saved_data["dropouts"] = dropouts;
-    ctx->saved_data["seeds"] = seed_ints;
+    ctx->saved_data["seeds"] = seeds;  // int64 scalars (on the GPU: read by the kernels, no sync)
+    ctx->saved_data["cpu"] = cpu;
     ctx->saved_data["adapter_dtypes"] = [&] {
       std::vector<int64_t> d;
       for (int64_t i = 0; i < G; ++i) {
@@ -142,7 +163,7 @@ struct LoRALinearNode : public torch::autograd::Function<LoRALinearNode> {
     const std::vector<int64_t> bias_of = ctx->saved_data["bias_of"].toIntVector();
     const std::vector<double> scalings = ctx->saved_data["scalings"].toDoubleVector();
     const std::vector<double> dropouts = ctx->saved_data["dropouts"].toDoubleVector();
-    const std::vector<int64_t> seeds = ctx->saved_data["seeds"].toIntVector();
+    const std::vector<at::Tensor> seeds = ctx->saved_data["seeds"].toTensorVector();
     const std::vector<int64_t> adtypes = ctx->saved_data["adapter_dtypes"].toIntVector();
     const int64_t G = static_cast<int64_t>(scalings.size()), K = x_shape.back();
     const int64_t n_kept = static_cast<int64_t>(saved.size()) - 4 * G;  // x itself, or the rebuild's tensors
@@ -154,9 +175,9 @@ struct LoRALinearNode : public torch::autograd::Function<LoRALinearNode> {
       x2 = rebuild_input(program, std::vector<at::Tensor>(saved.begin(), saved.begin() + n_kept));
       x2 = x2.reshape({-1, K});
     }
-    const bool cpu = x2.is_cpu();
+    const bool cpu = ctx->saved_data["cpu"].toBool();
     const bool need_x = ctx->needs_input_grad(0);
-    variable_list out(1 + G + nb + 2 * G + 6);
+    variable_list out(1 + G + nb + 2 * G + 7);  // tensors, then 7 non-tensor args
     at::Tensor gx;
     for (int64_t i = 0; i < G; ++i) {
       if (!grads[i].defined()) continue;  // an unused output
@@ -168,10 +189,11 @@ struct LoRALinearNode : public torch::autograd::Function<LoRALinearNode> {
       if (need_x || need_a || need_b) {
         at::Tensor gxi, ga, gb;
         if (cpu) {
-          std::tie(gxi, ga, gb) = lora_linear_bwd_cpu(g, x2, w, a, b, u, scalings[i], dropouts[i], seeds[i], need_x,
+          const int64_t seed = dropouts[i] > 0 ? seeds[i].item<int64_t>() : 0;
+          std::tie(gxi, ga, gb) = lora_linear_bwd_cpu(g, x2, w, a, b, u, scalings[i], dropouts[i], seed, need_x,
                                                       gx.defined() ? c10::optional<at::Tensor>(gx) : c10::nullopt);
         } else {
-          std::tie(gxi, ga, gb) = dense_bwd(g, x2, w, a, b, u, scalings[i], need_x, gx);
+          std::tie(gxi, ga, gb) = dense_bwd(g, x2, w, a, b, u, scalings[i], dropouts[i], seeds[i], need_x, gx);
         }
         if (need_x) gx = gxi;  // the first member's buffer; later members add into it
         if (need_a) out[ia] = as_dtype(ga, static_cast<at::ScalarType>(adtypes[2 * i]));
@@ -191,7 +213,7 @@ std::vector<at::Tensor> lora_linear_node(const at::Tensor& x, const std::vector<
                                          const std::vector<at::Tensor>& lora_bs, const std::vector<int64_t>& bias_of,
                                          const std::vector<double>& scalings, const std::vector<double>& dropouts,
                                          const std::vector<at::Tensor>& seeds, const std::vector<at::Tensor>& kept,
-                                         const std::vector<int64_t>& program) {
+                                         const std::vector<int64_t>& program, bool dense_cpu) {
   const size_t G = weights.size();
   FTK_CHECK(G >= 1 && lora_as.size() == G && lora_bs.size() == G && bias_of.size() == G && scalings.size() == G &&
                 dropouts.size() == G && seeds.size() == G,
@@ -205,7 +227,7 @@ std::vector<at::Tensor> lora_linear_node(const at::Tensor& x, const std::vector<
               "ftkernels lora_linear_node: bias index out of range");
   }
   return LoRALinearNode::apply(x, at::TensorList(weights), at::TensorList(biases), at::TensorList(lora_as),
-                               at::TensorList(lora_bs), bias_of, scalings, dropouts, seeds, kept, program);
+                               at::TensorList(lora_bs), bias_of, scalings, dropouts, seeds, kept, program, dense_cpu);
 }
 
 }  // namespace ftk

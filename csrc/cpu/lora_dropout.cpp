@@ -2,6 +2,8 @@
 // (i0, ..., i_{d-2}, k) is element (row, k) of x's logical [numel / K, K] view (row-major over the
 // leading dims), so NCHW and channels-last inputs get the same mask. Used by LoRA layers whose
 // low-rank path is an ATen op (convolutions): the dropped copy lives only while that op runs.
+// Also the mask applied to a 2-D tensor (lora_mask_apply: CPU here, CUDA in csrc/cuda/lora_dropout.cu)
+// for the C++ LoRA node's GEMM route.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -9,6 +11,7 @@
 
 #include <vector>
 
+#include "ftk/check.h"
 #include "ftk/lora.h"
 #include "ftk/lora_host.h"
 
@@ -46,6 +49,59 @@ at::Tensor lora_dropout_cpu(const at::Tensor& x, double dropout, int64_t seed) {
       }
     });
   });
+  return out;
+}
+
+at::Tensor lora_mask_apply_cpu(const at::Tensor& src, int64_t seed, uint32_t thr, double scale, at::Tensor acc) {
+  const bool accumulate = acc.defined();
+  at::Tensor out = accumulate ? acc : at::empty_like(src);
+  const int64_t M = src.size(0), K = src.size(1);
+  if (src.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "lora_mask_apply_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t sc = static_cast<acc_t>(scale);
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<uint16_t> draws(8 * ((K + 7) / 8));
+      for (int64_t row = r0; row < r1; ++row) {
+        philox_dropout_block(static_cast<uint64_t>(seed), kLoraStream, lora_dropout_group(row, 0),
+                             static_cast<int>((K + 7) / 8), draws.data());
+        const scalar_t* s = sp + row * K;
+        scalar_t* o = op + row * K;
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t v = draws[k] >= thr ? static_cast<acc_t>(s[k]) * sc : acc_t(0);
+          o[k] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(o[k]) + v : v);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor lora_mask_apply(const at::Tensor& src, const at::Tensor& seed, double dropout, double scale,
+                           const c10::optional<at::Tensor>& acc) {
+  FTK_CHECK(src.dim() == 2, "ftkernels lora_mask_apply: src must be 2-D [M, K], got ", src.sizes());
+  FTK_CHECK(dropout >= 0 && dropout < 1, "ftkernels lora_mask_apply: dropout must be in [0, 1), got ", dropout);
+  FTK_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1 && seed.device() == src.device(),
+            "ftkernels lora_mask_apply: seed must be one int64 on ", src.device(), ", got ", seed.scalar_type(),
+            " with ", seed.numel(), " elements on ", seed.device());
+  at::Tensor out;
+  if (acc.has_value() && acc->defined()) {
+    out = *acc;
+    FTK_CHECK(out.sizes() == src.sizes() && out.scalar_type() == src.scalar_type() && out.device() == src.device() &&
+                  out.is_contiguous(),
+              "ftkernels lora_mask_apply: acc must be a contiguous ", src.scalar_type(), " tensor of shape ",
+              src.sizes(), " on ", src.device());
+  }
+  const at::Tensor s = src.contiguous();
+  const uint32_t thr = dropout_threshold(dropout);
+  if (s.is_cpu()) return lora_mask_apply_cpu(s, seed.item<int64_t>(), thr, scale, out);
+#ifdef FTK_WITH_CUDA
+  if (s.is_cuda()) return lora_mask_apply_cuda(s, seed, thr, scale, out);
+#endif
+  FTK_CHECK(false, "ftkernels lora_mask_apply: no kernel for ", src.device(),
+            " in this build (CPU always; CUDA when built with a CUDA torch and nvcc)");
   return out;
 }
 

@@ -210,26 +210,59 @@ NODE_ENV = "FTKERNELS_LORA_NODE"  # "0": eager calls use the Python autograd Fun
 _node_on = os.environ.get(NODE_ENV, "1") != "0"
 
 
+_CUDA_MASK: list[bool] = []  # whether the extension has the CUDA dropout-mask kernel (cached)
+
+
+def _cuda_mask() -> bool:
+    if not _CUDA_MASK:
+        _CUDA_MASK.append("cuda" in C().build_info()["native_ops"].get("lora_mask_apply", []))
+    return _CUDA_MASK[0]
+
+
+_graph_routing = 0  # > 0 inside graph_routing()
+
+
+@contextlib.contextmanager
+def graph_routing():
+    """Inside it, CUDA calls with dropout take the Python route's Triton kernels instead of the C++
+    node. Those kernels fuse the mask into the rank-r GEMMs (~6 passes over x fewer per layer step
+    than the node's mask kernel around cuBLAS), which pays where host time does not count: a step
+    captured in a CUDA graph. Enter it for the warm-up as well as the capture, because Triton cannot
+    load a kernel while a stream is capturing: the warm-up must have run the kernels the capture
+    launches. :class:`ftkernels.graphed_step.GraphedTrainStep` does both. A capture outside it gets the
+    node, whose kernels are capture-safe."""
+    global _graph_routing
+    _graph_routing += 1
+    try:
+        yield
+    finally:
+        _graph_routing -= 1
+
+
 def node_serves(x: Tensor, dropouts) -> bool:
     """Whether the C++ autograd node (csrc/autograd/lora_linear.cpp) serves an eager call on x: any
-    call on CPU; on CUDA, dropout-free calls on the cuBLAS route (dropout runs Triton kernels, which
-    Python launches). Needs the extension; off with ``FTKERNELS_LORA_NODE=0``."""
+    call on CPU; on CUDA, calls on the cuBLAS route (the default), with dropout when the extension was
+    built with CUDA (the node's mask kernel) and not inside :func:`graph_routing`. Off with
+    ``FTKERNELS_LORA_NODE=0``."""
     if not _node_on:
         return False
     dev = x.device.type
     if dev == "cpu":
         return available()
-    if dev != "cuda" or any(p > 0 for p in dropouts) or not available():
+    if dev != "cuda" or not available():
+        return False
+    if (_graph_routing or not _cuda_mask()) and any(p > 0 for p in dropouts):
         return False
     from ..triton import lora_linear as tk
 
     return tk.GEMM_ROUTE.setting() == "cublas"
 
 
-def node_ys(x: Tensor, members, scalings, dropouts) -> list[Tensor]:
+def node_ys(x: Tensor, members, scalings, dropouts, dense_cpu: bool = False) -> list[Tensor]:
     """``[y_1, ..., y_G]`` of G layers on x through the C++ node; ``members`` as in
     :func:`ftkernels.ops.lora_group.lora_group_ys`. x is kept, or rebuilt in backward from what its
-    producer keeps (:mod:`.input_recompute`)."""
+    producer keeps (:mod:`.input_recompute`). ``dense_cpu`` (tests) runs a CPU call on the GEMM route
+    that CUDA calls take (cuBLAS GEMMs and the mask kernel) instead of the CPU kernels."""
     kept, prog = input_recompute.kept_and_program(x)
     biases = [m[1] for m in members if m[1] is not None]
     bias_of, j = [], 0
@@ -238,7 +271,7 @@ def node_ys(x: Tensor, members, scalings, dropouts) -> list[Tensor]:
         j += m[1] is not None
     return C().lora_linear_node(
         x, [m[0] for m in members], biases, [m[2] for m in members], [m[3] for m in members], bias_of,
-        list(scalings), list(dropouts), [m[4] for m in members], kept, prog,
+        list(scalings), list(dropouts), [m[4] for m in members], kept, prog, dense_cpu,
     )  # fmt: skip
 
 

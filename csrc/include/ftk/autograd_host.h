@@ -20,14 +20,15 @@ bool storage_ok(const at::Tensor& t);
 
 // G fused LoRA Linear layers on one x [..., K] as one autograd node (G = 1: a single layer):
 // y_i = x W_i^T + b_i + s_i (D_i(x) A_i^T) B_i^T. biases holds the present biases, bias_of[i] the
-// index of member i's (-1: none). seeds: int64 scalars, read on CPU only (dropout > 0 on CPU only).
-// With a non-empty program, x is not kept: `kept` and the program rebuild it in backward.
+// index of member i's (-1: none). seeds: int64 scalars on x's device (dropout > 0: the mask's key).
+// With a non-empty program, x is not kept: `kept` and the program rebuild it in backward. CPU calls
+// run the CPU kernels unless dense_cpu (tests): then the GEMM route that other devices take.
 std::vector<at::Tensor> lora_linear_node(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                                          const std::vector<at::Tensor>& biases,
                                          const std::vector<at::Tensor>& lora_as,
                                          const std::vector<at::Tensor>& lora_bs, const std::vector<int64_t>& bias_of,
                                          const std::vector<double>& scalings, const std::vector<double>& dropouts,
                                          const std::vector<at::Tensor>& seeds, const std::vector<at::Tensor>& kept,
-                                         const std::vector<int64_t>& program);
+                                         const std::vector<int64_t>& program, bool dense_cpu = false);
 
 }  // namespace ftk

@@ -27,4 +27,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(const at::Ten
 // scaled by 1 / (1 - p); same memory format as x (csrc/cpu/lora_dropout.cpp).
 at::Tensor lora_dropout_cpu(const at::Tensor& x, double dropout, int64_t seed);
 
+// The LoRA dropout mask applied to a 2-D src [M, K] (the stream of ftk/lora.h, element (m, k)):
+// m_k(src) = keep ? src * scale : 0, returned as a new tensor, or, given acc (src's shape, dtype and
+// device, contiguous), added into acc in place (acc returned). seed: an int64 scalar tensor on src's
+// device (read on the device: no host sync). The C++ LoRA node's GEMM route uses it: the masked x
+// (scale 1) feeds cuBLAS, and the masked rank-r product (scale 1 / (1 - p)) is added into grad_x.
+at::Tensor lora_mask_apply(const at::Tensor& src, const at::Tensor& seed, double dropout, double scale,
+                           const c10::optional<at::Tensor>& acc);
+at::Tensor lora_mask_apply_cpu(const at::Tensor& src, int64_t seed, uint32_t thr, double scale, at::Tensor acc);
+#ifdef FTK_WITH_CUDA
+at::Tensor lora_mask_apply_cuda(const at::Tensor& src, const at::Tensor& seed, uint32_t thr, double scale,
+                                at::Tensor acc);
+#endif
+
 }  // namespace ftk

@@ -64,6 +64,13 @@ FTK_HD float dropout_uniform(const U32x4& r, int lane) {
   return uniform16(word, lane & 1);
 }
 
+// Lane 0..7's 16-bit draw (the integer behind dropout_uniform): kept iff >= dropout_threshold(p).
+FTK_HD uint32_t dropout_draw16(const U32x4& r, int lane) {
+  const int k = lane >> 1;
+  const uint32_t word = k == 0 ? r.x : k == 1 ? r.y : k == 2 ? r.z : r.w;
+  return (lane & 1) ? (word >> 16) : (word & 0xFFFFu);
+}
+
 // Ten Philox rounds on B counters held as structure of arrays (host only). With AVX2, 8 lanes at
 // a time: _mm256_mul_epu32 gives the 32x32->64 products of the even lanes, a 32-bit shift feeds
 // it the odd ones; GCC does not vectorize the portable loop's rounds by itself.
