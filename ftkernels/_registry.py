@@ -7,5 +7,6 @@ OPS: dict[str, dict[str, str]] = {
     "fused_optim_step": {"cpu": "c++", "cuda": "cuda"},
     "lora_linear": {"cpu": "c++", "cuda": "triton"},
     "lora_dropout": {"cpu": "c++", "cuda": "triton"},
+    "lora_mask_apply": {"cpu": "c++", "cuda": "cuda"},  # the C++ LoRA node's dropout (eager CUDA calls)
     "loreft": {"cpu": "c++", "cuda": "triton"},
 }
