@@ -94,7 +94,8 @@ def main(argv=None) -> int:
             sync()
             times[k].append((time.perf_counter() - t) / 10 / n_layers * 1e6)
     ops._node_on = True
-    what = f"{args.depth} blocks x {args.group} layer(s), producer {args.producer}, M{args.M} K{args.K} r{args.r} p{args.dropout}"
+    shape = f"M{args.M} K{args.K} r{args.r} p{args.dropout}"
+    what = f"{args.depth} blocks x {args.group} layer(s), producer {args.producer}, {shape}"
     print(f"{device.type}, {what}, {args.threads} thread(s): median us per layer (with its share of the block)")
     ref = statistics.median(times["PEFT"])
     for k in kinds:

@@ -337,6 +337,10 @@ def test_bad_input_errors():
         m(torch.tensor(1.0))
     with pytest.raises(ValueError, match="x is on meta but the layer is on cpu"):
         m(torch.empty(3, 8, device="meta"))
+    args = (torch.randn(3, 8), lin.weight, lin.bias, m.lora_A, m.lora_B, 2.0, 0.1, True)
+    for seed in (7, torch.tensor(7.0), torch.tensor([1, 2]), torch.tensor(7, device="meta")):
+        with pytest.raises(ValueError, match="seed must be an int64 scalar tensor on cpu"):
+            ftk.nn.lora_linear(*args, seed)
 
 
 def test_from_peft_layer():

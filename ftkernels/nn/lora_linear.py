@@ -74,7 +74,7 @@ def lora_linear(
     Shapes: x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` or None, lora_a ``[r, K]``, lora_b ``[N, r]``;
     returns ``[..., N]`` in the compute dtype (x's, or autocast's). ``D`` is dropout with probability
     ``dropout`` (when ``training``): a kept element is scaled by ``1/(1-p)``; the mask is drawn from
-    the Philox stream of ``seed`` (an int64 scalar tensor; a fresh one from the default generator
+    the Philox stream of ``seed`` (an int64 scalar tensor on x's device; a fresh one from the default generator
     when None) and regenerated in backward, never stored. Adapter weights of another dtype (fp32
     adapters on a bf16 base) are cast to the compute dtype, differentiably.
     """
@@ -95,6 +95,11 @@ def lora_linear(
             raise ValueError(f"lora_linear: x is on {x.device} but {name} is on {t.device}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
+    if seed is not None and (
+        not isinstance(seed, Tensor) or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device
+    ):
+        got = f"{seed.dtype} {tuple(seed.shape)} on {seed.device}" if isinstance(seed, Tensor) else type(seed).__name__
+        raise ValueError(f"lora_linear: seed must be an int64 scalar tensor on {x.device}, got {got}")
     return _lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout) if training else 0.0, seed)
 
 
