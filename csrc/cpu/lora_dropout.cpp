@@ -12,10 +12,24 @@
 #include <vector>
 
 #include "ftk/check.h"
-#include "ftk/lora.h"
+#include "ftk/lora_cpu.h"
 #include "ftk/lora_host.h"
 
 namespace ftk {
+namespace {
+
+// One row of either op: o[k] = (accumulate ? o[k] : 0) + (kept ? s[k] * sc : 0), in opmath. A dropped
+// element gives exactly 0 (no multiply by a 0 multiplier), as the CUDA kernel does.
+template <typename T, typename Acc>
+inline void mask_row(const uint16_t* draws, uint32_t thr, Acc sc, const T* s, int64_t ss, T* o, int64_t os, int64_t K,
+                     bool accumulate) {
+  for (int64_t k = 0; k < K; ++k) {
+    const Acc v = draws[k] >= thr ? static_cast<Acc>(s[k * ss]) * sc : Acc(0);
+    o[k * os] = static_cast<T>(accumulate ? static_cast<Acc>(o[k * os]) + v : v);
+  }
+}
+
+}  // namespace
 
 at::Tensor lora_dropout_cpu(const at::Tensor& x, double dropout, int64_t seed) {
   FTK_CHECK(x.dim() >= 1, "ftkernels lora_dropout: x must have at least one dimension");
@@ -40,12 +54,8 @@ at::Tensor lora_dropout_cpu(const at::Tensor& x, double dropout, int64_t seed) {
           xo += i * x.stride(d);
           oo += i * out.stride(d);
         }
-        philox_dropout_block(static_cast<uint64_t>(seed), kLoraStream, lora_dropout_group(row, 0),
-                             static_cast<int>((K + 7) / 8), draws.data());
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t v = draws[k] >= thr ? static_cast<acc_t>(xp[xo + k * xsk]) * inv_keep : acc_t(0);
-          op[oo + k * osk] = static_cast<scalar_t>(v);
-        }
+        lora_row_draws(static_cast<uint64_t>(seed), row, K, draws.data());
+        mask_row(draws.data(), thr, inv_keep, xp + xo, xsk, op + oo, osk, K, false);
       }
     });
   });
@@ -65,14 +75,8 @@ at::Tensor lora_mask_apply_cpu(const at::Tensor& src, int64_t seed, uint32_t thr
     at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
       std::vector<uint16_t> draws(8 * ((K + 7) / 8));
       for (int64_t row = r0; row < r1; ++row) {
-        philox_dropout_block(static_cast<uint64_t>(seed), kLoraStream, lora_dropout_group(row, 0),
-                             static_cast<int>((K + 7) / 8), draws.data());
-        const scalar_t* s = sp + row * K;
-        scalar_t* o = op + row * K;
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t v = draws[k] >= thr ? static_cast<acc_t>(s[k]) * sc : acc_t(0);
-          o[k] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(o[k]) + v : v);
-        }
+        lora_row_draws(static_cast<uint64_t>(seed), row, K, draws.data());
+        mask_row(draws.data(), thr, sc, sp + row * K, 1, op + row * K, 1, K, accumulate);
       }
     });
   });

@@ -20,6 +20,7 @@ eager mode :class:`LoRALinearFunction` runs the same kernels with less host time
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -210,13 +211,10 @@ NODE_ENV = "FTKERNELS_LORA_NODE"  # "0": eager calls use the Python autograd Fun
 _node_on = os.environ.get(NODE_ENV, "1") != "0"
 
 
-_CUDA_MASK: list[bool] = []  # whether the extension has the CUDA dropout-mask kernel (cached)
-
-
+@functools.cache
 def _cuda_mask() -> bool:
-    if not _CUDA_MASK:
-        _CUDA_MASK.append("cuda" in C().build_info()["native_ops"].get("lora_mask_apply", []))
-    return _CUDA_MASK[0]
+    """Whether the extension has the CUDA dropout-mask kernel of the node (asked once)."""
+    return "cuda" in C().build_info()["native_ops"].get("lora_mask_apply", [])
 
 
 _graph_routing = 0  # > 0 inside graph_routing()

@@ -57,18 +57,16 @@ FTK_HD float uniform16(uint32_t word, bool high) {
   return static_cast<float>(high ? (word >> 16) : (word & 0xFFFFu)) * (1.0f / 65536.0f);
 }
 
-// Lane 0..7 of a group's words.
-FTK_HD float dropout_uniform(const U32x4& r, int lane) {
-  const int k = lane >> 1;
-  const uint32_t word = k == 0 ? r.x : k == 1 ? r.y : k == 2 ? r.z : r.w;
-  return uniform16(word, lane & 1);
-}
-
-// Lane 0..7's 16-bit draw (the integer behind dropout_uniform): kept iff >= dropout_threshold(p).
+// Lane 0..7's 16-bit draw of a group's words: kept iff >= dropout_threshold(p).
 FTK_HD uint32_t dropout_draw16(const U32x4& r, int lane) {
   const int k = lane >> 1;
   const uint32_t word = k == 0 ? r.x : k == 1 ? r.y : k == 2 ? r.z : r.w;
   return (lane & 1) ? (word >> 16) : (word & 0xFFFFu);
+}
+
+// Lane 0..7 of a group's words as a uniform in [0, 1) (the draw / 65536, as uniform16).
+FTK_HD float dropout_uniform(const U32x4& r, int lane) {
+  return static_cast<float>(dropout_draw16(r, lane)) * (1.0f / 65536.0f);
 }
 
 // Ten Philox rounds on B counters held as structure of arrays (host only). With AVX2, 8 lanes at
