@@ -101,12 +101,14 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const TensorMet
   const BlockWork bw = work[blockIdx.x];
   const TensorMeta& m = metas[bw.tensor];
   __shared__ StepConsts shared_c;
+  __shared__ RuleConsts<W> shared_k;  // read from shared memory per element: no registers held
   if (threadIdx.x == 0) {
     const double lr = sc.lr ? static_cast<double>(*sc.lr) : h.lr;
     const double inv_scale = sc.grad_scale ? 1.0 / static_cast<double>(*sc.grad_scale) : 1.0;
     const double norm = sc.total_norm ? static_cast<double>(*sc.total_norm) : -1.0;
     // step_count_kernel advances the stored count after this kernel; here it is still t - 1.
     shared_c = make_step_consts(h, lr, static_cast<double>(*m.step) + 1.0, inv_scale, norm);
+    shared_k = rule_consts<W>(h, shared_c);
   }
   __syncthreads();
   const StepConsts c = shared_c;
@@ -166,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_step_kernel(const TensorMet
       const W an = reg ? load_aux<W>(m.anchor, m.anchor_type, q[k]) : W(0);
       const W fi = h.ewc != 0 ? load_aux<W>(m.fisher, m.fisher_type, q[k]) : W(0);
       const W drop = h.grad_dropout > 0 ? static_cast<W>(drop_multiplier(u[k], h, c)) : W(1);
-      optim_update<KIND, W>(h, c, x, static_cast<W>(gv[k]), sa, sb, sd, an, fi, drop);
+      optim_update<KIND, W>(shared_k, x, static_cast<W>(gv[k]), sa, sb, sd, an, fi, drop);
       if (m.master) mv[k] = static_cast<float>(x);
       pv[k] = static_cast<P>(x);
       a[k] = static_cast<S>(sa);

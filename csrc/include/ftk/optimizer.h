@@ -98,7 +98,57 @@ FTK_HD T cst(double x) {
   return T(static_cast<typename ScalarOf<T>::type>(x));
 }
 
+// The rule's constants in the working type T, converted once per tensor and step (CPU: per work
+// item; CUDA: per block, in shared memory). The element loop then holds no double math, no
+// conversions and no broadcasts: on CPU those kept the AdamW loop at 2x torch's time (session 13).
+// Each value is the same double expression rounded to T as before, so results are unchanged.
+template <class T>
+struct RuleConsts {
+  T gscale, coupled_l2, l2sp, ewc, decay;
+  T one_m_beta1, beta2, one_m_beta2, inv_bc2_sqrt, eps, step_size, lr;
+  T momentum, one_m_dampening, alpha, one_m_alpha, l1_thresh, neg_l1_thresh;
+  bool scale, dropout, coupled, reg, decays, amsgrad, nesterov, centered, momentum_nz, momentum_pos, l1,
+      first_step;
+};
+
+template <class T>
+FTK_HD RuleConsts<T> rule_consts(const OptimHyper& h, const StepConsts& c) {
+  RuleConsts<T> k;
+  k.gscale = cst<T>(c.gscale);
+  k.coupled_l2 = cst<T>(c.coupled_l2);
+  k.l2sp = cst<T>(h.l2sp);
+  k.ewc = cst<T>(h.ewc);
+  k.decay = cst<T>(c.decay);
+  k.one_m_beta1 = cst<T>(1.0 - h.beta1);
+  k.beta2 = cst<T>(h.beta2);
+  k.one_m_beta2 = cst<T>(1.0 - h.beta2);
+  k.inv_bc2_sqrt = cst<T>(c.inv_bc2_sqrt);
+  k.eps = cst<T>(h.eps);
+  k.step_size = cst<T>(c.step_size);
+  k.lr = cst<T>(c.lr);
+  k.momentum = cst<T>(h.momentum);
+  k.one_m_dampening = cst<T>(1.0 - h.dampening);
+  k.alpha = cst<T>(h.alpha);
+  k.one_m_alpha = cst<T>(1.0 - h.alpha);
+  k.l1_thresh = cst<T>(c.l1_thresh);
+  k.neg_l1_thresh = cst<T>(0.0) - k.l1_thresh;
+  k.scale = c.gscale != 1.0;
+  k.dropout = h.grad_dropout > 0;
+  k.coupled = c.coupled_l2 != 0.0;
+  k.reg = h.l2sp != 0 || h.ewc != 0;
+  k.decays = c.decay != 1.0;
+  k.amsgrad = h.amsgrad;
+  k.nesterov = h.nesterov;
+  k.centered = h.centered;
+  k.momentum_nz = h.momentum != 0;  // SGD's test, as torch.optim.SGD
+  k.momentum_pos = h.momentum > 0;  // RMSprop's test, as torch.optim.RMSprop
+  k.l1 = h.l1 != 0;
+  k.first_step = c.first_step;
+  return k;
+}
+
 // One element (or one SIMD vector of elements) of a fused step.
+//   k      the step's constants in T (rule_consts)
 //   p      parameter in working precision (the fp32 master copy when there is one)
 //   g      raw gradient as stored (still AMP-scaled, unclipped)
 //   s1..s3 optimizer state: AdamW (exp_avg, exp_avg_sq, max_exp_avg_sq); SGD (momentum_buffer);
@@ -108,55 +158,51 @@ FTK_HD T cst(double x) {
 // Order: g <- g * gscale (unscale, clip, maximize); g <- drop * g (Child-Tuning-F drops the task
 // gradient only); g += l2 p + (l2sp + ewc F)(p - anchor); optimizer rule; L1 soft-threshold.
 template <int KIND, class T>
-FTK_HD void optim_update(const OptimHyper& h, const StepConsts& c, T& p, T g, T& s1, T& s2, T& s3,
-                         T anchor, T fisher, T drop) {
-  if (c.gscale != 1.0) g = g * cst<T>(c.gscale);
-  if (h.grad_dropout > 0) g = g * drop;
-  if (c.coupled_l2 != 0.0) g = g + cst<T>(c.coupled_l2) * p;
-  if (h.l2sp != 0 || h.ewc != 0) g = g + (cst<T>(h.l2sp) + cst<T>(h.ewc) * fisher) * (p - anchor);
+FTK_HD void optim_update(const RuleConsts<T>& k, T& p, T g, T& s1, T& s2, T& s3, T anchor, T fisher, T drop) {
+  if (k.scale) g = g * k.gscale;
+  if (k.dropout) g = g * drop;
+  if (k.coupled) g = g + k.coupled_l2 * p;
+  if (k.reg) g = g + (k.l2sp + k.ewc * fisher) * (p - anchor);
 
   if constexpr (KIND == kAdamW) {
-    if (c.decay != 1.0) p = p * cst<T>(c.decay);
-    s1 = s1 + (g - s1) * cst<T>(1.0 - h.beta1);  // torch: exp_avg.lerp_(g, 1-beta1)
-    s2 = s2 * cst<T>(h.beta2) + g * g * cst<T>(1.0 - h.beta2);
+    if (k.decays) p = p * k.decay;
+    s1 = s1 + (g - s1) * k.one_m_beta1;  // torch: exp_avg.lerp_(g, 1-beta1)
+    s2 = s2 * k.beta2 + g * g * k.one_m_beta2;
     T v = s2;
-    if (h.amsgrad) {
+    if (k.amsgrad) {
       s3 = vmax(s3, s2);
       v = s3;
     }
-    T denom = vsqrt(v) * cst<T>(c.inv_bc2_sqrt) + cst<T>(h.eps);
-    p = p - cst<T>(c.step_size) * (s1 / denom);
+    T denom = vsqrt(v) * k.inv_bc2_sqrt + k.eps;
+    p = p - k.step_size * (s1 / denom);
   } else if constexpr (KIND == kSGD) {
-    if (h.momentum != 0) {
-      const T mom = cst<T>(h.momentum);
-      s1 = c.first_step ? g : s1 * mom + g * cst<T>(1.0 - h.dampening);
-      g = h.nesterov ? g + mom * s1 : s1;
+    if (k.momentum_nz) {
+      s1 = k.first_step ? g : s1 * k.momentum + g * k.one_m_dampening;
+      g = k.nesterov ? g + k.momentum * s1 : s1;
     }
-    p = p - cst<T>(c.lr) * g;
+    p = p - k.lr * g;
   } else if constexpr (KIND == kAdagrad) {
     s1 = s1 + g * g;
-    p = p - cst<T>(c.step_size) * (g / (vsqrt(s1) + cst<T>(h.eps)));
+    p = p - k.step_size * (g / (vsqrt(s1) + k.eps));
   } else {  // RMSprop
-    const T a = cst<T>(h.alpha);
-    s1 = s1 * a + g * g * cst<T>(1.0 - h.alpha);
+    s1 = s1 * k.alpha + g * g * k.one_m_alpha;
     T avg;
-    if (h.centered) {
-      s3 = s3 + (g - s3) * cst<T>(1.0 - h.alpha);
-      avg = vsqrt(s1 - s3 * s3) + cst<T>(h.eps);
+    if (k.centered) {
+      s3 = s3 + (g - s3) * k.one_m_alpha;
+      avg = vsqrt(s1 - s3 * s3) + k.eps;
     } else {
-      avg = vsqrt(s1) + cst<T>(h.eps);
+      avg = vsqrt(s1) + k.eps;
     }
-    if (h.momentum > 0) {
-      s2 = s2 * cst<T>(h.momentum) + g / avg;
-      p = p - cst<T>(c.lr) * s2;
+    if (k.momentum_pos) {
+      s2 = s2 * k.momentum + g / avg;
+      p = p - k.lr * s2;
     } else {
-      p = p - cst<T>(c.lr) * (g / avg);
+      p = p - k.lr * (g / avg);
     }
   }
-  if (h.l1 != 0) {
+  if (k.l1) {
     // Proximal step of lr*l1*|p|: soft-threshold, so small weights land on exactly 0.
-    const T t = cst<T>(c.l1_thresh);
-    p = p - vmax(vmin(p, t), cst<T>(0.0) - t);
+    p = p - vmax(vmin(p, k.l1_thresh), k.neg_l1_thresh);
   }
 }
 
