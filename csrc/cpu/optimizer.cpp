@@ -41,7 +41,7 @@ struct Job {
   int64_t numel = 0;  // state elements (the index's length when compact)
   uint32_t tensor_id = 0;
   StepConsts c;
-  void (*run)(const OptimHyper&, uint64_t, const Job&, int64_t, int64_t) = nullptr;
+  void (*run)(const OptimHyper&, uint64_t, const Job&, int64_t, int64_t) = nullptr;  // Runner
 };
 
 template <class P>
@@ -105,13 +105,66 @@ inline V lane_mask(uint64_t bits) {
   return V::loadu(lanes);
 }
 
-// fp32/fp64 params with same-dtype state and no master copy: SIMD body (mixed-mask vectors are
-// blended back to their old values), scalar tail. Dropout uniforms come in blocks from a
-// Philox loop the compiler vectorizes. SIDE = false compiles out the mask, dropout and anchor
-// paths (a plain step): their loop-invariant tests made the plain loop ~20% slower on Zen 2.
-template <int KIND, class W, bool SIDE>
+// W-precision SIMD vector <-> V::size() stored elements of T. T == W: plain loads and stores;
+// bf16/fp16 widen to fp32 exactly and round back to nearest-even (bf16 NaN -> 0x7FC0) as c10's
+// scalar conversions do, so this loop stores the bits the scalar loop would.
+template <class V, class T>
+inline V vload(const T* ptr) {
+  using W = typename V::value_type;
+  if constexpr (std::is_same_v<T, W>) {
+    return V::loadu(ptr);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    static_assert(V::size() == 8, "AVX2 fp32 vectors hold 8 lanes");
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr));
+    if constexpr (std::is_same_v<T, at::BFloat16>) return V(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    else return V(_mm256_cvtph_ps(h));
+#else
+    alignas(64) W buf[V::size()];
+    for (int k = 0; k < V::size(); ++k) buf[k] = static_cast<W>(ptr[k]);
+    return V::loadu(buf);
+#endif
+  }
+}
+
+template <class V, class T>
+inline void vstore(T* ptr, const V& v) {
+  using W = typename V::value_type;
+  if constexpr (std::is_same_v<T, W>) {
+    v.store(ptr);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    __m128i h;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      const __m256 f = v;
+      const __m256i u = _mm256_castps_si256(f);
+      const __m256i bias =
+          _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7FFF));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+      h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    } else {
+      h = _mm256_cvtps_ph(static_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(ptr), h);
+#else
+    alignas(64) W buf[V::size()];
+    v.store(buf);
+    for (int k = 0; k < V::size(); ++k) ptr[k] = static_cast<T>(buf[k]);
+#endif
+  }
+}
+
+// Dense (not compact) state, params P of any float dtype with state S of P's dtype or fp32 (and an
+// fp32 master copy for bf16/fp16 when asked): SIMD body in W (mixed-mask vectors are blended back
+// to their old values), scalar tail. Dropout uniforms come in blocks from a Philox loop the
+// compiler vectorizes. SIDE = false compiles out the mask, dropout and anchor paths (a plain
+// step): their loop-invariant tests made the plain loop ~20% slower on Zen 2.
+template <int KIND, class P, class S, bool SIDE>
 void vector_range(const OptimHyper& h_in, uint64_t seed, const Job& j, int64_t b, int64_t e) {
+  using W = work_t<P>;
   using V = at::vec::Vectorized<W>;
+  static_assert(std::is_same_v<S, P> || std::is_same_v<S, W>, "state in the param's dtype or the working one");
   // Local copies: the compiler can then hoist every constant out of the loop (stores through
   // p/s1/s2 pointers cannot alias them).
   const OptimHyper h = h_in;
@@ -121,11 +174,13 @@ void vector_range(const OptimHyper& h_in, uint64_t seed, const Job& j, int64_t b
   constexpr int64_t kBlock = 256;  // dropout multipliers generated per block; a multiple of L and 8
   static_assert(kBlock % L == 0 && kBlock % 8 == 0, "block must hold whole vectors and Philox groups");
   TORCH_INTERNAL_ASSERT(b % 8 == 0, "work items start on Philox group boundaries");
-  W* p = static_cast<W*>(j.p);
-  const W* g = static_cast<const W*>(j.g);
-  W* s1 = static_cast<W*>(j.s1);
-  W* s2 = static_cast<W*>(j.s2);
-  W* s3 = static_cast<W*>(j.s3);
+  P* p = static_cast<P*>(j.p);
+  const P* g = static_cast<const P*>(j.g);
+  S* s1 = static_cast<S*>(j.s1);
+  S* s2 = static_cast<S*>(j.s2);
+  S* s3 = static_cast<S*>(j.s3);
+  // fp32 copy of a bf16/fp16 param; fp32/fp64 params never have one (a compile-time null: no test)
+  float* master = std::is_same_v<P, W> ? nullptr : j.master;
   const uint8_t* mask = SIDE ? j.mask : nullptr;
   const bool reg = SIDE && (h.l2sp != 0 || h.ewc != 0);
   const bool ewc = SIDE && h.ewc != 0;
@@ -144,7 +199,7 @@ void vector_range(const OptimHyper& h_in, uint64_t seed, const Job& j, int64_t b
     if (dropout) {
       philox_dropout_block(seed, j.tensor_id, static_cast<uint64_t>(i0) >> 3, static_cast<int>((i1 - i0 + 7) / 8),
                            ublock);
-      for (int64_t k = 0; k < i1 - i0; ++k) dblock[k] = ublock[k] >= drop_threshold ? keep_scale : W(0);
+      for (int64_t q = 0; q < i1 - i0; ++q) dblock[q] = ublock[q] >= drop_threshold ? keep_scale : W(0);
     }
     for (int64_t i = i0; i < i1; i += L) {
       uint64_t bits = (uint64_t(1) << L) - 1;
@@ -155,35 +210,61 @@ void vector_range(const OptimHyper& h_in, uint64_t seed, const Job& j, int64_t b
       const V drop = dropout ? V::loadu(dblock + (i - i0)) : one;
       const V an = reg ? load_aux_vec<W, V>(j.anchor, anchor_native, i, abuf) : zero;
       const V fi = ewc ? load_aux_vec<W, V>(j.fisher, fisher_native, i, fbuf) : zero;
-      const V p0 = V::loadu(p + i);
-      const V a0 = s1 ? V::loadu(s1 + i) : zero;
-      const V b0 = s2 ? V::loadu(s2 + i) : zero;
-      const V c0 = s3 ? V::loadu(s3 + i) : zero;
+      V p0;
+      if constexpr (std::is_same_v<W, float>) p0 = master ? V::loadu(master + i) : vload<V>(p + i);
+      else p0 = vload<V>(p + i);
+      const V a0 = s1 ? vload<V>(s1 + i) : zero;
+      const V b0 = s2 ? vload<V>(s2 + i) : zero;
+      const V c0 = s3 ? vload<V>(s3 + i) : zero;
       V pv = p0, a = a0, bb = b0, cc = c0;
-      optim_update<KIND, V>(k, pv, V::loadu(g + i), a, bb, cc, an, fi, drop);
+      optim_update<KIND, V>(k, pv, vload<V>(g + i), a, bb, cc, an, fi, drop);
+      V pout = pv;  // what p stores
       if (bits != (uint64_t(1) << L) - 1) {  // mixed: frozen lanes keep their exact old values
         const V m = lane_mask<W, V>(bits);
         pv = V::blendv(p0, pv, m);
+        // With a master copy, p's frozen lanes keep p's own old bits (not the master's rounding).
+        pout = master ? V::blendv(vload<V>(p + i), pv, m) : pv;
         a = V::blendv(a0, a, m);
         bb = V::blendv(b0, bb, m);
         cc = V::blendv(c0, cc, m);
       }
-      pv.store(p + i);
-      if (s1) a.store(s1 + i);
-      if (s2) bb.store(s2 + i);
-      if (s3) cc.store(s3 + i);
+      if constexpr (std::is_same_v<W, float>) {
+        if (master) pv.store(master + i);
+      }
+      vstore(p + i, pout);
+      if (s1) vstore(s1 + i, a);
+      if (s2) vstore(s2 + i, bb);
+      if (s3) vstore(s3 + i, cc);
     }
   }
-  if (e_vec < e) scalar_range<KIND, W, W>(h, seed, j, e_vec, e);
+  if (e_vec < e) scalar_range<KIND, P, S>(h, seed, j, e_vec, e);
 }
 
+using Runner = void (*)(const OptimHyper&, uint64_t, const Job&, int64_t, int64_t);
+
+template <int KIND, class P, class S>
+Runner simd_runner(bool side) {
+  return side ? &vector_range<KIND, P, S, true> : &vector_range<KIND, P, S, false>;
+}
+
+// Dense state takes the SIMD loop; compact state (gathered elements) the scalar one.
 template <int KIND>
-auto pick_runner(at::ScalarType p, at::ScalarType s, bool master, bool indexed, bool side)
-    -> void (*)(const OptimHyper&, uint64_t, const Job&, int64_t, int64_t) {
+Runner pick_runner(at::ScalarType p, at::ScalarType s, bool master, bool indexed, bool side) {
   const bool same = p == s;
-  const bool simd = !master && !indexed && same;  // gathered elements take the scalar loop
-  if (simd && p == at::kFloat) return side ? &vector_range<KIND, float, true> : &vector_range<KIND, float, false>;
-  if (simd && p == at::kDouble) return side ? &vector_range<KIND, double, true> : &vector_range<KIND, double, false>;
+  if (!indexed && !(master && s != at::kFloat)) {
+    switch (p) {
+      case at::kFloat:
+        if (same) return simd_runner<KIND, float, float>(side);
+        break;
+      case at::kDouble:
+        if (same) return simd_runner<KIND, double, double>(side);
+        break;
+      case at::kBFloat16:
+        return same ? simd_runner<KIND, at::BFloat16, at::BFloat16>(side) : simd_runner<KIND, at::BFloat16, float>(side);
+      case at::kHalf: return same ? simd_runner<KIND, at::Half, at::Half>(side) : simd_runner<KIND, at::Half, float>(side);
+      default: break;
+    }
+  }
   if (same && p == at::kDouble) return &scalar_range<KIND, double, double>;
   switch (p) {
     case at::kFloat: return &scalar_range<KIND, float, float>;
