@@ -21,8 +21,8 @@ def main(argv=None) -> int:
 
 
 # ---------------------------------------------------------------- pytest-benchmark micro cases
-def _params(n=1 << 20):
-    return suite._make([(n,)], torch.device("cpu"))
+def _params(n=1 << 20, dtype=torch.float32):
+    return suite._make([(n,)], torch.device("cpu"), dtype=dtype)
 
 
 def test_fused_adamw_step(benchmark):
@@ -32,6 +32,16 @@ def test_fused_adamw_step(benchmark):
 
 def test_torch_fused_adamw_step(benchmark):
     opt = torch.optim.AdamW(_params(), lr=1e-4, fused=True)
+    benchmark(opt.step)
+
+
+def test_fused_adamw_bf16_step(benchmark):
+    opt = suite.FusedAdamW(_params(dtype=torch.bfloat16), lr=1e-4)
+    benchmark(opt.step)
+
+
+def test_torch_fused_adamw_bf16_step(benchmark):
+    opt = torch.optim.AdamW(_params(dtype=torch.bfloat16), lr=1e-4, fused=True)
     benchmark(opt.step)
 
 

@@ -64,10 +64,10 @@ def test_cli_quick_optimizer_suite(tmp_path):
     if _has_matplotlib():
         cmd.append("--plot")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    assert "adamw fp32, no options" in out
+    assert "adamw fp32, no options" in out and "adamw bf16, no options" in out
     res = json.loads((tmp_path / "results.json").read_text())
     rows = res["suites"]["optimizer"]["rows"]
-    assert len(rows) == 2
+    assert len(rows) == 3
     for r in rows:
         assert r["ours_ms"] > 0 and r["baseline_ms"] > 0
         assert abs(r["speedup"] - r["baseline_ms"] / r["ours_ms"]) < 1e-12

@@ -4,6 +4,7 @@ composition of the same regularizers, on GPT-2-like parameter shapes.
 Minimal bytes per fp32 element (the floor is bytes / measured copy bandwidth):
   plain AdamW: read p, g, m, v + write p, m, v = 28 B
   all options: + read anchor (4 B), mask bits (1/8 B), and g once more for the global norm = 36.125 B
+  plain AdamW on bf16 params (bf16 state, fp32 math; torch's fused AdamW does the same): 14 B
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .common import peak_extra_mb, time_pair_ms
 ALL_OPTIONS = dict(grad_dropout=0.1, l1=1e-6, l2sp=1e-3, max_grad_norm=1.0)
 BYTES_PLAIN = 28.0
 BYTES_ALL = 36.125
+BYTES_BF16 = 14.0
 
 
 def gpt2_like_shapes(hidden: int, layers: int, vocab: int) -> list[tuple[int, ...]]:
@@ -38,11 +40,11 @@ def default_sizes(device: torch.device, quick: bool) -> dict:
     return dict(hidden=384, layers=4, vocab=8192)  # ~10M params: a few seconds per case on 2 cores
 
 
-def _make(shapes, device, seed=0):
+def _make(shapes, device, seed=0, dtype=torch.float32):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device, dtype)) for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g).to(device) * 1e-2
+        p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(device, dtype)
     return params
 
 
@@ -105,6 +107,14 @@ def run(device: torch.device, quick: bool, ceilings: dict, sizes: dict | None = 
     base = torch.optim.AdamW(pb, lr=lr, fused=has_fused)
     t_ours, t_base = time_pair_ms(ours.step, base.step, device, reps=reps)
     add("adamw fp32, no options", "torch AdamW(fused=True)", t_base, t_ours, BYTES_PLAIN, base.step, ours.step)
+    del pa, pb, ours, base
+
+    # plain AdamW on bf16 params (state in bf16 on both sides)
+    pa, pb = _make(shapes, device, dtype=torch.bfloat16), _make(shapes, device, dtype=torch.bfloat16)
+    ours = FusedAdamW(pa, lr=lr)
+    base = torch.optim.AdamW(pb, lr=lr, fused=has_fused)
+    t_ours, t_base = time_pair_ms(ours.step, base.step, device, reps=reps)
+    add("adamw bf16, no options", "torch AdamW(fused=True)", t_base, t_ours, BYTES_BF16, base.step, ours.step)
     del pa, pb, ours, base
 
     # all options on (50% element mask on every matrix)
