@@ -47,13 +47,25 @@ def _bench(args, parser) -> int:
     from .bench.common import format_table
 
     if args.compare:
-        print(runner.compare(*args.compare))
+        try:
+            print(runner.compare(*args.compare))
+        except OSError as e:
+            parser.error(f"--compare: {e.filename}: {e.strerror}")
+        except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a results file
+            parser.error(f"--compare: {' / '.join(args.compare)} are not both bench results files ({e!r})")
         return 0
     if args.plot and not args.out:
         parser.error("--plot needs --out DIR")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        parser.error(f"--device {args.device!r}: {e}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
+    if args.out:  # fail now, not after minutes of benchmarks
+        _check_out(args, parser)
     names = args.suite or list(runner.SUITES)
     if args.no_compile:
         os.environ["FTKERNELS_BENCH_COMPILE"] = "0"
@@ -72,6 +84,22 @@ def _bench(args, parser) -> int:
             paths += runner.plot(results, args.out)
         print("wrote " + ", ".join(paths))
     return 0
+
+
+def _check_out(args, parser) -> None:
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, ".ftkernels-write-check")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        parser.error(f"--out {args.out}: cannot write there ({e.strerror or e})")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install matplotlib")
 
 
 if __name__ == "__main__":

@@ -47,8 +47,14 @@ def fisher_diagonal(
             for p in params:
                 p.grad = None
             loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise ValueError(f"fisher_diagonal: non-finite loss {float(loss)} on batch {n}")
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(
+                    f"fisher_diagonal: loss_fn must return a one-element tensor that requires grad, got {got}"
+                    f" on batch {n}"
+                )
+            if not torch.isfinite(loss.detach()).all():
+                raise ValueError(f"fisher_diagonal: non-finite loss {float(loss.detach())} on batch {n}")
             loss.backward()
             for a, p in zip(acc, params):
                 if p.grad is not None:

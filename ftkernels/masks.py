@@ -119,9 +119,14 @@ def _count(numel: int, keep: float) -> int:
     return max(1, min(numel, round(keep * numel)))
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest scores (flat order ties broken by position)."""
+def _top(scores: torch.Tensor, k: int, what: str | None = None) -> torch.Tensor:
+    """Bool mask of the k largest scores (flat order ties broken by position). ``what`` names the
+    scores' source when they come from data: NaN or inf there raises (topk would rank NaN first)."""
     flat = scores.reshape(-1)
+    if what is not None:
+        bad = int((~torch.isfinite(flat)).sum())
+        if bad:
+            raise ValueError(f"{what} has {bad} non-finite (NaN/inf) values of {flat.numel()}: nothing to rank by")
     out = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     out[torch.topk(flat, k, sorted=False).indices] = True
     return out.view(scores.shape)
@@ -137,7 +142,7 @@ def random(param: torch.Tensor, keep: float, generator: torch.Generator | None =
 def magnitude(param: torch.Tensor, keep: float) -> torch.Tensor:
     """The ``round(keep * numel)`` elements of largest ``|param|`` kept."""
     keep = _check_keep(keep)
-    return _top(param.detach().abs().float(), _count(param.numel(), keep))
+    return _top(param.detach().abs().float(), _count(param.numel(), keep), f"magnitude: the {_name(param)}")
 
 
 def rows(
@@ -167,11 +172,12 @@ def rows(
         k = _count(n, _check_keep(keep))
         if by == "magnitude":
             score = param.detach().float().reshape(n, -1).norm(dim=1)
+            what = f"rows: the {_name(param)}"
         elif by == "random":
-            score = torch.rand(n, generator=generator).to(param.device)
+            score, what = torch.rand(n, generator=generator).to(param.device), None
         else:
             raise ValueError(f"rows: by must be 'magnitude' or 'random', got {by!r}")
-        chosen = _top(score, k)
+        chosen = _top(score, k, what)
     return chosen.view(n, *([1] * (param.dim() - 1))).expand(param.shape).clone()
 
 
@@ -194,12 +200,12 @@ def blocks(
         padded[:r, :c] = a
         counts[:r, :c] = 1
         fold = lambda t: t.view(tr, block, tc, block).sum(dim=(1, 3))  # noqa: E731
-        score = fold(padded) / fold(counts)
+        score, what = fold(padded) / fold(counts), f"blocks: the {_name(param)}"
     elif by == "random":
-        score = torch.rand(tr, tc, generator=generator).to(param.device)
+        score, what = torch.rand(tr, tc, generator=generator).to(param.device), None
     else:
         raise ValueError(f"blocks: by must be 'magnitude' or 'random', got {by!r}")
-    tiles = _top(score, _count(tr * tc, keep))
+    tiles = _top(score, _count(tr * tc, keep), what)
     return tiles.repeat_interleave(block, 0).repeat_interleave(block, 1)[:r, :c].contiguous()
 
 
@@ -214,9 +220,12 @@ def fisher_topk(model, batches, loss_fn=None, keep: float = 0.1, per_layer: bool
     keep = _check_keep(keep)
     fisher = fisher_diagonal(model, batches, loss_fn)
     if per_layer:
-        return {p: _top(f.float(), _count(f.numel(), keep)) for p, f in fisher.items()}
+        return {
+            p: _top(f.float(), _count(f.numel(), keep), f"fisher_topk: the Fisher of the {_name(p)}")
+            for p, f in fisher.items()
+        }
     flat = torch.cat([f.float().reshape(-1).cpu() for f in fisher.values()])
-    chosen = _top(flat, _count(flat.numel(), keep))
+    chosen = _top(flat, _count(flat.numel(), keep), "fisher_topk: the Fisher diagonal")
     out, start = {}, 0
     for p, f in fisher.items():
         out[p] = chosen[start : start + f.numel()].view(f.shape).to(p.device)

@@ -204,7 +204,10 @@ def save_adapter(model: nn.Module, path: str) -> None:
 def load_adapter(model: nn.Module, path: str) -> nn.Module:
     """Read a PEFT-format adapter (``save_pretrained`` of PEFT, or :func:`save_adapter`) into
     ``model``: applies the fused LoRA layers per its config (unless already there), then loads A,
-    B and the ``modules_to_save`` params. Raises on missing or unexpected keys."""
+    B and the ``modules_to_save`` params. Raises on missing or unexpected keys and on shapes that do
+    not fit (only a LoRA rank may differ from the model's, to the config's; the model's tensors are
+    then replaced, with a warning, so build optimizers after loading). Shapes are checked before
+    anything is written."""
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "adapter_config.json")) as f:
@@ -224,12 +227,11 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             modules_to_save=cfg.get("modules_to_save"),
         )
     layers = lora_modules(model)
-    for name, layer in layers.items():  # per-layer ranks / alphas of the patterns
-        r = _pattern(cfg.get("rank_pattern") or {}, name, cfg["r"])
-        alpha = _pattern(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"])
-        if r != layer.r or alpha != layer.alpha:
-            layer.r, layer.alpha = r, alpha
-            layer.scaling = alpha / (r**0.5 if layer.rslora else r)
+    ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    ranks = {  # per-layer ranks / alphas of the patterns, set once every shape is checked
+        layer: (_pattern(ranks, name, cfg["r"]), _pattern(alphas, name, cfg["lora_alpha"]))
+        for name, layer in layers.items()
+    }
     params = {}
     for name, layer in layers.items():
         params[f"{_PREFIX}{name}.lora_A.weight"] = (layer, "lora_A")
@@ -243,6 +245,23 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     missing = [k for k, (_, attr) in params.items() if attr is not None and k not in tensors]
     if missing:
         raise ValueError(f"load_adapter: the adapter lacks {missing[:5]}")
+    for key, t in tensors.items():  # all shapes checked before anything is written
+        owner, attr = params[key]
+        if attr is None:
+            want = tuple(owner.shape)
+        else:  # only the rank may differ from the layer's current adapter, and only to the config's r
+            cur, r = tuple(getattr(owner, attr).shape), ranks[owner][0]
+            want = (r, *cur[1:]) if attr == "lora_A" else (cur[0], r, *cur[2:])
+        if tuple(t.shape) != want:
+            raise ValueError(
+                f"load_adapter: {key} has shape {tuple(t.shape)} in the adapter, the model needs {want}: the adapter"
+                " was saved from a model of other sizes"
+            )
+    for layer, (r, alpha) in ranks.items():
+        if r != layer.r or alpha != layer.alpha:
+            layer.r, layer.alpha = r, alpha
+            layer.scaling = alpha / (r**0.5 if layer.rslora else r)
+    renewed = []
     with torch.no_grad():
         for key, t in tensors.items():
             owner, attr = params[key]
@@ -252,8 +271,15 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             cur = getattr(owner, attr)
             if cur.shape != t.shape:
                 setattr(owner, attr, nn.Parameter(t.to(cur.device, cur.dtype), requires_grad=cur.requires_grad))
+                renewed.append(key)
             else:
                 cur.copy_(t)
+    if renewed:
+        warnings.warn(
+            f"load_adapter: the adapter's rank differs from the model's, so {len(renewed)} LoRA tensors (e.g."
+            f" {renewed[0]}) are new Parameters: build the optimizer after loading",
+            stacklevel=2,
+        )
     return model
 
 

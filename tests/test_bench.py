@@ -76,6 +76,31 @@ def test_cli_quick_optimizer_suite(tmp_path):
         assert (tmp_path / "speedup.png").stat().st_size > 1000
 
 
+def test_cli_bad_arguments_fail_before_any_benchmark(tmp_path, monkeypatch, capsys):
+    from ftkernels import cli
+
+    ran = []
+    monkeypatch.setattr(runner, "run_suites", lambda *a, **k: ran.append(a))
+    not_results = tmp_path / "x.json"
+    not_results.write_text('{"a": 1}')
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cases = [
+        (["--device", "tpu"], "--device 'tpu'"),
+        (["--device", "meta"], "--device must be cpu or cuda"),
+        (["--compare", str(tmp_path / "none.json"), str(not_results)], "none.json: No such file"),
+        (["--compare", str(not_results), str(not_results)], "not both bench results files"),
+        (["--out", str(blocker / "sub")], "cannot write there"),  # a file where a folder must go
+        (["--plot"], "--plot needs --out"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["bench", *argv])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    assert ran == []
+
+
 def _has_matplotlib():
     try:
         import matplotlib  # noqa: F401

@@ -203,6 +203,10 @@ def test_bad_input_errors():
         ftk.nn.LoRAConv2d(nn.Conv2d(4, 2, 1), r=3)
     with pytest.raises(TypeError, match="Conv2d"):
         ftk.nn.LoRAConv2d(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        ftk.nn.LoRAConv2d(nn.Conv2d(3, 4, 3), r=2, alpha=float("nan"))
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        ftk.nn.LoRAConv2d(nn.Conv2d(3, 4, 3), r=True)
     m = ftk.nn.LoRAConv2d(nn.Conv2d(3, 4, 3), r=2)
     with pytest.raises(ValueError, match="expected"):
         m(torch.randn(1, 5, 8, 8))

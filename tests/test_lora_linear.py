@@ -3,6 +3,7 @@ dropout stream (same on CPU C++, Triton and the NumPy oracle), saved tensors, cu
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers.lora import FixedMaskDropout, lora_nodes
@@ -326,6 +327,14 @@ def test_bad_input_errors():
         ftk.nn.LoRALinear(nn.Conv2d(3, 3, 1))
     with pytest.raises(ValueError, match="dropout"):
         ftk.nn.LoRALinear(lin, r=2, dropout=1.0)
+    for r in (0, 2.0, True):
+        with pytest.raises(ValueError, match="r must be a positive int"):
+            ftk.nn.LoRALinear(lin, r=r)
+    for alpha in (float("nan"), float("inf"), "16"):  # a NaN scaling would poison every output
+        with pytest.raises(ValueError, match="alpha must be a finite number"):
+            ftk.nn.LoRALinear(lin, r=2, alpha=alpha)
+    np_layer = ftk.nn.LoRALinear(lin, r=np.int64(2), alpha=np.float32(3.0))  # numpy scalars are numbers too
+    assert type(np_layer.r) is int and type(np_layer.scaling) is float and np_layer.scaling == 1.5
     m = ftk.nn.LoRALinear(lin, r=2)
     with pytest.raises(ValueError, match="expected"):
         m(torch.randn(3, 7))

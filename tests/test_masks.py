@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 import ftkernels as ftk
 from ftkernels import masks
@@ -98,3 +99,25 @@ def test_bad_builder_input():
         masks.blocks(torch.randn(3, 3, 3), keep=0.5)
     with pytest.raises(ValueError, match="by must be"):
         masks.blocks(torch.randn(3, 3), keep=0.5, by="size")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_builders_refuse_non_finite_scores(bad):
+    # topk ranks NaN above everything: a NaN weight would be "kept" for its magnitude
+    w = torch.randn(8, 8)
+    w[3, 5] = bad
+    for build in (
+        lambda: masks.magnitude(w, 0.5),
+        lambda: masks.rows(w, keep=0.5),
+        lambda: masks.blocks(w, keep=0.5, block=4),
+    ):
+        with pytest.raises(ValueError, match="1 non-finite"):
+            build()
+    assert masks.rows(w, keep=0.5, by="random").shape == w.shape  # random scores ignore the values
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = 0.0  # sqrt(|w|) there: a finite loss whose gradient is NaN
+    loss = lambda m, b: m.weight[0, 0].abs().sqrt() + m(b).square().mean()  # noqa: E731
+    for per_layer in (False, True):
+        with pytest.raises(ValueError, match="fisher_topk: the Fisher.* 1 non-finite"):
+            masks.fisher_topk(model, [torch.randn(3, 4)], loss, keep=0.5, per_layer=per_layer)

@@ -185,3 +185,32 @@ def test_from_peft_with_two_adapters_warns_and_keeps_the_active_one():
     with pytest.warns(UserWarning, match="other"):
         fused = ftk.from_peft(peft)
     torch.testing.assert_close(_out(fused, inputs), want)
+
+
+def test_load_adapter_checks_shapes_before_writing(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    src = ftk.apply_lora(copy.deepcopy(base), ["0", "1"], r=2)
+    with torch.no_grad():
+        for p in src.parameters():
+            if p.requires_grad:
+                p.normal_()
+    ftk.save_adapter(src, tmp_path)
+    x = torch.randn(4, 6)
+
+    # Other base sizes: refused, and the model is left as it was (rank and tensors untouched).
+    other = ftk.apply_lora(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)), ["0", "1"], r=3)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"1\.lora_B\.weight has shape \(3, 2\) in the adapter, the model needs \(4, 2\)"
+    ):
+        ftk.load_adapter(other, tmp_path)
+    assert [m.r for m in (other[0], other[1])] == [3, 3]
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+    # Another rank only: adopted from the config, with a warning (the tensors are new Parameters).
+    ranked = ftk.apply_lora(copy.deepcopy(base), ["0", "1"], r=3)
+    with pytest.warns(UserWarning, match="build the optimizer after loading"):
+        ftk.load_adapter(ranked, tmp_path)
+    assert ranked[0].r == 2 and ranked[0].scaling == src[0].scaling
+    torch.testing.assert_close(ranked(x), src(x), rtol=0, atol=0)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..ops.lora_dropout import lora_dropout_nograd
 from ..ops.lora_linear import _as
-from ._lora_common import LoRAMergeMixin, peft_adapter
+from ._lora_common import LoRAMergeMixin, lora_scaling, peft_adapter
 from .lora_linear import _compute_dtype, call_seed
 
 STRATEGIES = ("auto", "unmerged", "merged")
@@ -151,26 +151,21 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
             raise ValueError(f"LoRAConv2d: the base conv has groups={base.groups}; LoRA needs groups=1")
         if base.padding_mode != "zeros":
             raise ValueError(f"LoRAConv2d: padding_mode={base.padding_mode!r} is unsupported (zeros only, as PEFT)")
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRAConv2d: r must be a positive int, got {r!r}")
         out_c, in_c, kh, kw = base.weight.shape
-        if r > min(out_c, in_c * kh * kw):
-            bound = min(out_c, in_c * kh * kw)
-            raise ValueError(f"LoRAConv2d: r={r} exceeds min(out_channels, in_channels*kh*kw) = {bound}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRAConv2d: dropout must be in [0, 1), got {dropout}")
+        bound = min(out_c, in_c * kh * kw)
+        scaling = lora_scaling("LoRAConv2d", r, alpha, dropout, rslora, bound, "min(out_channels, in_channels*kh*kw)")
         if strategy not in STRATEGIES:
             raise ValueError(f"LoRAConv2d: strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.r, self.alpha, self.dropout, self.rslora, self.strategy = r, alpha, float(dropout), rslora, strategy
-        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.r, self.alpha, self.dropout, self.rslora, self.strategy = int(r), alpha, float(dropout), rslora, strategy
+        self.scaling = scaling
         self.geom = _geometry(base)
         w = base.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        self.lora_A = nn.Parameter(torch.empty(r, in_c, kh, kw, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_c, r, 1, 1, device=w.device, dtype=dtype))
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_c, kh, kw, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_c, self.r, 1, 1, device=w.device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
         self.last_strategy: str | None = None

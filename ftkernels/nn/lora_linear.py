@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import lora_linear as _ops
-from ._lora_common import LoRAMergeMixin, peft_adapter
+from ._lora_common import LoRAMergeMixin, lora_scaling, peft_adapter
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -138,25 +138,18 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         super().__init__()
         self._check_base(base)
         out_f, in_f = self._linear_weight_of(base).shape
-        name = type(self).__name__
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"{name}: r must be a positive int, got {r!r}")
-        if r > min(in_f, out_f):
-            raise ValueError(
-                f"{name}: r={r} exceeds min(in_features, out_features) = {min(in_f, out_f)}: the update could not be"
-                " low rank"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
+        scaling = lora_scaling(
+            type(self).__name__, r, alpha, dropout, rslora, min(in_f, out_f), "min(in_features, out_features)"
+        )
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.r, self.alpha, self.dropout, self.rslora = r, alpha, float(dropout), rslora
-        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.r, self.alpha, self.dropout, self.rslora = int(r), alpha, float(dropout), rslora
+        self.scaling = scaling
         w = base.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        self.lora_A = nn.Parameter(torch.empty(r, in_f, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_f, r, device=w.device, dtype=dtype))
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_f, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, self.r, device=w.device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
 
