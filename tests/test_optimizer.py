@@ -92,6 +92,28 @@ def test_state_dict_round_trip_with_torch_adamw():
         assert rel_err(b, a) <= 1e-6
 
 
+def test_load_state_dict_of_another_optimizer_or_bad_hyper_changes_nothing():
+    ps = make_params()
+    sgd = FUSED["sgd"](ps, lr=1e-2, momentum=0.9)
+    adamw = FusedAdamW(ps, lr=1e-3)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    sgd.step()
+    adamw.step()
+    before = copy.deepcopy(adamw.state_dict())
+    with pytest.raises(ValueError, match=r"param group 0 lacks \['betas', 'eps'\]: was it saved by another"):
+        adamw.load_state_dict(sgd.state_dict())
+    bad = copy.deepcopy(before)
+    bad["param_groups"][0]["betas"] = (1.5, 0.999)
+    with pytest.raises(ValueError, match="betas must be in"):
+        adamw.load_state_dict(bad)
+    after = adamw.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for i, st in before["state"].items():
+        for k, v in st.items():
+            assert torch.equal(after["state"][i][k], v), k
+
+
 @pytest.mark.parametrize("kind", list(FUSED))
 def test_save_resume_is_bit_exact(kind):
     opts = dict(grad_dropout=0.2, l2sp=0.01, l1=1e-4, max_grad_norm=5.0)

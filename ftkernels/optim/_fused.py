@@ -223,7 +223,9 @@ class FusedOptimizer(Optimizer):
         tensor (fp32 master weights and moments of bf16 params, bf16 anchors, int32 compact-state
         indices) instead of casting it to the param's dtype, and keeps ``step`` as a float32 tensor
         on the param's device. Compact and dense state load into either layout (converted at the
-        next step)."""
+        next step). Param groups saved by another optimizer (an SGD state dict has no ``betas``) or
+        with invalid hyper-parameters raise before anything is replaced."""
+        self._check_saved_groups(state_dict)
         super().load_state_dict(state_dict)
         self._invalidate_plans()
         saved = state_dict["state"]
@@ -240,6 +242,21 @@ class FusedOptimizer(Optimizer):
                     st[k] = v.detach().to(device=_local(p).device, dtype=torch.float32, copy=True).reshape(())
                 elif st[k].dtype != v.dtype:  # torch casts every tensor (compact indices too) to p's dtype
                     st[k] = v.detach().to(device=p.device, dtype=v.dtype, copy=True)
+
+    def _check_saved_groups(self, state_dict: dict) -> None:
+        saved = state_dict.get("param_groups")
+        if not isinstance(saved, list) or len(saved) != len(self.param_groups):
+            return  # torch's own load_state_dict names this mismatch
+        filled = {**REGULARIZER_DEFAULTS, **self._kind_defaults()}
+        for gi, (g, cur) in enumerate(zip(saved, self.param_groups)):
+            missing = sorted(k for k in self.defaults if k not in g and k not in filled)
+            if missing:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: saved param group {gi} lacks {missing}: was it saved"
+                    " by another optimizer?"
+                )
+            if len(g.get("params", ())) == len(cur["params"]):
+                self._check_group({**filled, **g, "params": cur["params"]})
 
     # ----------------------------------------------------------------- the step
     def _hyper(self, group):
