@@ -9,6 +9,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``ftkernels info [--json]`` or ``ftkernels bench [options]`` (``--help`` lists them); returns the exit code."""
     parser = argparse.ArgumentParser(prog="ftkernels", description="ftkernels: fused kernels for fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="show how ftkernels was built and which backend serves each op")

@@ -21,6 +21,7 @@ def compile_baselines(device: torch.device) -> bool:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for queued work on a CUDA device (a no-op on CPU) before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -154,6 +155,7 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model (with the thread count torch uses) for results files."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -169,6 +171,7 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str | None:
+    """The short commit of the working tree, or None outside a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         return out.stdout.strip()

@@ -73,6 +73,8 @@ def _with_strategy(layer: LoRAConv2d, strategy: str, step):
 
 
 def layer_rows(device: torch.device, quick: bool, rate: float, r: int = 16) -> list[dict]:
+    """One row per ResNet-50 residual-conv shape: LoRA r conv fwd+bwd, PEFT eager vs ours (``rate``: the
+    matmul ceiling, TFLOP/s, for the flop floor)."""
     st = _settings(device, quick)
     rows = []
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -132,6 +134,7 @@ def _lora_resnet(device, r, ours: bool, fmt):
 
 
 def step_rows(device: torch.device, quick: bool, r: int = 16) -> list[dict]:
+    """A ResNet-50 training step with LoRA r on the residual convs, PEFT eager vs ours (time and peak memory)."""
     st = _settings(device, quick)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     x = torch.randn(st["batch"], 3, st["res"], st["res"], device=device).to(memory_format=fmt)

@@ -26,6 +26,8 @@ from .common import layer_step, peak_extra_mb, time_rounds_ms
 
 
 def linear_rows(device: torch.device, quick: bool, rate: float) -> list[dict]:
+    """A Linear with 10% random output rows trainable: the weight gradient and the layer's fwd+bwd, dense
+    vs ``MaskedLinear`` (each rows route timed too on a GPU)."""
     if device.type == "cuda":
         M, K, N, dtype = 8192, 4096, 4096, torch.bfloat16
     else:
@@ -83,6 +85,8 @@ def _bert(device, quick):
 
 
 def bert_rows(device: torch.device, quick: bool) -> list[dict]:
+    """BERT-base-like step with the bottom 8 of 12 layers frozen by ``ftkernels.freeze``, against the full
+    model and against hand-written ``requires_grad_(False)``."""
     batch, seq = (32, 128) if device.type == "cuda" else (2, 64)
     reps = 3 if quick else (20 if device.type == "cuda" else 5)
     ids = torch.randint(0, 30000, (batch, seq), device=device)
@@ -125,6 +129,8 @@ def _state_mb(opt) -> float:
 
 
 def optimizer_rows(device: torch.device, quick: bool) -> list[dict]:
+    """AdamW step time and state memory with 1%, 10% and 50% element masks: compact state (ours) vs dense
+    masked state."""
     shape, count = ((512, 512), 2) if quick else (((2048, 2048), 12) if device.type == "cuda" else ((1024, 1024), 4))
     reps = 5 if quick else 20
     rows = []

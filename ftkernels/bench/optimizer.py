@@ -33,6 +33,7 @@ def gpt2_like_shapes(hidden: int, layers: int, vocab: int) -> list[tuple[int, ..
 
 
 def default_sizes(device: torch.device, quick: bool) -> dict:
+    """GPT-2-like parameter shapes for the suite: ~180M params on a GPU, ~10M on CPU, less with ``quick``."""
     if device.type == "cuda":  # ~180M params: hidden 1024, 10 blocks, 50257 vocab
         return dict(hidden=1024, layers=10, vocab=50257)
     if quick:
@@ -60,6 +61,7 @@ class EagerRegularizedAdamW:
 
     @torch.no_grad()
     def step(self):
+        """Clip, drop out, add L1 and L2-SP in torch ops, then torch's AdamW, then restore masked-out elements."""
         grads = [p.grad for p in self.params]
         torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
         for p, g, a in zip(self.params, grads, self.anchors):

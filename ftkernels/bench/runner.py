@@ -132,10 +132,12 @@ def _progress(stream, done: int, total: int, what: str, t0: float) -> None:
 
 
 def all_rows(results: dict) -> list[dict]:
+    """Every suite's rows of a results dict, in suite order."""
     return [row for suite in results["suites"].values() for row in suite["rows"]]
 
 
 def to_markdown(results: dict) -> str:
+    """``results.md``: environment, the measured ceilings and one table row per case."""
     env, ceil = results["environment"], results["ceilings"]
     lines = [
         f"# ftkernels bench: {env['device']}",

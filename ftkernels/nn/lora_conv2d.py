@@ -176,6 +176,9 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
     out_channels = property(lambda self: self.base.out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x ``[N, C_in, H, W]`` (or unbatched ``[C_in, H, W]``) -> ``base(x) + scaling * conv_B(conv_A(dropout(x)))``,
+        ``[N, C_out, H', W']`` (the base alone when merged).
+        """
         if self.merged:
             return self.base(x)
         if not isinstance(x, Tensor) or not x.is_floating_point():

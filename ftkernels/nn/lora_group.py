@@ -55,6 +55,9 @@ class LoRAGroup:
         return state
 
     def __call__(self, member: nn.Module, x: Tensor) -> Tensor:
+        """``member``'s output ``[..., out]`` for x ``[..., in]``. Once the members' call order is learned, the
+        first of them runs every member's LoRA on x in one node and the others get their waiting outputs
+        (if x and their adapters are unchanged); otherwise each member runs alone."""
         if saved_tensor_hooks_active() or not isinstance(x, Tensor) or x.is_inference():
             # Non-reentrant checkpointing (or offloading) matches the tensors saved by a forward with
             # those of its recompute one by one: a group fusing in one and not the other would break

@@ -175,6 +175,9 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
     _lora_group = None  # a shared-input group (ftkernels/nn/lora_group.py) when siblings read the same x
 
     def forward(self, x: Tensor) -> Tensor:
+        """x ``[..., in]`` -> y ``[..., out]`` = ``base(x) + scaling * dropout(x) @ A^T @ B^T`` (the base alone when
+        merged). Siblings grouped by :func:`ftkernels.nn.lora_group.group_shared_inputs` run through the group.
+        """
         if self._lora_group is not None and not self.merged and not torch.compiler.is_compiling():
             return self._lora_group(self, x)
         return self._forward_alone(x)

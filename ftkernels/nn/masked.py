@@ -218,6 +218,7 @@ class MaskedLinear(nn.Linear):
             set_grad_mask(self.bias, self.plan["bias"])
 
     def forward(self, x: Tensor) -> Tensor:
+        """x ``[..., in]`` -> ``x W^T + b`` ``[..., out]``, as ``nn.Linear``; only backward differs."""
         if self.plan is None:
             return super().forward(x)
         return _MaskedLinearFn.apply(x, self.weight, self.bias, self.plan)
@@ -310,6 +311,7 @@ class MaskedConv2d(nn.Conv2d):
             set_grad_mask(self.bias, plan["bias"])
 
     def forward(self, x: Tensor) -> Tensor:
+        """x ``[N, C_in, H, W]`` -> ``conv2d(x, W) + b``, as ``nn.Conv2d``; only backward differs."""
         if self.plan is None:
             return super().forward(x)
         geom = (list(self.stride), list(self.padding), list(self.dilation), self.groups)

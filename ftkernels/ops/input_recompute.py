@@ -68,6 +68,7 @@ def set_enabled(flag: bool) -> bool:
 
 
 def is_enabled() -> bool:
+    """Whether LoRA layers rebuild their input in backward instead of saving it (see :func:`set_enabled`)."""
     return _enabled
 
 

@@ -155,6 +155,9 @@ class ReferenceOptimizer:
 
     @torch.no_grad()
     def step(self, grad_scale=None, found_inf=None):
+        """One step in plain PyTorch ops in the params' own dtype (tests pass float64 params): AMP unscale
+        (skipped when ``found_inf``), clipping by the global norm, gradient dropout from the same Philox
+        stream as the kernels, then :func:`reference_update` per param with its grad mask."""
         live = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
         if not live:
             return
