@@ -18,7 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--suite", action="append", help="suite to run (repeatable); default: all built")
     p_bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p_bench.add_argument(
-        "--dtype", default="float32", choices=["float32"], help="parameter dtype of the optimizer suite"
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the per-layer suites' cases (lora_linear, lora_conv autocast, masked, loreft, optimizer)"
+        " and of the matmul ceiling; default: each case's own (bf16 on GPU, fp32 on CPU); e2e keeps its own",
     )
     p_bench.add_argument("--quick", action="store_true", help="small sizes and few repeats (seconds)")
     p_bench.add_argument(
@@ -45,7 +48,7 @@ def _bench(args, parser) -> int:
     import torch
 
     from .bench import runner
-    from .bench.common import format_table
+    from .bench.common import DTYPES, format_table
 
     if args.compare:
         try:
@@ -71,7 +74,7 @@ def _bench(args, parser) -> int:
     if args.no_compile:
         os.environ["FTKERNELS_BENCH_COMPILE"] = "0"
     try:
-        results = runner.run_suites(names, device, quick=args.quick)
+        results = runner.run_suites(names, device, quick=args.quick, dtype=DTYPES.get(args.dtype))
     except ValueError as e:
         parser.error(str(e))
     env, ceil = results["environment"], results["ceilings"]

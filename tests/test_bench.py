@@ -10,7 +10,7 @@ import torch
 from ftkernels.bench import runner
 
 
-def _fake_suite(device, quick=False, ceilings=None):
+def _fake_suite(device, quick=False, ceilings=None, dtype=None):
     rows = [
         dict(case="fast", baseline="torch", baseline_ms=10.0, ours_ms=2.5, floor_ms=2.0, ours_mem_MB=3, floor_mem_MB=2),
         dict(case="slow", baseline="torch", baseline_ms=3.0, ours_ms=6.0, floor_ms=1.5),
@@ -22,7 +22,9 @@ def _fake_suite(device, quick=False, ceilings=None):
 def fake(monkeypatch):
     monkeypatch.setitem(runner.SUITES, "fake", _fake_suite)
     monkeypatch.setattr(
-        runner, "measure_ceilings", lambda d, q=False: {"copy_GBps": 10.0, "matmul_TFLOPs": 1.0, "matmul_dtype": "f"}
+        runner,
+        "measure_ceilings",
+        lambda d, q=False, dt=None: {"copy_GBps": 10.0, "matmul_TFLOPs": 1.0, "matmul_dtype": "f"},
     )
 
 
@@ -76,6 +78,28 @@ def test_cli_quick_optimizer_suite(tmp_path):
         assert (tmp_path / "speedup.png").stat().st_size > 1000
 
 
+def test_dtype_option_reaches_the_cases_and_the_floors():
+    from ftkernels.bench import lora_conv, lora_linear, optimizer
+
+    res = runner.run_suites(["optimizer"], torch.device("cpu"), quick=True, progress=None, dtype=torch.float16)
+    assert res["dtype"] == "float16" and res["ceilings"]["matmul_dtype"] == "float16"
+    rows = res["suites"]["optimizer"]["rows"]
+    assert [r["case"] for r in rows] == ["adamw fp16, no options", "adamw fp16, mask+dropout+L1+L2-SP+clip"]
+    numel, bw = res["suites"]["optimizer"]["extra"]["numel"], res["ceilings"]["copy_GBps"] * 1e9
+    # 16-bit params and state: 7 two-byte passes plain; + anchor, g again and the mask bits with options
+    assert rows[0]["floor_ms"] == pytest.approx(numel * 14 / bw * 1e3)
+    assert rows[1]["floor_ms"] == pytest.approx(numel * 18.125 / bw * 1e3)
+    assert "Per-layer cases in float16" in runner.to_markdown(res)
+
+    cpu = torch.device("cpu")
+    assert {c["dtype"] for c in lora_linear.cases(cpu, True)} == {torch.float32}
+    assert {c["dtype"] for c in lora_linear.cases(cpu, True, torch.bfloat16)} == {torch.bfloat16}
+    assert lora_conv._settings(cpu, True)["autocast"] is None
+    assert lora_conv._settings(cpu, True, torch.bfloat16)["autocast"] is torch.bfloat16
+    assert lora_conv._settings(cpu, True, torch.float32)["autocast"] is None
+    assert optimizer.bytes_plain(torch.float32) == 28 and optimizer.bytes_all(torch.float32) == 36.125
+
+
 def test_cli_bad_arguments_fail_before_any_benchmark(tmp_path, monkeypatch, capsys):
     from ftkernels import cli
 
@@ -92,6 +116,7 @@ def test_cli_bad_arguments_fail_before_any_benchmark(tmp_path, monkeypatch, caps
         (["--compare", str(not_results), str(not_results)], "not both bench results files"),
         (["--out", str(blocker / "sub")], "cannot write there"),  # a file where a folder must go
         (["--plot"], "--plot needs --out"),
+        (["--dtype", "int8"], "invalid choice"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:
@@ -113,7 +138,7 @@ def test_lora_linear_suite_rows(monkeypatch):
     from ftkernels.bench import lora_linear
 
     tiny = [dict(M=64, K=48, N=40, r=4, p=p, dtype=torch.float32, sweep=False) for p in (0.1, 0.0)]
-    monkeypatch.setattr(lora_linear, "cases", lambda device, quick: tiny)
+    monkeypatch.setattr(lora_linear, "cases", lambda device, quick, dtype=None: tiny)
     res = runner.run_suites(["lora_linear"], torch.device("cpu"), quick=True, progress=None)
     rows = res["suites"]["lora_linear"]["rows"]
     trio = [r for r in rows if r["case"].startswith("q/k/v of one x")]

@@ -13,6 +13,20 @@ import time
 
 import torch
 
+# ``--dtype``: the activation/weight dtype of the per-layer suites (lora_linear, lora_conv, masked,
+# loreft, optimizer); None keeps each case's own (bf16 on GPU, fp32 on CPU).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, as case names and results files spell it."""
+    return str(dtype).replace("torch.", "")
+
+
+def short_dtype(dtype: torch.dtype | None) -> str:
+    """``fp32`` / ``bf16`` / ``fp16`` (None: the default fp32), for case names."""
+    return {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
 
 def compile_baselines(device: torch.device) -> bool:
     """Whether to time the ``torch.compile`` baselines: on GPU, unless ``FTKERNELS_BENCH_COMPILE=0``

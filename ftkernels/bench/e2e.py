@@ -242,9 +242,11 @@ def eager_steps(build, device: torch.device, quick: bool) -> tuple[str, dict, di
     return name, steps, parts
 
 
-def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
+def run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype | None = None) -> tuple[list[dict], dict]:
     """One row per case and baseline; ``floor_ms`` is the frozen model's forward + input-gradient
-    backward measured here (``ours_vs_floor`` is the target's ratio: <= 1.25 on an H100)."""
+    backward measured here (``ours_vs_floor`` is the target's ratio: <= 1.25 on an H100). ``dtype``
+    (``--dtype``) is not applied: each model keeps its configured precision (GPU: BERT fp32, the
+    Llama-style decoder bf16, ResNet-50 bf16 autocast; CPU: fp32)."""
     reps = 2 if quick else (10 if device.type != "cpu" else 3)
     rows = []
     for build in CASES.values():

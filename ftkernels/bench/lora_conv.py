@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import LoRAConv2d
-from .common import layer_step, peak_extra_mb, time_rounds_ms
+from .common import layer_step, peak_extra_mb, short_dtype, time_rounds_ms
 from .models import resnet50
 
 
@@ -51,12 +51,19 @@ def _peft_conv(base, r, alpha, ours):
     return layer
 
 
-def _settings(device: torch.device, quick: bool):
+def _settings(device: torch.device, quick: bool, dtype: torch.dtype | None = None):
+    """Batch, resolution, repeats and the autocast dtype (None: fp32): bf16 on GPU, fp32 on CPU, or
+    ``dtype`` (``--dtype``; the convs' weights stay fp32 under autocast, as in mixed-precision training)."""
     if device.type == "cuda":
-        return dict(batch=64, res=224, autocast=torch.bfloat16, reps=10 if quick else 20)
-    if quick:
-        return dict(batch=2, res=64, autocast=None, reps=2)
-    return dict(batch=8, res=112, autocast=None, reps=4)
+        st = dict(batch=64, res=224, autocast=torch.bfloat16, reps=10 if quick else 20)
+    elif quick:
+        st = dict(batch=2, res=64, autocast=None, reps=2)
+    else:
+        st = dict(batch=8, res=112, autocast=None, reps=4)
+    if dtype is not None:
+        st["autocast"] = None if dtype == torch.float32 else dtype
+        st["label"] = f" {short_dtype(dtype)}" + ("" if dtype == torch.float32 else " autocast")
+    return st
 
 
 STRATEGIES = ("unmerged", "merged", "auto")
@@ -72,10 +79,12 @@ def _with_strategy(layer: LoRAConv2d, strategy: str, step):
     return fn
 
 
-def layer_rows(device: torch.device, quick: bool, rate: float, r: int = 16) -> list[dict]:
+def layer_rows(
+    device: torch.device, quick: bool, rate: float, r: int = 16, dtype: torch.dtype | None = None
+) -> list[dict]:
     """One row per ResNet-50 residual-conv shape: LoRA r conv fwd+bwd, PEFT eager vs ours (``rate``: the
     matmul ceiling, TFLOP/s, for the flop floor)."""
-    st = _settings(device, quick)
+    st = _settings(device, quick, dtype)
     rows = []
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     for c in residual_conv_shapes(st["batch"], st["res"]):
@@ -95,12 +104,13 @@ def layer_rows(device: torch.device, quick: bool, rate: float, r: int = 16) -> l
         fns.update({s: _with_strategy(ours, s, layer_step(ours, x, g, st["autocast"])) for s in STRATEGIES})
         ms = time_rounds_ms(fns, device, st["reps"])
         fns["auto"]()  # the call sets last_strategy: what auto picked for this shape
+        shape = f"{c['cin']}->{c['cout']} k{c['k']} s{c['stride']} @{c['H']}x{c['W']}"
         oh, ow = (c["H"] + c["stride"] - 1) // c["stride"], (c["W"] + c["stride"] - 1) // c["stride"]
         macs = c["N"] * oh * ow * c["cout"] * c["cin"] * c["k"] ** 2
         flops = 2 * 2 * macs * (1 + r / c["cout"])  # forward + grad_x, plus the rank-r share
         rows.append(
             dict(
-                case=f"{c['cin']}->{c['cout']} k{c['k']} s{c['stride']} @{c['H']}x{c['W']} (x{c['count']})",
+                case=f"{shape} (x{c['count']}){st.get('label', '')}",
                 baseline="PEFT eager",
                 baseline_ms=ms["PEFT eager"],
                 ours_ms=ms["auto"],
@@ -133,9 +143,9 @@ def _lora_resnet(device, r, ours: bool, fmt):
     return net
 
 
-def step_rows(device: torch.device, quick: bool, r: int = 16) -> list[dict]:
+def step_rows(device: torch.device, quick: bool, r: int = 16, dtype: torch.dtype | None = None) -> list[dict]:
     """A ResNet-50 training step with LoRA r on the residual convs, PEFT eager vs ours (time and peak memory)."""
-    st = _settings(device, quick)
+    st = _settings(device, quick, dtype)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     x = torch.randn(st["batch"], 3, st["res"], st["res"], device=device).to(memory_format=fmt)
     y = torch.randint(0, 1000, (st["batch"],), device=device)
@@ -155,10 +165,10 @@ def step_rows(device: torch.device, quick: bool, r: int = 16) -> list[dict]:
         fns[key] = fn
     ms = time_rounds_ms(fns, device, st["reps"])
     mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
-    dtype = "bf16 autocast" if st["autocast"] is not None else "fp32"
+    label = f"{short_dtype(st['autocast'])} autocast" if st["autocast"] is not None else "fp32"
     return [
         dict(
-            case=f"ResNet-50 train step, LoRA r{r} on residual convs, batch {st['batch']} @{st['res']} {dtype}",
+            case=f"ResNet-50 train step, LoRA r{r} on residual convs, batch {st['batch']} @{st['res']} {label}",
             baseline="PEFT eager",
             baseline_ms=ms["PEFT eager"],
             ours_ms=ms["ours"],
@@ -168,11 +178,12 @@ def step_rows(device: torch.device, quick: bool, r: int = 16) -> list[dict]:
     ]
 
 
-def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
-    """Per-layer rows (``strategy`` chosen, ``best`` measured, ``ours_vs_base``) and the full step."""
+def run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype | None = None) -> tuple[list[dict], dict]:
+    """Per-layer rows (``strategy`` chosen, ``best`` measured, ``ours_vs_base``) and the full step, under
+    autocast to ``dtype`` (``--dtype``; default bf16 on GPU, fp32 on CPU)."""
     rate = ceilings["matmul_TFLOPs"] * 1e12
-    rows = layer_rows(device, quick, rate)
-    rows += step_rows(device, quick)
+    rows = layer_rows(device, quick, rate, dtype=dtype)
+    rows += step_rows(device, quick, dtype=dtype)
     layers = [r for r in rows if "strategy" in r]
     agree = sum(r["strategy"] == r["best"] for r in layers)
     return rows, {"strategy_matches_best": f"{agree}/{len(layers)}"}

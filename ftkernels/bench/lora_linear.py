@@ -71,8 +71,14 @@ def _peft_layer(base: nn.Linear, r: int, alpha: float, p: float, ours: LoRALinea
     return layer
 
 
-def cases(device: torch.device, quick: bool) -> list[dict]:
-    """(M, K, N, r, p, dtype, sweep) per case; the headline shape first."""
+def cases(device: torch.device, quick: bool, dtype: torch.dtype | None = None) -> list[dict]:
+    """(M, K, N, r, p, dtype, sweep) per case; the headline shape first. ``dtype`` replaces each case's own
+    (bf16 on GPU, fp32 on CPU)."""
+    own = _cases(device, quick)
+    return own if dtype is None else [{**c, "dtype": dtype} for c in own]
+
+
+def _cases(device: torch.device, quick: bool) -> list[dict]:
     if device.type == "cuda":
         head = [dict(M=8192, K=4096, N=4096, r=16, p=p, dtype=torch.bfloat16, sweep=False) for p in (0.1, 0.0)]
         if quick:
@@ -105,24 +111,24 @@ def saved_mb(layer, x) -> float:
     return sum(n for ptr, n in seen.items() if ptr not in params) / 2**20
 
 
-def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
+def run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype | None = None) -> tuple[list[dict], dict]:
     """Rows per case and baseline; ``ours_vs_base`` = ours / frozen base layer (target <= 1.10 on GPU).
     The op's GEMM route is chosen by timing (``FTKERNELS_LORA_GEMM=auto``) unless the caller set one,
     so this suite keeps reporting which route wins per shape."""
     prev = os.environ.get("FTKERNELS_LORA_GEMM")
     os.environ.setdefault("FTKERNELS_LORA_GEMM", "auto")
     try:
-        return _run(device, quick, ceilings)
+        return _run(device, quick, ceilings, dtype)
     finally:
         if prev is None:
             os.environ.pop("FTKERNELS_LORA_GEMM", None)
 
 
-def _run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
+def _run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype | None) -> tuple[list[dict], dict]:
     rows = []
     rate = ceilings["matmul_TFLOPs"] * 1e12
     reps = 5 if quick else 20
-    for c in cases(device, quick):
+    for c in cases(device, quick, dtype):
         M, K, N, r, p, dtype = c["M"], c["K"], c["N"], c["r"], c["p"], c["dtype"]
         torch.manual_seed(0)
         base = nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
@@ -151,7 +157,7 @@ def _run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict],
         name = f"M{M} K{K} N{N} r{r} p{p} {str(dtype).replace('torch.', '')}"
         rows += _rows(name, ms, mem, saved, floor, "frozen base layer (floor)", c["sweep"])
         del base, ours, peft, peft_base, x, g, fns
-    rows += _trio_rows(device, quick, rate, reps)
+    rows += _trio_rows(device, quick, rate, reps, dtype)
     extra = {}
     if device.type == "cuda":  # which GEMM route the op picked per shape (FTKERNELS_LORA_GEMM=auto here)
         from ..triton import lora_linear as tk
@@ -172,7 +178,7 @@ class Trio(nn.Module):
         return self.q(x) + self.k(x) + self.v(x)
 
 
-def _trio_rows(device: torch.device, quick: bool, rate: float, reps: int) -> list[dict]:
+def _trio_rows(device: torch.device, quick: bool, rate: float, reps: int, dtype: torch.dtype | None) -> list[dict]:
     """q/k/v of one x at BERT-base width: ours grouped (one autograd node, one grad_x buffer; see
     ftkernels/nn/lora_group.py) against ours with each layer alone and against PEFT, side by side.
     At this size a step is host-bound on a GPU, which is what grouping addresses."""
@@ -184,9 +190,10 @@ def _trio_rows(device: torch.device, quick: bool, rate: float, reps: int) -> lis
     from ..peft_compat import apply_lora
 
     if device.type == "cuda":
-        M, K, r, p, dtype = 4096, 768, 16, 0.1, torch.bfloat16  # BERT-base: batch 32 x 128 tokens
+        M, K, r, p, own = 4096, 768, 16, 0.1, torch.bfloat16  # BERT-base: batch 32 x 128 tokens
     else:
-        M, K, r, p, dtype = (64, 128, 16, 0.1, torch.float32) if quick else (256, 256, 16, 0.1, torch.float32)
+        M, K, r, p, own = (64, 128, 16, 0.1, torch.float32) if quick else (256, 256, 16, 0.1, torch.float32)
+    dtype = dtype or own
     torch.manual_seed(0)
     base = Trio(K, K, device, dtype).requires_grad_(False)
     ours = apply_lora(copy.deepcopy(base), ["q", "k", "v"], r=r, alpha=2 * r, dropout=p)

@@ -33,12 +33,14 @@ def _reference(h, rot, w, b, p):
     return F.dropout(out, p) if p > 0 else out
 
 
-def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
-    """Rows: fused LoReFT vs the PyTorch formula, dropout 0 and 0.1."""
+def run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype | None = None) -> tuple[list[dict], dict]:
+    """Rows: fused LoReFT vs the PyTorch formula, dropout 0 and 0.1; h in ``dtype`` (default bf16 on GPU,
+    fp32 on CPU; the intervention's own params stay fp32)."""
     if device.type == "cuda":
-        M, d, dtype, reps = 8192, 4096, torch.bfloat16, 20
+        M, d, own, reps = 8192, 4096, torch.bfloat16, 20
     else:
-        M, d, dtype, reps = (512, 256, torch.float32, 5) if quick else (2048, 1024, torch.float32, 10)
+        M, d, own, reps = (512, 256, torch.float32, 5) if quick else (2048, 1024, torch.float32, 10)
+    dtype = dtype or own
     r = 4
     bw = ceilings["copy_GBps"] * 1e9
     torch.manual_seed(0)

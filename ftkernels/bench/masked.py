@@ -22,16 +22,17 @@ from ..freeze import freeze
 from ..nn import MaskedLinear
 from ..nn.masked import _ROWS, masked_weight_grad_linear, wgrad_choices
 from ..optim import FusedAdamW
-from .common import layer_step, peak_extra_mb, time_rounds_ms
+from .common import layer_step, peak_extra_mb, short_dtype, time_rounds_ms
 
 
-def linear_rows(device: torch.device, quick: bool, rate: float) -> list[dict]:
+def linear_rows(device: torch.device, quick: bool, rate: float, dtype: torch.dtype | None = None) -> list[dict]:
     """A Linear with 10% random output rows trainable: the weight gradient and the layer's fwd+bwd, dense
     vs ``MaskedLinear`` (each rows route timed too on a GPU)."""
     if device.type == "cuda":
-        M, K, N, dtype = 8192, 4096, 4096, torch.bfloat16
+        M, K, N, own = 8192, 4096, 4096, torch.bfloat16
     else:
-        M, K, N, dtype = (512, 512, 512, torch.float32) if quick else (2048, 1024, 1024, torch.float32)
+        M, K, N, own = (512, 512, 512, torch.float32) if quick else (2048, 1024, 1024, torch.float32)
+    dtype = dtype or own
     reps = 5 if quick else 20
     torch.manual_seed(0)
     lin = nn.Linear(K, N, device=device, dtype=dtype)
@@ -128,7 +129,7 @@ def _state_mb(opt) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-def optimizer_rows(device: torch.device, quick: bool) -> list[dict]:
+def optimizer_rows(device: torch.device, quick: bool, dtype: torch.dtype | None = None) -> list[dict]:
     """AdamW step time and state memory with 1%, 10% and 50% element masks: compact state (ours) vs dense
     masked state."""
     shape, count = ((512, 512), 2) if quick else (((2048, 2048), 12) if device.type == "cuda" else ((1024, 1024), 4))
@@ -138,7 +139,7 @@ def optimizer_rows(device: torch.device, quick: bool) -> list[dict]:
         torch.manual_seed(0)
         fns, mem = {}, {}
         for key, threshold in (("dense", 0.0), ("compact", 0.5)):
-            params = [nn.Parameter(torch.randn(shape, device=device)) for _ in range(count)]
+            params = [nn.Parameter(torch.randn(shape, device=device, dtype=dtype)) for _ in range(count)]
             for p in params:
                 masks.set_grad_mask(p, masks.random(p, keep))
                 p.grad = torch.randn_like(p)
@@ -147,10 +148,10 @@ def optimizer_rows(device: torch.device, quick: bool) -> list[dict]:
             opt.step()  # state allocated in its layout
             fns[key], mem[key] = opt.step, _state_mb(opt)
         ms = time_rounds_ms(fns, device, reps)
-        n = count * shape[0] * shape[1]
+        n, kind = count * shape[0] * shape[1], short_dtype(dtype)
         rows.append(
             dict(
-                case=f"AdamW step, {n / 1e6:.1f}M fp32 params, {keep:.0%} element mask (MB = optimizer state)",
+                case=f"AdamW step, {n / 1e6:.1f}M {kind} params, {keep:.0%} element mask (MB = optimizer state)",
                 baseline="dense masked state",
                 baseline_ms=ms["dense"],
                 ours_ms=ms["compact"],
@@ -161,10 +162,10 @@ def optimizer_rows(device: torch.device, quick: bool) -> list[dict]:
     return rows
 
 
-def run(device: torch.device, quick: bool, ceilings: dict) -> tuple[list[dict], dict]:
+def run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype | None = None) -> tuple[list[dict], dict]:
     """Rows: the masked weight gradient (``vs_ideal`` = ours / (10% of dense)), the masked layer
     step, BERT with frozen bottom layers against full training and hand-written freezing, and the
     optimizer's compact against dense masked state."""
     rate = ceilings["matmul_TFLOPs"] * 1e12
-    rows = linear_rows(device, quick, rate) + bert_rows(device, quick) + optimizer_rows(device, quick)
+    rows = linear_rows(device, quick, rate, dtype) + bert_rows(device, quick) + optimizer_rows(device, quick, dtype)
     return rows, {"wgrad_choices": {str(k): v for k, v in wgrad_choices().items()}}

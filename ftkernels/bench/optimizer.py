@@ -1,10 +1,12 @@
 """Optimizer-step benchmark: FusedAdamW vs torch.optim.AdamW(fused=True) and vs the eager
 composition of the same regularizers, on GPT-2-like parameter shapes.
 
-Minimal bytes per fp32 element (the floor is bytes / measured copy bandwidth):
-  plain AdamW: read p, g, m, v + write p, m, v = 28 B
-  all options: + read anchor (4 B), mask bits (1/8 B), and g once more for the global norm = 36.125 B
-  plain AdamW on bf16 params (bf16 state, fp32 math; torch's fused AdamW does the same): 14 B
+Minimal bytes per element of e bytes (the floor is bytes / measured copy bandwidth):
+  plain AdamW: read p, g, m, v + write p, m, v = 7e (fp32: 28 B; bf16/fp16 params and state, fp32
+  math, as torch's fused AdamW does: 14 B)
+  all options: + read anchor (e), mask bits (1/8 B), and g once more for the global norm = 9e + 1/8
+  (fp32: 36.125 B)
+Rows: plain fp32, plain bf16 and all-options fp32; with ``--dtype``, plain and all options in that dtype.
 """
 
 from __future__ import annotations
@@ -13,12 +15,23 @@ import torch
 
 from ..masks import set_grad_mask
 from ..optim import FusedAdamW
-from .common import peak_extra_mb, time_pair_ms
+from .common import peak_extra_mb, short_dtype, time_pair_ms
 
 ALL_OPTIONS = dict(grad_dropout=0.1, l1=1e-6, l2sp=1e-3, max_grad_norm=1.0)
-BYTES_PLAIN = 28.0
-BYTES_ALL = 36.125
-BYTES_BF16 = 14.0
+
+
+def bytes_plain(dtype: torch.dtype) -> float:
+    """Floor bytes per element of a plain AdamW step (see the module doc)."""
+    return 7.0 * _size(dtype)
+
+
+def bytes_all(dtype: torch.dtype) -> float:
+    """Floor bytes per element of an all-options step (see the module doc)."""
+    return 9.0 * _size(dtype) + 0.125
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def gpt2_like_shapes(hidden: int, layers: int, vocab: int) -> list[tuple[int, ...]]:
@@ -77,9 +90,11 @@ class EagerRegularizedAdamW:
                 self.opt.state[p][k].copy_(torch.where(m, self.opt.state[p][k], v))
 
 
-def run(device: torch.device, quick: bool, ceilings: dict, sizes: dict | None = None) -> tuple[list[dict], dict]:
+def run(
+    device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype | None = None, sizes: dict | None = None
+) -> tuple[list[dict], dict]:
     """Rows for the plain and the all-options AdamW step (see the module doc for the floors);
-    ``ceilings`` as measured by ``runner.measure_ceilings``."""
+    ``ceilings`` as measured by ``runner.measure_ceilings``; ``dtype``: params and state (``--dtype``)."""
     sizes = sizes or default_sizes(device, quick)
     shapes = gpt2_like_shapes(**sizes)
     numel = sum(torch.Size(s).numel() for s in shapes)
@@ -103,24 +118,19 @@ def run(device: torch.device, quick: bool, ceilings: dict, sizes: dict | None = 
         )
 
     has_fused = device.type in ("cuda", "cpu")
-    # plain AdamW
-    pa, pb = _make(shapes, device), _make(shapes, device)
-    ours = FusedAdamW(pa, lr=lr)
-    base = torch.optim.AdamW(pb, lr=lr, fused=has_fused)
-    t_ours, t_base = time_pair_ms(ours.step, base.step, device, reps=reps)
-    add("adamw fp32, no options", "torch AdamW(fused=True)", t_base, t_ours, BYTES_PLAIN, base.step, ours.step)
-    del pa, pb, ours, base
-
-    # plain AdamW on bf16 params (state in bf16 on both sides)
-    pa, pb = _make(shapes, device, dtype=torch.bfloat16), _make(shapes, device, dtype=torch.bfloat16)
-    ours = FusedAdamW(pa, lr=lr)
-    base = torch.optim.AdamW(pb, lr=lr, fused=has_fused)
-    t_ours, t_base = time_pair_ms(ours.step, base.step, device, reps=reps)
-    add("adamw bf16, no options", "torch AdamW(fused=True)", t_base, t_ours, BYTES_BF16, base.step, ours.step)
-    del pa, pb, ours, base
+    # plain AdamW (state in the params' dtype on both sides)
+    for dt in (torch.float32, torch.bfloat16) if dtype is None else (dtype,):
+        pa, pb = _make(shapes, device, dtype=dt), _make(shapes, device, dtype=dt)
+        ours = FusedAdamW(pa, lr=lr)
+        base = torch.optim.AdamW(pb, lr=lr, fused=has_fused)
+        t_ours, t_base = time_pair_ms(ours.step, base.step, device, reps=reps)
+        name = f"adamw {short_dtype(dt)}, no options"
+        add(name, "torch AdamW(fused=True)", t_base, t_ours, bytes_plain(dt), base.step, ours.step)
+        del pa, pb, ours, base
 
     # all options on (50% element mask on every matrix)
-    pa, pb = _make(shapes, device), _make(shapes, device)
+    dt = dtype or torch.float32
+    pa, pb = _make(shapes, device, dtype=dt), _make(shapes, device, dtype=dt)
     masks = []
     g = torch.Generator(device="cpu").manual_seed(1)
     for p in pa:
@@ -140,11 +150,11 @@ def run(device: torch.device, quick: bool, ceilings: dict, sizes: dict | None = 
     )
     t_ours, t_eager = time_pair_ms(ours.step, eager.step, device, rounds=3, reps=max(3, reps // 2))
     add(
-        "adamw fp32, mask+dropout+L1+L2-SP+clip",
+        f"adamw {short_dtype(dt)}, mask+dropout+L1+L2-SP+clip",
         "eager torch ops + AdamW(fused=True)",
         t_eager,
         t_ours,
-        BYTES_ALL,
+        bytes_all(dt),
         eager.step,
         ours.step,
     )

@@ -1,6 +1,7 @@
 """``ftkernels bench``: run the suites on a device, measure the ceilings, write and compare results.
 
-A suite is ``run(device, quick, ceilings) -> (rows, extra)``; each row has at least ``case``,
+A suite is ``run(device, quick, ceilings, dtype=None) -> (rows, extra)`` (``dtype``: ``--dtype``, None for
+each case's own); each row has at least ``case``,
 ``baseline``, ``baseline_ms``, ``ours_ms`` and ``floor_ms`` (the physical floor from the measured
 ceilings), and may carry peak memory (``baseline_mem_MB``, ``ours_mem_MB``).
 """
@@ -15,7 +16,7 @@ import time
 import torch
 
 from . import e2e, lora_conv, lora_linear, loreft, masked, optimizer
-from .common import copy_bandwidth, environment, format_table, time_ms
+from .common import DTYPES, copy_bandwidth, dtype_name, environment, format_table, time_ms
 
 SUITES = {
     "lora_linear": lora_linear.run,
@@ -46,22 +47,27 @@ COLUMNS = [
 ]
 
 
-def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
+def measure_ceilings(device: torch.device, quick: bool = False, dtype: torch.dtype | None = None) -> dict:
     """Copy bandwidth (bytes/s, read + write) and dense matmul rate (flop/s) measured here.
 
-    Matmul: bf16 on GPU (the tensor-core rate), fp32 on CPU; 8192^3 on GPU, 1024^3-2048^3 on CPU.
+    Matmul in ``dtype`` when given (the cases' dtype under ``--dtype``), else bf16 on GPU (the
+    tensor-core rate) and fp32 on CPU; 8192^3 on GPU, 1024^3-2048^3 on CPU (256^3-512^3 for 16-bit
+    types there, which CPUs without bf16/fp16 matrix units run ~100x slower than fp32).
     """
     if device.type == "cuda":
-        n, dtype, nbytes = 8192, torch.bfloat16, 1 << 30
+        n, default, nbytes = 8192, torch.bfloat16, 1 << 30
     else:
-        n, dtype, nbytes = (1024 if quick else 2048), torch.float32, (64 << 20 if quick else 512 << 20)
+        n, default, nbytes = (1024 if quick else 2048), torch.float32, (64 << 20 if quick else 512 << 20)
+    dtype = dtype or default
+    if device.type != "cuda" and dtype.itemsize == 2:
+        n //= 4
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = time_ms(lambda: a @ b, device, warmup=2, reps=5 if quick else 10)
     return {
         "copy_GBps": copy_bandwidth(device, nbytes) / 1e9,
         "matmul_TFLOPs": 2 * n**3 / (ms * 1e-3) / 1e12,
-        "matmul_dtype": str(dtype).replace("torch.", ""),
+        "matmul_dtype": dtype_name(dtype),
     }
 
 
@@ -77,19 +83,28 @@ def finish_row(suite: str, row: dict) -> dict:
     return row
 
 
-def run_suites(names, device: torch.device, quick: bool = False, progress=sys.stderr) -> dict:
-    """Run the named suites; returns ``{"environment", "ceilings", "suites": {name: {"rows", "extra"}}}``."""
+def run_suites(
+    names, device: torch.device, quick: bool = False, progress=sys.stderr, dtype: torch.dtype | None = None
+) -> dict:
+    """Run the named suites; returns ``{"environment", "ceilings", "quick", "dtype", "suites": {name:
+    {"rows", "extra"}}}``. ``dtype`` (``--dtype``) sets the per-layer suites' dtype; e2e keeps its own."""
     for name in names:
         if name not in SUITES:
             planned = " (planned, not built yet)" if name in PLANNED else ""
             raise ValueError(f"unknown benchmark suite {name!r}{planned}; available: {', '.join(SUITES)}")
     t0 = time.perf_counter()
     _progress(progress, 0, len(names) + 1, "measuring ceilings", t0)
-    ceilings = measure_ceilings(device, quick)
-    results = {"environment": environment(device), "ceilings": ceilings, "quick": quick, "suites": {}}
+    ceilings = measure_ceilings(device, quick, dtype)
+    results = {
+        "environment": environment(device),
+        "ceilings": ceilings,
+        "quick": quick,
+        "dtype": dtype_name(dtype) if dtype is not None else None,
+        "suites": {},
+    }
     for k, name in enumerate(names):
         _progress(progress, k + 1, len(names) + 1, f"suite {name}", t0)
-        rows, extra = SUITES[name](device, quick=quick, ceilings=ceilings)
+        rows, extra = SUITES[name](device, quick=quick, ceilings=ceilings, dtype=dtype)
         results["suites"][name] = {"rows": [finish_row(name, r) for r in rows], "extra": extra}
     _progress(progress, len(names) + 1, len(names) + 1, "done", t0)
     return results
@@ -104,15 +119,17 @@ def script_main(suite: str, doc: str, script: str, argv=None, extra_print=None) 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="the cases' dtype (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(script)), "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    results = run_suites([suite], device, quick=args.quick)
+    results = run_suites([suite], device, quick=args.quick, dtype=DTYPES.get(args.dtype))
     print(to_markdown(results))
     if extra_print is not None:
         extra_print(results)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{suite}-{device.type}{'-quick' if args.quick else ''}.json"), "w") as f:
+    tag = f"{'-' + args.dtype if args.dtype else ''}{'-quick' if args.quick else ''}"
+    with open(os.path.join(args.out, f"{suite}-{device.type}{tag}.json"), "w") as f:
         json.dump(results, f, indent=2)
         f.write("\n")
     return 0
@@ -146,7 +163,8 @@ def to_markdown(results: dict) -> str:
         f"commit {env['git_commit']}" + (" | quick" if results.get("quick") else ""),
         "",
         f"Ceilings measured in this run: copy {ceil['copy_GBps']:.1f} GB/s, "
-        f"{ceil['matmul_dtype']} matmul {ceil['matmul_TFLOPs']:.2f} TFLOP/s.",
+        f"{ceil['matmul_dtype']} matmul {ceil['matmul_TFLOPs']:.2f} TFLOP/s."
+        + (f" Per-layer cases in {results['dtype']} (--dtype; e2e keeps its own)." if results.get("dtype") else ""),
         "",
         "| " + " | ".join(h for _, h in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
