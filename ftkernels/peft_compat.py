@@ -227,9 +227,9 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             modules_to_save=cfg.get("modules_to_save"),
         )
     layers = lora_modules(model)
-    ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     ranks = {  # per-layer ranks / alphas of the patterns, set once every shape is checked
-        layer: (_pattern(ranks, name, cfg["r"]), _pattern(alphas, name, cfg["lora_alpha"]))
+        layer: (_pattern(rank_pat, name, cfg["r"]), _pattern(alpha_pat, name, cfg["lora_alpha"]))
         for name, layer in layers.items()
     }
     params = {}

@@ -1,6 +1,7 @@
 """The benchmark runner: schema, derived columns, compare, CLI (timings themselves live in bench/)."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -38,9 +39,9 @@ def test_derived_columns_and_schema(fake, tmp_path):
     for key in ("device", "torch", "triton", "ftkernels", "date", "git_commit"):
         assert key in res["environment"]
     js, md = runner.write(str(tmp_path), res)
-    back = json.loads(open(js).read())
+    back = json.loads(pathlib.Path(js).read_text())
     assert runner.all_rows(back) == rows
-    text = open(md).read()
+    text = pathlib.Path(md).read_text()
     assert "| fake | fast | torch | 10 | 2.5 | 4 |" in text
 
 
