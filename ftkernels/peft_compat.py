@@ -206,8 +206,9 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     ``model``: applies the fused LoRA layers per its config (unless already there), then loads A,
     B and the ``modules_to_save`` params. Raises on missing or unexpected keys and on shapes that do
     not fit (only a LoRA rank may differ from the model's, to the config's; the model's tensors are
-    then replaced, with a warning, so build optimizers after loading). Shapes are checked before
-    anything is written."""
+    then replaced, with a warning, so build optimizers after loading). Shapes are checked before any
+    tensor is written; LoRA layers applied here to a model that had none stay after a failed load
+    (with B = 0 they leave the outputs unchanged)."""
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "adapter_config.json")) as f:
