@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .nn import LoRAConv1D, LoRAConv2d, LoRALinear
+from .nn._lora_common import scaling_of
 from .nn.lora_conv1d import is_hf_conv1d
 from .nn.lora_group import group_shared_inputs
 
@@ -261,7 +262,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     for layer, (r, alpha) in ranks.items():
         if r != layer.r or alpha != layer.alpha:
             layer.r, layer.alpha = r, alpha
-            layer.scaling = alpha / (r**0.5 if layer.rslora else r)
+            layer.scaling = scaling_of(alpha, r, layer.rslora)
     renewed = []
     with torch.no_grad():
         for key, t in tensors.items():

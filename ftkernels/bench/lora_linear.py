@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..nn import LoRALinear
-from .common import compile_baselines, layer_step, peak_extra_mb, time_rounds_ms
+from .common import compile_baselines, dtype_name, layer_step, peak_extra_mb, time_rounds_ms
 
 
 class HandWrittenLoRA(torch.autograd.Function):
@@ -154,7 +154,7 @@ def _run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype |
         mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
         flops = 4 * M * N * K + 6 * M * r * (K + N)
         floor = flops / rate * 1e3
-        name = f"M{M} K{K} N{N} r{r} p{p} {str(dtype).replace('torch.', '')}"
+        name = f"M{M} K{K} N{N} r{r} p{p} {dtype_name(dtype)}"
         rows += _rows(name, ms, mem, saved, floor, "frozen base layer (floor)", c["sweep"])
         del base, ours, peft, peft_base, x, g, fns
     rows += _trio_rows(device, quick, rate, reps, dtype)
@@ -210,7 +210,7 @@ def _trio_rows(device: torch.device, quick: bool, rate: float, reps: int, dtype:
     mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
     saved = {k: saved_mb(m, x) for k, m in models.items()}
     floor = 3 * (4 * M * K * K + 6 * M * r * 2 * K) / rate * 1e3
-    name = f"q/k/v of one x: M{M} K=N={K} r{r} p{p} {str(dtype).replace('torch.', '')}"
+    name = f"q/k/v of one x: M{M} K=N={K} r{r} p{p} {dtype_name(dtype)}"
     return _rows(name, ms, mem, saved, floor, "frozen q/k/v (floor)", False)
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..graphed_step import on_side_stream
 from ..ops import loreft as ops
-from .common import peak_extra_mb, time_rounds_ms
+from .common import dtype_name, peak_extra_mb, time_rounds_ms
 
 
 def _reference(h, rot, w, b, p):
@@ -73,7 +73,7 @@ def run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype | 
         ms = time_rounds_ms(fns, device, reps)
         rows.append(
             dict(
-                case=f"LoReFT h {M}x{d} {str(dtype).replace('torch.', '')} r{r} p{p}",
+                case=f"LoReFT h {M}x{d} {dtype_name(dtype)} r{r} p{p}",
                 baseline="PyTorch formula (pyreft's)",
                 baseline_ms=ms["pytorch"],
                 ours_ms=ms["ours"],

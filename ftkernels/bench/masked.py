@@ -22,7 +22,7 @@ from ..freeze import freeze
 from ..nn import MaskedLinear
 from ..nn.masked import _ROWS, masked_weight_grad_linear, wgrad_choices
 from ..optim import FusedAdamW
-from .common import layer_step, peak_extra_mb, short_dtype, time_rounds_ms
+from .common import dtype_name, layer_step, peak_extra_mb, short_dtype, time_rounds_ms
 
 
 def linear_rows(device: torch.device, quick: bool, rate: float, dtype: torch.dtype | None = None) -> list[dict]:
@@ -50,7 +50,7 @@ def linear_rows(device: torch.device, quick: bool, rate: float, dtype: torch.dty
 
     steps = {"dense": layer_step(lin, x, g), "masked": layer_step(masked, x, g)}
     full = time_rounds_ms(steps, device, reps)
-    name = f"Linear M{M} K{K} N{N} {str(dtype).replace('torch.', '')}, 10% rows trainable"
+    name = f"Linear M{M} K{K} N{N} {dtype_name(dtype)}, 10% rows trainable"
     flops = 2 * M * N * K
     return [
         dict(

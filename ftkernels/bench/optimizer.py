@@ -22,16 +22,12 @@ ALL_OPTIONS = dict(grad_dropout=0.1, l1=1e-6, l2sp=1e-3, max_grad_norm=1.0)
 
 def bytes_plain(dtype: torch.dtype) -> float:
     """Floor bytes per element of a plain AdamW step (see the module doc)."""
-    return 7.0 * _size(dtype)
+    return 7.0 * dtype.itemsize
 
 
 def bytes_all(dtype: torch.dtype) -> float:
     """Floor bytes per element of an all-options step (see the module doc)."""
-    return 9.0 * _size(dtype) + 0.125
-
-
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return 9.0 * dtype.itemsize + 0.125
 
 
 def gpt2_like_shapes(hidden: int, layers: int, vocab: int) -> list[tuple[int, ...]]:

@@ -24,6 +24,11 @@ def lora_scaling(name: str, r, alpha, dropout, rslora: bool, bound: int, bound_w
         raise ValueError(f"{name}: alpha must be a finite number, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
+    return scaling_of(alpha, r, rslora)
+
+
+def scaling_of(alpha, r: int, rslora: bool) -> float:
+    """PEFT's ``scaling``: ``alpha / r``, or ``alpha / sqrt(r)`` with rslora."""
     return float(alpha) / (math.sqrt(r) if rslora else int(r))
 
 
