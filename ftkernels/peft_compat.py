@@ -35,6 +35,28 @@ def _matches(name: str, target) -> bool:
     return any(name == t or name.endswith("." + t) for t in target)
 
 
+ALL_LINEAR = "all-linear"
+
+
+def _all_linear(model: nn.Module, modules_to_save) -> list[str]:
+    """PEFT's ``target_modules="all-linear"``: every ``nn.Linear`` and HF ``Conv1D`` except the output
+    layer of a Hugging Face model (``get_output_embeddings()``, e.g. ``lm_head``). Modules matched by
+    ``modules_to_save`` are left out too: they train in full, an adapter on them would be redundant
+    (PEFT leaves a sequence classifier's head out for the same reason)."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # the output layer, and whatever is inside a LoRA layer already (its base)
+    skip = [n for n, m in model.named_modules() if (m is out_emb and out_emb is not None) or isinstance(m, LORA_TYPES)]
+    if modules_to_save:
+        skip += [n for n, _ in model.named_modules() if n and _matches(n, modules_to_save)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if n
+        and (isinstance(m, nn.Linear) or is_hf_conv1d(m))
+        and not any(n == k or n.startswith(k + ".") for k in skip)
+    ]
+
+
 def _wrap(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> nn.Module:
     if isinstance(module, nn.Linear):
         return LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
@@ -60,7 +82,8 @@ def apply_lora(
     modules_to_save=None,
 ) -> nn.Module:
     """Swap every module matching ``target_modules`` (PEFT's rule: a list of names or name suffixes,
-    or a regex matched against the full name) for its fused LoRA layer, in place: ``nn.Linear`` ->
+    a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
+    layer and ``modules_to_save``) for its fused LoRA layer, in place: ``nn.Linear`` ->
     :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d`, HF ``Conv1D`` -> :class:`LoRAConv1D`.
     Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
     classifier head). Sibling LoRA Linear layers that turn out to read the same input (q/k/v) then run
@@ -69,7 +92,12 @@ def apply_lora(
     match is unsupported."""
     if not isinstance(target_modules, str) and not target_modules:
         raise ValueError("apply_lora: target_modules is empty")
-    names = [n for n, m in model.named_modules() if n and _matches(n, target_modules) and not isinstance(m, LORA_TYPES)]
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        names = _all_linear(model, modules_to_save)
+    else:
+        names = [
+            n for n, m in model.named_modules() if n and _matches(n, target_modules) and not isinstance(m, LORA_TYPES)
+        ]
     names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost matches only
     if not names:
         raise ValueError(f"apply_lora: no module of {type(model).__name__} matches target_modules={target_modules!r}")

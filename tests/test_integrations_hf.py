@@ -73,3 +73,81 @@ def test_decay_groups_follow_trainer_rule():
     assert "classifier.weight" in names and "classifier.bias" not in names
     assert all("LayerNorm" not in n for n in names)
     assert any(n.endswith("lora_A") for n in names)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps its state in process-wide singletons; each run here starts and ends clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield
+    reset()
+
+
+def _accelerate_run(opt_cls, mixed_precision, steps, save_at=None, ckpt_dir=None):
+    """A LoRA BERT trained through ``Accelerator.prepare`` (gradient accumulation over 2 micro-batches,
+    ``accelerator.clip_grad_norm_``), optionally saving (``save_state``) after ``save_at`` micro-steps and
+    reloading (``load_state``) after the last. Returns the trainable params and the accelerator."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True, mixed_precision=mixed_precision, gradient_accumulation_steps=2)
+    model = _bert_classifier()
+    ftk.apply_lora(model, ["query", "value"], r=4, alpha=8, modules_to_save=["classifier"])
+    opt = opt_cls([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    model, opt = acc.prepare(model, opt)
+    data = _Data(16)
+    for i in range(steps):
+        batch = data[slice(4 * (i % 4), 4 * (i % 4) + 4)]
+        with acc.accumulate(model):
+            acc.backward(model(**batch).loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            opt.zero_grad()
+        if save_at is not None and i + 1 == save_at:
+            acc.save_state(str(ckpt_dir))
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return trained, acc, model, opt
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_accelerate_prepare_matches_torch_adamw(fresh_accelerate, mixed_precision):
+    """Accelerate wraps our optimizer (AcceleratedOptimizer: gradient accumulation, its own clipping,
+    autocast) as it wraps torch's: the same trajectory as torch.optim.AdamW through the same loop."""
+    ours, *_ = _accelerate_run(ftk.optim.FusedAdamW, mixed_precision, steps=8)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    ref, *_ = _accelerate_run(torch.optim.AdamW, mixed_precision, steps=8)
+    start = {n: p for n, p in _bert_classifier().named_parameters()}
+    for n, p in ref.items():
+        torch.testing.assert_close(ours[n], p, atol=1e-6, rtol=1e-5)
+        if n in start:  # the classifier (modules_to_save) trained: it moved
+            assert not torch.equal(p, start[n])
+
+
+def test_accelerate_save_and_load_state_round_trip(fresh_accelerate, tmp_path):
+    """``save_state`` / ``load_state`` with a fused optimizer: the reloaded optimizer (which Accelerate
+    has copied, so torch added ``differentiable`` to its defaults) takes the saved state back, and
+    training from there retraces the run that never stopped."""
+    saved, acc, model, opt = _accelerate_run(ftk.optim.FusedAdamW, "no", steps=4, save_at=4, ckpt_dir=tmp_path)
+    moments = {id(p): opt.optimizer.state[p]["exp_avg"].clone() for p in opt.optimizer.state}
+    data = _Data(16)
+    for i in range(2):  # train on past the checkpoint, then go back to it
+        with acc.accumulate(model):
+            acc.backward(model(**data[4 * i : 4 * i + 4]).loss)
+            opt.step()
+            opt.zero_grad()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(params[n], saved[n]) for n in saved)
+    acc.load_state(str(tmp_path))
+    for n, p in params.items():
+        assert torch.equal(p.detach(), saved[n]), n
+    for p in opt.optimizer.state:
+        assert torch.equal(opt.optimizer.state[p]["exp_avg"], moments[id(p)])

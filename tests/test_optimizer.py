@@ -1,6 +1,7 @@
 """Fused optimizers vs torch.optim and vs the plain-PyTorch reference (ftkernels.optim.reference)."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -112,6 +113,26 @@ def test_load_state_dict_of_another_optimizer_or_bad_hyper_changes_nothing():
     for i, st in before["state"].items():
         for k, v in st.items():
             assert torch.equal(after["state"][i][k], v), k
+
+
+@pytest.mark.parametrize("kind", list(FUSED))
+def test_copied_optimizer_loads_its_own_state_dict(kind):
+    """``copy.deepcopy`` / pickling (Accelerate's ``prepare`` does the same) runs torch's ``__setstate__``,
+    which adds ``differentiable`` to ``defaults``: a key our param groups never carry, which must not
+    make the optimizer refuse its own state dict."""
+    ps = make_params()
+    opt = FUSED[kind](ps, lr=1e-2)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    twin = copy.deepcopy(opt)
+    assert "differentiable" in twin.defaults
+    saved = copy.deepcopy(opt.state_dict())
+    twin.load_state_dict(saved)
+    opt.load_state_dict(pickle.loads(pickle.dumps(saved)))
+    for a, b in zip(opt.state_dict()["state"].values(), twin.state_dict()["state"].values()):
+        for k, v in a.items():
+            assert torch.equal(b[k], v), k
 
 
 @pytest.mark.parametrize("kind", list(FUSED))
@@ -462,6 +483,35 @@ def test_grad_scaler_integration():
         ref.step()
     for a, b in zip(model.parameters(), ref_model.parameters()):
         assert rel_err(a, b) <= 1e-5
+
+
+def test_grad_scaler_unscale_then_clip_then_step():
+    """The AMP recipe with clipping (what Accelerate's ``clip_grad_norm_`` does under fp16):
+    ``scaler.unscale_(opt)``, ``clip_grad_norm_``, ``scaler.step(opt)``. The step then sees grads that
+    are already unscaled (GradScaler passes no scale) and still skips on the found inf. Same
+    trajectory as torch's AdamW through the same recipe, an overflowing step included."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3)
+    ref_model = copy.deepcopy(model)
+    pairs = []
+    for m, cls in ((model, FusedAdamW), (ref_model, torch.optim.AdamW)):
+        pairs.append((m, cls(m.parameters(), lr=1e-2), torch.amp.GradScaler("cpu", init_scale=2.0**10)))
+    x, y = torch.randn(16, 8), torch.randn(16, 3)
+    for i in range(5):
+        for m, opt, scaler in pairs:
+            opt.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(m(x), y)).backward()
+            if i == 2:
+                m.weight.grad[0, 0] = float("inf")
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)
+            before = m.weight.detach().clone()
+            scaler.step(opt)
+            scaler.update()
+            assert torch.equal(m.weight, before) == (i == 2)
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert rel_err(a, b) <= 1e-5
+    assert pairs[0][2].get_scale() == pairs[1][2].get_scale() == 2.0**9
 
 
 def test_nonfinite_grad_norm_skips_step():

@@ -74,6 +74,8 @@ MODELS = {
     "qwen2": (qwen2, dict(target_modules=["q_proj", "k_proj", "v_proj"])),  # q/k/v carry biases
     "vit": (vit, dict(target_modules=["query", "value", "projection"])),  # patch embedding is a Conv2d
     "resnet18": (cnn, dict(target_modules=["conv1", "conv2"], modules_to_save=["fc"])),
+    "gpt2-all-linear": (gpt2, dict(target_modules="all-linear")),  # every Conv1D
+    "llama-all-linear": (llama, dict(target_modules="all-linear")),
 }
 
 
@@ -92,7 +94,7 @@ def _pair(kind):
     base, inputs = build()
     base.eval()  # dropout in the HF models off; LoRA dropout is 0 here
     ours = ftk.apply_lora(copy.deepcopy(base), r=4, alpha=8, **kw)
-    cfg = LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=kind == "gpt2", **kw)
+    cfg = LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=kind.startswith("gpt2"), **kw)
     peft = get_peft_model(copy.deepcopy(base), cfg)
     peft.eval()
     layers = ftk.peft_compat.lora_modules(ours)
@@ -129,6 +131,34 @@ def test_apply_lora_matches_get_peft_model(kind):
     gp = torch.autograd.grad(yp, [peft_train[_peft_name(n)] for n in ours_train], g)
     for a, b in zip(ga, gp, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-4)
+
+
+def test_all_linear_leaves_out_the_output_layer_and_modules_to_save():
+    """``"all-linear"`` picks what PEFT's shorthand picks on models with heads: not ``lm_head`` (the
+    output embeddings), and not a head trained in full (PEFT leaves a SEQ_CLS classifier out)."""
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    def names(model):
+        return sorted(n.removeprefix("base_model.model.") for n in ftk.peft_compat.lora_modules(model))
+
+    def peft_names(model, **kw):
+        pm = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", **kw))
+        return sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "base_layer"))
+
+    torch.manual_seed(0)
+    lm = lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=99))  # noqa: E731
+    ours = names(ftk.apply_lora(lm(), "all-linear", r=2))
+    assert len(ours) == 8 and "lm_head" not in ours and ours == peft_names(lm())
+    cls = lambda: BertForSequenceClassification(  # noqa: E731
+        BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=99)
+    )
+    model = ftk.apply_lora(cls(), "ALL-LINEAR", r=2, modules_to_save=["classifier"])
+    ours = names(model)
+    theirs = [n for n in peft_names(cls(), task_type="SEQ_CLS") if "modules_to_save" not in n]
+    assert "classifier" not in ours and ours == theirs
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    with pytest.raises(ValueError, match="matches target_modules='all-linear'"):
+        ftk.apply_lora(nn.Sequential(nn.Conv2d(3, 4, 3)), "all-linear")
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "resnet18"])

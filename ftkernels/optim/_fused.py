@@ -23,6 +23,7 @@ gradient skips the whole step on the device, without a host sync; a non-finite g
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -59,6 +60,13 @@ def group_defaults(init_args: dict) -> dict:
     """An optimizer's param-group defaults: its ``__init__`` arguments (``locals()``) minus the
     ones that are not per-group options."""
     return {k: v for k, v in init_args.items() if k not in _NOT_GROUP_OPTIONS}
+
+
+def group_option_names(cls) -> frozenset:
+    """The per-group options ``cls.__init__`` declares: what a saved param group must carry. Not
+    ``self.defaults``, which torch's ``Optimizer.__setstate__`` extends (``differentiable``) whenever
+    an optimizer is copied or unpickled (``copy.deepcopy``, Accelerate's ``prepare``)."""
+    return frozenset(inspect.signature(cls.__init__).parameters) - frozenset(_NOT_GROUP_OPTIONS)
 
 
 def _local(t):
@@ -249,7 +257,7 @@ class FusedOptimizer(Optimizer):
             return  # torch's own load_state_dict names this mismatch
         filled = {**REGULARIZER_DEFAULTS, **self._kind_defaults()}
         for gi, (g, cur) in enumerate(zip(saved, self.param_groups)):
-            missing = sorted(k for k in self.defaults if k not in g and k not in filled)
+            missing = sorted(k for k in group_option_names(type(self)) if k not in g and k not in filled)
             if missing:
                 raise ValueError(
                     f"{type(self).__name__}.load_state_dict: saved param group {gi} lacks {missing}: was it saved"
