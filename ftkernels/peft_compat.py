@@ -36,6 +36,27 @@ def _matches(name: str, target) -> bool:
 
 
 ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "lora_only", "all")
+
+
+def peft_param_name(model: nn.Module, name: str) -> str:
+    """Our parameter name -> PEFT's key for it in an adapter file (without ``base_model.model.``):
+    a LoRA layer's base layer is ``base`` here and ``base_layer`` in PEFT."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] == "base" and isinstance(model.get_submodule(".".join(parts[:i])), LORA_TYPES):
+            return ".".join([*parts[:i], "base_layer", *parts[i + 1 :]])
+    return name
+
+
+def _bias_params(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
+    """The biases PEFT's ``bias`` option trains (name -> param): none, the LoRA layers' base biases
+    (``"lora_only"``) or every parameter named ``bias`` (``"all"``)."""
+    if bias == "all":
+        return {n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")}
+    if bias == "lora_only":
+        return {f"{n}.base.bias": m.base.bias for n, m in lora_modules(model).items() if m.base.bias is not None}
+    return {}
 
 
 def _all_linear(model: nn.Module, modules_to_save) -> list[str]:
@@ -80,18 +101,23 @@ def apply_lora(
     dropout: float = 0.0,
     rslora: bool = False,
     modules_to_save=None,
+    bias: str = "none",
 ) -> nn.Module:
     """Swap every module matching ``target_modules`` (PEFT's rule: a list of names or name suffixes,
     a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
     layer and ``modules_to_save``) for its fused LoRA layer, in place: ``nn.Linear`` ->
     :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d`, HF ``Conv1D`` -> :class:`LoRAConv1D`.
     Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
-    classifier head). Sibling LoRA Linear layers that turn out to read the same input (q/k/v) then run
-    as one autograd node (:func:`ftkernels.nn.lora_group.group_shared_inputs`; same results;
-    ``FTKERNELS_LORA_GROUP=0`` turns it off). Returns the model. Raises when nothing matches or a
+    classifier head). ``bias`` is PEFT's: ``"none"``, ``"lora_only"`` (the LoRA layers' base biases
+    train too) or ``"all"`` (every bias in the model trains). Sibling LoRA Linear layers that turn out
+    to read the same input (q/k/v) then run as one autograd node
+    (:func:`ftkernels.nn.lora_group.group_shared_inputs`; same results; ``FTKERNELS_LORA_GROUP=0``
+    turns it off). Returns the model. Raises when nothing matches or a
     match is unsupported."""
     if not isinstance(target_modules, str) and not target_modules:
         raise ValueError("apply_lora: target_modules is empty")
+    if bias not in BIAS_MODES:
+        raise ValueError(f"apply_lora: bias must be one of {BIAS_MODES}, got {bias!r}")
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         names = _all_linear(model, modules_to_save)
     else:
@@ -116,10 +142,12 @@ def apply_lora(
     for layer in lora_modules(model).values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+    for p in _bias_params(model, bias).values():
+        p.requires_grad_(True)
     setattr(
         model,
         _CONFIG_ATTR,
-        dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, modules_to_save=saved or None),
+        dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, modules_to_save=saved or None, bias=bias),
     )
     group_shared_inputs(model)
     return model
@@ -128,8 +156,10 @@ def apply_lora(
 def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """The model inside a PEFT ``PeftModel`` (or a model holding PEFT LoRA layers) with every PEFT
     LoRA layer replaced by the fused one (sharing the base layer, copying A and B) and every
-    ``modules_to_save`` wrapper by its trained copy; outputs are identical. Only one adapter is
-    converted (``adapter_name`` or the active one); others are dropped with a warning."""
+    ``modules_to_save`` wrapper by its trained copy; outputs are identical, and so is what trains
+    (a base bias PEFT trains under ``bias="lora_only"``/``"all"`` stays trainable). Only one adapter
+    is converted (``adapter_name`` or the active one); others are dropped with a warning. LoRA on other
+    layer types (PEFT's Embedding, Conv1d/3d, MultiheadAttention) raises before anything changes."""
     from peft.tuners.lora import Conv2d as PeftConv2d
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
@@ -137,25 +167,40 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     model = peft_model
     if hasattr(model, "base_model") and hasattr(model.base_model, "model"):
         model = model.base_model.model
-    converted, dropped, replaced = 0, set(), []
-    for name, mod in list(model.named_modules()):
-        if not name or any(name.startswith(r + ".") for r in replaced):
-            continue  # inside a layer already replaced
+    todo = []  # (name, PEFT module, fused class or None for a modules_to_save wrapper), outermost only
+    for name, mod in model.named_modules():
+        if not name or any(name.startswith(t[0] + ".") for t in todo):
+            continue
+        if isinstance(mod, LoraLayer):
+            base = mod.get_base_layer()
+            if isinstance(mod, PeftConv2d) and isinstance(base, nn.Conv2d):
+                todo.append((name, mod, LoRAConv2d))
+            elif isinstance(base, nn.Linear) or is_hf_conv1d(base):
+                todo.append((name, mod, LoRALinear))
+            else:  # checked before anything is replaced: a failure leaves the model as it was
+                raise NotImplementedError(
+                    f"from_peft: {name} is PEFT's {type(mod).__name__} over {type(base).__name__}; fused LoRA"
+                    " layers exist for nn.Linear, Hugging Face Conv1D and nn.Conv2d only"
+                )
+        elif isinstance(mod, ModulesToSaveWrapper):
+            todo.append((name, mod, None))
+    if not any(cls is not None for _, _, cls in todo):
+        raise ValueError("from_peft: the model holds no PEFT LoRA layer")
+    dropped = set()
+    for name, mod, cls in todo:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(mod, LoraLayer):
-            active = adapter_name or mod.active_adapters[0]
-            dropped |= set(mod.lora_A.keys()) - {active}
-            new = (LoRAConv2d if isinstance(mod, PeftConv2d) else LoRALinear).from_peft_layer(mod, active)
-            setattr(parent, child, new)
-            replaced.append(name)
-            converted += 1
-        elif isinstance(mod, ModulesToSaveWrapper):
-            active = adapter_name or mod.active_adapters[0]
+        active = adapter_name or mod.active_adapters[0]
+        if cls is None:
             setattr(parent, child, mod.modules_to_save[active])
-            replaced.append(name)
-    if not converted:
-        raise ValueError("from_peft: the model holds no PEFT LoRA layer")
+            continue
+        dropped |= set(mod.lora_A.keys()) - {active}
+        base = mod.get_base_layer()
+        flags = [q.requires_grad for q in base.parameters()]
+        new = cls.from_peft_layer(mod, active)
+        for q, flag in zip(base.parameters(), flags):  # a bias PEFT trains (bias="lora_only"/"all") still trains
+            q.requires_grad_(flag)
+        setattr(parent, child, new)
     group_shared_inputs(model)
     if dropped:
         warnings.warn(f"from_peft: converted adapter only; dropped adapters {sorted(dropped)}", stacklevel=2)
@@ -170,6 +215,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
                 lora_dropout=cfg.lora_dropout,
                 use_rslora=cfg.use_rslora,
                 modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
+                bias=getattr(cfg, "bias", "none"),
             ),
         )
     return model
@@ -192,9 +238,10 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def save_adapter(model: nn.Module, path: str) -> None:
-    """Write the fused LoRA layers' adapters (and ``modules_to_save`` params) to ``path`` in PEFT's
-    format: ``adapter_config.json`` + ``adapter_model.safetensors``. Per-layer ranks or alphas that
-    differ from the common one go to ``rank_pattern`` / ``alpha_pattern``."""
+    """Write the fused LoRA layers' adapters (and ``modules_to_save`` params, and the biases of
+    ``bias="lora_only"``/``"all"``) to ``path`` in PEFT's format: ``adapter_config.json`` +
+    ``adapter_model.safetensors``. Per-layer ranks or alphas that differ from the common one go to
+    ``rank_pattern`` / ``alpha_pattern``."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -214,7 +261,11 @@ def save_adapter(model: nn.Module, path: str) -> None:
     for name in saved:
         for pname, p in model.get_submodule(name).named_parameters():
             tensors[f"{_PREFIX}{name}.{pname}"] = p.detach().contiguous().cpu()
+    bias = meta.get("bias", "none")
+    for name, p in _bias_params(model, bias).items():
+        tensors.setdefault(f"{_PREFIX}{peft_param_name(model, name)}", p.detach().contiguous().cpu())
     cfg = LoraConfig(
+        bias=bias,
         r=r,
         lora_alpha=alpha,
         lora_dropout=meta.get("lora_dropout", first.dropout),
@@ -231,30 +282,46 @@ def save_adapter(model: nn.Module, path: str) -> None:
 
 
 def load_adapter(model: nn.Module, path: str) -> nn.Module:
-    """Read a PEFT-format adapter (``save_pretrained`` of PEFT, or :func:`save_adapter`) into
-    ``model``: applies the fused LoRA layers per its config (unless already there), then loads A,
-    B and the ``modules_to_save`` params. Raises on missing or unexpected keys and on shapes that do
-    not fit (only a LoRA rank may differ from the model's, to the config's; the model's tensors are
-    then replaced, with a warning, so build optimizers after loading). Shapes are checked before any
-    tensor is written; LoRA layers applied here to a model that had none stay after a failed load
-    (with B = 0 they leave the outputs unchanged)."""
+    """Read a PEFT-format adapter (``save_pretrained`` of PEFT, or :func:`save_adapter`) into ``model``:
+    applies the fused LoRA layers (unless already there) to the modules the file holds adapters for,
+    with the config's r, alpha, dropout, ``modules_to_save`` and ``bias``, then loads A, B, the
+    ``modules_to_save`` params and the biases of ``bias="lora_only"``/``"all"`` (which then train, as
+    under PEFT). DoRA and ``lora_bias`` adapters raise. Raises on missing or unexpected keys and on
+    shapes that do not fit (only a LoRA rank may differ from the model's, to the config's; the model's
+    tensors are then replaced, with a warning, so build optimizers after loading). Shapes are checked
+    before any tensor is written; LoRA layers applied here to a model that had none stay after a failed
+    load (with B = 0 they leave the outputs unchanged)."""
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "adapter_config.json")) as f:
         cfg = json.load(f)
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
-        raise ValueError(f"load_adapter: only plain LoRA adapters are supported, got {cfg.get('peft_type')}")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"load_adapter: only LoRA adapters are supported, got peft_type {cfg.get('peft_type')!r}")
+    for flag in ("use_dora", "lora_bias"):
+        if cfg.get(flag):
+            raise NotImplementedError(f"load_adapter: the adapter has {flag}=true; the fused layers do not support it")
+    if (cfg.get("bias") or "none") not in BIAS_MODES:
+        raise ValueError(f"load_adapter: bias must be one of {BIAS_MODES}, got {cfg.get('bias')!r}")
     file = os.path.join(path, "adapter_model.safetensors")
     tensors = load_file(file) if os.path.exists(file) else torch.load(os.path.join(path, "adapter_model.bin"))
     if not lora_modules(model):
+        # The layers the file holds adapters for: exactly what PEFT's config selected (target_modules
+        # with layers_to_transform, exclude_modules, ...), without re-deriving its rules.
+        suffix = ".lora_A.weight"
+        targets = sorted(
+            k[len(_PREFIX) : -len(suffix)] for k in tensors if k.startswith(_PREFIX) and k.endswith(suffix)
+        )
+        if not targets:
+            raise ValueError(f"load_adapter: the adapter in {path} holds no LoRA tensor ({_PREFIX}<module>{suffix})")
         apply_lora(
             model,
-            cfg["target_modules"],
+            targets,
             r=cfg["r"],
             alpha=cfg["lora_alpha"],
             dropout=cfg.get("lora_dropout", 0.0),
             rslora=cfg.get("use_rslora", False),
             modules_to_save=cfg.get("modules_to_save"),
+            bias=cfg.get("bias") or "none",
         )
     layers = lora_modules(model)
     rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
@@ -266,9 +333,11 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     for name, layer in layers.items():
         params[f"{_PREFIX}{name}.lora_A.weight"] = (layer, "lora_A")
         params[f"{_PREFIX}{name}.lora_B.weight"] = (layer, "lora_B")
+    bias = cfg.get("bias") or "none"
+    biases = _bias_params(model, bias) if bias in BIAS_MODES else {}
     for n, p in model.named_parameters():
-        if p.requires_grad and ".lora_" not in n and not n.endswith(("lora_A", "lora_B")):
-            params.setdefault(f"{_PREFIX}{n}", (p, None))
+        if (p.requires_grad or n in biases) and ".lora_" not in n and not n.endswith(("lora_A", "lora_B")):
+            params.setdefault(f"{_PREFIX}{peft_param_name(model, n)}", (p, None))
     unexpected = [k for k in tensors if k not in params]
     if unexpected:
         raise ValueError(f"load_adapter: keys with no place in the model: {unexpected[:5]}")
@@ -291,6 +360,8 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
         if r != layer.r or alpha != layer.alpha:
             layer.r, layer.alpha = r, alpha
             layer.scaling = scaling_of(alpha, r, layer.rslora)
+    for p in biases.values():  # they are part of the adapter: they train, as under PEFT
+        p.requires_grad_(True)
     renewed = []
     with torch.no_grad():
         for key, t in tensors.items():

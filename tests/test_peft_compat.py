@@ -244,3 +244,75 @@ def test_load_adapter_checks_shapes_before_writing(tmp_path):
         ftk.load_adapter(ranked, tmp_path)
     assert ranked[0].r == 2 and ranked[0].scaling == src[0].scaling
     torch.testing.assert_close(ranked(x), src(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_bias_option_trains_and_saves_what_peft_does(bias, tmp_path):
+    """PEFT's ``bias``: the same params train as under get_peft_model, the biases travel in the adapter
+    file under PEFT's key names (``<layer>.base_layer.bias``) both ways, and from_peft keeps them
+    trainable."""
+    base, inputs = bert()
+    kw = dict(r=4, alpha=8, bias=bias)
+    ours = ftk.apply_lora(copy.deepcopy(base), ["query", "value"], **kw)
+    peft = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], bias=bias)
+    )
+
+    def peft_names(model):
+        return {
+            n.removeprefix("base_model.model.").replace(".default", "")
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
+
+    ours_names = {ftk.peft_compat.peft_param_name(ours, n) for n, p in ours.named_parameters() if p.requires_grad}
+    ours_names = {n + ".weight" if n.endswith(("lora_A", "lora_B")) else n for n in ours_names}
+    assert ours_names == peft_names(peft) and any(n.endswith("query.base_layer.bias") for n in ours_names)
+
+    with torch.no_grad():  # train-like changes: adapters and biases away from their initial values
+        for p in list(ours.parameters()) + list(peft.parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    ftk.save_adapter(ours, str(tmp_path / "ours"))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(_out(loaded, inputs), _out(ours.eval(), inputs), atol=1e-5, rtol=1e-5)
+    peft.save_pretrained(str(tmp_path / "peft"))
+    mine = ftk.load_adapter(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(_out(mine, inputs), _out(peft.eval(), inputs), atol=1e-5, rtol=1e-5)
+    assert {n for n, p in mine.named_parameters() if p.requires_grad} == {
+        n for n, p in ours.named_parameters() if p.requires_grad
+    }
+    fused = ftk.from_peft(peft)
+    assert {n for n, p in fused.named_parameters() if p.requires_grad} == {
+        n for n, p in ours.named_parameters() if p.requires_grad
+    }
+    with pytest.raises(ValueError, match="bias must be one of"):
+        ftk.apply_lora(copy.deepcopy(base), ["query"], bias="some")
+
+
+def test_load_adapter_takes_the_layers_the_file_holds(tmp_path):
+    """A PEFT adapter narrowed by ``layers_to_transform`` / ``exclude_modules`` loads onto exactly its
+    layers (the file's keys say which), not onto every match of ``target_modules``."""
+    base, inputs = bert()
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], layers_to_transform=[1], exclude_modules=["value"]
+    )
+    peft = get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    peft.save_pretrained(str(tmp_path))
+    mine = ftk.load_adapter(copy.deepcopy(base), str(tmp_path)).eval()
+    assert list(ftk.peft_compat.lora_modules(mine)) == ["encoder.layer.1.attention.self.query"]
+    torch.testing.assert_close(_out(mine, inputs), _out(peft.eval(), inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_from_peft_refuses_unsupported_layers_before_changing_anything():
+    """PEFT's LoRA on an Embedding has no fused layer: a clear error, and the PEFT model untouched."""
+    base, inputs = bert()
+    peft = get_peft_model(base, LoraConfig(r=4, target_modules=["word_embeddings", "query"]))
+    before = [type(m) for m in peft.modules()]
+    with pytest.raises(NotImplementedError, match=r"word_embeddings is PEFT's Embedding over Embedding"):
+        ftk.from_peft(peft)
+    assert [type(m) for m in peft.modules()] == before
