@@ -75,6 +75,8 @@ MODELS = {
     "vit": (vit, dict(target_modules=["query", "value", "projection"])),  # patch embedding is a Conv2d
     "resnet18": (cnn, dict(target_modules=["conv1", "conv2"], modules_to_save=["fc"])),
     "gpt2-all-linear": (gpt2, dict(target_modules="all-linear")),  # every Conv1D
+    "bert-bias-lora-only": (bert, dict(target_modules=["query", "key", "value"], bias="lora_only")),  # one group
+    "qwen2-bias-all": (qwen2, dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], bias="all")),
     "llama-all-linear": (llama, dict(target_modules="all-linear")),
 }
 
@@ -112,7 +114,9 @@ def _peft_name(name, saved=("pooler", "fc")):
     for part in ("lora_A", "lora_B"):
         if name.endswith(part):
             return f"base_model.model.{name}.default.weight"
-    mod = next(m for m in saved if name.startswith(m + "."))
+    mod = next((m for m in saved if name.startswith(m + ".")), None)
+    if mod is None:  # a bias trained by bias="lora_only"/"all"
+        return f"base_model.model.{name.replace('.base.', '.base_layer.')}"
     return f"base_model.model.{mod}.modules_to_save.default.{name[len(mod) + 1 :]}"
 
 
