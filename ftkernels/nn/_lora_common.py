@@ -12,14 +12,13 @@ import torch
 from torch import Tensor, nn
 
 
-def lora_scaling(name: str, r, alpha, dropout, rslora: bool, bound: int, bound_what: str) -> float:
+def lora_scaling(name: str, r, alpha, dropout, rslora: bool) -> float:
     """Check one layer's LoRA hyperparameters and return ``scaling = alpha / r`` (``alpha / sqrt(r)``
-    with rslora). ``r`` is an int in ``[1, bound]`` (a larger rank could not be low rank), ``alpha``
-    a finite number (a NaN or inf scaling would poison every output), ``dropout`` in ``[0, 1)``."""
+    with rslora). ``r`` is an int >= 1 (as in PEFT, it may exceed the layer's smaller dimension: a
+    2-class head under ``"all-linear"`` with r=8 is legal, just not low rank), ``alpha`` a finite
+    number (a NaN or inf scaling would poison every output), ``dropout`` in ``[0, 1)``."""
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
         raise ValueError(f"{name}: r must be a positive int, got {r!r}")
-    if r > bound:
-        raise ValueError(f"{name}: r={r} exceeds {bound_what} = {bound}: the update could not be low rank")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
         raise ValueError(f"{name}: alpha must be a finite number, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:

@@ -152,8 +152,7 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         if base.padding_mode != "zeros":
             raise ValueError(f"LoRAConv2d: padding_mode={base.padding_mode!r} is unsupported (zeros only, as PEFT)")
         out_c, in_c, kh, kw = base.weight.shape
-        bound = min(out_c, in_c * kh * kw)
-        scaling = lora_scaling("LoRAConv2d", r, alpha, dropout, rslora, bound, "min(out_channels, in_channels*kh*kw)")
+        scaling = lora_scaling("LoRAConv2d", r, alpha, dropout, rslora)
         if strategy not in STRATEGIES:
             raise ValueError(f"LoRAConv2d: strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.base = base

@@ -138,9 +138,7 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         super().__init__()
         self._check_base(base)
         out_f, in_f = self._linear_weight_of(base).shape
-        scaling = lora_scaling(
-            type(self).__name__, r, alpha, dropout, rslora, min(in_f, out_f), "min(in_features, out_features)"
-        )
+        scaling = lora_scaling(type(self).__name__, r, alpha, dropout, rslora)
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
