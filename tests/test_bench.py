@@ -294,3 +294,27 @@ def test_diag_kernels_quick_times_every_group(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["group"] for r in rows} == {"lora", "loreft", "masked"}
     assert all(r["us"] > 0 and r["floor_us"] > 0 for r in rows)
+
+
+def test_masked_wgrad_floor_counts_touched_sectors():
+    """The masked weight gradient's bytes floor: g is read in 32-byte sectors, so 10% random columns
+    of a bf16 4096-wide g touch ~81.6% of it (1 - C(4080, 410) / C(4096, 410)), a contiguous block 10%."""
+    import math
+
+    from ftkernels.bench.masked import touched_bytes, wgrad_floor_ms
+
+    assert touched_bytes(3, torch.tensor([0, 1, 15]), 2) == 3 * 32  # one sector of 16 bf16
+    assert touched_bytes(3, torch.tensor([0, 16, 40]), 2) == 3 * 3 * 32
+    assert touched_bytes(1, torch.tensor([7]), 4) == 32  # fp32: 8 a sector
+    gen = torch.Generator().manual_seed(0)
+    cols = torch.randperm(4096, generator=gen)[:410]
+    want = 1 - math.comb(4080, 410) / math.comb(4096, 410)
+    assert abs(touched_bytes(1, cols, 2) / (4096 * 2) - want) < 0.03
+    assert touched_bytes(1, torch.arange(2048, 2048 + 410), 2) == 26 * 32  # 820 bytes from an aligned start
+    # The H100 case (bench/NOTES.md, session 14): 67.1 MB of x + ~54.7 MB of g + 33.6 MB written at
+    # 3.0 TB/s = ~51.8 us, above the 37.7 us of flops at 730 TFLOP/s; a block is flops-bound.
+    floor = wgrad_floor_ms(8192, 4096, 4096, cols, 2, 730e12, 3.0e12)
+    assert 0.050 < floor < 0.0535
+    assert wgrad_floor_ms(8192, 4096, 4096, torch.arange(2048, 2458), 2, 730e12, 3.0e12) == pytest.approx(
+        2 * 8192 * 4096 * 410 / 730e12 * 1e3
+    )

@@ -1,8 +1,10 @@
 """Masked-update benchmark.
 
 1. ``MaskedLinear`` with 10% of its output rows trainable: the weight-gradient time against the
-   dense ``g^T x`` (target <= 0.15x: 1.5x of the ideal 10%), and the whole forward + backward
-   against a fully trainable ``nn.Linear``. GPU: M=8192, K=N=4096, bf16; CPU: M=2048, K=N=1024 fp32.
+   dense ``g^T x`` (target <= 0.15x: 1.5x of the ideal 10%) for random rows and for one contiguous
+   block, each against its floor (flops or bytes, whichever is larger: random rows touch most of g,
+   a block 10% of it; see ``wgrad_floor_ms``), and the whole forward + backward against a fully
+   trainable ``nn.Linear``. GPU: M=8192, K=N=4096, bf16; CPU: M=2048, K=N=1024 fp32.
 2. BERT-base with the bottom 8 of 12 layers frozen by ``ftk.freeze``: a training step against the
    same model trained fully and against hand-written ``requires_grad_(False)`` on those layers
    (we must be no slower). CPU: batch 2 x 64 tokens (quick: a 4-layer, 256-wide BERT).
@@ -25,9 +27,28 @@ from ..optim import FusedAdamW
 from .common import dtype_name, layer_step, peak_extra_mb, short_dtype, time_rounds_ms
 
 
-def linear_rows(device: torch.device, quick: bool, rate: float, dtype: torch.dtype | None = None) -> list[dict]:
-    """A Linear with 10% random output rows trainable: the weight gradient and the layer's fwd+bwd, dense
-    vs ``MaskedLinear`` (each rows route timed too on a GPU)."""
+def touched_bytes(n_rows: int, cols: torch.Tensor, elem: int, sector: int = 32) -> int:
+    """Bytes of a row-major ``[n_rows, C]`` tensor that reading the columns ``cols`` of every row must
+    fetch: whole ``sector``-byte sectors (DRAM's unit), one per distinct ``col * elem // sector``."""
+    return n_rows * torch.unique(cols.cpu() * elem // sector).numel() * sector
+
+
+def wgrad_floor_ms(M: int, K: int, N: int, kept: torch.Tensor, elem: int, rate: float, bw: float) -> float:
+    """The rows-mode weight gradient's floor: the larger of its flops (``2 M K`` per kept row) over the
+    matmul rate and its bytes over the copy bandwidth. The bytes: all of x ``[M, K]`` (every kept row
+    reads all of it), the sectors of g ``[M, N]`` its kept columns touch (81.6% of g for 10% random
+    columns in bf16; 10% for a contiguous block), and the full-shape gradient ``[N, K]`` written."""
+    flops = 2 * M * K * kept.numel()
+    nbytes = M * K * elem + touched_bytes(M, kept, elem) + N * K * elem
+    return max(flops / rate, nbytes / bw) * 1e3
+
+
+def linear_rows(
+    device: torch.device, quick: bool, rate: float, bw: float, dtype: torch.dtype | None = None
+) -> list[dict]:
+    """A Linear with 10% of its output rows trainable: the weight gradient, dense vs ``MaskedLinear``, for
+    random rows and for one contiguous block (whole heads, say; each rows route timed too on a GPU), and
+    the layer's fwd+bwd with the random rows."""
     if device.type == "cuda":
         M, K, N, own = 8192, 4096, 4096, torch.bfloat16
     else:
@@ -36,32 +57,47 @@ def linear_rows(device: torch.device, quick: bool, rate: float, dtype: torch.dty
     reps = 5 if quick else 20
     torch.manual_seed(0)
     lin = nn.Linear(K, N, device=device, dtype=dtype)
-    mask = masks.rows(lin.weight, keep=0.1, by="random")
-    masked = MaskedLinear.from_linear(nn.Linear(K, N, device=device, dtype=dtype), mask)
-    plan = masked.plan
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(M, N, device=device, dtype=dtype)
     xd = x.detach()
-    variants = {"dense": lambda: g.t() @ xd, "masked": lambda: masked_weight_grad_linear(g, xd, plan, lin.weight.shape)}
-    if device.type == "cuda":  # every route of the rows-mode gradient, whichever the op picked
-        for name, route in _ROWS.items():
-            variants[f"{name} route"] = lambda route=route: route(g, xd, plan, lin.weight.shape)[0]
-    wg = time_rounds_ms(variants, device, reps)
+    name = f"Linear M{M} K{K} N{N} {dtype_name(dtype)}, 10% rows trainable"  # random rows unless named
+    n_keep = max(1, round(0.1 * N))
+    block = torch.zeros(N, dtype=torch.bool, device=device)
+    block[N // 2 : N // 2 + n_keep] = True  # mid-tensor, so no alignment luck at row 0
+    rows, layers = [], {}
+    # the random rows keep the case name of earlier result files (``--compare`` matches names)
+    for kind, mask in (
+        ("", masks.rows(lin.weight, keep=0.1, by="random")),
+        (", one contiguous block", block.view(N, 1).expand(N, K).clone()),
+    ):
+        masked = MaskedLinear.from_linear(nn.Linear(K, N, device=device, dtype=dtype), mask)
+        layers[kind] = masked
+        plan = masked.plan
+        variants = {
+            "dense": lambda: g.t() @ xd,
+            "masked": lambda plan=plan: masked_weight_grad_linear(g, xd, plan, lin.weight.shape),
+        }
+        if device.type == "cuda":  # every route of the rows-mode gradient, whichever the op picked
+            for route_name, route in _ROWS.items():
+                variants[f"{route_name} route"] = lambda route=route, plan=plan: route(g, xd, plan, lin.weight.shape)[0]
+        wg = time_rounds_ms(variants, device, reps)
+        kept = mask[:, 0].nonzero().flatten()
+        rows.append(
+            dict(
+                case=f"{name}{kind}: weight gradient",
+                baseline="dense g^T x",
+                baseline_ms=wg["dense"],
+                ours_ms=wg["masked"],
+                floor_ms=wgrad_floor_ms(M, K, N, kept, dtype.itemsize, rate, bw),
+                vs_ideal=wg["masked"] / (0.1 * wg["dense"]),
+                routes_ms={k: v for k, v in wg.items() if k.endswith("route")} or None,
+            )
+        )
 
-    steps = {"dense": layer_step(lin, x, g), "masked": layer_step(masked, x, g)}
+    steps = {"dense": layer_step(lin, x, g), "masked": layer_step(layers[""], x, g)}
     full = time_rounds_ms(steps, device, reps)
-    name = f"Linear M{M} K{K} N{N} {dtype_name(dtype)}, 10% rows trainable"
     flops = 2 * M * N * K
-    return [
-        dict(
-            case=f"{name}: weight gradient",
-            baseline="dense g^T x",
-            baseline_ms=wg["dense"],
-            ours_ms=wg["masked"],
-            floor_ms=0.1 * flops / rate * 1e3,
-            vs_ideal=wg["masked"] / (0.1 * wg["dense"]),
-            routes_ms={k: v for k, v in wg.items() if k.endswith("route")} or None,
-        ),
+    rows.append(
         dict(
             case=f"{name}: forward + backward",
             baseline="nn.Linear, all trainable",
@@ -70,8 +106,9 @@ def linear_rows(device: torch.device, quick: bool, rate: float, dtype: torch.dty
             floor_ms=2.2 * flops / rate * 1e3,
             baseline_mem_MB=peak_extra_mb(steps["dense"], device),
             ours_mem_MB=peak_extra_mb(steps["masked"], device),
-        ),
-    ]
+        )
+    )
+    return rows
 
 
 def _bert(device, quick):
@@ -166,6 +203,6 @@ def run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype | 
     """Rows: the masked weight gradient (``vs_ideal`` = ours / (10% of dense)), the masked layer
     step, BERT with frozen bottom layers against full training and hand-written freezing, and the
     optimizer's compact against dense masked state."""
-    rate = ceilings["matmul_TFLOPs"] * 1e12
-    rows = linear_rows(device, quick, rate, dtype) + bert_rows(device, quick) + optimizer_rows(device, quick, dtype)
+    rate, bw = ceilings["matmul_TFLOPs"] * 1e12, ceilings["copy_GBps"] * 1e9
+    rows = linear_rows(device, quick, rate, bw, dtype) + bert_rows(device, quick) + optimizer_rows(device, quick, dtype)
     return rows, {"wgrad_choices": {str(k): v for k, v in wgrad_choices().items()}}
