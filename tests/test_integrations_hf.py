@@ -151,3 +151,34 @@ def test_accelerate_save_and_load_state_round_trip(fresh_accelerate, tmp_path):
         assert torch.equal(p.detach(), saved[n]), n
     for p in opt.optimizer.state:
         assert torch.equal(opt.optimizer.state[p]["exp_avg"], moments[id(p)])
+
+
+def test_trainer_resume_from_checkpoint_retraces_the_run(tmp_path):
+    """Trainer saves our optimizer's state dict with each checkpoint and loads it on
+    ``resume_from_checkpoint``: resuming at step 4 of 8 ends where the uninterrupted run ended."""
+    import os
+    import shutil
+
+    from transformers import Trainer, TrainingArguments
+
+    def run(resume=None):
+        model = _bert_classifier()
+        ftk.apply_lora(model, ["query", "value"], r=4, alpha=8, modules_to_save=["classifier"])
+        args = TrainingArguments(
+            output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8, learning_rate=5e-2,
+            weight_decay=0.01, save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, max_grad_norm=0.0,
+            seed=0, data_seed=0, disable_tqdm=True,
+        )  # fmt: skip
+        opt = create_optimizer(model, args, max_grad_norm=1.0, l2sp=1e-2)
+        Trainer(model=model, args=args, train_dataset=_Data(), optimizers=(opt, None)).train(
+            resume_from_checkpoint=resume
+        )
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full = run()
+    shutil.rmtree(tmp_path / "checkpoint-8")
+    resumed = run(resume=os.path.join(tmp_path, "checkpoint-4"))
+    start = {n: p for n, p in _bert_classifier().named_parameters()}
+    for n, p in full.items():
+        torch.testing.assert_close(resumed[n], p, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(full["classifier.weight"], start["classifier.weight"])
