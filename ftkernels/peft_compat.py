@@ -108,18 +108,21 @@ def apply_lora(
     layer and ``modules_to_save``) for its fused LoRA layer, in place: ``nn.Linear`` ->
     :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d`, HF ``Conv1D`` -> :class:`LoRAConv1D`.
     Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
-    classifier head). ``bias`` is PEFT's: ``"none"``, ``"lora_only"`` (the LoRA layers' base biases
+    classifier head); called again on the same model, it adds layers and keeps training what the
+    earlier call trains. ``bias`` is PEFT's: ``"none"``, ``"lora_only"`` (the LoRA layers' base biases
     train too) or ``"all"`` (every bias in the model trains). Sibling LoRA Linear layers that turn out
     to read the same input (q/k/v) then run as one autograd node
     (:func:`ftkernels.nn.lora_group.group_shared_inputs`; same results; ``FTKERNELS_LORA_GROUP=0``
-    turns it off). Returns the model. Raises when nothing matches or a
-    match is unsupported."""
+    turns it off). Returns the model. Raises, leaving the model as it was, when nothing matches or
+    a match is unsupported."""
     if not isinstance(target_modules, str) and not target_modules:
         raise ValueError("apply_lora: target_modules is empty")
     if bias not in BIAS_MODES:
         raise ValueError(f"apply_lora: bias must be one of {BIAS_MODES}, got {bias!r}")
+    # A second call adds layers: what the first one trains (its modules_to_save, its bias) keeps training.
+    earlier = getattr(model, _CONFIG_ATTR, None) or {}
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-        names = _all_linear(model, modules_to_save)
+        names = _all_linear(model, list(modules_to_save or []) + list(earlier.get("modules_to_save") or []))
     else:
         names = [
             n for n, m in model.named_modules() if n and _matches(n, target_modules) and not isinstance(m, LORA_TYPES)
@@ -127,18 +130,27 @@ def apply_lora(
     names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost matches only
     if not names:
         raise ValueError(f"apply_lora: no module of {type(model).__name__} matches target_modules={target_modules!r}")
-    model.requires_grad_(False)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _wrap(getattr(parent, child), r, alpha, dropout, rslora))
     saved = []
     if modules_to_save:
         saved = [n for n, _ in model.named_modules() if n and _matches(n, modules_to_save)]
         if not saved:
             raise ValueError(f"apply_lora: modules_to_save={modules_to_save!r} matches no module")
-        for n in saved:
-            model.get_submodule(n).requires_grad_(True)
+    saved += [n for n in earlier.get("modules_to_save") or [] if n not in saved]
+    if bias == "none":
+        bias = earlier.get("bias", "none")
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:  # every wrapper is built (and so checked) before the model changes
+        wrapped = {n: _wrap(model.get_submodule(n), r, alpha, dropout, rslora) for n in names}
+    except Exception:
+        for p, flag in flags:  # the wrappers built so far froze their bases
+            p.requires_grad_(flag)
+        raise
+    model.requires_grad_(False)
+    for name, layer in wrapped.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    for n in saved:
+        model.get_submodule(n).requires_grad_(True)
     for layer in lora_modules(model).values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)

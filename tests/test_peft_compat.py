@@ -200,6 +200,28 @@ def test_apply_lora_errors():
         ftk.apply_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2, modules_to_save=["head"])
 
 
+def test_apply_lora_failing_leaves_the_model_and_a_second_call_adds_layers(tmp_path):
+    """An unsupported match raises before anything changes (no layer swapped, no flag flipped); a second
+    call adds LoRA layers and keeps training the first call's modules_to_save (and saves them)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(3, 3, 3, groups=3), nn.Linear(4, 2))
+    before = [(type(m), p.requires_grad) for m in model for p in m.parameters()]
+    with pytest.raises(ValueError, match="groups=3"):
+        ftk.apply_lora(model, ["0", "1"], r=2)
+    assert [(type(m), p.requires_grad) for m in model for p in m.parameters()] == before
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 2))
+    ftk.apply_lora(model, ["0"], r=2, modules_to_save=["2"])
+    ftk.apply_lora(model, ["1"], r=3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0.lora_A", "0.lora_B", "1.lora_A", "1.lora_B", "2.weight", "2.bias"}
+    ftk.save_adapter(model, tmp_path)
+    fresh = ftk.load_adapter(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 2)), tmp_path)
+    assert [fresh[0].r, fresh[1].r] == [2, 3]
+    loaded = dict(fresh.named_parameters())
+    for n in trainable:  # adapters of both calls and the saved head: what the file carries
+        assert torch.equal(loaded[n], model.get_parameter(n)) and loaded[n].requires_grad, n
+
+
 def test_regex_targets_and_compile_without_graph_breaks():
     model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4))
     ftk.apply_lora(model, r"[02]", r=2, alpha=4, dropout=0.1)
