@@ -50,7 +50,21 @@ TORCH_CASES = [
     ("rmsprop", torch.optim.RMSprop, dict(lr=1e-3)),
     ("rmsprop", torch.optim.RMSprop, dict(lr=1e-3, centered=True, momentum=0.9, weight_decay=1e-3)),
     ("rmsprop", torch.optim.RMSprop, dict(lr=1e-3, alpha=0.9, momentum=0.5, maximize=True)),
+    # torch's implementation switches, as code written for torch.optim passes them: accepted, same math
+    ("adamw", torch.optim.AdamW, dict(lr=1e-2, foreach=True, capturable=False, differentiable=False)),
+    ("sgd", torch.optim.SGD, dict(lr=1e-2, momentum=0.9, foreach=False, fused=None)),
+    ("adagrad", torch.optim.Adagrad, dict(lr=1e-2, foreach=True)),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=1e-3, foreach=True, capturable=False)),
 ]
+
+
+@pytest.mark.parametrize("kind", list(FUSED))
+def test_torch_switches_stay_out_of_param_groups_and_differentiable_raises(kind):
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = FUSED[kind]([p], lr=1e-2, foreach=True, fused=True, capturable=True)
+    assert not {"foreach", "fused", "capturable", "differentiable"} & set(opt.param_groups[0])
+    with pytest.raises(NotImplementedError, match="differentiable=True is not supported"):
+        FUSED[kind]([p], lr=1e-2, differentiable=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

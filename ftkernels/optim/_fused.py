@@ -13,6 +13,10 @@ Per element, in one read and one write of each tensor (math in ``csrc/include/ft
 4. the optimizer's own rule (AdamW, SGD, Adagrad, RMSprop as in ``torch.optim``);
 5. ``p <- sign(p) max(|p| - lr l1, 0)`` (proximal L1: weights reach exactly 0).
 
+torch.optim's switches ``foreach``, ``fused`` and ``capturable`` are accepted (so code written for
+torch's optimizers runs unchanged) and ignored: the step is always this one pass, without host syncs.
+``differentiable=True`` raises.
+
 Elements masked out with :func:`ftkernels.set_grad_mask` are skipped: value and state unchanged.
 A param whose mask keeps less than ``compact_threshold`` (0.5) of it keeps state for its kept
 elements only (``ftkernels/optim/_compact.py``); set ``opt.compact_threshold = 0`` to keep it dense.
@@ -54,19 +58,27 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 _NOT_GROUP_OPTIONS = ("self", "params", "anchors", "fisher", "anchor_dtype", "__class__")
+# torch.optim's implementation switches: taken so that code written for torch's optimizers runs, kept
+# out of the param groups (they choose nothing here).
+_TORCH_SWITCHES = ("foreach", "fused", "capturable", "differentiable")
 
 
 def group_defaults(init_args: dict) -> dict:
     """An optimizer's param-group defaults: its ``__init__`` arguments (``locals()``) minus the
     ones that are not per-group options."""
-    return {k: v for k, v in init_args.items() if k not in _NOT_GROUP_OPTIONS}
+    if init_args.get("differentiable"):
+        raise NotImplementedError(
+            f"{type(init_args['self']).__name__}: differentiable=True is not supported (the fused step runs outside"
+            " autograd); use torch.optim for higher-order optimization"
+        )
+    return {k: v for k, v in init_args.items() if k not in _NOT_GROUP_OPTIONS and k not in _TORCH_SWITCHES}
 
 
 def group_option_names(cls) -> frozenset:
     """The per-group options ``cls.__init__`` declares: what a saved param group must carry. Not
     ``self.defaults``, which torch's ``Optimizer.__setstate__`` extends (``differentiable``) whenever
     an optimizer is copied or unpickled (``copy.deepcopy``, Accelerate's ``prepare``)."""
-    return frozenset(inspect.signature(cls.__init__).parameters) - frozenset(_NOT_GROUP_OPTIONS)
+    return frozenset(inspect.signature(cls.__init__).parameters) - frozenset(_NOT_GROUP_OPTIONS + _TORCH_SWITCHES)
 
 
 def _local(t):

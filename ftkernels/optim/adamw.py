@@ -28,6 +28,8 @@ class FusedAdamW(FusedOptimizer):
         :class:`~ftkernels.optim._fused.FusedOptimizer`; ``master_weights=True`` keeps an fp32 copy
         of fp16/bf16 params and fp32 moments.
       anchors, fisher, anchor_dtype: L2-SP/EWC inputs (see FusedOptimizer).
+      foreach, fused, capturable: accepted as ``torch.optim`` takes them, and ignored (the step is
+        always one fused multi-tensor pass without host syncs); ``differentiable=True`` raises.
     """
 
     kind = "adamw"
@@ -49,6 +51,10 @@ class FusedAdamW(FusedOptimizer):
         grad_dropout: float = 0.0,
         max_grad_norm: float | None = None,
         master_weights: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         anchors=None,
         fisher=None,
         anchor_dtype: torch.dtype | None = None,
