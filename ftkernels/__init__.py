@@ -11,7 +11,7 @@ from .freeze import FreezeSummary, freeze
 from .graphed_step import GraphedTrainStep, graphed_train_step
 from .info import build_info
 from .masks import clear_grad_mask, get_grad_mask, set_grad_mask
-from .peft_compat import apply_lora, from_peft, load_adapter, merge_lora, save_adapter, unmerge_lora
+from .peft_compat import apply_lora, from_peft, load_adapter, merge_lora, save_adapter, unload_lora, unmerge_lora
 from .reft import ReftModel, apply_reft, load_reft
 
 __version__ = _ext.installed_version() or "0.1.0+unknown"
@@ -39,5 +39,6 @@ __all__ = [
     "optim",
     "save_adapter",
     "set_grad_mask",
+    "unload_lora",
     "unmerge_lora",
 ]

@@ -20,7 +20,7 @@ from torch import nn
 from .nn import LoRAConv1D, LoRAConv2d, LoRALinear
 from .nn._lora_common import scaling_of
 from .nn.lora_conv1d import is_hf_conv1d
-from .nn.lora_group import group_shared_inputs
+from .nn.lora_group import group_shared_inputs, ungroup
 
 LORA_TYPES = (LoRALinear, LoRAConv2d)  # LoRAConv1D is a LoRALinear
 _PREFIX = "base_model.model."
@@ -246,6 +246,29 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     for layer in lora_modules(model).values():
         if layer.merged:
             layer.unmerge()
+    return model
+
+
+def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every fused LoRA layer by its base layer, in place: PEFT's ``merge_and_unload()``
+    (``merge=True``: the base weight becomes ``W + scaling B A``, fp32 accumulation, so outputs stay
+    the same) or ``unload()`` (``merge=False``: the adapters are dropped, the base weights restored).
+    What is left is the plain model, with the original parameter names: ``save_pretrained`` /
+    ``from_pretrained`` of the base architecture, or any ``load_state_dict``, take it. Parameters keep
+    their ``requires_grad`` (the bases stay frozen). Returns the model."""
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("unload_lora: the model has no fused LoRA layer")
+    ungroup(model)
+    for name, layer in layers.items():  # LoRA layers never nest: each is replaced once
+        if merge and not layer.merged:
+            layer.merge()
+        elif not merge and layer.merged:
+            layer.unmerge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+    if _CONFIG_ATTR in vars(model):
+        delattr(model, _CONFIG_ATTR)
     return model
 
 

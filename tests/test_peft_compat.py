@@ -190,6 +190,30 @@ def test_from_peft_identical_outputs_and_merge():
     torch.testing.assert_close(_out(fused, inputs), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "resnet18"])
+def test_unload_lora_gives_the_plain_model(kind):
+    """``unload_lora``: PEFT's merge_and_unload (same outputs, the same merged weights as PEFT's) and
+    unload (the original weights back); either way the plain architecture's state dict keys, so the
+    base class loads it strictly."""
+    base, inputs, ours, peft, _ = _pair(kind)
+    want = _out(ours, inputs)
+    merged = copy.deepcopy(ours)
+    ftk.merge_lora(merged)  # an already merged layer unloads as it is
+    merged = ftk.unload_lora(merged)
+    assert not ftk.peft_compat.lora_modules(merged)
+    torch.testing.assert_close(_out(merged, inputs), want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
+    ref = peft.merge_and_unload()
+    assert set(merged.state_dict()) == set(base.state_dict()) == set(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[k], v, atol=1e-6, rtol=1e-6)
+    copy.deepcopy(base).load_state_dict(merged.state_dict(), strict=True)
+    dropped = ftk.unload_lora(ours, merge=False)
+    for k, v in base.state_dict().items():
+        assert torch.equal(dropped.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="no fused LoRA layer"):
+        ftk.unload_lora(dropped)
+
+
 def test_apply_lora_errors():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LayerNorm(4))
     with pytest.raises(ValueError, match="matches"):
