@@ -198,21 +198,24 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             todo.append((name, mod, None))
     if not any(cls is not None for _, _, cls in todo):
         raise ValueError("from_peft: the model holds no PEFT LoRA layer")
-    dropped = set()
-    for name, mod, cls in todo:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        active = adapter_name or mod.active_adapters[0]
-        if cls is None:
-            setattr(parent, child, mod.modules_to_save[active])
-            continue
-        dropped |= set(mod.lora_A.keys()) - {active}
-        base = mod.get_base_layer()
-        flags = [q.requires_grad for q in base.parameters()]
-        new = cls.from_peft_layer(mod, active)
-        for q, flag in zip(base.parameters(), flags):  # a bias PEFT trains (bias="lora_only"/"all") still trains
+    dropped, built = set(), []
+    # Every fused layer is built (and so checked) before the model changes. Building freezes the bases;
+    # PEFT's flags come back after (a bias PEFT trains under bias="lora_only"/"all" still trains).
+    flags = [(q, q.requires_grad) for q in model.parameters()]
+    try:
+        for name, mod, cls in todo:
+            active = adapter_name or mod.active_adapters[0]
+            if cls is None:
+                built.append((name, mod.modules_to_save[active]))
+                continue
+            dropped |= set(mod.lora_A.keys()) - {active}
+            built.append((name, cls.from_peft_layer(mod, active)))
+    finally:
+        for q, flag in flags:
             q.requires_grad_(flag)
-        setattr(parent, child, new)
+    for name, new in built:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     group_shared_inputs(model)
     if dropped:
         warnings.warn(f"from_peft: converted adapter only; dropped adapters {sorted(dropped)}", stacklevel=2)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers.lora import FixedMaskDropout
 from helpers.models import resnet18
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Conv2d as PeftConv2d
 from torch import nn
 
@@ -207,6 +207,31 @@ def test_saved_tensors_hold_no_dropped_copy():
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
     y.sum().backward()
     assert ours.lora_A.grad is not None and ours.base.weight.grad is None
+
+
+def test_conv_subclasses_with_their_own_forward_are_refused():
+    """timm's StdConv2d (weight standardization in forward) and Conv2dSame (padding in
+    _conv_forward) compute something the fused layer would not: refused, by from_peft too, before it
+    changes the PEFT model."""
+
+    class StdConv2d(nn.Conv2d):
+        def forward(self, x):
+            w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    class Conv2dSame(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias, self.stride)
+
+    for cls, method in ((StdConv2d, "forward"), (Conv2dSame, "_conv_forward")):
+        with pytest.raises(TypeError, match=f"{cls.__name__} overrides Conv2d.{method}"):
+            ftk.nn.LoRAConv2d(cls(3, 4, 3), r=2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), StdConv2d(4, 4, 3))
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["0", "1"]))
+    before = [type(m) for m in peft.modules()]
+    with pytest.raises(TypeError, match="StdConv2d overrides"):
+        ftk.from_peft(peft)
+    assert [type(m) for m in peft.modules()] == before
 
 
 def test_bad_input_errors():

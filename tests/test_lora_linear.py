@@ -329,6 +329,31 @@ def test_bf16_base_with_fp32_adapters_and_autocast():
     torch.testing.assert_close(yb.float(), refb.float(), atol=0.05, rtol=2e-2)
 
 
+def test_bases_whose_forward_the_fused_layer_would_skip():
+    """The fused layer computes ``x W^T + b`` itself: a subclass overriding forward (a quantized or
+    custom Linear) or a non-float weight is refused, a mere subclass (nn.MultiheadAttention's
+    out_proj) is fine, and forward hooks on the base warn that they will not run."""
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.raises(TypeError, match="Doubled overrides Linear.forward"):
+        ftk.nn.LoRALinear(Doubled(4, 3), r=2)
+    int8 = nn.Linear(4, 3)
+    int8.weight = nn.Parameter(torch.ones(3, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="plain floating-point tensor"):
+        ftk.nn.LoRALinear(int8, r=2)
+    mha = nn.MultiheadAttention(8, 2)
+    layer = ftk.nn.LoRALinear(mha.out_proj, r=2)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), mha.out_proj(x))
+    hooked = nn.Linear(4, 3)
+    hooked.register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match="forward hooks"):
+        ftk.nn.LoRALinear(hooked, r=2)
+
+
 def test_bad_input_errors():
     lin = nn.Linear(8, 4)
     with pytest.raises(TypeError, match="nn.Linear"):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..ops.lora_dropout import lora_dropout_nograd
 from ..ops.lora_linear import _as
-from ._lora_common import LoRAMergeMixin, lora_scaling, peft_adapter
+from ._lora_common import LoRAMergeMixin, check_plain_base, lora_scaling, peft_adapter
 from .lora_linear import _compute_dtype, call_seed
 
 STRATEGIES = ("auto", "unmerged", "merged")
@@ -147,6 +147,7 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         super().__init__()
         if not isinstance(base, nn.Conv2d):
             raise TypeError(f"LoRAConv2d wraps an nn.Conv2d, got {type(base).__name__}")
+        check_plain_base("LoRAConv2d", base, nn.Conv2d, ("forward", "_conv_forward"))
         if base.groups != 1:
             raise ValueError(f"LoRAConv2d: the base conv has groups={base.groups}; LoRA needs groups=1")
         if base.padding_mode != "zeros":

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import lora_linear as _ops
-from ._lora_common import LoRAMergeMixin, lora_scaling, peft_adapter
+from ._lora_common import LoRAMergeMixin, check_plain_base, lora_scaling, peft_adapter
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -156,6 +156,7 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
     def _check_base(base) -> None:
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        check_plain_base("LoRALinear", base, nn.Linear)
 
     @staticmethod
     def _linear_weight_of(base) -> Tensor:
