@@ -298,3 +298,20 @@ def test_route_settings(monkeypatch):
         monkeypatch.delenv("FTKERNELS_MASKED_WGRAD")
         assert route.pick(("k",), {"fused": lambda: None, "torch": lambda: None}) == "torch"
         assert route.chosen() == {}
+
+
+def test_from_linear_and_from_conv_refuse_bases_with_their_own_forward():
+    """The masked layers compute the output from the weight: a subclass's own forward would be lost."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    class Padded(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(F.pad(x, (1, 1, 1, 1)), weight, bias)
+
+    with pytest.raises(TypeError, match="Scaled overrides Linear.forward"):
+        ftk.nn.MaskedLinear.from_linear(Scaled(4, 3), torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="Padded overrides Conv2d._conv_forward"):
+        ftk.nn.MaskedConv2d.from_conv(Padded(2, 3, 3), torch.ones(3, 2, 3, 3, dtype=torch.bool))

@@ -27,17 +27,17 @@ def lora_scaling(name: str, r, alpha, dropout, rslora: bool) -> float:
 
 
 def check_plain_base(name: str, base: nn.Module, plain: type, methods: tuple[str, ...] = ("forward",)) -> None:
-    """The fused layers compute the base's output from its weight and bias themselves; they never call
-    ``base.forward``. So a subclass that changes how the output is computed (timm's ``StdConv2d``
-    standardizes its weight, ``Conv2dSame`` pads dynamically; bitsandbytes' ``Linear4bit`` /
-    ``Linear8bitLt`` dequantize) would silently give other outputs: refused, as is a weight that is not
-    a plain floating tensor (a quantized tensor subclass). Forward hooks on the base would not run:
-    a warning says so."""
+    """The fused LoRA layers (and the masked layers replacing a Linear / Conv2d) compute the base's output
+    from its weight and bias themselves; they never call ``base.forward``. So a subclass that changes
+    how the output is computed (timm's ``StdConv2d`` standardizes its weight, ``Conv2dSame`` pads
+    dynamically; bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` dequantize) would silently give other
+    outputs: refused, as is a weight that is not a plain floating tensor (a quantized tensor subclass).
+    Forward hooks on the base would not run: a warning says so."""
     for m in methods:
         if getattr(type(base), m) is not getattr(plain, m):
             raise TypeError(
-                f"{name}: {type(base).__name__} overrides {plain.__name__}.{m}, which the fused layer never calls"
-                " (it computes the base's output from the weight itself), so its output would differ. Quantized,"
+                f"{name}: {type(base).__name__} overrides {plain.__name__}.{m}, which the replacing layer never"
+                " calls (it computes the output from the weight itself), so its output would differ. Quantized,"
                 " weight-standardized or dynamically padded layers need PEFT's LoRA layer"
             )
     w = base.weight
@@ -49,8 +49,8 @@ def check_plain_base(name: str, base: nn.Module, plain: type, methods: tuple[str
         )
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
         warnings.warn(
-            f"{name}: the base {type(base).__name__} has forward hooks; the fused layer computes its output"
-            " without calling it, so they will not run (register them on the LoRA layer instead)",
+            f"{name}: the base {type(base).__name__} has forward hooks; the replacing layer computes its output"
+            " without calling it, so they will not run (register them on the new layer instead)",
             stacklevel=3,
         )
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .._route import Route
 from ..masks import set_grad_mask
+from ._lora_common import check_plain_base
 
 
 def _check_mask(mask: Tensor, weight: Tensor) -> Tensor:
@@ -203,6 +204,7 @@ class MaskedLinear(nn.Linear):
         """A ``MaskedLinear`` sharing ``linear``'s weight and bias."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        check_plain_base("MaskedLinear.from_linear", linear, nn.Linear)
         # Built on the meta device (no allocation), then given the original parameters.
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight, new.bias = linear.weight, linear.bias
@@ -285,6 +287,7 @@ class MaskedConv2d(nn.Conv2d):
         """A ``MaskedConv2d`` sharing ``conv``'s weight and bias."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv takes an nn.Conv2d, got {type(conv).__name__}")
+        check_plain_base("MaskedConv2d.from_conv", conv, nn.Conv2d, ("forward", "_conv_forward"))
         # Built on the meta device (no allocation), then given the original parameters; nothing else
         # (hooks, buffers) is shared with ``conv``.
         new = cls(
