@@ -1,11 +1,13 @@
 """Fused LoRA Linear: against PEFT's lora.Linear and the plain-PyTorch reference, gradcheck, the
 dropout stream (same on CPU C++, Triton and the NumPy oracle), saved tensors, custom-op checks."""
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers.lora import FixedMaskDropout, lora_nodes
 from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLinear
@@ -330,16 +332,25 @@ def test_bf16_base_with_fp32_adapters_and_autocast():
 
 
 def test_bases_whose_forward_the_fused_layer_would_skip():
-    """The fused layer computes ``x W^T + b`` itself: a subclass overriding forward (a quantized or
-    custom Linear) or a non-float weight is refused, a mere subclass (nn.MultiheadAttention's
-    out_proj) is fine, and forward hooks on the base warn that they will not run."""
+    """The fused layer computes ``x W^T + b`` itself: a subclass whose own forward computes something
+    else, or a non-float weight, is refused; one computing the same (Falcon's reordered Linear) and a
+    mere subclass (nn.MultiheadAttention's out_proj) are fine; forward hooks on the base warn that
+    they will not run."""
 
     class Doubled(nn.Linear):
         def forward(self, x):
             return super().forward(x) * 2
 
-    with pytest.raises(TypeError, match="Doubled overrides Linear.forward"):
+    class Reordered(nn.Linear):  # Falcon's FalconLinear: x @ W.T + b, the same math
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    with pytest.raises(TypeError, match="Doubled overrides Linear.forward and computes something else"):
         ftk.nn.LoRALinear(Doubled(4, 3), r=2)
+    same = Reordered(4, 3)
+    layer = ftk.nn.LoRALinear(same, r=2)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(layer(x), same(x))
     int8 = nn.Linear(4, 3)
     int8.weight = nn.Parameter(torch.ones(3, 4, dtype=torch.int8), requires_grad=False)
     with pytest.raises(TypeError, match="plain floating-point tensor"):
@@ -474,3 +485,49 @@ def test_triton_kernels_compile_for_gpu_targets():
         out = subprocess.run([sys.executable, str(script), cap], capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         assert f"all kernels compiled for sm_{cap}" in out.stdout
+
+
+@pytest.mark.parametrize("node", [True, False])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_outputs_take_in_place_ops(monkeypatch, node, grouped):
+    """``h = proj(x); h += residual`` or an in-place activation on a [B, T, N] output: autograd refuses
+    in-place ops on a custom node's output that is a view made inside it (Falcon's decoder does
+    ``mlp_output += attention_output``), so the outputs are tensors of their own. Grads as with
+    nn.Linear plus the plain LoRA path (eval: no dropout), on the C++ node, the Python Functions and a
+    shared-input group."""
+    monkeypatch.setattr(ops, "_node_on", node)
+    torch.manual_seed(0)
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(8, 6), nn.Linear(8, 6)
+
+        def forward(self, x):
+            q, k = self.q(x), self.k(x)
+            q.mul_(2)  # in place on both outputs
+            k += q
+            return torch.relu_(k)
+
+    plain = Pair()
+    model = ftk.apply_lora(copy.deepcopy(plain), ["q", "k"], r=2) if grouped else copy.deepcopy(plain)
+    if not grouped:
+        model.q, model.k = ftk.nn.LoRALinear(model.q, r=2), ftk.nn.LoRALinear(model.k, r=2)
+    with torch.no_grad():
+        for m in (model.q, model.k):
+            m.lora_B.normal_()
+    model.eval()
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    for _ in range(2):  # a group fuses from its second call
+        y = model(x)
+    if grouped:
+        assert lora_nodes(y.grad_fn) == [2]
+
+    def ref(x):
+        q, k = (F.linear(x, m.weight, m.bias) + m.scaling * x @ m.lora_A.T @ m.lora_B.T for m in (model.q, model.k))
+        return torch.relu(k + 2 * q)
+
+    g = torch.randn_like(y)
+    leaves = [x, model.q.lora_A, model.k.lora_B]
+    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref(x), leaves, g), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -2,6 +2,8 @@
 only over the kept rows, channels or tiles), exact grad_x, and masked training that leaves frozen
 elements bit-identical while kept ones follow the plain-PyTorch reference."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -315,3 +317,22 @@ def test_from_linear_and_from_conv_refuse_bases_with_their_own_forward():
         ftk.nn.MaskedLinear.from_linear(Scaled(4, 3), torch.ones(3, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="Padded overrides Conv2d._conv_forward"):
         ftk.nn.MaskedConv2d.from_conv(Padded(2, 3, 3), torch.ones(3, 2, 3, 3, dtype=torch.bool))
+
+
+def test_masked_linear_output_takes_in_place_ops():
+    """A [B, T, N] output of MaskedLinear is no view made inside its Function, so ``h += r`` works, and
+    the grads are the dense layer's times the mask (grad_x exact)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 6)
+    mask = ftk.masks.rows(lin.weight, keep=0.5, by="random")
+    masked = ftk.nn.MaskedLinear.from_linear(copy.deepcopy(lin), mask)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    r = torch.randn(2, 5, 6)
+    y = masked(x)
+    y += r
+    y.relu_()
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, masked.weight), g)
+    rx, rw = torch.autograd.grad(torch.relu(lin(x) + r), (x, lin.weight), g)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw * mask)

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/strides.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 
@@ -29,6 +30,13 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 at::Tensor as_dtype(const at::Tensor& t, at::ScalarType d) { return t.scalar_type() == d ? t : t.to(d); }
+
+// y (contiguous [M, N]) in x's leading shape as a tensor of its own, not a view: autograd refuses
+// in-place ops (`h += residual`, an in-place activation) on a custom node's output that is a view of a
+// tensor made inside it. The 2-D buffer never escapes, so nothing else sees the memory.
+at::Tensor unviewed(const at::Tensor& y, at::IntArrayRef shape) {
+  return at::empty({0}, y.options()).set_(y.storage(), y.storage_offset(), shape, c10::contiguous_strides(shape));
+}
 
 // s (l @ r) as one GEMM: alpha s, beta 0 ignores the uninitialized output.
 at::Tensor scaled_mm(const at::Tensor& l, const at::Tensor& r, double s) {
@@ -111,7 +119,7 @@ struct LoRALinearNode : public torch::autograd::Function<LoRALinearNode> {
         std::tie(y, u) = dense_fwd(x2, w, bias, a, b, scalings[i], dropouts[i], seeds[i]);
       }
       out_shape.back() = w.size(0);
-      ys.push_back(x.dim() == 2 ? y : y.view(out_shape));
+      ys.push_back(x.dim() == 2 ? y : unviewed(y.contiguous(), out_shape));
       to_save.insert(to_save.end(), {w, a, b, u});
     }
     ctx->save_for_backward(to_save);  // x or the kept tensors, then w, A, B, u per member

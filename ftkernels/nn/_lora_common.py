@@ -26,20 +26,35 @@ def lora_scaling(name: str, r, alpha, dropout, rslora: bool) -> float:
     return scaling_of(alpha, r, rslora)
 
 
+def _plain_output(base: nn.Module, plain: type, x: Tensor) -> Tensor:
+    """What the plain ``nn.Linear`` / ``nn.Conv2d`` computes from ``base``'s weight, bias and geometry."""
+    if plain is nn.Conv2d:
+        return nn.Conv2d._conv_forward(base, x, base.weight, base.bias)
+    return nn.Linear.forward(base, x)
+
+
+def _probe_input(base: nn.Module, plain: type) -> Tensor:
+    """A small random input for ``base`` (a private generator: the global RNG stream is untouched); a
+    conv's spatial sizes are of both parities, so dynamic padding cannot pass for static."""
+    w = base.weight
+    if plain is nn.Conv2d:
+        (kh, kw), (sh, sw), (dh, dw) = base.kernel_size, base.stride, base.dilation
+        shape = (1, base.in_channels, dh * (kh - 1) + 2 * sh + 3, dw * (kw - 1) + 2 * sw + 4)
+    else:
+        shape = (3, base.in_features)
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=gen).to(device=w.device, dtype=w.dtype)
+
+
 def check_plain_base(name: str, base: nn.Module, plain: type, methods: tuple[str, ...] = ("forward",)) -> None:
-    """The fused LoRA layers (and the masked layers replacing a Linear / Conv2d) compute the base's output
-    from its weight and bias themselves; they never call ``base.forward``. So a subclass that changes
-    how the output is computed (timm's ``StdConv2d`` standardizes its weight, ``Conv2dSame`` pads
-    dynamically; bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` dequantize) would silently give other
-    outputs: refused, as is a weight that is not a plain floating tensor (a quantized tensor subclass).
-    Forward hooks on the base would not run: a warning says so."""
-    for m in methods:
-        if getattr(type(base), m) is not getattr(plain, m):
-            raise TypeError(
-                f"{name}: {type(base).__name__} overrides {plain.__name__}.{m}, which the replacing layer never"
-                " calls (it computes the output from the weight itself), so its output would differ. Quantized,"
-                " weight-standardized or dynamically padded layers need PEFT's LoRA layer"
-            )
+    """The fused LoRA layers (and the masked layers replacing a Linear / Conv2d) compute the base's
+    output from its weight, bias and geometry themselves; they never call ``base.forward``. A weight
+    that is not a plain floating tensor (a quantized tensor subclass) is refused. A subclass that
+    overrides ``methods`` is run once on a small random input against the plain layer's math: the same
+    output (Falcon's ``FalconLinear``, which only reorders ``x W^T + b``) is accepted; another one
+    (timm's ``StdConv2d`` standardizes its weight, ``Conv2dSame`` pads dynamically, bitsandbytes'
+    layers dequantize) is refused, as it would silently change the model. Forward hooks on the base
+    would not run: a warning says so."""
     w = base.weight
     plain_tensor = type(w) in (Tensor, nn.Parameter) or type(w).__name__ == "DTensor"
     if not plain_tensor or not w.dtype.is_floating_point:
@@ -47,6 +62,24 @@ def check_plain_base(name: str, base: nn.Module, plain: type, methods: tuple[str
             f"{name}: the base weight is a {type(w).__name__} of {w.dtype}; the fused kernels need a plain"
             " floating-point tensor (quantized weights need PEFT's LoRA layer)"
         )
+    own = [m for m in methods if getattr(type(base), m) is not getattr(plain, m)]
+    if own:
+        what = f"{type(base).__name__} overrides {plain.__name__}.{own[0]}"
+        if w.is_meta:
+            raise TypeError(f"{name}: {what} and its weight is on the meta device, so it cannot be checked")
+        with torch.no_grad():
+            x = _probe_input(base, plain)
+            got, want = base.forward(x), _plain_output(base, plain, x)
+        tol = 1e-4 if w.dtype in (torch.float32, torch.float64) else 2e-2
+        same = got.shape == want.shape and bool(
+            ((got.float() - want.float()).abs() <= tol * (1 + want.float().abs().max())).all()
+        )
+        if not same:
+            raise TypeError(
+                f"{name}: {what} and computes something else than it (checked on a random input); the"
+                " replacing layer computes the plain output from the weight itself, so the model would change."
+                " Quantized, weight-standardized or dynamically padded layers need PEFT's LoRA layer"
+            )
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
         warnings.warn(
             f"{name}: the base {type(base).__name__} has forward hooks; the replacing layer computes its output"

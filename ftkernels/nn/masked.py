@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .._route import Route
 from ..masks import set_grad_mask
+from ..ops._autograd import unviewed
 from ._lora_common import check_plain_base
 
 
@@ -172,7 +173,7 @@ class _MaskedLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, plan):
         ctx.save_for_backward(x, weight)
         ctx.plan = plan
-        return F.linear(x, weight, bias)
+        return unviewed(F.linear(x, weight, bias))  # a [..., K] x gives a view of the GEMM's 2-D output
 
     @staticmethod
     def backward(ctx, g):

@@ -7,6 +7,15 @@ import functools
 import torch
 
 
+def unviewed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor of its own (the same memory, not marked a view). Autograd refuses in-place ops
+    (``h += residual``, an in-place activation) on a custom Function's output that is a view of a tensor
+    made inside it; the buffer the kernel wrote never escapes, so nothing else sees the memory."""
+    if not t._is_view():
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
 def first_order(backward):
     """``torch.autograd.function.once_differentiable`` for a ``backward(ctx, *grads)``, minus its cost
     in the common case. once_differentiable runs backward under ``torch.no_grad()`` and, when grad mode

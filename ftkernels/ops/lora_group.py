@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import first_order
+from ._autograd import first_order, unviewed
 from .lora_linear import (
     _as,
     _bwd_impl,
@@ -51,7 +51,7 @@ class LoRAGroupFunction(torch.autograd.Function):
                 dtypes.append((a.dtype, b.dtype))
                 a, b = _as(a, x.dtype), _as(b, x.dtype)  # cast once: backward reuses the r-row copies
                 y, u = _fwd_impl(x2, w, bias, a, b, scalings[i], dropouts[i], seed)
-                ys.append(y.view(*x.shape[:-1], y.shape[-1]) if flat_x else y)
+                ys.append(unviewed(y.view(*x.shape[:-1], y.shape[-1])) if flat_x else y)
                 saved += [w, a, b, u, seed]
         save_x(ctx, x2, x, *saved)  # x itself, or what its producer keeps to rebuild it
         ctx.scalings, ctx.dropouts, ctx.adapter_dtypes = scalings, dropouts, dtypes

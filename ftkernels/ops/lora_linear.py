@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._ext import C, ExtensionError, available
 from . import input_recompute
-from ._autograd import first_order
+from ._autograd import first_order, unviewed
 
 
 def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -183,7 +183,7 @@ class LoRALinearFunction(torch.autograd.Function):
             y, u = _fwd_impl(x2, weight, bias, a, b, scaling, dropout, seed)
         _save(ctx, x2, weight, a, b, u, seed, scaling, dropout, (lora_a.dtype, lora_b.dtype), x_orig=x)
         ctx.x_shape = x.shape if flat else None
-        return y.view(*x.shape[:-1], y.shape[-1]) if flat else y
+        return unviewed(y.view(*x.shape[:-1], y.shape[-1])) if flat else y
 
     @staticmethod
     @first_order
