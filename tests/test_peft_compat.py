@@ -62,6 +62,13 @@ def vit():
     return ViTModel(cfg, add_pooling_layer=False), dict(pixel_values=torch.randn(2, 3, 16, 16))
 
 
+def falcon():  # FalconLinear (its own forward, same math) and in-place residual adds on LoRA outputs
+    from transformers import FalconConfig, FalconModel
+
+    cfg = FalconConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    return FalconModel(cfg), dict(input_ids=torch.randint(0, 99, (2, 7)))
+
+
 def cnn():
     return resnet18(num_classes=5), dict(x=torch.randn(2, 3, 32, 32))
 
@@ -78,6 +85,7 @@ MODELS = {
     "bert-bias-lora-only": (bert, dict(target_modules=["query", "key", "value"], bias="lora_only")),  # one group
     "qwen2-bias-all": (qwen2, dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], bias="all")),
     "llama-all-linear": (llama, dict(target_modules="all-linear")),
+    "falcon-all-linear": (falcon, dict(target_modules="all-linear")),
 }
 
 
