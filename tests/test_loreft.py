@@ -167,6 +167,23 @@ def test_module_matches_reference_and_saves_no_copy():
                                atol=3e-2, rtol=3e-2)  # fmt: skip
 
 
+@pytest.mark.parametrize("lead", [(5,), (2, 5)])
+def test_output_takes_in_place_ops(lead):
+    """The intervened h' is no view made inside the autograd Function, so a residual add or an
+    in-place activation on it works; grads as without the in-place op (an add passes them through)."""
+    torch.manual_seed(0)
+    m = ftk.nn.LoReFT(16, 4)
+    with torch.no_grad():
+        m.learned_source.weight.normal_()
+    h = torch.randn(*lead, 16, requires_grad=True)
+    g = torch.randn(*lead, 16)
+    (want,) = torch.autograd.grad(m(h), h, g)
+    out = m(h)
+    out += 1.0
+    (got,) = torch.autograd.grad(out, h, g)
+    torch.testing.assert_close(got, want)
+
+
 def test_rotation_stays_orthonormal_while_training():
     torch.manual_seed(0)
     m = ftk.nn.LoReFT(32, 4, dropout=0.1)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._ext import C, ExtensionError
-from ._autograd import first_order
+from ._autograd import first_order, unviewed
 from .lora_linear import _no_autocast
 
 
@@ -117,7 +117,7 @@ class LoReFTFunction(torch.autograd.Function):
             out, s = _fwd_impl(h2, rot, w, b, dropout, seed)
         _save(ctx, h2, rot, w, b, s, seed, dropout)
         ctx.h_shape = h.shape
-        return out.view(h.shape)
+        return unviewed(out.view(h.shape))  # in-place ops on it must work (see unviewed)
 
     @staticmethod
     @first_order
