@@ -145,6 +145,87 @@ def test_apply_lora_matches_get_peft_model(kind):
         torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-4)
 
 
+def _zoo(name):
+    """Tiny configs of more Hugging Face architectures: (model, inputs)."""
+    import transformers as T
+
+    ids = torch.randint(0, 90, (2, 9))
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    pixels = dict(pixel_values=torch.randn(2, 3, 32, 32))
+    zoo = {
+        "t5": lambda: (
+            T.T5Model(T.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)),
+            dict(input_ids=ids, decoder_input_ids=ids[:, :4]),
+        ),
+        "distilbert": lambda: (
+            T.DistilBertModel(T.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=2, hidden_dim=37)),
+            dict(input_ids=ids),
+        ),
+        "mistral": lambda: (T.MistralModel(T.MistralConfig(num_key_value_heads=2, **text)), dict(input_ids=ids)),
+        "gemma": lambda: (T.GemmaModel(T.GemmaConfig(num_key_value_heads=1, head_dim=8, **text)), dict(input_ids=ids)),
+        "opt": lambda: (
+            T.OPTModel(
+                T.OPTConfig(
+                    vocab_size=99,
+                    hidden_size=32,
+                    ffn_dim=48,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    word_embed_proj_dim=32,
+                )
+            ),
+            dict(input_ids=ids),
+        ),  # fmt: skip
+        "bloom": lambda: (
+            T.BloomModel(T.BloomConfig(vocab_size=99, hidden_size=32, n_layer=2, n_head=4)),
+            dict(input_ids=ids),
+        ),  # fmt: skip
+        "gpt_neox": lambda: (T.GPTNeoXModel(T.GPTNeoXConfig(**text)), dict(input_ids=ids)),
+        "deberta_v2": lambda: (T.DebertaV2Model(T.DebertaV2Config(**text)), dict(input_ids=ids)),
+        "swin": lambda: (
+            T.SwinModel(
+                T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4)
+            ),
+            pixels,
+        ),  # fmt: skip
+        "convnext": lambda: (
+            T.ConvNextModel(T.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=32)),
+            pixels,
+        ),
+    }
+    return zoo[name]()
+
+
+ZOO = ["t5", "distilbert", "mistral", "gemma", "opt", "bloom", "gpt_neox", "deberta_v2", "swin", "convnext"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_all_linear_zoo_matches_peft(name):
+    """More architectures under ``"all-linear"``: the same layers as PEFT's, the same outputs and the
+    same adapter grads (eval mode). Among them: T5's bias-free layers and in-place ops, BLOOM's fused
+    qkv, ConvNeXt's Linear pointwise convs on NHWC activations, Swin's windows."""
+    torch.manual_seed(0)
+    base, inputs = _zoo(name)
+    base.eval()
+    ours = ftk.apply_lora(copy.deepcopy(base), "all-linear", r=4, alpha=8)
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")).eval()
+    layers = ftk.peft_compat.lora_modules(ours)
+    theirs = {n.removeprefix("base_model.model."): m for n, m in peft.named_modules() if hasattr(m, "base_layer")}
+    assert set(layers) == set(theirs)
+    with torch.no_grad():
+        for n, layer in layers.items():
+            theirs[n].lora_B["default"].weight.normal_(std=0.1)
+            layer.lora_A.copy_(theirs[n].lora_A["default"].weight)
+            layer.lora_B.copy_(theirs[n].lora_B["default"].weight)
+    y, yp = ours(**inputs).last_hidden_state, peft(**inputs).last_hidden_state
+    torch.testing.assert_close(y, yp, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [m.lora_A for m in layers.values()], g)
+    ref = torch.autograd.grad(yp, [theirs[n].lora_A["default"].weight for n in layers], g)
+    for a, b in zip(grads, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-4)
+
+
 def test_all_linear_leaves_out_the_output_layer_and_modules_to_save():
     """``"all-linear"`` picks what PEFT's shorthand picks on models with heads: not ``lm_head`` (the
     output embeddings), and not a head trained in full (PEFT leaves a SEQ_CLS classifier out)."""
