@@ -78,6 +78,15 @@ def _all_linear(model: nn.Module, modules_to_save) -> list[str]:
     ]
 
 
+def _read_by_parent(model: nn.Module, name: str) -> bool:
+    """True for a Linear whose parent reads its weight instead of calling it: nn.MultiheadAttention's
+    ``out_proj`` (``F.multi_head_attention_forward`` takes ``out_proj.weight``), so LoRA there would
+    silently do nothing (PEFT's ``"all-linear"`` wraps it all the same)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return isinstance(parent, nn.MultiheadAttention) and child == "out_proj"
+
+
 def _wrap(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> nn.Module:
     if isinstance(module, nn.Linear):
         return LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
@@ -105,7 +114,8 @@ def apply_lora(
 ) -> nn.Module:
     """Swap every module matching ``target_modules`` (PEFT's rule: a list of names or name suffixes,
     a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
-    layer and ``modules_to_save``) for its fused LoRA layer, in place: ``nn.Linear`` ->
+    layer, ``modules_to_save`` and nn.MultiheadAttention's ``out_proj``, which its parent never calls)
+    for its fused LoRA layer, in place: ``nn.Linear`` ->
     :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d`, HF ``Conv1D`` -> :class:`LoRAConv1D`.
     Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
     classifier head); called again on the same model, it adds layers and keeps training what the
@@ -121,13 +131,21 @@ def apply_lora(
         raise ValueError(f"apply_lora: bias must be one of {BIAS_MODES}, got {bias!r}")
     # A second call adds layers: what the first one trains (its modules_to_save, its bias) keeps training.
     earlier = getattr(model, _CONFIG_ATTR, None) or {}
-    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+    if all_linear:
         names = _all_linear(model, list(modules_to_save or []) + list(earlier.get("modules_to_save") or []))
     else:
         names = [
             n for n, m in model.named_modules() if n and _matches(n, target_modules) and not isinstance(m, LORA_TYPES)
         ]
     names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost matches only
+    inert = [n for n in names if _read_by_parent(model, n)]
+    if inert and not all_linear:
+        raise ValueError(
+            f"apply_lora: {inert[0]} is the out_proj of an nn.MultiheadAttention, which reads out_proj.weight"
+            " directly instead of calling it: a LoRA layer there would never run (target its other layers)"
+        )
+    names = [n for n in names if n not in inert]
     if not names:
         raise ValueError(f"apply_lora: no module of {type(model).__name__} matches target_modules={target_modules!r}")
     saved = []

@@ -303,6 +303,24 @@ def test_unload_lora_gives_the_plain_model(kind):
         ftk.unload_lora(dropped)
 
 
+def test_multihead_attention_out_proj_is_not_a_silent_target():
+    """nn.MultiheadAttention reads ``out_proj.weight`` instead of calling out_proj, so LoRA there would
+    never run (its grads stay None): an explicit target raises, ``"all-linear"`` leaves it out."""
+
+    def model():
+        return nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+
+    with pytest.raises(ValueError, match="out_proj of an nn.MultiheadAttention"):
+        ftk.apply_lora(model(), ["out_proj", "linear1"], r=2)
+    m = ftk.apply_lora(model(), "all-linear", r=2)
+    assert list(ftk.peft_compat.lora_modules(m)) == ["layers.0.linear1", "layers.0.linear2"]
+    with torch.no_grad():
+        for layer in ftk.peft_compat.lora_modules(m).values():
+            layer.lora_B.normal_()
+    m(torch.randn(2, 5, 16)).sum().backward()
+    assert all(layer.lora_A.grad is not None for layer in ftk.peft_compat.lora_modules(m).values())
+
+
 def test_apply_lora_errors():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LayerNorm(4))
     with pytest.raises(ValueError, match="matches"):
