@@ -57,6 +57,28 @@ def test_compare_shows_change(fake, tmp_path):
     assert "+100.0%" in out and "gone" in out
 
 
+def test_compare_matches_rows_by_baseline_too(monkeypatch, tmp_path):
+    """One case has a row per baseline (the floor, PEFT, ...): each row is compared with its own."""
+
+    def two_baselines(device, quick=False, ceilings=None, dtype=None):
+        return [
+            dict(case="layer", baseline="floor", baseline_ms=4.0, ours_ms=5.0),
+            dict(case="layer", baseline="PEFT", baseline_ms=10.0, ours_ms=5.0),
+        ], {}
+
+    monkeypatch.setitem(runner.SUITES, "two", two_baselines)
+    monkeypatch.setattr(
+        runner, "measure_ceilings", lambda d, q=False, dt=None: {"copy_GBps": 1.0, "matmul_TFLOPs": 1.0}
+    )
+    a = runner.run_suites(["two"], torch.device("cpu"), progress=None)
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(a))
+    lines = [ln for ln in runner.compare(str(pa), str(pb)).splitlines() if ln.startswith("two ")]
+    assert len(lines) == 2
+    assert lines[0].split()[-2:] == ["0.8", "0.8"] and lines[1].split()[-2:] == ["2", "2"]
+
+
 def test_unknown_suite_is_named():
     with pytest.raises(ValueError, match="available: lora_linear, lora_conv, masked, loreft, optimizer, e2e"):
         runner.run_suites(["nope"], torch.device("cpu"), progress=None)

@@ -191,19 +191,26 @@ def write(out_dir: str, results: dict) -> tuple[str, str]:
 
 
 def compare(path_a: str, path_b: str) -> str:
-    """Table of ``ours_ms`` and ``speedup`` per (suite, case) in two result files, with the change."""
+    """Table of ``ours_ms`` and ``speedup`` per (suite, case, baseline) in two result files, with the
+    change. A case has one row per baseline (the floor, PEFT, ...): each is matched with its own."""
     with open(path_a) as f:
         a = json.load(f)
     with open(path_b) as f:
         b = json.load(f)
-    rows_a = {(r["suite"], r["case"]): r for r in all_rows(a)}
-    rows = []
+
+    def key(r):
+        return r["suite"], r["case"], r.get("baseline")
+
+    rows_a = {key(r): r for r in all_rows(a)}
+    rows, seen = [], set()
     for r in all_rows(b):
-        old = rows_a.get((r["suite"], r["case"]))
+        old = rows_a.get(key(r))
+        seen.add(key(r))
         rows.append(
             {
                 "suite": r["suite"],
                 "case": r["case"],
+                "baseline": r.get("baseline"),
                 "A_ms": old["ours_ms"] if old else None,
                 "B_ms": r["ours_ms"],
                 "change": f"{(r['ours_ms'] / old['ours_ms'] - 1) * 100:+.1f}%" if old else "new",
@@ -211,14 +218,15 @@ def compare(path_a: str, path_b: str) -> str:
                 "B_speedup": r["speedup"],
             }
         )
-    for key, r in rows_a.items():
-        if key not in {(x["suite"], x["case"]) for x in rows}:
-            rows.append({"suite": key[0], "case": key[1], "A_ms": r["ours_ms"], "change": "gone"})
+    for k, r in rows_a.items():
+        if k not in seen:
+            rows.append({"suite": k[0], "case": k[1], "baseline": k[2], "A_ms": r["ours_ms"], "change": "gone"})
     ea, eb = a["environment"], b["environment"]
     head = f"A: {ea['device']} {ea['date']}\nB: {eb['device']} {eb['date']}"
     cols = [
         ("suite", "suite"),
         ("case", "case"),
+        ("baseline", "baseline"),
         ("A_ms", "A ms"),
         ("B_ms", "B ms"),
         ("change", "B vs A"),
