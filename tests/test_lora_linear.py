@@ -487,9 +487,10 @@ def test_triton_kernels_compile_for_gpu_targets():
         assert f"all kernels compiled for sm_{cap}" in out.stdout
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
 @pytest.mark.parametrize("node", [True, False])
 @pytest.mark.parametrize("grouped", [False, True])
-def test_outputs_take_in_place_ops(monkeypatch, node, grouped):
+def test_outputs_take_in_place_ops(monkeypatch, node, grouped, device):
     """``h = proj(x); h += residual`` or an in-place activation on a [B, T, N] output: autograd refuses
     in-place ops on a custom node's output that is a view made inside it (Falcon's decoder does
     ``mlp_output += attention_output``), so the outputs are tensors of their own. Grads as with
@@ -516,8 +517,8 @@ def test_outputs_take_in_place_ops(monkeypatch, node, grouped):
     with torch.no_grad():
         for m in (model.q, model.k):
             m.lora_B.normal_()
-    model.eval()
-    x = torch.randn(2, 5, 8, requires_grad=True)
+    model.to(device).eval()
+    x = torch.randn(2, 5, 8, device=device, requires_grad=True)
     for _ in range(2):  # a group fuses from its second call
         y = model(x)
     if grouped:
