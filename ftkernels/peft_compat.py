@@ -254,8 +254,19 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     return model
 
 
+def _check_mergeable(layers: dict, what: str) -> None:
+    bad = [name for name, layer in layers.items() if not layer.can_merge and not layer.merged]
+    if bad:
+        raise NotImplementedError(
+            f"{what}: {', '.join(bad)} wrap grouped convs, which cannot hold the dense delta B A (PEFT"
+            " does not merge them either); nothing was changed"
+        )
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every fused LoRA layer's ``scaling * B A`` into its base weight (fp32 accumulation)."""
+    """Fold every fused LoRA layer's ``scaling * B A`` into its base weight (fp32 accumulation).
+    Raises, changing nothing, when a layer cannot be merged (a LoRA on a grouped conv)."""
+    _check_mergeable(lora_modules(model), "merge_lora")
     for layer in lora_modules(model).values():
         if not layer.merged:
             layer.merge()
@@ -276,10 +287,13 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     the same) or ``unload()`` (``merge=False``: the adapters are dropped, the base weights restored).
     What is left is the plain model, with the original parameter names: ``save_pretrained`` /
     ``from_pretrained`` of the base architecture, or any ``load_state_dict``, take it. Parameters keep
-    their ``requires_grad`` (the bases stay frozen). Returns the model."""
+    their ``requires_grad`` (the bases stay frozen). Returns the model. ``merge=True`` raises,
+    changing nothing, when a layer cannot be merged (a LoRA on a grouped conv)."""
     layers = lora_modules(model)
     if not layers:
         raise ValueError("unload_lora: the model has no fused LoRA layer")
+    if merge:
+        _check_mergeable(layers, "unload_lora(merge=True)")
     ungroup(model)
     for name, layer in layers.items():  # LoRA layers never nest: each is replaced once
         if merge and not layer.merged:
@@ -360,7 +374,8 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"load_adapter: bias must be one of {BIAS_MODES}, got {cfg.get('bias')!r}")
     file = os.path.join(path, "adapter_model.safetensors")
     tensors = load_file(file) if os.path.exists(file) else torch.load(os.path.join(path, "adapter_model.bin"))
-    if not lora_modules(model):
+    fresh = not lora_modules(model)  # layers made here: no optimizer can hold their tensors yet
+    if fresh:
         # The layers the file holds adapters for: exactly what PEFT's config selected (target_modules
         # with layers_to_transform, exclude_modules, ...), without re-deriving its rules.
         suffix = ".lora_A.weight"
@@ -406,7 +421,10 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             want = tuple(owner.shape)
         else:  # only the rank may differ from the layer's current adapter, and only to the config's r
             cur, r = tuple(getattr(owner, attr).shape), ranks[owner][0]
-            want = (r, *cur[1:]) if attr == "lora_A" else (cur[0], r, *cur[2:])
+            groups = owner.base.groups if isinstance(owner, LoRAConv2d) else 1  # B is [out, r / groups, 1, 1]
+            if r % groups:
+                raise ValueError(f"load_adapter: {key}: rank {r} is not a multiple of the conv's groups={groups}")
+            want = (r, *cur[1:]) if attr == "lora_A" else (cur[0], r // groups, *cur[2:])
         if tuple(t.shape) != want:
             raise ValueError(
                 f"load_adapter: {key} has shape {tuple(t.shape)} in the adapter, the model needs {want}: the adapter"
@@ -431,7 +449,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
                 renewed.append(key)
             else:
                 cur.copy_(t)
-    if renewed:
+    if renewed and not fresh:
         warnings.warn(
             f"load_adapter: the adapter's rank differs from the model's, so {len(renewed)} LoRA tensors (e.g."
             f" {renewed[0]}) are new Parameters: build the optimizer after loading",

@@ -14,7 +14,7 @@ from torch import nn
 import ftkernels as ftk
 from ftkernels.nn.lora_conv2d import choose_strategy
 from ftkernels.nn.lora_linear import draw_seed
-from ftkernels.nn.reference import lora_keep_mask
+from ftkernels.nn.reference import lora_conv2d_reference, lora_keep_mask
 from ftkernels.ops import lora_dropout as dropout_op
 
 
@@ -42,11 +42,8 @@ def make_pair(cin, cout, k, stride=1, padding=0, r=3, p=0.0, dtype=torch.float64
 
 
 def reference(x, ours, p=0.0, seed=0):
-    """Plain torch: base conv + s * B(A(D(x))) with the base's stride, padding and dilation."""
-    st, pad, dil = ours.geom
-    xd = x * keep4d(seed, x.shape, p).to(x.dtype) / (1 - p) if p > 0 else x
-    u = F.conv2d(xd, ours.lora_A, None, st, pad, dil)
-    return ours.base(x) + ours.scaling * F.conv2d(u, ours.lora_B)
+    """Plain torch: base conv + s * B(A(D(x))) with the base's stride, padding, dilation and groups."""
+    return lora_conv2d_reference(x, ours.weight, ours.bias, ours.lora_A, ours.lora_B, ours.scaling, ours.geom, p, seed)
 
 
 CASES = [  # cin, cout, k, stride, padding, N, H, W
@@ -235,8 +232,8 @@ def test_conv_subclasses_with_their_own_forward_are_refused():
 
 
 def test_bad_input_errors():
-    with pytest.raises(ValueError, match="groups"):
-        ftk.nn.LoRAConv2d(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="r must be a multiple of it"):
+        ftk.nn.LoRAConv2d(nn.Conv2d(6, 6, 3, groups=3), r=4)
     with pytest.raises(ValueError, match="padding_mode"):
         ftk.nn.LoRAConv2d(nn.Conv2d(4, 4, 3, padding_mode="reflect"))
     with pytest.raises(TypeError, match="Conv2d"):

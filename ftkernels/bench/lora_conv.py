@@ -2,7 +2,8 @@
 
 Per layer (every distinct conv shape of ResNet-50's residual stages): forward + backward with
 grad_x of the frozen base conv, of ``LoRAConv2d`` with each strategy (``unmerged``, ``merged``;
-dropout 0) and with ``auto``, and of PEFT's ``lora.Conv2d``, side by side. Full step: ResNet-50
+dropout 0) and with ``auto``, and of PEFT's ``lora.Conv2d``, side by side; then two grouped convs of
+ResNeXt-50 32x4d (PEFT's grouped layout, r=32, unmerged only). Full step: ResNet-50
 with LoRA r=16 on every residual-stage conv, forward + backward + AdamW on the adapters, ours vs
 PEFT eager (bf16 autocast on GPU, fp32 on CPU). Floors: flops / measured matmul rate.
 GPU: batch 64 at 224x224; CPU: batch 8 at 112x112 (quick: batch 2 at 64x64).
@@ -38,6 +39,15 @@ def residual_conv_shapes(batch: int, res: int) -> list[dict]:
     for h in hooks:
         h.remove()
     return [dict(cin=k[0], cout=k[1], k=k[2], stride=k[3], H=k[4], W=k[5], count=c, N=batch) for k, c in shapes.items()]
+
+
+def grouped_conv_shapes(batch: int, res: int) -> list[dict]:
+    """Two grouped 3x3 convs of ResNeXt-50 32x4d (cardinality 32; stage 1 and stage 3 widths), with
+    LoRA r=32 (PEFT's layout needs r to be a multiple of groups)."""
+    return [
+        dict(cin=128, cout=128, k=3, stride=1, H=res // 4, W=res // 4, count=3, N=batch, groups=32, r=32),
+        dict(cin=512, cout=512, k=3, stride=1, H=res // 16, W=res // 16, count=5, N=batch, groups=32, r=32),
+    ]
 
 
 def _peft_conv(base, r, alpha, ours):
@@ -82,48 +92,53 @@ def _with_strategy(layer: LoRAConv2d, strategy: str, step):
 def layer_rows(
     device: torch.device, quick: bool, rate: float, r: int = 16, dtype: torch.dtype | None = None
 ) -> list[dict]:
-    """One row per ResNet-50 residual-conv shape: LoRA r conv fwd+bwd, PEFT eager vs ours (``rate``: the
-    matmul ceiling, TFLOP/s, for the flop floor)."""
+    """One row per ResNet-50 residual-conv shape, then two ResNeXt grouped convs: LoRA conv fwd+bwd,
+    PEFT eager vs ours (``rate``: the matmul ceiling, TFLOP/s, for the flop floor: forward and grad_x
+    of the base conv and of A). Grouped rows run unmerged only (a grouped base cannot be merged) and
+    carry no strategy columns."""
     st = _settings(device, quick, dtype)
     rows = []
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    for c in residual_conv_shapes(st["batch"], st["res"]):
+    for c in residual_conv_shapes(st["batch"], st["res"]) + grouped_conv_shapes(st["batch"], st["res"]):
         torch.manual_seed(0)
-        base = nn.Conv2d(c["cin"], c["cout"], c["k"], c["stride"], c["k"] // 2, bias=False).to(device)
-        base = base.to(memory_format=fmt).requires_grad_(False)
-        ours = LoRAConv2d(base, r=r, alpha=2 * r)
+        groups, rc = c.get("groups", 1), c.get("r", r)
+
+        def conv():
+            return nn.Conv2d(c["cin"], c["cout"], c["k"], c["stride"], c["k"] // 2, bias=False, groups=groups)
+
+        base = conv().to(device).to(memory_format=fmt).requires_grad_(False)
+        ours = LoRAConv2d(base, r=rc, alpha=2 * rc)
         with torch.no_grad():
             ours.lora_B.normal_(std=1e-3)
-        peft_base = nn.Conv2d(c["cin"], c["cout"], c["k"], c["stride"], c["k"] // 2, bias=False).to(device)
+        peft_base = conv().to(device)
         peft_base.load_state_dict(base.state_dict())
-        peft = _peft_conv(peft_base.requires_grad_(False), r, 2 * r, ours)
+        peft = _peft_conv(peft_base.requires_grad_(False), rc, 2 * rc, ours)
         x = torch.randn(c["N"], c["cin"], c["H"], c["W"], device=device).to(memory_format=fmt).requires_grad_(True)
         with torch.no_grad():
             g = torch.randn_like(base(x))
         fns = {"base": layer_step(base, x, g, st["autocast"]), "PEFT eager": layer_step(peft, x, g, st["autocast"])}
-        fns.update({s: _with_strategy(ours, s, layer_step(ours, x, g, st["autocast"])) for s in STRATEGIES})
+        strategies = STRATEGIES if groups == 1 else ("auto",)
+        fns.update({s: _with_strategy(ours, s, layer_step(ours, x, g, st["autocast"])) for s in strategies})
         ms = time_rounds_ms(fns, device, st["reps"])
         fns["auto"]()  # the call sets last_strategy: what auto picked for this shape
-        shape = f"{c['cin']}->{c['cout']} k{c['k']} s{c['stride']} @{c['H']}x{c['W']}"
+        shape = f"{c['cin']}->{c['cout']} k{c['k']} s{c['stride']}" + (f" g{groups} r{rc}" if groups > 1 else "")
         oh, ow = (c["H"] + c["stride"] - 1) // c["stride"], (c["W"] + c["stride"] - 1) // c["stride"]
-        macs = c["N"] * oh * ow * c["cout"] * c["cin"] * c["k"] ** 2
-        flops = 2 * 2 * macs * (1 + r / c["cout"])  # forward + grad_x, plus the rank-r share
-        rows.append(
-            dict(
-                case=f"{shape} (x{c['count']}){st.get('label', '')}",
-                baseline="PEFT eager",
-                baseline_ms=ms["PEFT eager"],
-                ours_ms=ms["auto"],
-                floor_ms=flops / rate * 1e3,
-                ours_vs_base=ms["auto"] / ms["base"],
-                base_ms=ms["base"],
-                unmerged_ms=ms["unmerged"],
-                merged_ms=ms["merged"],
-                strategy=ours.last_strategy,
-                best="merged" if ms["merged"] < ms["unmerged"] else "unmerged",
-                count=c["count"],
-            )
+        pixel_macs = c["cin"] * c["k"] ** 2 * (c["cout"] // groups + rc)  # base conv + the A conv
+        flops = 2 * 2 * c["N"] * oh * ow * pixel_macs  # forward + grad_x
+        row = dict(
+            case=f"{shape} @{c['H']}x{c['W']} (x{c['count']}){st.get('label', '')}",
+            baseline="PEFT eager",
+            baseline_ms=ms["PEFT eager"],
+            ours_ms=ms["auto"],
+            floor_ms=flops / rate * 1e3,
+            ours_vs_base=ms["auto"] / ms["base"],
+            base_ms=ms["base"],
+            count=c["count"],
         )
+        if groups == 1:
+            best = "merged" if ms["merged"] < ms["unmerged"] else "unmerged"
+            row.update(unmerged_ms=ms["unmerged"], merged_ms=ms["merged"], strategy=ours.last_strategy, best=best)
+        rows.append(row)
     return rows
 
 

@@ -100,9 +100,23 @@ class LoRAMergeMixin:
     def _merge_target(self) -> Tensor:
         raise NotImplementedError
 
+    @property
+    def can_merge(self) -> bool:
+        """Whether ``scaling * B A`` fits in the base weight (not for a grouped conv)."""
+        return True
+
+    def _check_mergeable(self, what: str) -> None:
+        if not self.can_merge:
+            raise NotImplementedError(
+                f"{type(self).__name__}.{what}: a grouped base conv cannot hold the dense delta B A (PEFT"
+                " does not merge it either); keep the adapter unmerged"
+            )
+
     def delta_weight(self) -> Tensor:
         """``scaling * B A`` shaped like the merge target, in fp32 (fp64 for fp64 adapters); A and B
-        are flattened to ``[r, -1]`` and ``[out, r]`` (a conv's A spans ``in * kh * kw``)."""
+        are flattened to ``[r, -1]`` and ``[out, r]`` (a conv's A spans ``in * kh * kw``). Raises
+        where :attr:`can_merge` is false."""
+        self._check_mergeable("delta_weight")
         acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
         a = self.lora_A.detach().to(acc).reshape(self.lora_A.shape[0], -1)
         b = self.lora_B.detach().to(acc).reshape(self.lora_B.shape[0], -1)
@@ -115,7 +129,9 @@ class LoRAMergeMixin:
 
     def merge(self) -> None:
         """Fold ``scaling * B A`` into the base weight (fp32 accumulation); forward then runs the base
-        layer alone, and the adapters get no gradient until :meth:`unmerge`."""
+        layer alone, and the adapters get no gradient until :meth:`unmerge`. Raises where
+        :attr:`can_merge` is false."""
+        self._check_mergeable("merge")
         if self.merged:
             warnings.warn(f"{type(self).__name__}.merge: already merged; nothing done", stacklevel=2)
             return

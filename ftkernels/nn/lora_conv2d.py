@@ -16,25 +16,31 @@ from .lora_linear import _compute_dtype, call_seed
 STRATEGIES = ("auto", "unmerged", "merged")
 
 
-def _rank_update_(y: Tensor, u: Tensor, lora_b2: Tensor, scaling: float) -> None:
-    """``y += scaling * B u`` over channels (a 1x1 conv), in place: one GEMM with beta=1 on y's
-    own storage, no full-size temporary. y ``[N, out, H, W]``, u ``[N, r, H, W]``, B ``[out, r]``."""
+def _rank_update_(y: Tensor, u: Tensor, lora_b: Tensor, scaling: float, groups: int) -> None:
+    """``y += scaling * B u`` over channels (a 1x1 conv with ``groups``), in place: one GEMM with
+    beta=1 on y's own storage, no full-size temporary. y ``[N, out, H, W]``, u ``[N, r, H, W]``,
+    B ``[out, r / groups, 1, 1]`` (group g maps u's channels g*r/G.. to y's g*out/G..)."""
     n, out, h, w = y.shape
     r = u.shape[1]
-    if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+    if groups == 1 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
         y2 = y.permute(0, 2, 3, 1).reshape(-1, out)  # a view: channels-last rows are pixels
-        y2.addmm_(u.permute(0, 2, 3, 1).reshape(-1, r), lora_b2.t(), alpha=scaling)
+        y2.addmm_(u.permute(0, 2, 3, 1).reshape(-1, r), lora_b.view(out, r).t(), alpha=scaling)
     elif y.is_contiguous():
-        y.view(n, out, h * w).baddbmm_(lora_b2.expand(n, out, r), u.reshape(n, r, h * w), alpha=scaling)
+        # [N*G, out/G, HW] += [N*G, out/G, r/G] @ [N*G, r/G, HW]: y's groups are contiguous blocks.
+        og, rg = out // groups, r // groups
+        b3 = lora_b.view(groups, og, rg)
+        b3 = b3.expand(n, groups, og, rg).reshape(n * groups, og, rg) if groups > 1 else b3.expand(n, og, rg)
+        y.view(n * groups, og, h * w).baddbmm_(b3, u.reshape(n * groups, rg, h * w), alpha=scaling)
     else:
-        y.add_(F.conv2d(u, lora_b2[:, :, None, None]), alpha=scaling)
+        y.add_(F.conv2d(u, lora_b, groups=groups), alpha=scaling)
 
 
 class _UnmergedConv(torch.autograd.Function):
     """Base conv plus the low-rank path, the dropout stream fused in (D(x) exists only while the
     A-conv runs, in forward and again for grad_A in backward; it is never saved).
 
-    Forward: ``y = conv(x, W, b)``, ``u = conv(D(x), A)``, ``y += s B u`` in place.
+    Forward: ``y = conv(x, W, b)``, ``u = conv(D(x), A)``, ``y += s B u`` in place (W and B grouped
+    as the base conv is, A never). geom: ``(stride, padding, dilation, groups)``.
     Backward: ``gu = s B^T g``; ``grad_B = s sum g u^T``; ``grad_A = wgrad(D(x), gu)``;
     ``grad_x = dgrad(g, W) + D(dgrad(gu, A))`` (D is its own adjoint). Saved: x, u (r channels), seed.
     Adapters of another dtype than x (fp32 on a bf16 base) are cast inside and get grads in their
@@ -43,12 +49,12 @@ class _UnmergedConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout, seed, geom):
-        stride, padding, dilation = geom
-        y = F.conv2d(x, weight, bias, stride, padding, dilation)
+        stride, padding, dilation, groups = geom
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         xd = lora_dropout_nograd(x, dropout, seed) if dropout > 0 else x
-        u = F.conv2d(xd, _as(lora_a, x.dtype), None, stride, padding, dilation)
+        u = F.conv2d(xd, _as(lora_a, x.dtype), None, stride, padding, dilation)  # A is never grouped
         del xd
-        _rank_update_(y, u, _as(lora_b, x.dtype).view(lora_b.shape[0], -1), scaling)
+        _rank_update_(y, u, _as(lora_b, x.dtype), scaling, groups)
         ctx.save_for_backward(x, weight, lora_a, lora_b, u, seed)
         ctx.scaling, ctx.dropout, ctx.geom = scaling, dropout, geom
         return y
@@ -57,13 +63,13 @@ class _UnmergedConv(torch.autograd.Function):
     def backward(ctx, g):
         x, weight, lora_a0, lora_b0, u, seed = ctx.saved_tensors
         lora_a, lora_b = _as(lora_a0, x.dtype), _as(lora_b0, x.dtype)
-        s, p, (stride, padding, dilation) = ctx.scaling, ctx.dropout, ctx.geom
+        s, p, (stride, padding, dilation, groups) = ctx.scaling, ctx.dropout, ctx.geom
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         # One aten.convolution_backward per conv, each producing the grads it is asked for (what
         # autograd would run), with s applied to the r-channel results instead of to g.
         bwd = torch.ops.aten.convolution_backward.default
         one, zero = [1, 1], [0, 0]
-        gu, grad_b, _ = bwd(g, u, lora_b, None, one, zero, one, False, zero, 1, [True, need_b, False])
+        gu, grad_b, _ = bwd(g, u, lora_b, None, one, zero, one, False, zero, groups, [True, need_b, False])
         gu.mul_(s)
         grad_b = _as(grad_b.mul_(s), lora_b0.dtype) if need_b else None
         xd = lora_dropout_nograd(x, p, seed) if p > 0 and need_a else x
@@ -73,7 +79,9 @@ class _UnmergedConv(torch.autograd.Function):
         if need_x or need_w or need_bias:
             bias_sizes = [weight.shape[0]] if need_bias else None
             mask = [need_x, need_w, need_bias]
-            grad_x, grad_w, grad_bias = bwd(g, x, weight, bias_sizes, stride, padding, dilation, False, zero, 1, mask)
+            grad_x, grad_w, grad_bias = bwd(
+                g, x, weight, bias_sizes, stride, padding, dilation, False, zero, groups, mask
+            )
         if need_x:
             grad_x.add_(lora_dropout_nograd(t, p, seed) if p > 0 else t)
         grad_a = _as(grad_a, lora_a0.dtype) if need_a else None
@@ -97,8 +105,8 @@ def choose_strategy(x: Tensor, weight: Tensor, r: int, geom, dropout: float, gra
     H100 (batch 64 at 224, bf16) merged was faster on 21 of the 22 shapes (0.67-1.04x of
     unmerged's time; the one loss within 4%): cuDNN's rank-16 convs and the extra launches cost
     more there than the weight gradient, so every non-CPU device takes ``merged``."""
-    if dropout > 0:
-        return "unmerged"
+    if dropout > 0 or x.shape[-3] != weight.shape[1]:
+        return "unmerged"  # a grouped base (in != W's in/groups) cannot hold the dense delta B A
     if not grad or x.device.type != "cpu":
         return "merged"
     kh, kw = weight.shape[-2:]
@@ -117,7 +125,7 @@ def _geometry(base: nn.Conv2d):
             if any(t % 2 for t in totals):
                 raise ValueError("LoRAConv2d: padding='same' with an even effective kernel is asymmetric: unsupported")
             pad = tuple(t // 2 for t in totals)
-    return tuple(base.stride), tuple(pad), tuple(base.dilation)
+    return tuple(base.stride), tuple(pad), tuple(base.dilation), int(base.groups)
 
 
 class LoRAConv2d(LoRAMergeMixin, nn.Module):
@@ -125,9 +133,13 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
 
     ``y = base(x) + scaling * B(A(dropout(x)))``: A is a conv with the base's kernel size, stride,
     padding and dilation and r output channels (``lora_A`` ``[r, in, kh, kw]``, Kaiming-uniform), B a
-    1x1 conv to the base's channels (``lora_B`` ``[out, r, 1, 1]``, zero); ``scaling = alpha / r``
-    (``alpha / sqrt(r)`` with rslora). groups=1 and zero padding only. NCHW or channels-last inputs,
-    fp32/fp16/bf16 (fp64 on CPU), autocast.
+    1x1 conv to the base's channels (``lora_B`` ``[out, r / groups, 1, 1]``, zero); ``scaling =
+    alpha / r`` (``alpha / sqrt(r)`` with rslora). NCHW or channels-last inputs, fp32/fp16/bf16
+    (fp64 on CPU), autocast. Zero padding only.
+
+    Grouped base convs (ResNeXt, depthwise) follow PEFT: A stays dense over all input channels, B
+    is a 1x1 conv with the base's ``groups`` (so r must be a multiple of groups), and such a layer
+    cannot be merged (``W + s B A`` is not a grouped weight): it always runs ``unmerged``.
 
     Strategies (``strategy=``): ``unmerged`` runs the base conv and the low-rank path with the
     dropout stream fused in (nothing full-size saved but x; y updated in place); ``merged`` (dropout
@@ -148,11 +160,14 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         if not isinstance(base, nn.Conv2d):
             raise TypeError(f"LoRAConv2d wraps an nn.Conv2d, got {type(base).__name__}")
         check_plain_base("LoRAConv2d", base, nn.Conv2d, ("forward", "_conv_forward"))
-        if base.groups != 1:
-            raise ValueError(f"LoRAConv2d: the base conv has groups={base.groups}; LoRA needs groups=1")
+        if int(r) % base.groups:
+            raise ValueError(
+                f"LoRAConv2d: the base conv has groups={base.groups}, so r must be a multiple of it (B is"
+                f" grouped as the base, as in PEFT); got r={r}: pick another r or leave this layer out"
+            )
         if base.padding_mode != "zeros":
-            raise ValueError(f"LoRAConv2d: padding_mode={base.padding_mode!r} is unsupported (zeros only, as PEFT)")
-        out_c, in_c, kh, kw = base.weight.shape
+            raise ValueError(f"LoRAConv2d: padding_mode={base.padding_mode!r} is unsupported (zeros only)")
+        (out_c, _, kh, kw), in_c = base.weight.shape, base.in_channels  # A spans every input channel
         scaling = lora_scaling("LoRAConv2d", r, alpha, dropout, rslora)
         if strategy not in STRATEGIES:
             raise ValueError(f"LoRAConv2d: strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -165,7 +180,7 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         w = base.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         self.lora_A = nn.Parameter(torch.empty(self.r, in_c, kh, kw, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_c, self.r, 1, 1, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_c, self.r // base.groups, 1, 1, device=w.device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
         self.last_strategy: str | None = None
@@ -199,8 +214,10 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
             strategy = choose_strategy(xc, w, self.r, self.geom, p, torch.is_grad_enabled())
         elif strategy == "merged" and p > 0:
             raise ValueError("LoRAConv2d: strategy='merged' needs dropout 0 (or eval mode)")
+        elif strategy == "merged" and not self.can_merge:
+            raise ValueError(f"LoRAConv2d: strategy='merged' needs an ungrouped base (groups={self.base.groups})")
         self.last_strategy = strategy
-        stride, padding, dilation = self.geom
+        stride, padding, dilation, _ = self.geom
         if strategy == "merged":
             merged = merged_weight(w, _as(a, dtype), _as(bb, dtype), self.scaling)
             y = F.conv2d(xc, merged, b, stride, padding, dilation)
@@ -211,6 +228,10 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
 
     def _merge_target(self) -> Tensor:
         return self.base.weight
+
+    @property
+    def can_merge(self) -> bool:
+        return self.base.groups == 1
 
     @classmethod
     def from_peft_layer(cls, layer, adapter_name: str | None = None, strategy: str = "auto") -> LoRAConv2d:
@@ -228,4 +249,5 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.base.kernel_size)}, r={self.r}, "
             f"alpha={self.alpha}, dropout={self.dropout}, strategy={self.strategy}, merged={self.merged}"
+            + (f", groups={self.base.groups}" if self.base.groups > 1 else "")
         )
