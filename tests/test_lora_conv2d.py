@@ -401,3 +401,59 @@ def test_cuda_dropout_stream_equals_cpu():
     xg = x.cuda().to(memory_format=torch.channels_last)
     gpu = dropout_op.lora_dropout(xg, 0.3, torch.tensor(seed, device="cuda"))
     torch.testing.assert_close(gpu.cpu(), cpu)
+
+
+def test_compiles_without_graph_breaks_and_matches_eager():
+    """A CNN with a dense and a grouped LoRAConv2d and dropout traced whole (fullgraph): outputs and
+    adapter grads equal eager's for the same seed (aot_eager keeps torch's RNG; under inductor set
+    ``torch._inductor.config.fallback_random`` for that)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=4))
+    ftk.apply_lora(m, ["0", "2"], r=8, dropout=0.2)
+    for layer in (m[0], m[2]):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    x = torch.randn(2, 8, 7, 9)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    out = []
+    for f in (compiled, m):
+        m.zero_grad()
+        torch.manual_seed(3)
+        y = f(x)
+        y.square().sum().backward()
+        out.append((y.detach(), [p.grad.clone() for p in m.parameters() if p.requires_grad]))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    assert len(out[0][1]) == 4
+    for a, b in zip(out[0][1], out[1][1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_inductor_with_fallback_random_matches_eager():
+    """The default backend (inductor) on a CNN with LoRA Conv2d (dense and grouped) and Linear layers,
+    dropout on: with ``fallback_random`` it draws eager's seeds, so outputs and grads match eager."""
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4),
+        nn.Flatten(),
+        nn.Linear(16 * 7 * 9, 5),
+    )
+    ftk.apply_lora(m, ["0", "2", "4"], r=8, dropout=0.2)
+    for layer in (m[0], m[2], m[4]):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    x = torch.randn(2, 8, 7, 9)
+    out = []
+    with inductor_config.patch(fallback_random=True):
+        for f in (torch.compile(m), m):
+            m.zero_grad()
+            torch.manual_seed(3)
+            y = f(x)
+            y.square().sum().backward()
+            out.append((y.detach(), [p.grad.clone() for p in m.parameters() if p.requires_grad]))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(out[0][1], out[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
