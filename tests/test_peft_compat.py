@@ -2,6 +2,7 @@
 PEFT's get_peft_model with the same config and copied weights."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -473,3 +474,36 @@ def test_from_peft_refuses_unsupported_layers_before_changing_anything():
     with pytest.raises(NotImplementedError, match=r"word_embeddings is PEFT's Embedding over Embedding"):
         ftk.from_peft(peft)
     assert [type(m) for m in peft.modules()] == before
+
+
+def test_meta_device_init_then_reset_parameters():
+    """Build on the meta device, apply LoRA, materialize with to_empty, then every module's
+    reset_parameters (FSDP's meta-init recipe): the adapters get PEFT's init (B = 0, A Kaiming) and the
+    model equals its base once the base weights are loaded."""
+    torch.manual_seed(0)
+
+    def build():
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)
+        )
+
+    twin = build()
+    with torch.device("meta"):
+        model = build()
+    ftk.apply_lora(model, ["0", "2", "4"], r=4)
+    assert model[4].lora_A.is_meta
+    model.to_empty(device="cpu")
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    for i in (0, 2, 4):
+        assert torch.count_nonzero(model[i].lora_B) == 0
+        a = model[i].lora_A
+        bound = 1 / math.sqrt(a[0].numel())  # kaiming_uniform(a=sqrt(5)) on [r, fan_in]
+        assert a.abs().max() <= bound and a.std() > bound / 4
+        model[i].base.load_state_dict(twin[i].state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), twin(x))
+    model[4].merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        model[4].reset_parameters()

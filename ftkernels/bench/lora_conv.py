@@ -103,7 +103,7 @@ def layer_rows(
         torch.manual_seed(0)
         groups, rc = c.get("groups", 1), c.get("r", r)
 
-        def conv():
+        def conv(c=c, groups=groups):
             return nn.Conv2d(c["cin"], c["cout"], c["k"], c["stride"], c["k"] // 2, bias=False, groups=groups)
 
         base = conv().to(device).to(memory_format=fmt).requires_grad_(False)

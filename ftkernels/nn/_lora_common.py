@@ -105,6 +105,17 @@ class LoRAMergeMixin:
         """Whether ``scaling * B A`` fits in the base weight (not for a grouped conv)."""
         return True
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PEFT's default adapter init, in place: ``lora_A`` Kaiming-uniform (a = sqrt(5)), ``lora_B``
+        zero, so the layer starts as its base. What meta-device initialization calls after
+        ``model.to_empty(...)`` (the base layer has its own ``reset_parameters``). Raises when merged
+        (the base weight holds the old ``B A``)."""
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__}.reset_parameters: the adapter is merged; unmerge() first")
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
     def _check_mergeable(self, what: str) -> None:
         if not self.can_merge:
             raise NotImplementedError(

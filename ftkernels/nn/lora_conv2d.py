@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -180,9 +178,9 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         w = base.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         self.lora_A = nn.Parameter(torch.empty(self.r, in_c, kh, kw, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_c, self.r // base.groups, 1, 1, device=w.device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.empty(out_c, self.r // base.groups, 1, 1, device=w.device, dtype=dtype))
         self.merged = False
+        self.reset_parameters()
         self.last_strategy: str | None = None
 
     weight = property(lambda self: self.base.weight)

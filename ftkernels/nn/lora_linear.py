@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -147,9 +145,9 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         w = base.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         self.lora_A = nn.Parameter(torch.empty(self.r, in_f, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_f, self.r, device=w.device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.empty(out_f, self.r, device=w.device, dtype=dtype))
         self.merged = False
+        self.reset_parameters()
 
     # Subclasses wrap other layouts of the same map (HF Conv1D stores the weight as [in, out]).
     @staticmethod
