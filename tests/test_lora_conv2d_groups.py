@@ -257,3 +257,34 @@ def test_cuda_grouped_against_float64(dtype, p):
     assert ours.last_strategy == "unmerged" and ours.lora_A.grad is not None
     tol = {torch.float32: 2e-4, torch.bfloat16: 4e-2}[dtype]
     torch.testing.assert_close(y.double().cpu(), want, atol=tol * 10, rtol=tol)
+
+
+def test_hf_regnet_grouped_convs_match_peft():
+    """Hugging Face RegNet-Y (grouped 3x3 convs, groups 2 and 4 here) with LoRA on every block conv:
+    the same layers as PEFT's, the same outputs and adapter grads."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 2], groups_width=8, layer_type="y")
+    base = T.RegNetModel(cfg).eval()
+    targets = r".*layer\.\d+\.convolution"
+    ours = ftk.apply_lora(copy.deepcopy(base), targets, r=4, alpha=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets)).eval()
+    layers = ftk.peft_compat.lora_modules(ours)
+    theirs = {n.removeprefix("base_model.model."): m for n, m in peft.named_modules() if hasattr(m, "base_layer")}
+    assert set(layers) == set(theirs) and {m.base.groups for m in layers.values()} == {1, 2, 4}
+    with torch.no_grad():
+        for n, layer in layers.items():
+            theirs[n].lora_B["default"].weight.normal_(std=0.1)
+            layer.lora_A.copy_(theirs[n].lora_A["default"].weight)
+            layer.lora_B.copy_(theirs[n].lora_B["default"].weight)
+    x = torch.randn(2, 3, 32, 32)
+    y, yp = ours(pixel_values=x).pooler_output, peft(pixel_values=x).pooler_output
+    torch.testing.assert_close(y, yp, atol=1e-5, rtol=1e-5)
+    y.square().sum().backward()
+    yp.square().sum().backward()
+    for n, layer in layers.items():
+        torch.testing.assert_close(layer.lora_A.grad, theirs[n].lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.lora_B.grad, theirs[n].lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
