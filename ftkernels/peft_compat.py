@@ -87,13 +87,17 @@ def _read_by_parent(model: nn.Module, name: str) -> bool:
     return isinstance(parent, nn.MultiheadAttention) and child == "out_proj"
 
 
-def _wrap(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> nn.Module:
+def _wrap(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False) -> nn.Module:
     if isinstance(module, nn.Linear):
-        return LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        return LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if isinstance(module, nn.Conv2d):
+        if dora:
+            raise NotImplementedError(
+                "apply_lora: DoRA (use_dora=True) is supported on Linear / Conv1D layers, not Conv2d"
+            )
         return LoRAConv2d(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
     if is_hf_conv1d(module):
-        return LoRAConv1D(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        return LoRAConv1D(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     raise TypeError(f"apply_lora: {type(module).__name__} is not a supported target (nn.Linear, nn.Conv2d, HF Conv1D)")
 
 
@@ -111,6 +115,7 @@ def apply_lora(
     rslora: bool = False,
     modules_to_save=None,
     bias: str = "none",
+    use_dora: bool = False,
 ) -> nn.Module:
     """Swap every module matching ``target_modules`` (PEFT's rule: a list of names or name suffixes,
     a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
@@ -121,10 +126,11 @@ def apply_lora(
     classifier head); called again on the same model, it adds layers and keeps training what the
     earlier call trains. ``bias`` is PEFT's: ``"none"``, ``"lora_only"`` (the LoRA layers' base biases
     train too) or ``"all"`` (every bias in the model trains). Sibling LoRA Linear layers that turn out
-    to read the same input (q/k/v) then run as one autograd node
+    to read the same input (q/k/v) then run as one autograd node (DoRA layers run alone)
     (:func:`ftkernels.nn.lora_group.group_shared_inputs`; same results; ``FTKERNELS_LORA_GROUP=0``
-    turns it off). Returns the model. Raises, leaving the model as it was, when nothing matches or
-    a match is unsupported."""
+    turns it off). ``use_dora=True`` makes the Linear / Conv1D layers DoRA (PEFT's ``use_dora``: a
+    trained per-output magnitude, :mod:`ftkernels.nn.dora`). Returns the model. Raises, leaving the
+    model as it was, when nothing matches or a match is unsupported."""
     if not isinstance(target_modules, str) and not target_modules:
         raise ValueError("apply_lora: target_modules is empty")
     if bias not in BIAS_MODES:
@@ -158,7 +164,7 @@ def apply_lora(
         bias = earlier.get("bias", "none")
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:  # every wrapper is built (and so checked) before the model changes
-        wrapped = {n: _wrap(model.get_submodule(n), r, alpha, dropout, rslora) for n in names}
+        wrapped = {n: _wrap(model.get_submodule(n), r, alpha, dropout, rslora, use_dora) for n in names}
     except Exception:
         for p, flag in flags:  # the wrappers built so far froze their bases
             p.requires_grad_(flag)
@@ -172,6 +178,8 @@ def apply_lora(
     for layer in lora_modules(model).values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+        if getattr(layer, "dora", False):
+            layer.lora_magnitude.requires_grad_(True)
     for p in _bias_params(model, bias).values():
         p.requires_grad_(True)
     setattr(
@@ -327,6 +335,11 @@ def save_adapter(model: nn.Module, path: str) -> None:
             raise ValueError(f"save_adapter: {name} is merged; unmerge_lora(model) first")
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+        if getattr(layer, "dora", False):
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude.detach().contiguous().cpu()
+    dora = {getattr(m, "dora", False) for m in layers.values()}
+    if len(dora) > 1:  # PEFT's use_dora is one flag for the whole adapter
+        raise ValueError("save_adapter: some LoRA layers are DoRA and some not; PEFT's format holds one kind")
     saved = meta.get("modules_to_save") or []
     for name in saved:
         for pname, p in model.get_submodule(name).named_parameters():
@@ -345,6 +358,7 @@ def save_adapter(model: nn.Module, path: str) -> None:
         rank_pattern={n: m.r for n, m in layers.items() if m.r != r},
         alpha_pattern={n: m.alpha for n, m in layers.items() if m.alpha != alpha},
         fan_in_fan_out=any(isinstance(m, LoRAConv1D) for m in layers.values()),
+        use_dora=dora == {True},
     )
     os.makedirs(path, exist_ok=True)
     cfg.save_pretrained(path)
@@ -356,20 +370,20 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     applies the fused LoRA layers (unless already there) to the modules the file holds adapters for,
     with the config's r, alpha, dropout, ``modules_to_save`` and ``bias``, then loads A, B, the
     ``modules_to_save`` params and the biases of ``bias="lora_only"``/``"all"`` (which then train, as
-    under PEFT). DoRA and ``lora_bias`` adapters raise. Raises on missing or unexpected keys and on
-    shapes that do not fit (only a LoRA rank may differ from the model's, to the config's; the model's
-    tensors are then replaced, with a warning, so build optimizers after loading). Shapes are checked
-    before any tensor is written; LoRA layers applied here to a model that had none stay after a failed
-    load (with B = 0 they leave the outputs unchanged)."""
+    under PEFT), and DoRA's magnitudes (``use_dora``; Linear / Conv1D layers). ``lora_bias`` adapters
+    raise. Raises on missing or unexpected keys and on shapes that do not fit (only a LoRA rank may
+    differ from the model's, to the config's; the model's tensors are then replaced, with a warning,
+    so build optimizers after loading). Shapes are checked before any tensor is written; LoRA layers
+    applied here to a model that had none stay after a failed load (with B = 0 they leave the outputs
+    unchanged)."""
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "adapter_config.json")) as f:
         cfg = json.load(f)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"load_adapter: only LoRA adapters are supported, got peft_type {cfg.get('peft_type')!r}")
-    for flag in ("use_dora", "lora_bias"):
-        if cfg.get(flag):
-            raise NotImplementedError(f"load_adapter: the adapter has {flag}=true; the fused layers do not support it")
+    if cfg.get("lora_bias"):
+        raise NotImplementedError("load_adapter: the adapter has lora_bias=true; the fused layers do not support it")
     if (cfg.get("bias") or "none") not in BIAS_MODES:
         raise ValueError(f"load_adapter: bias must be one of {BIAS_MODES}, got {cfg.get('bias')!r}")
     file = os.path.join(path, "adapter_model.safetensors")
@@ -393,8 +407,14 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             rslora=cfg.get("use_rslora", False),
             modules_to_save=cfg.get("modules_to_save"),
             bias=cfg.get("bias") or "none",
+            use_dora=bool(cfg.get("use_dora")),
         )
     layers = lora_modules(model)
+    if bool(cfg.get("use_dora")) != any(getattr(m, "dora", False) for m in layers.values()):
+        raise ValueError(
+            f"load_adapter: the adapter has use_dora={bool(cfg.get('use_dora'))} but the model's LoRA layers"
+            " are of the other kind"
+        )
     rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     ranks = {  # per-layer ranks / alphas of the patterns, set once every shape is checked
         layer: (_pattern(rank_pat, name, cfg["r"]), _pattern(alpha_pat, name, cfg["lora_alpha"]))
@@ -404,6 +424,8 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     for name, layer in layers.items():
         params[f"{_PREFIX}{name}.lora_A.weight"] = (layer, "lora_A")
         params[f"{_PREFIX}{name}.lora_B.weight"] = (layer, "lora_B")
+        if getattr(layer, "dora", False):
+            params[f"{_PREFIX}{name}.lora_magnitude_vector"] = (layer, "lora_magnitude")
     bias = cfg.get("bias") or "none"
     biases = _bias_params(model, bias) if bias in BIAS_MODES else {}
     for n, p in model.named_parameters():
@@ -424,7 +446,10 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             groups = owner.base.groups if isinstance(owner, LoRAConv2d) else 1  # B is [out, r / groups, 1, 1]
             if r % groups:
                 raise ValueError(f"load_adapter: {key}: rank {r} is not a multiple of the conv's groups={groups}")
-            want = (r, *cur[1:]) if attr == "lora_A" else (cur[0], r // groups, *cur[2:])
+            if attr == "lora_magnitude":
+                want = cur
+            else:
+                want = (r, *cur[1:]) if attr == "lora_A" else (cur[0], r // groups, *cur[2:])
         if tuple(t.shape) != want:
             raise ValueError(
                 f"load_adapter: {key} has shape {tuple(t.shape)} in the adapter, the model needs {want}: the adapter"

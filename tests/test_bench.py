@@ -165,7 +165,14 @@ def test_lora_linear_suite_rows(monkeypatch):
     res = runner.run_suites(["lora_linear"], torch.device("cpu"), quick=True, progress=None)
     rows = res["suites"]["lora_linear"]["rows"]
     trio = [r for r in rows if r["case"].startswith("q/k/v of one x")]
-    rows = [r for r in rows if r not in trio]
+    dora = [r for r in rows if r["case"].startswith("DoRA")]
+    rows = [r for r in rows if r not in trio and r not in dora]
+    # DoRA: the two headline cases against PEFT's DoRA layer and the frozen base
+    assert sorted(r["baseline"] for r in dora) == ["PEFT eager (DoRA)"] * 2 + ["frozen base layer (floor)"] * 2
+    for r in dora:
+        assert r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["floor_ms"] > 0
+        if r["baseline"] == "PEFT eager (DoRA)":  # PEFT also keeps its dropped x / its own products
+            assert r["baseline_saved_MB"] > r["ours_saved_MB"]
     baselines = [r["baseline"] for r in rows]
     # p=0.1: base and PEFT; p=0: also the hand-written cuBLAS technique
     assert baselines.count("PEFT eager") == 2 and baselines.count("hand-written cuBLAS + addmm_") == 1

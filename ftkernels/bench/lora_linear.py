@@ -4,7 +4,8 @@
 - the frozen base ``nn.Linear`` alone (forward + grad_x): the floor any LoRA layer sits on;
 - PEFT's ``lora.Linear`` in eager mode (and under ``torch.compile`` on GPU);
 - the best known hand-written technique (cuBLAS matmuls, ``addmm_`` into y and grad_x, a
-  hand-written backward; dropout 0 only).
+  hand-written backward; dropout 0 only);
+- DoRA (``dora=True``) against PEFT's ``use_dora=True`` layer on the headline shape.
 
 Memory: peak allocation of the step on GPU; on every device, the MB autograd saves for backward.
 
@@ -64,10 +65,13 @@ def _peft_layer(base: nn.Linear, r: int, alpha: float, p: float, ours: LoRALinea
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLinear
 
-    layer = PeftLinear(base, "default", config=LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p), r=r, lora_alpha=alpha)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, use_dora=ours.dora)
+    layer = PeftLinear(base, "default", config=cfg, r=r, lora_alpha=alpha)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(ours.lora_A)
         layer.lora_B["default"].weight.copy_(ours.lora_B)
+        if ours.dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude)
     return layer
 
 
@@ -158,6 +162,7 @@ def _run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype |
         rows += _rows(name, ms, mem, saved, floor, "frozen base layer (floor)", c["sweep"])
         del base, ours, peft, peft_base, x, g, fns
     rows += _trio_rows(device, quick, rate, reps, dtype)
+    rows += _dora_rows(device, quick, rate, reps, dtype)
     extra = {}
     if device.type == "cuda":  # which GEMM route the op picked per shape (FTKERNELS_LORA_GEMM=auto here)
         from ..triton import lora_linear as tk
@@ -212,6 +217,34 @@ def _trio_rows(device: torch.device, quick: bool, rate: float, reps: int, dtype:
     floor = 3 * (4 * M * K * K + 6 * M * r * 2 * K) / rate * 1e3
     name = f"q/k/v of one x: M{M} K=N={K} r{r} p{p} {dtype_name(dtype)}"
     return _rows(name, ms, mem, saved, floor, "frozen q/k/v (floor)", False)
+
+
+def _dora_rows(device: torch.device, quick: bool, rate: float, reps: int, dtype: torch.dtype | None) -> list[dict]:
+    """DoRA (``dora=True``) against PEFT's ``use_dora=True`` layer and the frozen base, the headline
+    shape without and with dropout. Floor as LoRA's (the row norms add one pass over W and a rank-r
+    GEMM of W, ~0.4% of the flops at r=16, K=N=4096)."""
+    rows = []
+    for c in [c for c in cases(device, quick, dtype) if not c["sweep"]][:2]:
+        M, K, N, r, p, dt = c["M"], c["K"], c["N"], c["r"], c["p"], c["dtype"]
+        torch.manual_seed(0)
+        base = nn.Linear(K, N, device=device, dtype=dt).requires_grad_(False)
+        ours = LoRALinear(base, r=r, alpha=2 * r, dropout=p, dora=True)
+        with torch.no_grad():
+            ours.lora_B.normal_(std=1e-3)
+        peft_base = nn.Linear(K, N, device=device, dtype=dt).requires_grad_(False)
+        peft_base.load_state_dict(base.state_dict())
+        peft = _peft_layer(peft_base, r, 2 * r, p, ours)
+        x = torch.randn(M, K, device=device, dtype=dt, requires_grad=True)
+        g = torch.randn(M, N, device=device, dtype=dt)
+        layers = {"frozen base layer (floor)": base, "PEFT eager (DoRA)": peft, "ours": ours}
+        fns = {k: layer_step(m, x, g) for k, m in layers.items()}
+        saved = {k: saved_mb(m, x) for k, m in layers.items()}
+        ms = time_rounds_ms(fns, device, reps, rounds=3 if quick else 4, warmup=2)
+        mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
+        floor = (4 * M * N * K + 6 * M * r * (K + N)) / rate * 1e3
+        name = f"DoRA M{M} K{K} N{N} r{r} p{p} {dtype_name(dt)}"
+        rows += _rows(name, ms, mem, saved, floor, "frozen base layer (floor)", False)
+    return rows
 
 
 def _rows(name: str, ms: dict, mem: dict, saved: dict, floor: float, base_key: str, sweep: bool) -> list[dict]:

@@ -160,13 +160,16 @@ class LoRAMergeMixin:
 
 def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:
     """One adapter of a PEFT LoRA layer: ``name, base, r, alpha, scaling, dropout, rslora, lora_A,
-    lora_B`` (copies, keeping requires_grad) and ``merged``. Raises for an unknown adapter, DoRA
-    and LoRA bias (not supported by the fused layers)."""
+    lora_B`` (copies, keeping requires_grad), ``merged``, and for DoRA ``magnitude`` (a copy; None
+    otherwise) and ``merged_norm`` (PEFT's cached row norms of a merged DoRA weight). Raises for an
+    unknown adapter and LoRA bias (not supported by the fused layers)."""
     name = adapter_name or (layer.active_adapters[0] if layer.active_adapters else None)
     if name is None or name not in layer.lora_A:
         raise ValueError(f"from_peft_layer: adapter {name!r} not in {list(layer.lora_A.keys())}")
+    magnitude = None
     if getattr(layer, "use_dora", {}).get(name, False):
-        raise NotImplementedError("from_peft_layer: DoRA adapters are not supported")
+        m = layer.lora_magnitude_vector[name].weight
+        magnitude = nn.Parameter(m.detach().clone(), requires_grad=m.requires_grad)
     if getattr(layer, "lora_bias", {}).get(name, False):
         raise NotImplementedError("from_peft_layer: LoRA bias (lora_bias=True) is not supported")
     drop = layer.lora_dropout[name]
@@ -182,4 +185,6 @@ def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:
         lora_A=nn.Parameter(a.detach().clone(), requires_grad=a.requires_grad),
         lora_B=nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad),
         merged=bool(getattr(layer, "merged", False)) and name in getattr(layer, "merged_adapters", [name]),
+        magnitude=magnitude,
+        merged_norm=getattr(layer, "_caches", {}).get(f"{name}-weight_norm"),
     )

@@ -236,6 +236,8 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         """A ``LoRAConv2d`` over a PEFT ``lora.Conv2d``'s base layer (shared) with copies of its A and
         B, r, alpha, scaling and dropout p. DoRA and LoRA bias raise."""
         ad = peft_adapter(layer, adapter_name)
+        if ad.magnitude is not None:
+            raise NotImplementedError("LoRAConv2d.from_peft_layer: DoRA on convolutions is not supported (Linear only)")
         if not isinstance(ad.base, nn.Conv2d):
             raise TypeError(f"from_peft_layer: the base layer is {type(ad.base).__name__}, not nn.Conv2d")
         new = cls(ad.base, r=ad.r, alpha=ad.alpha, strategy=strategy)

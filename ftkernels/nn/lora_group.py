@@ -153,7 +153,7 @@ def group_shared_inputs(model: nn.Module) -> list[LoRAGroup]:
     for parent in model.modules():
         by_k: dict[int, list[nn.Module]] = {}
         for child in parent.children():
-            if isinstance(child, LoRALinear):
+            if isinstance(child, LoRALinear) and not child.dora:  # DoRA scales each layer's output: alone
                 by_k.setdefault(child.in_features, []).append(child)
         for members in by_k.values():
             if len(members) >= 2:

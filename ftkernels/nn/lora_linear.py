@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..ops import lora_linear as _ops
 from ._lora_common import LoRAMergeMixin, check_plain_base, lora_scaling, peft_adapter
+from .dora import dora_linear, dora_weight_norm
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -132,7 +133,15 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
     any leading shape; fp32/fp16/bf16 (fp64 on CPU); autocast is honoured.
     """
 
-    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False):
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dora: bool = False,
+    ):
         super().__init__()
         self._check_base(base)
         out_f, in_f = self._linear_weight_of(base).shape
@@ -146,6 +155,8 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         self.lora_A = nn.Parameter(torch.empty(self.r, in_f, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_f, self.r, device=w.device, dtype=dtype))
+        if dora:  # the trained magnitude m [out] (PEFT's lora_magnitude_vector); set by reset_parameters
+            self.lora_magnitude = nn.Parameter(torch.empty(out_f, device=w.device, dtype=dtype))
         self.merged = False
         self.reset_parameters()
 
@@ -190,17 +201,58 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         if x.device != w.device:
             raise ValueError(f"{type(self).__name__}: x is on {x.device} but the layer is on {w.device}")
         p = self.dropout if self.training else 0.0
+        if self.dora:
+            _compute_dtype(x, w, type(self).__name__)  # x and W must match outside autocast, as for LoRA
+
+            def fused(x, w, b, a, bb, s, p):
+                return _lora_linear(x, w, b, a, bb, s, p, None)
+
+            m = self._parameters["lora_magnitude"]
+            return dora_linear(
+                fused, x, w, base.bias, self.lora_A, self.lora_B, m, self.scaling, p, lambda: call_seed(p, x.device)
+            )
         return _lora_linear(x, w, base.bias, self.lora_A, self.lora_B, self.scaling, p, None)
+
+    @property
+    def dora(self) -> bool:
+        """Whether this layer is DoRA: a trained magnitude ``lora_magnitude`` ``[out]`` (:mod:`ftkernels.nn.dora`)."""
+        return "lora_magnitude" in self._parameters
 
     def _merge_target(self) -> Tensor:
         return self.linear_weight()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PEFT's init: ``lora_A`` Kaiming-uniform, ``lora_B`` zero and, for DoRA, the magnitude set to
+        the base weight's row norms (so the layer starts as its base). Raises when merged."""
+        super().reset_parameters()
+        if self.dora:
+            w = self.linear_weight()
+            self.lora_magnitude.copy_(dora_weight_norm(w, self.lora_A, self.lora_B, self.scaling))
+
+    @torch.no_grad()
+    def _fold(self, sign: float) -> None:
+        """DoRA merges ``W' = mns * (W + s B A)`` row-wise (fp32), keeping the row norm of the unmerged
+        weight for :meth:`unmerge` (PEFT's rule); plain LoRA adds ``s B A``."""
+        if not self.dora:
+            return super()._fold(sign)
+        w, delta = self._merge_target(), self.delta_weight()
+        if sign > 0:
+            self._dora_norm = dora_weight_norm(w, self.lora_A, self.lora_B, self.scaling)
+        elif getattr(self, "_dora_norm", None) is None:
+            raise RuntimeError(f"{type(self).__name__}.unmerge: the row norms of the unmerged weight are unknown")
+        factor = (self.lora_magnitude.to(delta.dtype) / self._dora_norm.to(delta.dtype))[:, None]
+        new = (w.to(delta.dtype) + delta) * factor if sign > 0 else w.to(delta.dtype) / factor - delta
+        w.copy_(new.to(w.dtype))
+        if sign < 0:
+            self._dora_norm = None
 
     @classmethod
     def from_peft_layer(cls, layer, adapter_name: str | None = None) -> LoRALinear:
         """A fused layer over a PEFT ``lora.Linear``'s base layer (shared, not copied) with a copy of
         the adapter's A and B, its r, alpha, scaling (rslora included) and dropout p: a
         ``LoRALinear`` for an ``nn.Linear`` base, a :class:`LoRAConv1D` for a Hugging Face
-        ``Conv1D`` base (PEFT's ``fan_in_fan_out``). DoRA and LoRA bias are not supported and raise."""
+        ``Conv1D`` base (PEFT's ``fan_in_fan_out``). A DoRA adapter brings its magnitude; LoRA bias raises."""
         ad = peft_adapter(layer, adapter_name)
         base = ad.base
         if cls is LoRALinear and not isinstance(base, nn.Linear):
@@ -216,10 +268,14 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
             q.requires_grad_(False)
         new.r, new.alpha, new.dropout, new.scaling, new.rslora = ad.r, ad.alpha, ad.dropout, ad.scaling, ad.rslora
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
+        if ad.magnitude is not None:
+            new.lora_magnitude = ad.magnitude
+            if ad.merged:
+                new._dora_norm = ad.merged_norm
         return new
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}, "
-            f"dropout={self.dropout}, rslora={self.rslora}, merged={self.merged}"
+            f"dropout={self.dropout}, rslora={self.rslora}, merged={self.merged}" + (", dora=True" if self.dora else "")
         )
