@@ -258,10 +258,11 @@ def test_trains_like_peft_and_runs_alone():
     assert (ours.q.lora_magnitude - base.q.weight.norm(dim=1)).abs().max() > 1e-3  # the magnitude trained
 
 
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_compiles_without_graph_breaks(p):
     torch.manual_seed(7)
     m = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4))
-    ftk.apply_lora(m, ["0", "2"], r=2, dropout=0.2, use_dora=True)
+    ftk.apply_lora(m, ["0", "2"], r=2, dropout=p, use_dora=True)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
     x = torch.randn(3, 8)
     out = []
@@ -305,3 +306,21 @@ def test_cuda_matches_peft(dtype):
     for n, q in mine.items():
         scale = max(1.0, theirs[n].grad.abs().max().item())
         torch.testing.assert_close(q.grad.float(), theirs[n].grad.float(), atol=tol * 4 * scale, rtol=tol, msg=n)
+
+
+def test_output_takes_in_place_ops():
+    """Residual adds in place on the layer's output (Falcon's ``mlp_output += attention_output``)."""
+    torch.manual_seed(9)
+    layer = ftk.nn.LoRALinear(nn.Linear(6, 6).double(), r=2, dora=True)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    y += x
+    y.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    mns = layer.lora_magnitude / dora_weight_norm(layer.base.weight, layer.lora_A, layer.lora_B, layer.scaling)
+    w = layer.base.weight + layer.scaling * layer.lora_B @ layer.lora_A
+    want = (x2 @ w.t()) * mns + layer.base.bias + x2
+    want.square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)

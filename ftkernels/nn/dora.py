@@ -42,26 +42,53 @@ def dora_scale(magnitude: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor
     return magnitude.to(wn.dtype) / wn
 
 
+class _DoraScale(torch.autograd.Function):
+    """``y = z * mns + b`` per output column, computed in fp32 and written once in z's dtype (one pass;
+    the composition with casts took four and saved an fp32 copy of z). Saves z (the LoRA op's own
+    output) and mns. Backward: ``g_z = g * mns`` (one pass), ``g_mns = sum_rows(g * z)`` and
+    ``g_b = sum_rows(g)``, summed in fp32."""
+
+    @staticmethod
+    def forward(ctx, z, mns, bias):
+        if torch.compiler.is_compiling():  # out= variants stay out of traced graphs; inductor fuses this
+            y = (z * mns if bias is None else torch.addcmul(bias, z, mns)).to(z.dtype)
+        else:
+            y = torch.empty_like(z)
+            torch.mul(z, mns, out=y) if bias is None else torch.addcmul(bias, z, mns, out=y)
+        ctx.save_for_backward(z, mns)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        z, mns = ctx.saved_tensors
+        gz = gm = gb = None
+        if ctx.needs_input_grad[0]:
+            gz = (g * mns).to(z.dtype) if torch.compiler.is_compiling() else torch.mul(g, mns, out=torch.empty_like(z))
+        n = z.shape[-1]
+        if ctx.needs_input_grad[1]:
+            gm = (g * z).reshape(-1, n).sum(0, dtype=torch.float32).to(mns.dtype)
+        if ctx.needs_input_grad[2]:
+            gb = g.reshape(-1, n).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return gz, gm, gb
+
+
 def dora_linear(lora_fn, x: Tensor, weight: Tensor, bias, lora_a, lora_b, magnitude, scaling: float, p, seed_fn):
     """DoRA's forward (module docstring). ``lora_fn(x, W, bias, A, B, s, p)``: the fused LoRA op;
     ``seed_fn()``: the dropout seed of this call (drawn only when p > 0). x ``[..., in]`` -> ``[..., out]``."""
     mns = dora_scale(magnitude, weight, lora_a, lora_b, scaling)
     if p == 0:
         z = lora_fn(x, weight, None, lora_a, lora_b, scaling, 0.0)
-        y = z.to(mns.dtype) * mns
-    else:
-        # Adapters in the compute dtype (autocast casts inside F.linear anyway; otherwise x's dtype,
-        # which the base weight must match: checked by the layer).
-        a, b = (
-            (lora_a, lora_b)
-            if torch.is_autocast_enabled(x.device.type)
-            else (_as(lora_a, x.dtype), _as(lora_b, x.dtype))
-        )
-        xd = lora_dropout(x, p, seed_fn())
-        z = F.linear(x, weight)
-        t = F.linear(xd, weight)
-        lora = F.linear(F.linear(xd, a), b)
-        y = z.to(mns.dtype) + (mns - 1) * t.to(mns.dtype) + (mns * scaling) * lora.to(mns.dtype)
+        return _DoraScale.apply(z, mns, bias)
+    # Adapters in the compute dtype (autocast casts inside F.linear anyway; otherwise x's dtype, which
+    # the base weight must match: checked by the layer).
+    autocast = torch.is_autocast_enabled(x.device.type)
+    a, b = (lora_a, lora_b) if autocast else (_as(lora_a, x.dtype), _as(lora_b, x.dtype))
+    xd = lora_dropout(x, p, seed_fn())
+    z = F.linear(x, weight)
+    t = F.linear(xd, weight)
+    lora = F.linear(F.linear(xd, a), b)
+    y = z.to(mns.dtype) + (mns - 1) * t.to(mns.dtype) + (mns * scaling) * lora.to(mns.dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(z.dtype)
