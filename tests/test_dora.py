@@ -324,3 +324,22 @@ def test_output_takes_in_place_ops():
     want = (x2 @ w.t()) * mns + layer.base.bias + x2
     want.square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_cpu_autocast_bf16(p):
+    """An fp32 layer under CPU autocast to bf16: bf16 output, fp32 grads for A, B and m, close to the
+    fp32 result (with the same dropout seed)."""
+    torch.manual_seed(10)
+    layer = ftk.nn.LoRALinear(nn.Linear(32, 24), r=4, alpha=8, dropout=p, dora=True)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+        layer.lora_magnitude.mul_(1.1)
+    x = torch.randn(5, 32)
+    want = fixed_seed_forward(layer, x, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fixed_seed_forward(layer, x, 3)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want, atol=5e-2, rtol=2e-2)
+    y.float().sum().backward()
+    assert all(q.grad.dtype == torch.float32 for q in (layer.lora_A, layer.lora_B, layer.lora_magnitude))
