@@ -5,7 +5,7 @@ ResNet-18 that trains like PEFT's."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.lora import FixedMaskDropout
+from helpers.lora import FixedMaskDropout, paired_conv_inputs
 from helpers.models import resnet18
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Conv2d as PeftConv2d
@@ -61,12 +61,7 @@ def test_matches_peft_no_dropout(case, strategy, channels_last):
     cin, cout, k, stride, padding, n, h, w = case
     ours, peft = make_pair(cin, cout, k, stride, padding)
     ours.strategy = strategy
-    ours.base.bias.requires_grad_(True)
-    peft.base_layer.bias.requires_grad_(True)
-    x = torch.randn(n, cin, h, w, dtype=torch.float64)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    x1, x2 = paired_conv_inputs(ours, peft, (n, cin, h, w), channels_last)
     y, yp = ours(x1), peft(x2)
     assert ours.last_strategy == strategy
     torch.testing.assert_close(y, yp)

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers.lora import FixedMaskDropout
+from helpers.lora import FixedMaskDropout, paired_conv_inputs
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Conv2d as PeftConv2d
 from torch import nn
@@ -51,16 +51,11 @@ def test_grouped_matches_peft(case, channels_last):
     cin, cout, k, stride, padding, groups, r, n, h, w = case
     ours, peft = make_pair(cin, cout, k, stride, padding, groups, r)
     assert ours.lora_B.shape == peft.lora_B["default"].weight.shape == (cout, r // groups, 1, 1)
-    ours.base.bias.requires_grad_(True)
-    peft.base_layer.bias.requires_grad_(True)
-    x = torch.randn(n, cin, h, w, dtype=torch.float64)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    x1, x2 = paired_conv_inputs(ours, peft, (n, cin, h, w), channels_last)
     y, yp = ours(x1), peft(x2)
     assert ours.last_strategy == "unmerged"  # auto never merges a grouped base
     torch.testing.assert_close(y, yp)
-    assert (y - ours.base(x)).abs().max() > 0.1  # the adapter path is live
+    assert (y - ours.base(x1)).abs().max() > 0.1  # the adapter path is live
     g = torch.randn_like(y)
     ga = grads(y, g, x1, ours.lora_A, ours.lora_B, ours.base.bias)
     gp = grads(yp, g, x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight, peft.base_layer.bias)

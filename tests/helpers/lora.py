@@ -49,3 +49,14 @@ def lora_members(K, shapes, dtype, device="cpu", adapter_dtype=None, base_grad=F
         bb = torch.randn(N, r, dtype=ad, device=device, requires_grad=True)
         out.append((w, b, a, bb, torch.tensor(1000 + 17 * i, device=device)))
     return out
+
+
+def paired_conv_inputs(ours, peft, shape, channels_last=False, dtype=torch.float64):
+    """Two equal random inputs (requiring grad) for a fused LoRA conv and its PEFT twin, with both
+    base biases made trainable, so one backward compares every gradient."""
+    ours.base.bias.requires_grad_(True)
+    peft.base_layer.bias.requires_grad_(True)
+    x = torch.randn(*shape, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x.clone().requires_grad_(True), x.clone().requires_grad_(True)
