@@ -91,11 +91,7 @@ def _wrap(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool,
     if isinstance(module, nn.Linear):
         return LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if isinstance(module, nn.Conv2d):
-        if dora:
-            raise NotImplementedError(
-                "apply_lora: DoRA (use_dora=True) is supported on Linear / Conv1D layers, not Conv2d"
-            )
-        return LoRAConv2d(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        return LoRAConv2d(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if is_hf_conv1d(module):
         return LoRAConv1D(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     raise TypeError(f"apply_lora: {type(module).__name__} is not a supported target (nn.Linear, nn.Conv2d, HF Conv1D)")
@@ -128,7 +124,7 @@ def apply_lora(
     train too) or ``"all"`` (every bias in the model trains). Sibling LoRA Linear layers that turn out
     to read the same input (q/k/v) then run as one autograd node (DoRA layers run alone)
     (:func:`ftkernels.nn.lora_group.group_shared_inputs`; same results; ``FTKERNELS_LORA_GROUP=0``
-    turns it off). ``use_dora=True`` makes the Linear / Conv1D layers DoRA (PEFT's ``use_dora``: a
+    turns it off). ``use_dora=True`` makes the layers DoRA (PEFT's ``use_dora``: a
     trained per-output magnitude, :mod:`ftkernels.nn.dora`). Returns the model. Raises, leaving the
     model as it was, when nothing matches or a match is unsupported."""
     if not isinstance(target_modules, str) and not target_modules:
@@ -370,7 +366,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     applies the fused LoRA layers (unless already there) to the modules the file holds adapters for,
     with the config's r, alpha, dropout, ``modules_to_save`` and ``bias``, then loads A, B, the
     ``modules_to_save`` params and the biases of ``bias="lora_only"``/``"all"`` (which then train, as
-    under PEFT), and DoRA's magnitudes (``use_dora``; Linear / Conv1D layers). ``lora_bias`` adapters
+    under PEFT), and DoRA's magnitudes (``use_dora``). ``lora_bias`` adapters
     raise. Raises on missing or unexpected keys and on shapes that do not fit (only a LoRA rank may
     differ from the model's, to the config's; the model's tensors are then replaced, with a warning,
     so build optimizers after loading). Shapes are checked before any tensor is written; LoRA layers

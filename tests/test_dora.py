@@ -276,16 +276,63 @@ def test_compiles_without_graph_breaks(p):
     torch.testing.assert_close(out[0][1], out[1][1])
 
 
-def test_refused_on_conv2d_before_anything_changes():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(3, 3, 1))
-    with pytest.raises(NotImplementedError, match="not Conv2d"):
-        ftk.apply_lora(model, ["0", "1"], r=2, use_dora=True)
-    assert type(model[0]) is nn.Linear and model[0].weight.requires_grad
+@pytest.mark.parametrize("strategy", ["unmerged", "merged"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_conv2d_matches_peft(strategy, p, monkeypatch):
+    """DoRA on Conv2d (PEFT's per-channel magnitude [1, out, 1, 1]): both strategies, dropout with the
+    same mask, grads of x, A, B and m; merge gives PEFT's merged weight."""
+    torch.manual_seed(11)
+    base = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 1)).double()
+    peft = peft_dora(base, ["0", "2"], r=2, alpha=4, p=p).train()
+    ours = ftk.from_peft(copy.deepcopy(peft)).train()
+    assert ours[0].dora and ours[0].lora_magnitude.shape == (1, 6, 1, 1)
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    if p:  # both layers draw seed 5, PEFT's dropout slots hold that seed's mask
+        fix_dropout(peft, 5, p)
+        orig = ftk.nn.lora_conv2d.call_seed
+        monkeypatch.setattr(ftk.nn.lora_conv2d, "call_seed", lambda q, dev: torch.tensor(5) if q > 0 else orig(q, dev))
+    for layer in (ours[0], ours[2]):
+        layer.strategy = strategy if p == 0 else "auto"
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, yp = ours(x1), peft(x2)
+    torch.testing.assert_close(y, yp)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yp.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    mine, theirs = trainable(ours), trainable(peft)
+    assert set(mine) == set(theirs)
+    for n, q in mine.items():
+        torch.testing.assert_close(q.grad, theirs[n].grad, msg=n)
+    ours.eval(), peft.eval()
+    want = ours(x)
+    plain = ftk.unload_lora(copy.deepcopy(ours), merge=True)
+    torch.testing.assert_close(plain[0].weight, copy.deepcopy(peft).merge_and_unload()[0].weight)
+    torch.testing.assert_close(plain(x), want)
+
+
+def test_conv2d_adapter_files_both_ways(tmp_path):
+    torch.manual_seed(12)
+    base = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    peft = peft_dora(base, ["0", "2"], r=2, alpha=4).eval()
+    peft.save_pretrained(str(tmp_path / "peft"))
+    mine = ftk.load_adapter(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(mine(x), peft(x))
+    ftk.save_adapter(mine, str(tmp_path / "ours"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft = get_peft_model(nn.Sequential(nn.Conv2d(3, 4, 1)), LoraConfig(r=2, target_modules=["0"], use_dora=True))
-    with pytest.raises(NotImplementedError, match="DoRA on convolutions"):
-        ftk.from_peft(peft)
+        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(back(x), peft(x))
+
+
+def test_grouped_conv_dora_is_refused():
+    with pytest.raises(ValueError, match="DoRA on a grouped conv"):
+        ftk.nn.LoRAConv2d(nn.Conv2d(4, 4, 3, groups=2), r=2, dora=True)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(4, 4, 1, groups=2))
+    with pytest.raises(ValueError, match="DoRA on a grouped conv"):
+        ftk.apply_lora(model, ["0", "1"], r=2, use_dora=True)
+    assert type(model[0]) is nn.Linear and model[0].weight.requires_grad
 
 
 @pytest.mark.cuda

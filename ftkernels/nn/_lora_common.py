@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 
+from .dora import dora_weight_norm
+
 
 def lora_scaling(name: str, r, alpha, dropout, rslora: bool) -> float:
     """Check one layer's LoRA hyperparameters and return ``scaling = alpha / r`` (``alpha / sqrt(r)``
@@ -105,16 +107,29 @@ class LoRAMergeMixin:
         """Whether ``scaling * B A`` fits in the base weight (not for a grouped conv)."""
         return True
 
+    @property
+    def dora(self) -> bool:
+        """Whether this layer is DoRA: a trained magnitude ``lora_magnitude`` (``[out]`` for Linear,
+        ``[1, out, 1, 1]`` for Conv2d, PEFT's shapes; :mod:`ftkernels.nn.dora`)."""
+        return "lora_magnitude" in self._parameters
+
+    def dora_row_norm(self) -> Tensor:
+        """``||W + s B A||`` per output row / channel ``[out]`` (fp32; no gradient)."""
+        w = self._merge_target()
+        return dora_weight_norm(w.flatten(1), self.lora_A.flatten(1), self.lora_B.flatten(1), self.scaling)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """PEFT's default adapter init, in place: ``lora_A`` Kaiming-uniform (a = sqrt(5)), ``lora_B``
-        zero, so the layer starts as its base. What meta-device initialization calls after
-        ``model.to_empty(...)`` (the base layer has its own ``reset_parameters``). Raises when merged
-        (the base weight holds the old ``B A``)."""
+        zero and, for DoRA, the magnitude set to the base weight's row norms, so the layer starts as
+        its base. What meta-device initialization calls after ``model.to_empty(...)`` (the base layer
+        has its own ``reset_parameters``). Raises when merged (the base weight holds the old ``B A``)."""
         if self.merged:
             raise RuntimeError(f"{type(self).__name__}.reset_parameters: the adapter is merged; unmerge() first")
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.dora:
+            self.lora_magnitude.copy_(self.dora_row_norm().view_as(self.lora_magnitude))
 
     def _check_mergeable(self, what: str) -> None:
         if not self.can_merge:
@@ -135,8 +150,23 @@ class LoRAMergeMixin:
 
     @torch.no_grad()
     def _fold(self, sign: float) -> None:
+        """Plain LoRA adds ``sign * s B A``. DoRA merges ``W' = mns * (W + s B A)`` per output row
+        (fp32), keeping the row norms of the unmerged weight for the unmerge (PEFT's rule)."""
         w, delta = self._merge_target(), self.delta_weight()
-        w.copy_((w.to(delta.dtype) + sign * delta).to(w.dtype))
+        if not self.dora:
+            w.copy_((w.to(delta.dtype) + sign * delta).to(w.dtype))
+            return
+        if sign > 0:
+            self._dora_norm = self.dora_row_norm()
+        elif getattr(self, "_dora_norm", None) is None:
+            raise RuntimeError(f"{type(self).__name__}.unmerge: the row norms of the unmerged weight are unknown")
+        factor = (self.lora_magnitude.reshape(-1).to(delta.dtype) / self._dora_norm.to(delta.dtype)).view(
+            -1, *[1] * (w.dim() - 1)
+        )
+        new = (w.to(delta.dtype) + delta) * factor if sign > 0 else w.to(delta.dtype) / factor - delta
+        w.copy_(new.to(w.dtype))
+        if sign < 0:
+            self._dora_norm = None
 
     def merge(self) -> None:
         """Fold ``scaling * B A`` into the base weight (fp32 accumulation); forward then runs the base

@@ -42,11 +42,18 @@ def dora_scale(magnitude: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor
     return magnitude.to(wn.dtype) / wn
 
 
+def _sum_to(t: Tensor, shape) -> Tensor:
+    """t summed (fp32 accumulation) down to ``shape``, which broadcasts to t's (right-aligned)."""
+    lead = t.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1]
+    return t.sum(dims, dtype=torch.float32).reshape(shape) if dims else t.float().reshape(shape)
+
+
 class _DoraScale(torch.autograd.Function):
-    """``y = z * mns + b`` per output column, computed in fp32 and written once in z's dtype (one pass;
-    the composition with casts took four and saved an fp32 copy of z). Saves z (the LoRA op's own
-    output) and mns. Backward: ``g_z = g * mns`` (one pass), ``g_mns = sum_rows(g * z)`` and
-    ``g_b = sum_rows(g)``, summed in fp32."""
+    """``y = z * mns + b`` per output column / channel (mns and b shaped to broadcast: ``[out]`` on
+    ``[..., out]``, ``[1, out, 1, 1]`` on NCHW), computed in fp32 and written once in z's dtype (one
+    pass; a composition with casts took four and saved an fp32 copy of z). Saves z (the LoRA op's own
+    output) and mns. Backward: ``g_z = g * mns`` (one pass), ``g_mns`` and ``g_b`` summed in fp32."""
 
     @staticmethod
     def forward(ctx, z, mns, bias):
@@ -56,7 +63,7 @@ class _DoraScale(torch.autograd.Function):
             y = torch.empty_like(z)
             torch.mul(z, mns, out=y) if bias is None else torch.addcmul(bias, z, mns, out=y)
         ctx.save_for_backward(z, mns)
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.bias_meta = None if bias is None else (bias.dtype, bias.shape)
         return y
 
     @staticmethod
@@ -65,12 +72,16 @@ class _DoraScale(torch.autograd.Function):
         gz = gm = gb = None
         if ctx.needs_input_grad[0]:
             gz = (g * mns).to(z.dtype) if torch.compiler.is_compiling() else torch.mul(g, mns, out=torch.empty_like(z))
-        n = z.shape[-1]
         if ctx.needs_input_grad[1]:
-            gm = (g * z).reshape(-1, n).sum(0, dtype=torch.float32).to(mns.dtype)
+            gm = _sum_to(g * z, mns.shape).to(mns.dtype)
         if ctx.needs_input_grad[2]:
-            gb = g.reshape(-1, n).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+            gb = _sum_to(g, ctx.bias_meta[1]).to(ctx.bias_meta[0])
         return gz, gm, gb
+
+
+def dora_apply_scale(z: Tensor, mns: Tensor, bias: Tensor | None) -> Tensor:
+    """:class:`_DoraScale` (``y = z * mns + b``, fp32 math, z's dtype out)."""
+    return _DoraScale.apply(z, mns, bias)
 
 
 def dora_linear(lora_fn, x: Tensor, weight: Tensor, bias, lora_a, lora_b, magnitude, scaling: float, p, seed_fn):
@@ -85,10 +96,14 @@ def dora_linear(lora_fn, x: Tensor, weight: Tensor, bias, lora_a, lora_b, magnit
     autocast = torch.is_autocast_enabled(x.device.type)
     a, b = (lora_a, lora_b) if autocast else (_as(lora_a, x.dtype), _as(lora_b, x.dtype))
     xd = lora_dropout(x, p, seed_fn())
-    z = F.linear(x, weight)
-    t = F.linear(xd, weight)
-    lora = F.linear(F.linear(xd, a), b)
-    y = z.to(mns.dtype) + (mns - 1) * t.to(mns.dtype) + (mns * scaling) * lora.to(mns.dtype)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.to(z.dtype)
+    return dora_dropout_form(
+        F.linear(x, weight, bias), F.linear(xd, weight), F.linear(F.linear(xd, a), b), mns, scaling
+    )
+
+
+def dora_dropout_form(base: Tensor, t: Tensor, lora: Tensor, mns: Tensor, scaling: float) -> Tensor:
+    """PEFT's DoRA output with dropout on: ``base + (mns - 1) * t + mns * s * lora`` in fp32, in base's
+    dtype; base = the base layer on x (bias included), t = its weight on D(x) (no bias), lora = the
+    unscaled low-rank path on D(x); mns broadcast over the output channels."""
+    y = base.to(mns.dtype) + (mns - 1) * t.to(mns.dtype) + (mns * scaling) * lora.to(mns.dtype)
+    return y.to(base.dtype)

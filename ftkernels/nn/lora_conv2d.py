@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.lora_dropout import lora_dropout_nograd
+from ..ops.lora_dropout import lora_dropout, lora_dropout_nograd
 from ..ops.lora_linear import _as
 from ._lora_common import LoRAMergeMixin, check_plain_base, lora_scaling, peft_adapter
+from .dora import dora_apply_scale, dora_dropout_form, dora_scale
 from .lora_linear import _compute_dtype, call_seed
 
 STRATEGIES = ("auto", "unmerged", "merged")
@@ -135,6 +136,10 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
     alpha / r`` (``alpha / sqrt(r)`` with rslora). NCHW or channels-last inputs, fp32/fp16/bf16
     (fp64 on CPU), autocast. Zero padding only.
 
+    ``dora=True``: DoRA as PEFT's ``use_dora`` (:mod:`ftkernels.nn.dora`): a trained magnitude
+    ``lora_magnitude`` ``[1, out, 1, 1]`` scales each output channel by ``m / ||W + s B A||``; either
+    strategy without dropout, PEFT's form (one more conv) with dropout; not on grouped convs.
+
     Grouped base convs (ResNeXt, depthwise) follow PEFT: A stays dense over all input channels, B
     is a 1x1 conv with the base's ``groups`` (so r must be a multiple of groups), and such a layer
     cannot be merged (``W + s B A`` is not a grouped weight): it always runs ``unmerged``.
@@ -153,6 +158,7 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         dropout: float = 0.0,
         rslora: bool = False,
         strategy: str = "auto",
+        dora: bool = False,
     ):
         super().__init__()
         if not isinstance(base, nn.Conv2d):
@@ -179,6 +185,11 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         self.lora_A = nn.Parameter(torch.empty(self.r, in_c, kh, kw, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_c, self.r // base.groups, 1, 1, device=w.device, dtype=dtype))
+        if dora:
+            if base.groups != 1:
+                raise ValueError("LoRAConv2d: DoRA on a grouped conv is unsupported (B A is not a grouped weight)")
+            # PEFT's magnitude shape for convs: [1, out, 1, 1]; set by reset_parameters
+            self.lora_magnitude = nn.Parameter(torch.empty(1, out_c, 1, 1, device=w.device, dtype=dtype))
         self.merged = False
         self.reset_parameters()
         self.last_strategy: str | None = None
@@ -216,13 +227,36 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
             raise ValueError(f"LoRAConv2d: strategy='merged' needs an ungrouped base (groups={self.base.groups})")
         self.last_strategy = strategy
         stride, padding, dilation, _ = self.geom
-        if strategy == "merged":
+        if self.dora:
+            y = self._dora_forward(xc, w, b, a, bb, p, strategy)
+        elif strategy == "merged":
             merged = merged_weight(w, _as(a, dtype), _as(bb, dtype), self.scaling)
             y = F.conv2d(xc, merged, b, stride, padding, dilation)
         else:
             seed = call_seed(p, x.device)
             y = _UnmergedConv.apply(xc, w, b, a, bb, self.scaling, p, seed, self.geom)
         return y.squeeze(0) if unbatched else y
+
+    def _dora_forward(self, xc, w, b, a, bb, p, strategy) -> Tensor:
+        """DoRA (:mod:`ftkernels.nn.dora`): the LoRA conv without bias (either strategy), then one
+        per-channel scale; with dropout in training, PEFT's form (one more conv)."""
+        stride, padding, dilation, _ = self.geom
+        wt = self.base.weight  # the stored weight's norms, as PEFT
+        mns = dora_scale(self.lora_magnitude.reshape(-1), wt.flatten(1), a.flatten(1), bb.flatten(1), self.scaling)
+        mns = mns.view(1, -1, 1, 1)
+        dtype = xc.dtype
+        if p == 0:
+            if strategy == "merged":
+                z = F.conv2d(
+                    xc, merged_weight(w, _as(a, dtype), _as(bb, dtype), self.scaling), None, stride, padding, dilation
+                )
+            else:
+                z = _UnmergedConv.apply(xc, w, None, a, bb, self.scaling, 0.0, call_seed(0.0, xc.device), self.geom)
+            return dora_apply_scale(z, mns, None if b is None else b.view(1, -1, 1, 1))
+        xd = lora_dropout(xc, p, call_seed(p, xc.device))
+        lora = F.conv2d(F.conv2d(xd, _as(a, dtype), None, stride, padding, dilation), _as(bb, dtype))
+        base_out, t = F.conv2d(xc, w, b, stride, padding, dilation), F.conv2d(xd, w, None, stride, padding, dilation)
+        return dora_dropout_form(base_out, t, lora, mns, self.scaling)
 
     def _merge_target(self) -> Tensor:
         return self.base.weight
@@ -234,15 +268,18 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
     @classmethod
     def from_peft_layer(cls, layer, adapter_name: str | None = None, strategy: str = "auto") -> LoRAConv2d:
         """A ``LoRAConv2d`` over a PEFT ``lora.Conv2d``'s base layer (shared) with copies of its A and
-        B, r, alpha, scaling and dropout p. DoRA and LoRA bias raise."""
+        B, r, alpha, scaling and dropout p (and a DoRA magnitude). LoRA bias raises."""
         ad = peft_adapter(layer, adapter_name)
-        if ad.magnitude is not None:
-            raise NotImplementedError("LoRAConv2d.from_peft_layer: DoRA on convolutions is not supported (Linear only)")
         if not isinstance(ad.base, nn.Conv2d):
             raise TypeError(f"from_peft_layer: the base layer is {type(ad.base).__name__}, not nn.Conv2d")
         new = cls(ad.base, r=ad.r, alpha=ad.alpha, strategy=strategy)
         new.dropout, new.scaling, new.rslora = ad.dropout, ad.scaling, ad.rslora
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
+        if ad.magnitude is not None:
+            if ad.base.groups != 1:
+                raise ValueError("LoRAConv2d.from_peft_layer: DoRA on a grouped conv is unsupported")
+            new.lora_magnitude = ad.magnitude
+            new._dora_norm = ad.merged_norm.reshape(-1) if ad.merged and ad.merged_norm is not None else None
         return new
 
     def extra_repr(self) -> str:
@@ -250,4 +287,5 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.base.kernel_size)}, r={self.r}, "
             f"alpha={self.alpha}, dropout={self.dropout}, strategy={self.strategy}, merged={self.merged}"
             + (f", groups={self.base.groups}" if self.base.groups > 1 else "")
+            + (", dora=True" if self.dora else "")
         )

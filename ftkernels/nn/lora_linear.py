@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..ops import lora_linear as _ops
 from ._lora_common import LoRAMergeMixin, check_plain_base, lora_scaling, peft_adapter
-from .dora import dora_linear, dora_weight_norm
+from .dora import dora_linear
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -213,39 +213,8 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
             )
         return _lora_linear(x, w, base.bias, self.lora_A, self.lora_B, self.scaling, p, None)
 
-    @property
-    def dora(self) -> bool:
-        """Whether this layer is DoRA: a trained magnitude ``lora_magnitude`` ``[out]`` (:mod:`ftkernels.nn.dora`)."""
-        return "lora_magnitude" in self._parameters
-
     def _merge_target(self) -> Tensor:
         return self.linear_weight()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """PEFT's init: ``lora_A`` Kaiming-uniform, ``lora_B`` zero and, for DoRA, the magnitude set to
-        the base weight's row norms (so the layer starts as its base). Raises when merged."""
-        super().reset_parameters()
-        if self.dora:
-            w = self.linear_weight()
-            self.lora_magnitude.copy_(dora_weight_norm(w, self.lora_A, self.lora_B, self.scaling))
-
-    @torch.no_grad()
-    def _fold(self, sign: float) -> None:
-        """DoRA merges ``W' = mns * (W + s B A)`` row-wise (fp32), keeping the row norm of the unmerged
-        weight for :meth:`unmerge` (PEFT's rule); plain LoRA adds ``s B A``."""
-        if not self.dora:
-            return super()._fold(sign)
-        w, delta = self._merge_target(), self.delta_weight()
-        if sign > 0:
-            self._dora_norm = dora_weight_norm(w, self.lora_A, self.lora_B, self.scaling)
-        elif getattr(self, "_dora_norm", None) is None:
-            raise RuntimeError(f"{type(self).__name__}.unmerge: the row norms of the unmerged weight are unknown")
-        factor = (self.lora_magnitude.to(delta.dtype) / self._dora_norm.to(delta.dtype))[:, None]
-        new = (w.to(delta.dtype) + delta) * factor if sign > 0 else w.to(delta.dtype) / factor - delta
-        w.copy_(new.to(w.dtype))
-        if sign < 0:
-            self._dora_norm = None
 
     @classmethod
     def from_peft_layer(cls, layer, adapter_name: str | None = None) -> LoRALinear:
