@@ -390,3 +390,20 @@ def test_cpu_autocast_bf16(p):
     torch.testing.assert_close(y.float(), want, atol=5e-2, rtol=2e-2)
     y.float().sum().backward()
     assert all(q.grad.dtype == torch.float32 for q in (layer.lora_A, layer.lora_B, layer.lora_magnitude))
+
+
+def test_from_a_merged_peft_model_unmerges():
+    """A PEFT DoRA model merged in place (its cached row norms kept) converts merged; unmerging then
+    restores the base weight and the adapter's outputs, as PEFT's own unmerge does."""
+    torch.manual_seed(13)
+    base = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    peft = peft_dora(base, ["0", "2"]).eval()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    want = peft(x)
+    peft.merge_adapter()
+    ours = ftk.from_peft(copy.deepcopy(peft)).eval()
+    assert ours[0].merged
+    torch.testing.assert_close(ours(x), want)
+    ftk.unmerge_lora(ours)
+    torch.testing.assert_close(ours[0].base.weight, base[0].weight)
+    torch.testing.assert_close(ours(x), want)
