@@ -452,3 +452,19 @@ def test_inductor_with_fallback_random_matches_eager():
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-4)
     for a, b in zip(out[0][1], out[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_first_call_under_inference_mode_then_training(monkeypatch, dora):
+    """A first call under ``torch.inference_mode`` (an evaluation before training) must not leave an
+    inference tensor in the per-device placeholder-seed cache, which the unmerged node saves."""
+    import importlib
+
+    mod = importlib.import_module("ftkernels.nn.lora_linear")  # (ftk.nn.lora_linear is the function)
+    monkeypatch.setattr(mod, "_UNUSED_SEEDS", {})
+    layer = ftk.nn.LoRAConv2d(nn.Conv2d(3, 4, 3), r=2, strategy="unmerged", dora=dora)
+    with torch.inference_mode():
+        layer(torch.randn(1, 3, 6, 6))
+    x = torch.randn(1, 3, 6, 6, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.lora_A.grad is not None

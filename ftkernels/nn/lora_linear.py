@@ -26,7 +26,10 @@ def _unused_seed(device: torch.device) -> Tensor:
     per layer call."""
     t = _UNUSED_SEEDS.get(device)
     if t is None:
-        t = _UNUSED_SEEDS[device] = torch.zeros((), dtype=torch.int64, device=device)
+        # Never an inference tensor (a first call under inference_mode would cache one, and a later
+        # training call could then not save it for backward).
+        with torch.inference_mode(False):
+            t = _UNUSED_SEEDS[device] = torch.zeros((), dtype=torch.int64, device=device)
     return t
 
 
