@@ -87,6 +87,11 @@ MODELS = {
     "qwen2-bias-all": (qwen2, dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], bias="all")),
     "llama-all-linear": (llama, dict(target_modules="all-linear")),
     "falcon-all-linear": (falcon, dict(target_modules="all-linear")),
+    # DoRA: Conv1D (fan_in_fan_out), q/k/v siblings (never grouped), Conv2d (ViT's patch embedding, ResNet)
+    "gpt2-dora": (gpt2, dict(target_modules=["c_attn", "c_fc"], use_dora=True)),
+    "bert-dora": (bert, dict(target_modules=["query", "key", "value"], modules_to_save=["pooler"], use_dora=True)),
+    "vit-dora": (vit, dict(target_modules=["query", "value", "projection"], use_dora=True)),
+    "resnet18-dora": (cnn, dict(target_modules=["conv1", "conv2"], modules_to_save=["fc"], use_dora=True)),
 }
 
 
@@ -123,6 +128,8 @@ def _peft_name(name, saved=("pooler", "fc")):
     for part in ("lora_A", "lora_B"):
         if name.endswith(part):
             return f"base_model.model.{name}.default.weight"
+    if name.endswith(".lora_magnitude"):
+        return f"base_model.model.{name.removesuffix('.lora_magnitude')}.lora_magnitude_vector.default.weight"
     mod = next((m for m in saved if name.startswith(m + ".")), None)
     if mod is None:  # a bias trained by bias="lora_only"/"all"
         return f"base_model.model.{name.replace('.base.', '.base_layer.')}"
@@ -255,7 +262,7 @@ def test_all_linear_leaves_out_the_output_layer_and_modules_to_save():
         ftk.apply_lora(nn.Sequential(nn.Conv2d(3, 4, 3)), "all-linear")
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2", "resnet18"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "resnet18", "gpt2-dora", "resnet18-dora"])
 def test_save_adapter_loads_in_peft_and_back(kind, tmp_path):
     base, inputs, ours, peft, _ = _pair(kind)
     want = _out(ours, inputs)
@@ -280,7 +287,7 @@ def test_from_peft_identical_outputs_and_merge():
     torch.testing.assert_close(_out(fused, inputs), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2", "resnet18"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "resnet18", "gpt2-dora", "resnet18-dora"])
 def test_unload_lora_gives_the_plain_model(kind):
     """``unload_lora``: PEFT's merge_and_unload (same outputs, the same merged weights as PEFT's) and
     unload (the original weights back); either way the plain architecture's state dict keys, so the
