@@ -1,11 +1,12 @@
-"""DoRA (Liu et al. 2024, PEFT's ``use_dora=True``) for the LoRA Linear layers: the math.
+"""DoRA (Liu et al. 2024, PEFT's ``use_dora=True``) for the LoRA layers (Linear, HF Conv1D, Conv2d).
 
-DoRA splits the adapted weight into a direction and a trained per-output magnitude m ``[out]``:
+DoRA splits the adapted weight into a direction and a trained per-output magnitude m ``[out]`` (a
+conv's rows are its output channels, norms over ``in, kh, kw``):
 ``W' = m / ||W + s B A||_row * (W + s B A)``. As in PEFT (and the paper's section 4.3) the row norm
 is treated as a constant (no gradient flows through it), so with ``mns = m / ||W + s B A||_row``:
 
-- no dropout (or eval): ``y = mns * (x W^T + s D(x) A^T B^T) + b`` with D = identity: the fused LoRA
-  op (bias-free) followed by one per-column scale;
+- no dropout (or eval): ``y = mns * (x W^T + s x A^T B^T) + b``: the fused LoRA op (bias-free)
+  followed by one per-column scale;
 - dropout p in training, PEFT's form: ``y = x W^T + b + (mns - 1) * (D(x) W^T) + mns * s D(x) A^T B^T``
   (the magnitude acts on the dropped input's base term), a plain composition (one more GEMM, as PEFT).
 
