@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 import ftkernels as ftk
 from ftkernels.nn.dora import dora_linear, dora_weight_norm
-from ftkernels.nn.lora_linear import _lora_linear
+from ftkernels.nn.lora_linear import lora_op
 
 
 def peft_dora(base, targets, r=3, alpha=6, p=0.0, **kw):
@@ -51,12 +51,9 @@ def trainable(model, strip=True):
 def fixed_seed_forward(layer, x, seed):
     """The layer's DoRA forward with the dropout seed given (the module draws its own)."""
 
-    def fused(x, w, b, a, bb, s, p):
-        return _lora_linear(x, w, b, a, bb, s, p, None)
-
     w = layer.linear_weight()
     return dora_linear(
-        fused, x, w, layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling,
+        lora_op, x, w, layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling,
         layer.dropout, lambda: torch.tensor(seed),
     )  # fmt: skip
 
@@ -106,15 +103,12 @@ def test_gradcheck_with_dropout_and_bias(monkeypatch):
     x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
     bias = layer.base.bias.detach().clone().requires_grad_(True)
 
-    def fused(x, w, b, a, bb, s, p):
-        return _lora_linear(x, w, b, a, bb, s, p, None)
-
     wn = dora_weight_norm(layer.base.weight, layer.lora_A, layer.lora_B, layer.scaling)
     monkeypatch.setattr(dora_mod, "dora_weight_norm", lambda *args: wn)
     for p in (0.0, 0.25):
 
         def f(x, a, b, m, bias, p=p):
-            return dora_linear(fused, x, layer.base.weight, bias, a, b, m, layer.scaling, p, lambda: torch.tensor(7))
+            return dora_linear(lora_op, x, layer.base.weight, bias, a, b, m, layer.scaling, p, lambda: torch.tensor(7))
 
         assert torch.autograd.gradcheck(f, (x, layer.lora_A, layer.lora_B, layer.lora_magnitude, bias))
 

@@ -113,10 +113,21 @@ class LoRAMergeMixin:
         ``[1, out, 1, 1]`` for Conv2d, PEFT's shapes; :mod:`ftkernels.nn.dora`)."""
         return "lora_magnitude" in self._parameters
 
+    def _dora_operands(self) -> tuple[Tensor, Tensor, Tensor, float]:
+        """``(W, A, B, s)`` as DoRA's row norms take them: ``[out, in * kh * kw]``, ``[r, ...]``, ``[out, r]``."""
+        w = self._merge_target()
+        return w.flatten(1), self.lora_A.flatten(1), self.lora_B.flatten(1), self.scaling
+
     def dora_row_norm(self) -> Tensor:
         """``||W + s B A||`` per output row / channel ``[out]`` (fp32; no gradient)."""
-        w = self._merge_target()
-        return dora_weight_norm(w.flatten(1), self.lora_A.flatten(1), self.lora_B.flatten(1), self.scaling)
+        return dora_weight_norm(*self._dora_operands())
+
+    def _adopt_peft_dora(self, ad: SimpleNamespace) -> None:
+        """Take a PEFT adapter's DoRA magnitude (:func:`peft_adapter`), and for a merged one the row
+        norms PEFT kept for its unmerge."""
+        if ad.magnitude is not None:
+            self.lora_magnitude = ad.magnitude
+            self._dora_norm = ad.merged_norm
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -191,7 +202,8 @@ class LoRAMergeMixin:
 def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:
     """One adapter of a PEFT LoRA layer: ``name, base, r, alpha, scaling, dropout, rslora, lora_A,
     lora_B`` (copies, keeping requires_grad), ``merged``, and for DoRA ``magnitude`` (a copy; None
-    otherwise) and ``merged_norm`` (PEFT's cached row norms of a merged DoRA weight). Raises for an
+    otherwise) and ``merged_norm`` (PEFT's cached row norms ``[out]`` of a merged DoRA weight, else
+    None). Raises for an
     unknown adapter and LoRA bias (not supported by the fused layers)."""
     name = adapter_name or (layer.active_adapters[0] if layer.active_adapters else None)
     if name is None or name not in layer.lora_A:
@@ -203,6 +215,8 @@ def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:
     if getattr(layer, "lora_bias", {}).get(name, False):
         raise NotImplementedError("from_peft_layer: LoRA bias (lora_bias=True) is not supported")
     drop = layer.lora_dropout[name]
+    merged = bool(getattr(layer, "merged", False)) and name in getattr(layer, "merged_adapters", [name])
+    norm = getattr(layer, "_caches", {}).get(f"{name}-weight_norm")  # PEFT's [out] or [1, out, 1, 1]
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
     return SimpleNamespace(
         name=name,
@@ -214,7 +228,7 @@ def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:
         rslora=bool(getattr(layer, "use_rslora", {}).get(name, False)),
         lora_A=nn.Parameter(a.detach().clone(), requires_grad=a.requires_grad),
         lora_B=nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad),
-        merged=bool(getattr(layer, "merged", False)) and name in getattr(layer, "merged_adapters", [name]),
+        merged=merged,
         magnitude=magnitude,
-        merged_norm=getattr(layer, "_caches", {}).get(f"{name}-weight_norm"),
+        merged_norm=norm.reshape(-1) if merged and norm is not None else None,
     )

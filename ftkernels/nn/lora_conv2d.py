@@ -227,36 +227,33 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
             raise ValueError(f"LoRAConv2d: strategy='merged' needs an ungrouped base (groups={self.base.groups})")
         self.last_strategy = strategy
         stride, padding, dilation, _ = self.geom
-        if self.dora:
-            y = self._dora_forward(xc, w, b, a, bb, p, strategy)
-        elif strategy == "merged":
-            merged = merged_weight(w, _as(a, dtype), _as(bb, dtype), self.scaling)
-            y = F.conv2d(xc, merged, b, stride, padding, dilation)
+        if self.dora and p > 0:
+            y = self._dora_dropout_forward(xc, w, b, a, bb, p)
         else:
-            seed = call_seed(p, x.device)
-            y = _UnmergedConv.apply(xc, w, b, a, bb, self.scaling, p, seed, self.geom)
+            zb = None if self.dora else b  # DoRA scales the bias-free output, then adds b
+            if strategy == "merged":
+                merged = merged_weight(w, _as(a, dtype), _as(bb, dtype), self.scaling)
+                y = F.conv2d(xc, merged, zb, stride, padding, dilation)
+            else:
+                seed = call_seed(p, x.device)
+                y = _UnmergedConv.apply(xc, w, zb, a, bb, self.scaling, p, seed, self.geom)
+            if self.dora:
+                y = dora_apply_scale(y, self._dora_mns(), None if b is None else b.view(1, -1, 1, 1))
         return y.squeeze(0) if unbatched else y
 
-    def _dora_forward(self, xc, w, b, a, bb, p, strategy) -> Tensor:
-        """DoRA (:mod:`ftkernels.nn.dora`): the LoRA conv without bias (either strategy), then one
-        per-channel scale; with dropout in training, PEFT's form (one more conv)."""
+    def _dora_mns(self) -> Tensor:
+        """DoRA's ``m / ||W + s B A||`` per output channel, ``[1, out, 1, 1]`` (gradient to m only)."""
+        return dora_scale(self.lora_magnitude.reshape(-1), *self._dora_operands()).view(1, -1, 1, 1)
+
+    def _dora_dropout_forward(self, xc, w, b, a, bb, p) -> Tensor:
+        """DoRA with dropout in training: PEFT's form (:func:`ftkernels.nn.dora.dora_dropout_form`), one
+        more conv than LoRA."""
         stride, padding, dilation, _ = self.geom
-        wt = self.base.weight  # the stored weight's norms, as PEFT
-        mns = dora_scale(self.lora_magnitude.reshape(-1), wt.flatten(1), a.flatten(1), bb.flatten(1), self.scaling)
-        mns = mns.view(1, -1, 1, 1)
         dtype = xc.dtype
-        if p == 0:
-            if strategy == "merged":
-                z = F.conv2d(
-                    xc, merged_weight(w, _as(a, dtype), _as(bb, dtype), self.scaling), None, stride, padding, dilation
-                )
-            else:
-                z = _UnmergedConv.apply(xc, w, None, a, bb, self.scaling, 0.0, call_seed(0.0, xc.device), self.geom)
-            return dora_apply_scale(z, mns, None if b is None else b.view(1, -1, 1, 1))
         xd = lora_dropout(xc, p, call_seed(p, xc.device))
         lora = F.conv2d(F.conv2d(xd, _as(a, dtype), None, stride, padding, dilation), _as(bb, dtype))
         base_out, t = F.conv2d(xc, w, b, stride, padding, dilation), F.conv2d(xd, w, None, stride, padding, dilation)
-        return dora_dropout_form(base_out, t, lora, mns, self.scaling)
+        return dora_dropout_form(base_out, t, lora, self._dora_mns(), self.scaling)
 
     def _merge_target(self) -> Tensor:
         return self.base.weight
@@ -275,11 +272,9 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         new = cls(ad.base, r=ad.r, alpha=ad.alpha, strategy=strategy)
         new.dropout, new.scaling, new.rslora = ad.dropout, ad.scaling, ad.rslora
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
-        if ad.magnitude is not None:
-            if ad.base.groups != 1:
-                raise ValueError("LoRAConv2d.from_peft_layer: DoRA on a grouped conv is unsupported")
-            new.lora_magnitude = ad.magnitude
-            new._dora_norm = ad.merged_norm.reshape(-1) if ad.merged and ad.merged_norm is not None else None
+        if ad.magnitude is not None and ad.base.groups != 1:
+            raise ValueError("LoRAConv2d.from_peft_layer: DoRA on a grouped conv is unsupported")
+        new._adopt_peft_dora(ad)
         return new
 
     def extra_repr(self) -> str:

@@ -126,6 +126,11 @@ def _lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, p: float, seed
     return _ops.lora_linear_y(_as(x, dtype), _as(weight, dtype), _as(bias, dtype), lora_a, lora_b, scaling, p, seed)
 
 
+def lora_op(x, weight, bias, lora_a, lora_b, scaling: float, p: float) -> Tensor:
+    """The fused LoRA op with a fresh seed per call (the ``lora_fn`` :func:`ftkernels.nn.dora.dora_linear` takes)."""
+    return _lora_linear(x, weight, bias, lora_a, lora_b, scaling, p, None)
+
+
 class LoRALinear(LoRAMergeMixin, nn.Module):
     """Drop-in replacement for a frozen ``nn.Linear`` with a LoRA adapter, forward and backward fused.
 
@@ -207,12 +212,9 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         if self.dora:
             _compute_dtype(x, w, type(self).__name__)  # x and W must match outside autocast, as for LoRA
 
-            def fused(x, w, b, a, bb, s, p):
-                return _lora_linear(x, w, b, a, bb, s, p, None)
-
             m = self._parameters["lora_magnitude"]
             return dora_linear(
-                fused, x, w, base.bias, self.lora_A, self.lora_B, m, self.scaling, p, lambda: call_seed(p, x.device)
+                lora_op, x, w, base.bias, self.lora_A, self.lora_B, m, self.scaling, p, lambda: call_seed(p, x.device)
             )
         return _lora_linear(x, w, base.bias, self.lora_A, self.lora_B, self.scaling, p, None)
 
@@ -240,10 +242,7 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
             q.requires_grad_(False)
         new.r, new.alpha, new.dropout, new.scaling, new.rslora = ad.r, ad.alpha, ad.dropout, ad.scaling, ad.rslora
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
-        if ad.magnitude is not None:
-            new.lora_magnitude = ad.magnitude
-            if ad.merged:
-                new._dora_norm = ad.merged_norm
+        new._adopt_peft_dora(ad)
         return new
 
     def extra_repr(self) -> str:
