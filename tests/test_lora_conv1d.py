@@ -54,7 +54,7 @@ def test_matches_peft_fan_in_fan_out(dtype, p):
 
 def test_shapes_merge_and_gradcheck():
     ours, _ = make_pair(10, 6, 2, p=0.25)
-    assert (ours.in_features, ours.out_features) == (10, 6)
+    assert (ours.in_features, ours.out_features) == (10, 6) and (ours.nx, ours.nf) == (10, 6)  # Conv1D names too
     assert ours.lora_A.shape == (2, 10) and ours.lora_B.shape == (6, 2)
     x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
     seed = torch.tensor(8)

@@ -2,6 +2,8 @@
 padding, dilation, kernel sizes, memory formats, dropout (the fused stream), gradcheck, and a
 ResNet-18 that trains like PEFT's."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -224,6 +226,42 @@ def test_conv_subclasses_with_their_own_forward_are_refused():
     with pytest.raises(TypeError, match="StdConv2d overrides"):
         ftk.from_peft(peft)
     assert [type(m) for m in peft.modules()] == before
+
+
+def test_conv_attributes_read_by_models_around_the_layer():
+    """Models read the conv's geometry: HF MobileNet's TF "same" padding pads by ``stride`` and
+    ``kernel_size`` before every conv. The layer exposes the base conv's attributes; MobileNetV1 with
+    LoRA on every ungrouped conv equals the model with plain-PyTorch LoRA convs (float64, both
+    strategies). PEFT's layer lacks these attributes, so its LoRA cannot run this model."""
+    from transformers import MobileNetV1Config, MobileNetV1Model
+
+    base = nn.Conv2d(6, 8, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)
+    layer = ftk.nn.LoRAConv2d(base, r=4)
+    for name in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "in_channels"):
+        assert getattr(layer, name) == getattr(base, name), name
+
+    class RefLoRAConv(nn.Conv2d):  # the plain math, on a subclass so that the model's reads work
+        def forward(self, x):
+            geom = (self.stride, self.padding, self.dilation, self.groups)
+            return lora_conv2d_reference(x, self.weight, self.bias, self.a, self.b, self.s, geom)
+
+    torch.manual_seed(0)
+    model = MobileNetV1Model(MobileNetV1Config(depth_multiplier=0.25, image_size=32)).double().eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    assert len(names) > 5 and model.config.tf_padding
+    x = torch.randn(2, 3, 33, 31, dtype=torch.float64)  # odd sizes: uneven TF padding
+    for strategy in ("merged", "unmerged"):
+        ours = ftk.apply_lora(copy.deepcopy(model), names, r=4, alpha=8)
+        ref = copy.deepcopy(model)
+        for n in names:
+            layer, conv = ours.get_submodule(n), ref.get_submodule(n)
+            layer.strategy = strategy
+            nn.init.normal_(layer.lora_B, std=0.5)
+            conv.__class__ = RefLoRAConv
+            conv.a, conv.b, conv.s = layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling
+        y, y_ref = ours(x).last_hidden_state, ref(x).last_hidden_state
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9 * y_ref.abs().max().item())
+        assert (y_ref - model(x).last_hidden_state).abs().max() > 1e-3 * y_ref.abs().max()  # LoRA counts
 
 
 def test_bad_input_errors():

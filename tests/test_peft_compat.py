@@ -234,6 +234,79 @@ def test_all_linear_zoo_matches_peft(name):
         torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-4)
 
 
+def _conv_zoo(name):
+    """Tiny Hugging Face vision models with many kinds of Conv2d: depthwise and grouped (skipped where
+    r is no multiple of groups, as PEFT requires), strided 1x1 projections, convs inside attention
+    (CvT's dw_bn projections, MobileViT), pooling mixers and conv patch embeddings."""
+    import transformers as T
+
+    zoo = {
+        "efficientnet": lambda: T.EfficientNetModel(
+            T.EfficientNetConfig(width_coefficient=0.25, depth_coefficient=0.2, image_size=32, hidden_dim=320)
+        ),
+        "mobilevit": lambda: T.MobileViTModel(
+            T.MobileViTConfig(image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32])
+        ),
+        "cvt": lambda: T.CvtModel(
+            T.CvtConfig(embed_dim=[8, 16, 24], num_heads=[1, 2, 3], depth=[1, 2, 3], drop_path_rate=[0.0] * 3)
+        ),
+        "poolformer": lambda: T.PoolFormerModel(
+            T.PoolFormerConfig(
+                num_encoder_blocks=2,
+                depths=[1, 1],
+                hidden_sizes=[8, 16],
+                patch_sizes=[7, 3],
+                strides=[4, 2],
+                padding=[2, 1],
+            )
+        ),  # fmt: skip
+        "regnet": lambda: T.RegNetModel(
+            T.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=4)
+        ),
+    }
+    return zoo[name]()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name", ["efficientnet", "mobilevit", "cvt", "poolformer", "regnet"])
+def test_conv_zoo_matches_peft(name, channels_last):
+    """LoRA on every Conv2d PEFT accepts (r=4: groups 1, 2 or 4), float64 against PEFT: the same
+    layers, every hidden state and every adapter grad (eval mode)."""
+    torch.manual_seed(0)
+    base = _conv_zoo(name).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    if channels_last:
+        base, x = base.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    names = [n for n, m in base.named_modules() if type(m) is nn.Conv2d and 4 % m.groups == 0]
+    ours = ftk.apply_lora(copy.deepcopy(base), names, r=4, alpha=8)
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=names)).eval()
+    layers = ftk.peft_compat.lora_modules(ours)
+    theirs = {n.removeprefix("base_model.model."): m for n, m in peft.named_modules() if hasattr(m, "base_layer")}
+    assert set(layers) == set(theirs) == set(names)
+    with torch.no_grad():
+        for n, layer in layers.items():
+            theirs[n].lora_B["default"].weight.normal_(std=0.1)
+            layer.lora_A.copy_(theirs[n].lora_A["default"].weight)
+            layer.lora_B.copy_(theirs[n].lora_B["default"].weight)
+
+    def hidden(model):
+        out = model(pixel_values=x, output_hidden_states=True)
+        return torch.cat([h.flatten() for h in (*out.hidden_states, out.last_hidden_state)])
+
+    y, yp = hidden(ours), hidden(peft)
+    assert (yp - hidden(base)).abs().max() > 1e-3 * yp.abs().max()  # the adapters count
+    torch.testing.assert_close(y, yp, rtol=1e-10, atol=1e-12 * yp.abs().max().item())
+    g = torch.randn_like(y)
+    ga = torch.autograd.grad(y, [p for m in layers.values() for p in (m.lora_A, m.lora_B)], g, allow_unused=True)
+    w = [p for n in layers for p in (theirs[n].lora_A["default"].weight, theirs[n].lora_B["default"].weight)]
+    gp = torch.autograd.grad(yp, w, g, allow_unused=True)
+    assert sum(a is not None for a in ga) > len(layers)
+    for a, b in zip(ga, gp, strict=True):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * b.abs().max().item())
+
+
 def test_all_linear_leaves_out_the_output_layer_and_modules_to_save():
     """``"all-linear"`` picks what PEFT's shorthand picks on models with heads: not ``lm_head`` (the
     output embeddings), and not a head trained in full (PEFT leaves a SEQ_CLS classifier out)."""

@@ -29,3 +29,7 @@ class LoRAConv1D(LoRALinear):
     @staticmethod
     def _linear_weight_of(base) -> Tensor:
         return base.weight.t()
+
+    # Conv1D's own names for its sizes (output features, input features), for code that reads them
+    nf = property(lambda self: self.base.nf)
+    nx = property(lambda self: self.base.nx)

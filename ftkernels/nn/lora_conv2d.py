@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..ops.lora_dropout import lora_dropout, lora_dropout_nograd
 from ..ops.lora_linear import _as
+from ._conv_stride import conv_backward, unit_stride
 from ._lora_common import LoRAMergeMixin, check_plain_base, lora_scaling, peft_adapter
 from .dora import dora_apply_scale, dora_dropout_form, dora_scale
 from .lora_linear import _compute_dtype, call_seed
@@ -64,23 +65,21 @@ class _UnmergedConv(torch.autograd.Function):
         lora_a, lora_b = _as(lora_a0, x.dtype), _as(lora_b0, x.dtype)
         s, p, (stride, padding, dilation, groups) = ctx.scaling, ctx.dropout, ctx.geom
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        # One aten.convolution_backward per conv, each producing the grads it is asked for (what
-        # autograd would run), with s applied to the r-channel results instead of to g.
+        # One aten.convolution_backward per conv (conv_backward: two for a weight grad that oneDNN
+        # gets wrong), each producing the grads it is asked for (what autograd would run), with s
+        # applied to the r-channel results instead of to g.
         bwd = torch.ops.aten.convolution_backward.default
         one, zero = [1, 1], [0, 0]
         gu, grad_b, _ = bwd(g, u, lora_b, None, one, zero, one, False, zero, groups, [True, need_b, False])
         gu.mul_(s)
         grad_b = _as(grad_b.mul_(s), lora_b0.dtype) if need_b else None
         xd = lora_dropout_nograd(x, p, seed) if p > 0 and need_a else x
-        t, grad_a, _ = bwd(gu, xd, lora_a, None, stride, padding, dilation, False, zero, 1, [need_x, need_a, False])
+        t, grad_a, _ = conv_backward(gu, xd, lora_a, None, (stride, padding, dilation, 1), [need_x, need_a, False])
         del xd
         grad_x = grad_w = grad_bias = None
         if need_x or need_w or need_bias:
             bias_sizes = [weight.shape[0]] if need_bias else None
-            mask = [need_x, need_w, need_bias]
-            grad_x, grad_w, grad_bias = bwd(
-                g, x, weight, bias_sizes, stride, padding, dilation, False, zero, groups, mask
-            )
+            grad_x, grad_w, grad_bias = conv_backward(g, x, weight, bias_sizes, ctx.geom, [need_x, need_w, need_bias])
         if need_x:
             grad_x.add_(lora_dropout_nograd(t, p, seed) if p > 0 else t)
         grad_a = _as(grad_a, lora_a0.dtype) if need_a else None
@@ -198,6 +197,13 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
     bias = property(lambda self: self.base.bias)
     in_channels = property(lambda self: self.base.in_channels)
     out_channels = property(lambda self: self.base.out_channels)
+    # Read by models around the conv (HF MobileNet's TF "same" padding reads stride and kernel_size).
+    kernel_size = property(lambda self: self.base.kernel_size)
+    stride = property(lambda self: self.base.stride)
+    padding = property(lambda self: self.base.padding)
+    dilation = property(lambda self: self.base.dilation)
+    groups = property(lambda self: self.base.groups)
+    padding_mode = property(lambda self: self.base.padding_mode)
 
     def forward(self, x: Tensor) -> Tensor:
         """x ``[N, C_in, H, W]`` (or unbatched ``[C_in, H, W]``) -> ``base(x) + scaling * conv_B(conv_A(dropout(x)))``,
@@ -231,9 +237,10 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
             y = self._dora_dropout_forward(xc, w, b, a, bb, p)
         else:
             zb = None if self.dora else b  # DoRA scales the bias-free output, then adds b
-            if strategy == "merged":
+            if strategy == "merged":  # no dropout: a strided 1x1 conv may take the pixels it reads
                 merged = merged_weight(w, _as(a, dtype), _as(bb, dtype), self.scaling)
-                y = F.conv2d(xc, merged, zb, stride, padding, dilation)
+                xm, (st, pad, dil, _) = unit_stride(xc, merged, self.geom)
+                y = F.conv2d(xm, merged, zb, st, pad, dil)
             else:
                 seed = call_seed(p, x.device)
                 y = _UnmergedConv.apply(xc, w, zb, a, bb, self.scaling, p, seed, self.geom)
@@ -248,9 +255,9 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
     def _dora_dropout_forward(self, xc, w, b, a, bb, p) -> Tensor:
         """DoRA with dropout in training: PEFT's form (:func:`ftkernels.nn.dora.dora_dropout_form`), one
         more conv than LoRA."""
-        stride, padding, dilation, _ = self.geom
         dtype = xc.dtype
-        xd = lora_dropout(xc, p, call_seed(p, xc.device))
+        xd = lora_dropout(xc, p, call_seed(p, xc.device))  # the stream over all of x, then maybe the strided view
+        (xd, (stride, padding, dilation, _)), xc = unit_stride(xd, a, self.geom), unit_stride(xc, a, self.geom)[0]
         lora = F.conv2d(F.conv2d(xd, _as(a, dtype), None, stride, padding, dilation), _as(bb, dtype))
         base_out, t = F.conv2d(xc, w, b, stride, padding, dilation), F.conv2d(xd, w, None, stride, padding, dilation)
         return dora_dropout_form(base_out, t, lora, self._dora_mns(), self.scaling)

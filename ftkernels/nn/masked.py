@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .._route import Route
 from ..masks import set_grad_mask
 from ..ops._autograd import unviewed
+from ._conv_stride import conv_backward
 from ._lora_common import check_plain_base
 
 
@@ -244,13 +245,11 @@ class _MaskedConvFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         plan, (stride, padding, dilation, groups) = ctx.plan, ctx.geom
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        bwd = torch.ops.aten.convolution_backward.default
-        zero = [0] * len(stride)
         grad_x = grad_w = grad_b = None
         rows_only = plan["kind"] == "rows" and groups == 1
         if need_x or (need_w and not rows_only):
             mask = [need_x, need_w and not rows_only, False]
-            grad_x, grad_w, _ = bwd(g, x, weight, None, stride, padding, dilation, False, zero, groups, mask)
+            grad_x, grad_w, _ = conv_backward(g, x, weight, None, ctx.geom, mask)
             if grad_w is not None:
                 grad_w = grad_w.mul_(plan["mask"])
         kept = None  # g's kept channels, when the weight gradient gathered them
@@ -260,7 +259,7 @@ class _MaskedConvFn(torch.autograd.Function):
             kept = g.index_select(1, gather)
             if rows.numel():
                 sel = weight.index_select(0, gather)
-                _, gw, _ = bwd(kept, x, sel, None, stride, padding, dilation, False, zero, 1, [False, True, False])
+                _, gw, _ = conv_backward(kept, x, sel, None, (stride, padding, dilation, 1), [False, True, False])
                 grad_w.index_copy_(0, rows, gw[: rows.numel()])
         if need_b and kept is not None:  # the kept channels' sums only: a read of the gathered part of g
             grad_b = _bias_from_kept(kept.sum((0, 2, 3)), plan, g.shape[1])
