@@ -2,7 +2,9 @@
 
 Adapter files use PEFT's format and key names (``adapter_config.json`` and
 ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` /
-``lora_B.weight``, and ``base_model.model.<module>.<param>`` for ``modules_to_save``), so
+``lora_B.weight`` (``lora_embedding_A`` / ``lora_embedding_B`` and the table's
+``base_layer.weight`` for an embedding), and ``base_model.model.<module>.<param>`` for
+``modules_to_save``), so
 ``PeftModel.from_pretrained`` reads what :func:`save_adapter` writes and :func:`load_adapter`
 reads what PEFT's ``save_pretrained`` writes.
 """
@@ -17,12 +19,20 @@ import warnings
 import torch
 from torch import nn
 
-from .nn import LoRAConv1D, LoRAConv2d, LoRALinear
+from .nn import LoRAConv1D, LoRAConv2d, LoRAEmbedding, LoRALinear
 from .nn._lora_common import scaling_of
 from .nn.lora_conv1d import is_hf_conv1d
 from .nn.lora_group import group_shared_inputs, ungroup
 
-LORA_TYPES = (LoRALinear, LoRAConv2d)  # LoRAConv1D is a LoRALinear
+LORA_TYPES = (LoRALinear, LoRAConv2d, LoRAEmbedding)  # LoRAConv1D is a LoRALinear
+_TENSOR_KEYS = ("lora_A.weight", "lora_B.weight")  # PEFT's names of A and B in adapter files
+_EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
+
+
+def _keys(layer: nn.Module) -> tuple[str, str]:
+    return _EMBEDDING_KEYS if isinstance(layer, LoRAEmbedding) else _TENSOR_KEYS
+
+
 _PREFIX = "base_model.model."
 _CONFIG_ATTR = "_ftk_lora_config"
 
@@ -94,7 +104,13 @@ def _wrap(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool,
         return LoRAConv2d(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if is_hf_conv1d(module):
         return LoRAConv1D(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
-    raise TypeError(f"apply_lora: {type(module).__name__} is not a supported target (nn.Linear, nn.Conv2d, HF Conv1D)")
+    if isinstance(module, nn.Embedding):
+        if dora:
+            raise NotImplementedError("apply_lora: DoRA on an nn.Embedding is not supported (target it without DoRA)")
+        return LoRAEmbedding(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+    raise TypeError(
+        f"apply_lora: {type(module).__name__} is not a supported target (nn.Linear, nn.Conv2d, nn.Embedding, HF Conv1D)"
+    )
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -117,7 +133,8 @@ def apply_lora(
     a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
     layer, ``modules_to_save`` and nn.MultiheadAttention's ``out_proj``, which its parent never calls)
     for its fused LoRA layer, in place: ``nn.Linear`` ->
-    :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d`, HF ``Conv1D`` -> :class:`LoRAConv1D`.
+    :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d`, HF ``Conv1D`` -> :class:`LoRAConv1D`,
+    ``nn.Embedding`` -> :class:`LoRAEmbedding`.
     Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
     classifier head); called again on the same model, it adds layers and keeps training what the
     earlier call trains. ``bias`` is PEFT's: ``"none"``, ``"lora_only"`` (the LoRA layers' base biases
@@ -193,8 +210,9 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     ``modules_to_save`` wrapper by its trained copy; outputs are identical, and so is what trains
     (a base bias PEFT trains under ``bias="lora_only"``/``"all"`` stays trainable). Only one adapter
     is converted (``adapter_name`` or the active one); others are dropped with a warning. LoRA on other
-    layer types (PEFT's Embedding, Conv1d/3d, MultiheadAttention) raises before anything changes."""
+    layer types (PEFT's Conv1d/3d, MultiheadAttention) raises before anything changes."""
     from peft.tuners.lora import Conv2d as PeftConv2d
+    from peft.tuners.lora import Embedding as PeftEmbedding
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
@@ -209,12 +227,14 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             base = mod.get_base_layer()
             if isinstance(mod, PeftConv2d) and isinstance(base, nn.Conv2d):
                 todo.append((name, mod, LoRAConv2d))
+            elif isinstance(mod, PeftEmbedding) and isinstance(base, nn.Embedding):
+                todo.append((name, mod, LoRAEmbedding))
             elif isinstance(base, nn.Linear) or is_hf_conv1d(base):
                 todo.append((name, mod, LoRALinear))
             else:  # checked before anything is replaced: a failure leaves the model as it was
                 raise NotImplementedError(
                     f"from_peft: {name} is PEFT's {type(mod).__name__} over {type(base).__name__}; fused LoRA"
-                    " layers exist for nn.Linear, Hugging Face Conv1D and nn.Conv2d only"
+                    " layers exist for nn.Linear, Hugging Face Conv1D, nn.Conv2d and nn.Embedding only"
                 )
         elif isinstance(mod, ModulesToSaveWrapper):
             todo.append((name, mod, None))
@@ -230,7 +250,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             if cls is None:
                 built.append((name, mod.modules_to_save[active]))
                 continue
-            dropped |= set(mod.lora_A.keys()) - {active}
+            dropped |= (set(mod.lora_A.keys()) | set(getattr(mod, "lora_embedding_A", {}).keys())) - {active}
             built.append((name, cls.from_peft_layer(mod, active)))
     finally:
         for q, flag in flags:
@@ -329,10 +349,13 @@ def save_adapter(model: nn.Module, path: str) -> None:
     for name, layer in layers.items():
         if layer.merged:
             raise ValueError(f"save_adapter: {name} is merged; unmerge_lora(model) first")
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+        key_a, key_b = _keys(layer)
+        tensors[f"{_PREFIX}{name}.{key_a}"] = layer.lora_A.detach().contiguous().cpu()
+        tensors[f"{_PREFIX}{name}.{key_b}"] = layer.lora_B.detach().contiguous().cpu()
         if getattr(layer, "dora", False):
             tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude.detach().contiguous().cpu()
+        if isinstance(layer, LoRAEmbedding):  # the table the adapter indexes (PEFT saves it too: added tokens)
+            tensors[f"{_PREFIX}{name}.base_layer.weight"] = layer.base.weight.detach().contiguous().cpu()
     dora = {getattr(m, "dora", False) for m in layers.values()}
     if len(dora) > 1:  # PEFT's use_dora is one flag for the whole adapter
         raise ValueError("save_adapter: some LoRA layers are DoRA and some not; PEFT's format holds one kind")
@@ -388,12 +411,12 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     if fresh:
         # The layers the file holds adapters for: exactly what PEFT's config selected (target_modules
         # with layers_to_transform, exclude_modules, ...), without re-deriving its rules.
-        suffix = ".lora_A.weight"
+        ends = ("." + _TENSOR_KEYS[0], "." + _EMBEDDING_KEYS[0])
         targets = sorted(
-            k[len(_PREFIX) : -len(suffix)] for k in tensors if k.startswith(_PREFIX) and k.endswith(suffix)
+            k[len(_PREFIX) :].rpartition(".lora_")[0] for k in tensors if k.startswith(_PREFIX) and k.endswith(ends)
         )
         if not targets:
-            raise ValueError(f"load_adapter: the adapter in {path} holds no LoRA tensor ({_PREFIX}<module>{suffix})")
+            raise ValueError(f"load_adapter: the adapter in {path} holds no LoRA tensor ({_PREFIX}<module>{ends[0]})")
         apply_lora(
             model,
             targets,
@@ -418,10 +441,13 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     }
     params = {}
     for name, layer in layers.items():
-        params[f"{_PREFIX}{name}.lora_A.weight"] = (layer, "lora_A")
-        params[f"{_PREFIX}{name}.lora_B.weight"] = (layer, "lora_B")
+        key_a, key_b = _keys(layer)
+        params[f"{_PREFIX}{name}.{key_a}"] = (layer, "lora_A")
+        params[f"{_PREFIX}{name}.{key_b}"] = (layer, "lora_B")
         if getattr(layer, "dora", False):
             params[f"{_PREFIX}{name}.lora_magnitude_vector"] = (layer, "lora_magnitude")
+        if isinstance(layer, LoRAEmbedding):  # optional: PEFT saves an adapted embedding's table with it
+            params[f"{_PREFIX}{name}.base_layer.weight"] = (layer.base.weight, None)
     bias = cfg.get("bias") or "none"
     biases = _bias_params(model, bias) if bias in BIAS_MODES else {}
     for n, p in model.named_parameters():

@@ -547,11 +547,11 @@ def test_load_adapter_takes_the_layers_the_file_holds(tmp_path):
 
 
 def test_from_peft_refuses_unsupported_layers_before_changing_anything():
-    """PEFT's LoRA on an Embedding has no fused layer: a clear error, and the PEFT model untouched."""
-    base, inputs = bert()
-    peft = get_peft_model(base, LoraConfig(r=4, target_modules=["word_embeddings", "query"]))
+    """PEFT's LoRA on an nn.Conv1d has no fused layer: a clear error, and the PEFT model untouched."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (4, 1)), nn.Conv1d(4, 4, 1))
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["0", "2"]))
     before = [type(m) for m in peft.modules()]
-    with pytest.raises(NotImplementedError, match=r"word_embeddings is PEFT's Embedding over Embedding"):
+    with pytest.raises(NotImplementedError, match=r"2 is PEFT's Conv1d over Conv1d"):
         ftk.from_peft(peft)
     assert [type(m) for m in peft.modules()] == before
 

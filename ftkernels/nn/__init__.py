@@ -2,8 +2,18 @@
 
 from .lora_conv1d import LoRAConv1D
 from .lora_conv2d import LoRAConv2d
+from .lora_embedding import LoRAEmbedding
 from .lora_linear import LoRALinear, lora_linear
 from .loreft import LoReFT
 from .masked import MaskedConv2d, MaskedLinear
 
-__all__ = ["LoRAConv1D", "LoRAConv2d", "LoRALinear", "LoReFT", "MaskedConv2d", "MaskedLinear", "lora_linear"]
+__all__ = [
+    "LoRAConv1D",
+    "LoRAConv2d",
+    "LoRAEmbedding",
+    "LoRALinear",
+    "LoReFT",
+    "MaskedConv2d",
+    "MaskedLinear",
+    "lora_linear",
+]

@@ -206,8 +206,10 @@ def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:
     None). Raises for an
     unknown adapter and LoRA bias (not supported by the fused layers)."""
     name = adapter_name or (layer.active_adapters[0] if layer.active_adapters else None)
-    if name is None or name not in layer.lora_A:
-        raise ValueError(f"from_peft_layer: adapter {name!r} not in {list(layer.lora_A.keys())}")
+    emb = len(getattr(layer, "lora_embedding_A", {})) > 0  # PEFT's Embedding keeps bare Parameters there
+    pool = layer.lora_embedding_A if emb else layer.lora_A
+    if name is None or name not in pool:
+        raise ValueError(f"from_peft_layer: adapter {name!r} not in {list(pool.keys())}")
     magnitude = None
     if getattr(layer, "use_dora", {}).get(name, False):
         m = layer.lora_magnitude_vector[name].weight
@@ -217,7 +219,10 @@ def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:
     drop = layer.lora_dropout[name]
     merged = bool(getattr(layer, "merged", False)) and name in getattr(layer, "merged_adapters", [name])
     norm = getattr(layer, "_caches", {}).get(f"{name}-weight_norm")  # PEFT's [out] or [1, out, 1, 1]
-    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if emb:
+        a, b = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    else:
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
     return SimpleNamespace(
         name=name,
         base=layer.get_base_layer(),

@@ -1,0 +1,98 @@
+"""``LoRAEmbedding``: a frozen ``nn.Embedding`` plus a LoRA adapter (PEFT's ``lora.Embedding``).
+
+Embeddings are a gather, not a GEMM, so there is no fused kernel here: the layer exists so that
+``apply_lora`` / ``from_peft`` / ``save_adapter`` / ``load_adapter`` / merging take a model whose
+adapter covers ``embed_tokens`` (continued pre-training, new tokens) along with its Linear layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._lora_common import LoRAMergeMixin, lora_scaling, peft_adapter
+
+
+class LoRAEmbedding(LoRAMergeMixin, nn.Module):
+    """LoRA on a frozen embedding table ``W`` ``[num_embeddings, dim]``, PEFT's math and layout.
+
+    ``y = base(x) + scaling * embed_scale * (A^T[x] @ B^T)``: ``lora_A`` ``[r, num_embeddings]`` (its
+    columns are looked up by the indices x, with the base's ``padding_idx``, ``max_norm``, ...),
+    ``lora_B`` ``[dim, r]``; x integer indices of any shape -> y ``[*x.shape, dim]``. PEFT's init
+    (``lora_A`` zero, ``lora_B`` standard normal: the reverse of Linear's). ``embed_scale`` is the
+    base's attribute of that name when it has one (Gemma's scaled embeddings multiply their output
+    by it; PEFT scales the adapter by it too), else 1. The base layer's own forward gives its part,
+    so such subclasses work. As in PEFT, LoRA dropout is not applied to embeddings (``dropout`` is
+    kept for the adapter config only). ``merge`` folds ``scaling (B A)^T`` into ``W``. DoRA is not
+    supported here.
+    """
+
+    def __init__(self, base: nn.Embedding, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if not isinstance(base, nn.Embedding):
+            raise TypeError(f"LoRAEmbedding wraps an nn.Embedding, got {type(base).__name__}")
+        if not base.weight.dtype.is_floating_point:
+            raise TypeError(f"LoRAEmbedding: the table is {base.weight.dtype}; a floating-point one is needed")
+        self.scaling = lora_scaling("LoRAEmbedding", r, alpha, dropout, rslora)
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.r, self.alpha, self.dropout, self.rslora = int(r), alpha, float(dropout), rslora
+        w = base.weight
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self.lora_A = nn.Parameter(torch.empty(self.r, base.num_embeddings, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(base.embedding_dim, self.r, device=w.device, dtype=dtype))
+        self.merged = False
+        self.reset_parameters()
+
+    weight = property(lambda self: self.base.weight)
+    num_embeddings = property(lambda self: self.base.num_embeddings)
+    embedding_dim = property(lambda self: self.base.embedding_dim)
+    padding_idx = property(lambda self: self.base.padding_idx)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PEFT's embedding init, in place: ``lora_A`` zero, ``lora_B`` standard normal (the layer
+        starts as its base). Raises when merged."""
+        if self.merged:
+            raise RuntimeError("LoRAEmbedding.reset_parameters: the adapter is merged; unmerge() first")
+        nn.init.zeros_(self.lora_A)
+        nn.init.normal_(self.lora_B)
+
+    def _merge_target(self) -> Tensor:
+        return self.base.weight.t()  # [dim, num]: where B A goes (a view; writes reach the table)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x integer indices ``[...]`` -> ``[..., dim]`` (the base alone when merged)."""
+        if self.merged:
+            return self.base(x)
+        if not isinstance(x, Tensor) or x.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"LoRAEmbedding: x must be an int64/int32 index tensor, got {getattr(x, 'dtype', type(x))}")
+        y = self.base(x)
+        b = self.base
+        after_a = F.embedding(
+            x, self.lora_A.t(), b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse
+        )  # [..., r]
+        lora = (after_a @ self.lora_B.t()) * self.scaling
+        scale = getattr(b, "embed_scale", None)
+        if scale is not None:
+            lora = lora * torch.as_tensor(scale, device=lora.device).to(lora.dtype)
+        return (y + lora).to(y.dtype)
+
+    @classmethod
+    def from_peft_layer(cls, layer, adapter_name: str | None = None) -> LoRAEmbedding:
+        """A ``LoRAEmbedding`` over a PEFT ``lora.Embedding``'s base layer (shared) with copies of its
+        ``lora_embedding_A`` / ``lora_embedding_B``, r, alpha, scaling and dropout p. DoRA and LoRA
+        bias raise."""
+        ad = peft_adapter(layer, adapter_name)
+        if not isinstance(ad.base, nn.Embedding):
+            raise TypeError(f"from_peft_layer: the base layer is {type(ad.base).__name__}, not nn.Embedding")
+        if ad.magnitude is not None:
+            raise NotImplementedError("LoRAEmbedding.from_peft_layer: DoRA on an embedding is not supported")
+        new = cls(ad.base, r=ad.r, alpha=ad.alpha, dropout=ad.dropout, rslora=ad.rslora)
+        new.scaling, new.lora_A, new.lora_B, new.merged = ad.scaling, ad.lora_A, ad.lora_B, ad.merged
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, alpha={self.alpha}, merged={self.merged}"

@@ -1,0 +1,156 @@
+"""LoRAEmbedding against PEFT's lora.Embedding: outputs and adapter grads on Llama (embed_tokens with
+the attention projections), Gemma 3's scaled embedding and BERT (a padding_idx); adapter files both
+ways, from_peft, merge / unload, bf16 tables with fp32 adapters, bad input."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+import ftkernels as ftk
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99, max_position_embeddings=32,
+    )  # fmt: skip
+    return LlamaModel(cfg), ["embed_tokens", "q_proj", "v_proj"]
+
+
+def gemma3():  # Gemma3TextScaledWordEmbedding: the base multiplies by embed_scale, PEFT scales the adapter too
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    cfg = Gemma3TextConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=99, max_position_embeddings=32, sliding_window=8,
+    )  # fmt: skip
+    return Gemma3TextModel(cfg), ["embed_tokens", "o_proj"]
+
+
+def bert():  # word_embeddings has padding_idx 0: its adapter row gets no gradient
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=99)
+    return BertModel(cfg, add_pooling_layer=False), ["word_embeddings", "query"]
+
+
+MODELS = {"llama": llama, "gemma3": gemma3, "bert": bert}
+
+
+def _pair(kind, dtype=torch.float64):
+    torch.manual_seed(0)
+    base, targets = MODELS[kind]()
+    base = base.to(dtype).eval()
+    ours = ftk.apply_lora(copy.deepcopy(base), targets, r=4, alpha=8)
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets)).eval()
+    layers = ftk.peft_compat.lora_modules(ours)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            pl = peft.base_model.model.get_submodule(name)
+            a, b = (pl.lora_embedding_A, pl.lora_embedding_B) if name.endswith("embeddings") or "embed" in name else (
+                {k: v.weight for k, v in pl.lora_A.items()}, {k: v.weight for k, v in pl.lora_B.items()})  # fmt: skip
+            a["default"].normal_()  # PEFT starts the embedding's A at zero, Linear's B: make both count
+            b["default"].normal_(std=0.5)
+            layer.lora_A.copy_(a["default"])
+            layer.lora_B.copy_(b["default"])
+    ids = torch.randint(1, 99, (3, 11))
+    ids[0, :3] = 0  # BERT's padding index (a plain token elsewhere)
+    return base, ours, peft, layers, ids
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_matches_peft_outputs_and_grads(kind):
+    base, ours, peft, layers, ids = _pair(kind)
+    emb = [m for m in layers.values() if isinstance(m, ftk.nn.LoRAEmbedding)]
+    assert len(emb) == 1
+    y, yp = ours(input_ids=ids).last_hidden_state, peft(input_ids=ids).last_hidden_state
+    assert (yp - base(input_ids=ids).last_hidden_state).abs().max() > 1e-3 * yp.abs().max()
+    torch.testing.assert_close(y, yp, rtol=1e-10, atol=1e-12 * yp.abs().max().item())
+    g = torch.randn_like(y)
+    ours_p = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    peft_p = {n: p for n, p in peft.named_parameters() if p.requires_grad}
+    assert len(ours_p) == len(peft_p)
+    grads = dict(zip(ours_p, torch.autograd.grad(y, list(ours_p.values()), g), strict=True))
+    ref = dict(zip(peft_p, torch.autograd.grad(yp, list(peft_p.values()), g), strict=True))
+    for name, gr in grads.items():
+        mod, _, attr = name.rpartition(".")  # PEFT: lora_A.default.weight, or lora_embedding_A.default
+        if isinstance(ours.get_submodule(mod), ftk.nn.LoRAEmbedding):
+            key = f"base_model.model.{mod}.lora_embedding_{attr[-1]}.default"
+        else:
+            key = f"base_model.model.{mod}.{attr}.default.weight"
+        torch.testing.assert_close(gr, ref[key], rtol=1e-9, atol=1e-10 * ref[key].abs().max().item())
+    if kind == "bert":  # padding_idx's column of A gets no gradient, as in the base table
+        assert grads["embeddings.word_embeddings.lora_A"][:, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_adapter_files_both_ways_and_from_peft(kind, tmp_path):
+    base, ours, peft, layers, ids = _pair(kind)
+    want = peft(input_ids=ids).last_hidden_state
+    ftk.save_adapter(ours, str(tmp_path / "ours"))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, want, rtol=1e-10, atol=1e-12)
+    peft.save_pretrained(str(tmp_path / "peft"))
+    back = ftk.load_adapter(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    assert isinstance(back.embed_tokens, ftk.nn.LoRAEmbedding)
+    torch.testing.assert_close(back(input_ids=ids).last_hidden_state, want, rtol=1e-10, atol=1e-12)
+    fused = ftk.from_peft(copy.deepcopy(peft))
+    assert isinstance(fused.embed_tokens, ftk.nn.LoRAEmbedding)
+    torch.testing.assert_close(fused(input_ids=ids).last_hidden_state, want, rtol=1e-10, atol=1e-12)
+
+
+def test_merge_unload_and_reset():
+    base, ours, peft, layers, ids = _pair("gemma3")
+    want = ours(input_ids=ids).last_hidden_state
+    layer = ours.embed_tokens
+    table = layer.base.weight.clone()
+    layer.merge()
+    torch.testing.assert_close(layer.base.weight - table, layer.scaling * (layer.lora_B @ layer.lora_A).t().detach())
+    torch.testing.assert_close(ours(input_ids=ids).last_hidden_state, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="merged"):
+        layer.reset_parameters()
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, table, rtol=1e-12, atol=1e-12)
+    plain = ftk.unload_lora(copy.deepcopy(ours), merge=True)
+    assert type(plain.embed_tokens).__name__ == "Gemma3TextScaledWordEmbedding"
+    torch.testing.assert_close(plain(input_ids=ids).last_hidden_state, want, rtol=1e-10, atol=1e-12)
+    layer.reset_parameters()  # PEFT's init: A zero, so the layer is its base again
+    assert layer.lora_A.abs().max() == 0 and layer.lora_B.abs().max() > 0
+
+
+def test_bf16_table_fp32_adapters_as_peft_and_training_step():
+    base, ours, peft, layers, ids = _pair("llama", torch.bfloat16)
+    layer = ours.embed_tokens
+    assert layer.lora_A.dtype == torch.float32 and layer.base.weight.dtype == torch.bfloat16
+    y = ours.embed_tokens(ids)
+    yp = peft.base_model.model.embed_tokens(ids)
+    assert y.dtype == yp.dtype == torch.bfloat16
+    torch.testing.assert_close(y, yp, rtol=0, atol=0)  # the same fp32 sum, rounded once
+    opt = ftk.optim.FusedAdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    a0 = layer.lora_A.detach().clone()
+    ours.train()
+    ours(input_ids=ids).last_hidden_state.float().pow(2).mean().backward()
+    opt.step()
+    moved = (layer.lora_A - a0).abs().amax(0) > 0
+    assert moved[ids.unique()].all() and not moved[[i for i in range(99) if i not in set(ids.flatten().tolist())]].any()
+
+
+def test_bad_input_and_refusals():
+    emb = nn.Embedding(10, 4)
+    layer = ftk.nn.LoRAEmbedding(emb, r=2)
+    with pytest.raises(TypeError, match="index tensor"):
+        layer(torch.randn(3))
+    with pytest.raises(TypeError, match="wraps an nn.Embedding"):
+        ftk.nn.LoRAEmbedding(nn.Linear(3, 4))
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        ftk.nn.LoRAEmbedding(emb, r=0)
+    with pytest.raises(NotImplementedError, match="DoRA on an nn.Embedding"):
+        ftk.apply_lora(nn.Sequential(nn.Embedding(10, 4)), ["0"], use_dora=True)
+    x = torch.randint(0, 10, (2, 5))
+    torch.testing.assert_close(layer(x), emb(x))  # B A = 0 at init (A zero)
+    assert layer(x.int()).shape == (2, 5, 4)
