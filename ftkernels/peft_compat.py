@@ -88,6 +88,22 @@ def _all_linear(model: nn.Module, modules_to_save) -> list[str]:
     ]
 
 
+def _peft_expert_params(model: nn.Module, target_modules) -> list[str]:
+    """The fused parameters (stacked MoE experts, routers) that PEFT's transformers-v5 conversion adds
+    to these targets as ``target_parameters``; [] when there are none or PEFT cannot tell."""
+    if getattr(model, "config", None) is None:
+        return []
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import _convert_peft_config_moe
+
+        cfg = LoraConfig(target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
+        _convert_peft_config_moe(cfg, model)
+    except Exception:  # another PEFT / transformers version, or a config it cannot read: no claim
+        return []
+    return sorted(cfg.target_parameters or [])
+
+
 def _read_by_parent(model: nn.Module, name: str) -> bool:
     """True for a Linear whose parent reads its weight instead of calling it: nn.MultiheadAttention's
     ``out_proj`` (``F.multi_head_attention_forward`` takes ``out_proj.weight``), so LoRA there would
@@ -165,8 +181,20 @@ def apply_lora(
             " directly instead of calling it: a LoRA layer there would never run (target its other layers)"
         )
     names = [n for n in names if n not in inert]
+    fused = _peft_expert_params(model, target_modules)
     if not names:
-        raise ValueError(f"apply_lora: no module of {type(model).__name__} matches target_modules={target_modules!r}")
+        raise ValueError(
+            f"apply_lora: no module of {type(model).__name__} matches target_modules={target_modules!r}"
+            + (f" (PEFT would adapt the fused MoE parameters {fused}, which have no LoRA layer here)" if fused else "")
+        )
+    if fused:
+        warnings.warn(
+            f"apply_lora: on this mixture-of-experts model PEFT also adapts the fused expert / router parameters"
+            f" {fused} (its target_parameters: transformers v5 stacks the experts' Linear layers into 3-D"
+            " parameters); ftkernels has no LoRA layer for them, so they stay frozen here and the adapter covers"
+            f" less than PEFT's: {len(names)} layers",
+            stacklevel=2,
+        )
     saved = []
     if modules_to_save:
         saved = [n for n, _ in model.named_modules() if n and _matches(n, modules_to_save)]
