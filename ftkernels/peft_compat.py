@@ -306,19 +306,35 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     return model
 
 
-def _check_mergeable(layers: dict, what: str) -> None:
+def _check_mergeable(model: nn.Module, layers: dict, what: str) -> None:
     bad = [name for name, layer in layers.items() if not layer.can_merge and not layer.merged]
     if bad:
         raise NotImplementedError(
             f"{what}: {', '.join(bad)} wrap grouped convs, which cannot hold the dense delta B A (PEFT"
             " does not merge them either); nothing was changed"
         )
+    # An embedding table tied to another layer (tie_word_embeddings: the LM head reads the same tensor):
+    # the adapter changes the lookups only, so folding it into the shared table would change that layer
+    # too. PEFT merges anyway and the merged model's logits differ; here it raises.
+    uses: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        uses.setdefault(id(p), []).append(n)
+    for name, layer in layers.items():
+        if isinstance(layer, LoRAEmbedding) and not layer.merged:
+            others = [n for n in uses.get(id(layer.base.weight), []) if n != f"{name}.base.weight"]
+            if others:
+                raise NotImplementedError(
+                    f"{what}: the embedding table of {name} is tied to {others[0]} (tie_word_embeddings); merging"
+                    " its adapter into the shared table would change that layer too, and the outputs with it."
+                    " Keep the adapter unmerged (unload_lora(merge=False) drops it); nothing was changed"
+                )
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every fused LoRA layer's ``scaling * B A`` into its base weight (fp32 accumulation).
-    Raises, changing nothing, when a layer cannot be merged (a LoRA on a grouped conv)."""
-    _check_mergeable(lora_modules(model), "merge_lora")
+    Raises, changing nothing, when a layer cannot be merged (a LoRA on a grouped conv, or on an
+    embedding table tied to another layer)."""
+    _check_mergeable(model, lora_modules(model), "merge_lora")
     for layer in lora_modules(model).values():
         if not layer.merged:
             layer.merge()
@@ -345,7 +361,7 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     if not layers:
         raise ValueError("unload_lora: the model has no fused LoRA layer")
     if merge:
-        _check_mergeable(layers, "unload_lora(merge=True)")
+        _check_mergeable(model, layers, "unload_lora(merge=True)")
     ungroup(model)
     for name, layer in layers.items():  # LoRA layers never nest: each is replaced once
         if merge and not layer.merged:

@@ -154,3 +154,36 @@ def test_bad_input_and_refusals():
     x = torch.randint(0, 10, (2, 5))
     torch.testing.assert_close(layer(x), emb(x))  # B A = 0 at init (A zero)
     assert layer(x.int()).shape == (2, 5, 4)
+
+
+def test_tied_table_adapts_lookups_only_and_refuses_to_merge():
+    """GPT-2's LM head reads the embedding table (tie_word_embeddings). Unmerged, the adapter changes
+    the lookups only, as PEFT's does (same logits). Merging would fold it into the LM head too (PEFT
+    merges and its logits change by O(100) here): merge_lora / unload_lora(merge=True) refuse and
+    change nothing; unload_lora(merge=False) gives the base model back."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=99)).double().eval()
+    assert base.lm_head.weight is base.transformer.wte.weight
+    ours = ftk.apply_lora(copy.deepcopy(base), ["wte", "c_attn"], r=4, alpha=8)
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["wte", "c_attn"]))
+    with torch.no_grad():
+        for name, layer in ftk.peft_compat.lora_modules(ours).items():
+            pl = peft.eval().base_model.model.get_submodule(name)
+            if isinstance(layer, ftk.nn.LoRAEmbedding):
+                pl.lora_embedding_A["default"].normal_()
+                layer.lora_A.copy_(pl.lora_embedding_A["default"])
+                layer.lora_B.copy_(pl.lora_embedding_B["default"])
+    ids = torch.randint(0, 99, (2, 7))
+    y = ours(input_ids=ids).logits
+    torch.testing.assert_close(y, peft(input_ids=ids).logits, rtol=1e-10, atol=1e-10)
+    table = base.transformer.wte.weight.clone()
+    for fn in (ftk.merge_lora, lambda m: ftk.unload_lora(m, merge=True)):
+        with pytest.raises(NotImplementedError, match=r"transformer.wte is tied to lm_head.weight"):
+            fn(ours)
+        assert not ours.transformer.wte.merged and not ours.transformer.h[0].attn.c_attn.merged
+        torch.testing.assert_close(ours(input_ids=ids).logits, y, rtol=0, atol=0)
+    plain = ftk.unload_lora(ours, merge=False)
+    assert plain.lm_head.weight is plain.transformer.wte.weight
+    torch.testing.assert_close(plain.transformer.wte.weight, table, rtol=0, atol=0)

@@ -24,8 +24,9 @@ class LoRAEmbedding(LoRAMergeMixin, nn.Module):
     base's attribute of that name when it has one (Gemma's scaled embeddings multiply their output
     by it; PEFT scales the adapter by it too), else 1. The base layer's own forward gives its part,
     so such subclasses work. As in PEFT, LoRA dropout is not applied to embeddings (``dropout`` is
-    kept for the adapter config only). ``merge`` folds ``scaling (B A)^T`` into ``W``. DoRA is not
-    supported here.
+    kept for the adapter config only). ``merge`` folds ``scaling (B A)^T`` into ``W``; on a table
+    tied to another layer (``tie_word_embeddings``) that changes the other layer too, so the
+    model-level ``merge_lora`` / ``unload_lora(merge=True)`` refuse it. DoRA is not supported here.
     """
 
     def __init__(self, base: nn.Embedding, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False):
