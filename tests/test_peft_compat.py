@@ -161,6 +161,11 @@ def _zoo(name):
     ids = torch.randint(0, 90, (2, 9))
     text = dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
     pixels = dict(pixel_values=torch.randn(2, 3, 32, 32))
+    seq2seq = dict(vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=1, pad_token_id=0, eos_token_id=2)
+    seq2seq.update(decoder_start_token_id=1)
+    seq2seq.update(encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37)
+    audio = dict(conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8)
+    audio.update(num_conv_pos_embedding_groups=4, bos_token_id=1)
     zoo = {
         "t5": lambda: (
             T.T5Model(T.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)),
@@ -202,55 +207,17 @@ def _zoo(name):
             pixels,
         ),
         "albert": lambda: (  # one layer's modules called for every layer: each LoRA layer runs 3 times
-            T.AlbertModel(
-                T.AlbertConfig(
-                    vocab_size=99,
-                    embedding_size=16,
-                    hidden_size=32,
-                    num_hidden_layers=3,
-                    num_attention_heads=4,
-                    intermediate_size=37,
-                )
-            ),
+            T.AlbertModel(T.AlbertConfig(**{**text, "embedding_size": 16, "num_hidden_layers": 3})),
             dict(input_ids=ids),
-        ),  # fmt: skip
+        ),
         "whisper": lambda: (
-            T.WhisperModel(
-                T.WhisperConfig(
-                    vocab_size=99,
-                    d_model=32,
-                    encoder_layers=1,
-                    decoder_layers=1,
-                    encoder_attention_heads=4,
-                    decoder_attention_heads=4,
-                    encoder_ffn_dim=37,
-                    decoder_ffn_dim=37,
-                    num_mel_bins=8,
-                    max_source_positions=16,
-                    pad_token_id=0,
-                    bos_token_id=1,
-                    eos_token_id=2,
-                    decoder_start_token_id=1,
-                )
-            ),
+            T.WhisperModel(T.WhisperConfig(**seq2seq, num_mel_bins=8, max_source_positions=16, bos_token_id=1)),
             dict(input_features=torch.randn(2, 8, 32), decoder_input_ids=ids[:, :5]),
-        ),  # fmt: skip
+        ),
         "wav2vec2": lambda: (
-            T.Wav2Vec2Model(
-                T.Wav2Vec2Config(
-                    hidden_size=32,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    intermediate_size=37,
-                    conv_dim=(16, 16),
-                    conv_stride=(5, 2),
-                    conv_kernel=(10, 3),
-                    num_conv_pos_embeddings=8,
-                    num_conv_pos_embedding_groups=4,
-                )
-            ),
+            T.Wav2Vec2Model(T.Wav2Vec2Config(**{**text, **audio})),
             dict(input_values=torch.randn(2, 400)),
-        ),  # fmt: skip
+        ),
     }
     return zoo[name]()
 
