@@ -27,14 +27,21 @@ from .nn.lora_group import group_shared_inputs, ungroup
 LORA_TYPES = (LoRALinear, LoRAConv2d, LoRAEmbedding)  # LoRAConv1D is a LoRALinear
 _TENSOR_KEYS = ("lora_A.weight", "lora_B.weight")  # PEFT's names of A and B in adapter files
 _EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
-
-
-def _keys(layer: nn.Module) -> tuple[str, str]:
-    return _EMBEDDING_KEYS if isinstance(layer, LoRAEmbedding) else _TENSOR_KEYS
-
-
 _PREFIX = "base_model.model."
 _CONFIG_ATTR = "_ftk_lora_config"
+
+
+def _adapter_entries(name: str, layer: nn.Module) -> dict[str, tuple]:
+    """One LoRA layer's tensors in a PEFT adapter file: key -> ``(layer, attribute)``, or ``(tensor,
+    None)`` for the optional embedding table (PEFT saves it with an adapted embedding: added tokens).
+    The one map both :func:`save_adapter` and :func:`load_adapter` use."""
+    key_a, key_b = _EMBEDDING_KEYS if isinstance(layer, LoRAEmbedding) else _TENSOR_KEYS
+    entries = {f"{_PREFIX}{name}.{key_a}": (layer, "lora_A"), f"{_PREFIX}{name}.{key_b}": (layer, "lora_B")}
+    if getattr(layer, "dora", False):
+        entries[f"{_PREFIX}{name}.lora_magnitude_vector"] = (layer, "lora_magnitude")
+    if isinstance(layer, LoRAEmbedding):
+        entries[f"{_PREFIX}{name}.base_layer.weight"] = (layer.base.weight, None)
+    return entries
 
 
 def _matches(name: str, target) -> bool:
@@ -393,13 +400,9 @@ def save_adapter(model: nn.Module, path: str) -> None:
     for name, layer in layers.items():
         if layer.merged:
             raise ValueError(f"save_adapter: {name} is merged; unmerge_lora(model) first")
-        key_a, key_b = _keys(layer)
-        tensors[f"{_PREFIX}{name}.{key_a}"] = layer.lora_A.detach().contiguous().cpu()
-        tensors[f"{_PREFIX}{name}.{key_b}"] = layer.lora_B.detach().contiguous().cpu()
-        if getattr(layer, "dora", False):
-            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude.detach().contiguous().cpu()
-        if isinstance(layer, LoRAEmbedding):  # the table the adapter indexes (PEFT saves it too: added tokens)
-            tensors[f"{_PREFIX}{name}.base_layer.weight"] = layer.base.weight.detach().contiguous().cpu()
+        for key, (owner, attr) in _adapter_entries(name, layer).items():
+            t = owner if attr is None else getattr(owner, attr)
+            tensors[key] = t.detach().contiguous().cpu()
     dora = {getattr(m, "dora", False) for m in layers.values()}
     if len(dora) > 1:  # PEFT's use_dora is one flag for the whole adapter
         raise ValueError("save_adapter: some LoRA layers are DoRA and some not; PEFT's format holds one kind")
@@ -485,13 +488,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     }
     params = {}
     for name, layer in layers.items():
-        key_a, key_b = _keys(layer)
-        params[f"{_PREFIX}{name}.{key_a}"] = (layer, "lora_A")
-        params[f"{_PREFIX}{name}.{key_b}"] = (layer, "lora_B")
-        if getattr(layer, "dora", False):
-            params[f"{_PREFIX}{name}.lora_magnitude_vector"] = (layer, "lora_magnitude")
-        if isinstance(layer, LoRAEmbedding):  # optional: PEFT saves an adapted embedding's table with it
-            params[f"{_PREFIX}{name}.base_layer.weight"] = (layer.base.weight, None)
+        params.update(_adapter_entries(name, layer))  # the table (attribute None) is optional
     bias = cfg.get("bias") or "none"
     biases = _bias_params(model, bias) if bias in BIAS_MODES else {}
     for n, p in model.named_parameters():
