@@ -19,12 +19,12 @@ import warnings
 import torch
 from torch import nn
 
-from .nn import LoRAConv1D, LoRAConv2d, LoRAEmbedding, LoRALinear
+from .nn import LoRAConv1D, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAConvNd, LoRAEmbedding, LoRALinear
 from .nn._lora_common import scaling_of
 from .nn.lora_conv1d import is_hf_conv1d
 from .nn.lora_group import group_shared_inputs, ungroup
 
-LORA_TYPES = (LoRALinear, LoRAConv2d, LoRAEmbedding)  # LoRAConv1D is a LoRALinear
+LORA_TYPES = (LoRALinear, LoRAConvNd, LoRAEmbedding)  # LoRAConv1D is a LoRALinear
 _TENSOR_KEYS = ("lora_A.weight", "lora_B.weight")  # PEFT's names of A and B in adapter files
 _EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
 _PREFIX = "base_model.model."
@@ -123,8 +123,10 @@ def _read_by_parent(model: nn.Module, name: str) -> bool:
 def _wrap(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False) -> nn.Module:
     if isinstance(module, nn.Linear):
         return LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
-    if isinstance(module, nn.Conv2d):
-        return LoRAConv2d(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
+    conv = {nn.Conv1d: LoRAConv1d, nn.Conv2d: LoRAConv2d, nn.Conv3d: LoRAConv3d}
+    for plain, cls in conv.items():
+        if isinstance(module, plain):
+            return cls(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if is_hf_conv1d(module):
         return LoRAConv1D(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if isinstance(module, nn.Embedding):
@@ -132,7 +134,8 @@ def _wrap(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool,
             raise NotImplementedError("apply_lora: DoRA on an nn.Embedding is not supported (target it without DoRA)")
         return LoRAEmbedding(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
     raise TypeError(
-        f"apply_lora: {type(module).__name__} is not a supported target (nn.Linear, nn.Conv2d, nn.Embedding, HF Conv1D)"
+        f"apply_lora: {type(module).__name__} is not a supported target (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding,"
+        " HF Conv1D)"
     )
 
 
@@ -156,7 +159,8 @@ def apply_lora(
     a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
     layer, ``modules_to_save`` and nn.MultiheadAttention's ``out_proj``, which its parent never calls)
     for its fused LoRA layer, in place: ``nn.Linear`` ->
-    :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d`, HF ``Conv1D`` -> :class:`LoRAConv1D`,
+    :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d` (``nn.Conv1d`` / ``nn.Conv3d`` ->
+    :class:`LoRAConv1d` / :class:`LoRAConv3d`), HF ``Conv1D`` -> :class:`LoRAConv1D`,
     ``nn.Embedding`` -> :class:`LoRAEmbedding`.
     Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
     classifier head); called again on the same model, it adds layers and keeps training what the
@@ -245,10 +249,12 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     ``modules_to_save`` wrapper by its trained copy; outputs are identical, and so is what trains
     (a base bias PEFT trains under ``bias="lora_only"``/``"all"`` stays trainable). Only one adapter
     is converted (``adapter_name`` or the active one); others are dropped with a warning. LoRA on other
-    layer types (PEFT's Conv1d/3d, MultiheadAttention) raises before anything changes."""
+    layer types (PEFT's MultiheadAttention, quantized layers) raises before anything changes."""
     from peft.tuners.lora import Conv2d as PeftConv2d
     from peft.tuners.lora import Embedding as PeftEmbedding
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Conv1d as PeftConv1d
+    from peft.tuners.lora.layer import Conv3d as PeftConv3d
     from peft.utils import ModulesToSaveWrapper
 
     model = peft_model
@@ -260,8 +266,10 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             continue
         if isinstance(mod, LoraLayer):
             base = mod.get_base_layer()
-            if isinstance(mod, PeftConv2d) and isinstance(base, nn.Conv2d):
-                todo.append((name, mod, LoRAConv2d))
+            convs = ((PeftConv1d, LoRAConv1d), (PeftConv2d, LoRAConv2d), (PeftConv3d, LoRAConv3d))
+            conv = next((cls for peft_cls, cls in convs if isinstance(mod, peft_cls)), None)
+            if conv is not None and isinstance(base, conv._plain):
+                todo.append((name, mod, conv))
             elif isinstance(mod, PeftEmbedding) and isinstance(base, nn.Embedding):
                 todo.append((name, mod, LoRAEmbedding))
             elif isinstance(base, nn.Linear) or is_hf_conv1d(base):
@@ -269,7 +277,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             else:  # checked before anything is replaced: a failure leaves the model as it was
                 raise NotImplementedError(
                     f"from_peft: {name} is PEFT's {type(mod).__name__} over {type(base).__name__}; fused LoRA"
-                    " layers exist for nn.Linear, Hugging Face Conv1D, nn.Conv2d and nn.Embedding only"
+                    " layers exist for nn.Linear, Hugging Face Conv1D, nn.Conv1d/2d/3d and nn.Embedding only"
                 )
         elif isinstance(mod, ModulesToSaveWrapper):
             todo.append((name, mod, None))
@@ -506,7 +514,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             want = tuple(owner.shape)
         else:  # only the rank may differ from the layer's current adapter, and only to the config's r
             cur, r = tuple(getattr(owner, attr).shape), ranks[owner][0]
-            groups = owner.base.groups if isinstance(owner, LoRAConv2d) else 1  # B is [out, r / groups, 1, 1]
+            groups = owner.base.groups if isinstance(owner, LoRAConvNd) else 1  # B is [out, r / groups, 1, ...]
             if r % groups:
                 raise ValueError(f"load_adapter: {key}: rank {r} is not a multiple of the conv's groups={groups}")
             if attr == "lora_magnitude":

@@ -569,11 +569,21 @@ def test_load_adapter_takes_the_layers_the_file_holds(tmp_path):
 
 
 def test_from_peft_refuses_unsupported_layers_before_changing_anything():
-    """PEFT's LoRA on an nn.Conv1d has no fused layer: a clear error, and the PEFT model untouched."""
-    model = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (4, 1)), nn.Conv1d(4, 4, 1))
-    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["0", "2"]))
+    """PEFT's LoRA on an nn.MultiheadAttention has no fused layer: a clear error, and the PEFT model
+    untouched (the Linear before it is not converted either)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.mha = nn.Linear(8, 8), nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return self.mha(h, h, h)[0]
+
+    peft = get_peft_model(Net(), LoraConfig(r=2, target_modules=["lin", "mha"]))
     before = [type(m) for m in peft.modules()]
-    with pytest.raises(NotImplementedError, match=r"2 is PEFT's Conv1d over Conv1d"):
+    with pytest.raises(NotImplementedError, match=r"mha is PEFT's MultiheadAttention over MultiheadAttention"):
         ftk.from_peft(peft)
     assert [type(m) for m in peft.modules()] == before
 

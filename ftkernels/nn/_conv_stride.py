@@ -25,6 +25,7 @@ def unit_stride(x: Tensor, weight: Tensor, geom) -> tuple[Tensor, tuple]:
     stride, padding, dilation, groups = geom
     if (
         x.device.type != "cpu"
+        or weight.dim() != 4  # Conv1d / Conv3d weight grads checked fine (C = 1..7, channels-last 3d)
         or tuple(weight.shape[-2:]) != (1, 1)
         or all(s == 1 for s in stride)
         or any(p != 0 for p in padding)

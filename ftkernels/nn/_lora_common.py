@@ -29,9 +29,9 @@ def lora_scaling(name: str, r, alpha, dropout, rslora: bool) -> float:
 
 
 def _plain_output(base: nn.Module, plain: type, x: Tensor) -> Tensor:
-    """What the plain ``nn.Linear`` / ``nn.Conv2d`` computes from ``base``'s weight, bias and geometry."""
-    if plain is nn.Conv2d:
-        return nn.Conv2d._conv_forward(base, x, base.weight, base.bias)
+    """What the plain ``nn.Linear`` / ``nn.Conv1d/2d/3d`` computes from ``base``'s weight, bias and geometry."""
+    if issubclass(plain, nn.modules.conv._ConvNd):
+        return plain._conv_forward(base, x, base.weight, base.bias)
     return nn.Linear.forward(base, x)
 
 
@@ -39,9 +39,9 @@ def _probe_input(base: nn.Module, plain: type) -> Tensor:
     """A small random input for ``base`` (a private generator: the global RNG stream is untouched); a
     conv's spatial sizes are of both parities, so dynamic padding cannot pass for static."""
     w = base.weight
-    if plain is nn.Conv2d:
-        (kh, kw), (sh, sw), (dh, dw) = base.kernel_size, base.stride, base.dilation
-        shape = (1, base.in_channels, dh * (kh - 1) + 2 * sh + 3, dw * (kw - 1) + 2 * sw + 4)
+    if issubclass(plain, nn.modules.conv._ConvNd):
+        sizes = zip(base.kernel_size, base.stride, base.dilation, strict=True)
+        shape = (1, base.in_channels, *(d * (k - 1) + 2 * s + 3 + i % 2 for i, (k, s, d) in enumerate(sizes)))
     else:
         shape = (3, base.in_features)
     gen = torch.Generator().manual_seed(0)
@@ -110,7 +110,8 @@ class LoRAMergeMixin:
     @property
     def dora(self) -> bool:
         """Whether this layer is DoRA: a trained magnitude ``lora_magnitude`` (``[out]`` for Linear,
-        ``[1, out, 1, 1]`` for Conv2d, PEFT's shapes; :mod:`ftkernels.nn.dora`)."""
+        ``[1, out, 1, 1]`` for Conv2d, ``[1, out, 1]`` / ``[1, out, 1, 1, 1]`` for Conv1d / Conv3d,
+        PEFT's shapes; :mod:`ftkernels.nn.dora`)."""
         return "lora_magnitude" in self._parameters
 
     def _dora_operands(self) -> tuple[Tensor, Tensor, Tensor, float]:

@@ -44,10 +44,11 @@ def dora_scale(magnitude: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor
 
 
 def _sum_to(t: Tensor, shape) -> Tensor:
-    """t summed (fp32 accumulation) down to ``shape``, which broadcasts to t's (right-aligned)."""
+    """t summed (fp32 accumulation, fp64 for fp64) down to ``shape``, which broadcasts to t's (right-aligned)."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     lead = t.dim() - len(shape)
     dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1]
-    return t.sum(dims, dtype=torch.float32).reshape(shape) if dims else t.float().reshape(shape)
+    return t.sum(dims, dtype=acc).reshape(shape) if dims else t.to(acc).reshape(shape)
 
 
 class _DoraScale(torch.autograd.Function):

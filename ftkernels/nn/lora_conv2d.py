@@ -1,4 +1,7 @@
-"""``LoRAConv2d``: a frozen ``nn.Conv2d`` plus a LoRA adapter (PEFT's conv LoRA), two strategies."""
+"""``LoRAConv2d``: a frozen ``nn.Conv2d`` plus a LoRA adapter (PEFT's conv LoRA), two strategies.
+
+The machinery is written for any number of spatial dims (:class:`LoRAConvNd`); ``nn.Conv1d`` and
+``nn.Conv3d`` get their layers from it in :mod:`ftkernels.nn.lora_conv_nd`."""
 
 from __future__ import annotations
 
@@ -14,25 +17,31 @@ from .dora import dora_apply_scale, dora_dropout_form, dora_scale
 from .lora_linear import _compute_dtype, call_seed
 
 STRATEGIES = ("auto", "unmerged", "merged")
+CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}  # by the number of spatial dims
+
+
+def conv_nd(x: Tensor, *args) -> Tensor:
+    """``F.conv1d`` / ``conv2d`` / ``conv3d`` by x's spatial dims (x batched: ``[N, C, *S]``)."""
+    return CONV_FNS[x.dim() - 2](x, *args)
 
 
 def _rank_update_(y: Tensor, u: Tensor, lora_b: Tensor, scaling: float, groups: int) -> None:
     """``y += scaling * B u`` over channels (a 1x1 conv with ``groups``), in place: one GEMM with
-    beta=1 on y's own storage, no full-size temporary. y ``[N, out, H, W]``, u ``[N, r, H, W]``,
-    B ``[out, r / groups, 1, 1]`` (group g maps u's channels g*r/G.. to y's g*out/G..)."""
-    n, out, h, w = y.shape
+    beta=1 on y's own storage, no full-size temporary. y ``[N, out, *S]``, u ``[N, r, *S]`` (S: 1 to 3
+    spatial dims), B ``[out, r / groups, 1, ...]`` (group g maps u's channels g*r/G.. to y's g*out/G..)."""
+    n, out = y.shape[:2]
     r = u.shape[1]
-    if groups == 1 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
-        y2 = y.permute(0, 2, 3, 1).reshape(-1, out)  # a view: channels-last rows are pixels
-        y2.addmm_(u.permute(0, 2, 3, 1).reshape(-1, r), lora_b.view(out, r).t(), alpha=scaling)
+    if groups == 1 and y.movedim(1, -1).is_contiguous() and not y.is_contiguous():
+        y2 = y.movedim(1, -1).view(-1, out)  # a view: channels-last rows are pixels
+        y2.addmm_(u.movedim(1, -1).reshape(-1, r), lora_b.view(out, r).t(), alpha=scaling)
     elif y.is_contiguous():
-        # [N*G, out/G, HW] += [N*G, out/G, r/G] @ [N*G, r/G, HW]: y's groups are contiguous blocks.
-        og, rg = out // groups, r // groups
+        # [N*G, out/G, P] += [N*G, out/G, r/G] @ [N*G, r/G, P]: y's groups are contiguous blocks.
+        og, rg, pix = out // groups, r // groups, y.shape[2:].numel()
         b3 = lora_b.view(groups, og, rg)
         b3 = b3.expand(n, groups, og, rg).reshape(n * groups, og, rg) if groups > 1 else b3.expand(n, og, rg)
-        y.view(n * groups, og, h * w).baddbmm_(b3, u.reshape(n * groups, rg, h * w), alpha=scaling)
+        y.view(n * groups, og, pix).baddbmm_(b3, u.reshape(n * groups, rg, pix), alpha=scaling)
     else:
-        y.add_(F.conv2d(u, lora_b, groups=groups), alpha=scaling)
+        y.add_(conv_nd(u, lora_b, None, 1, 0, 1, groups), alpha=scaling)
 
 
 class _UnmergedConv(torch.autograd.Function):
@@ -50,9 +59,9 @@ class _UnmergedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout, seed, geom):
         stride, padding, dilation, groups = geom
-        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        y = conv_nd(x, weight, bias, stride, padding, dilation, groups)
         xd = lora_dropout_nograd(x, dropout, seed) if dropout > 0 else x
-        u = F.conv2d(xd, _as(lora_a, x.dtype), None, stride, padding, dilation)  # A is never grouped
+        u = conv_nd(xd, _as(lora_a, x.dtype), None, stride, padding, dilation)  # A is never grouped
         del xd
         _rank_update_(y, u, _as(lora_b, x.dtype), scaling, groups)
         ctx.save_for_backward(x, weight, lora_a, lora_b, u, seed)
@@ -69,7 +78,7 @@ class _UnmergedConv(torch.autograd.Function):
         # gets wrong), each producing the grads it is asked for (what autograd would run), with s
         # applied to the r-channel results instead of to g.
         bwd = torch.ops.aten.convolution_backward.default
-        one, zero = [1, 1], [0, 0]
+        one, zero = [1] * len(stride), [0] * len(stride)
         gu, grad_b, _ = bwd(g, u, lora_b, None, one, zero, one, False, zero, groups, [True, need_b, False])
         gu.mul_(s)
         grad_b = _as(grad_b.mul_(s), lora_b0.dtype) if need_b else None
@@ -87,7 +96,7 @@ class _UnmergedConv(torch.autograd.Function):
 
 
 def merged_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
-    """``W + scaling * B A`` with A ``[r, in, kh, kw]`` flattened to ``[r, in*kh*kw]`` and B ``[out, r, 1, 1]``."""
+    """``W + scaling * B A`` with A ``[r, in, *k]`` flattened to ``[r, in * prod(k)]`` and B ``[out, r, 1, ...]``."""
     r = lora_a.shape[0]
     delta = lora_b.reshape(lora_b.shape[0], r) @ lora_a.reshape(r, -1)
     return weight + scaling * delta.view_as(weight)
@@ -102,41 +111,43 @@ def choose_strategy(x: Tensor, weight: Tensor, r: int, geom, dropout: float, gra
     and on >= 14x14 when ``in * out <= 256 * 256``; 3x3 convs and small maps stay unmerged. On an
     H100 (batch 64 at 224, bf16) merged was faster on 21 of the 22 shapes (0.67-1.04x of
     unmerged's time; the one loss within 4%): cuDNN's rank-16 convs and the extra launches cost
-    more there than the weight gradient, so every non-CPU device takes ``merged``."""
-    if dropout > 0 or x.shape[-3] != weight.shape[1]:
+    more there than the weight gradient, so every non-CPU device takes ``merged``. Conv1d / Conv3d
+    (x ``[N, C, *S]``) use the same rule with pixels = prod(S) (not measured separately)."""
+    if dropout > 0 or x.shape[1] != weight.shape[1]:
         return "unmerged"  # a grouped base (in != W's in/groups) cannot hold the dense delta B A
     if not grad or x.device.type != "cpu":
         return "merged"
-    kh, kw = weight.shape[-2:]
-    pixels, out_c, in_c = x.shape[-1] * x.shape[-2], weight.shape[0], weight.shape[1]
-    merged = kh * kw == 1 and (pixels >= 784 or (pixels >= 196 and in_c * out_c <= 256 * 256))
+    pixels, out_c, in_c = x.shape[2:].numel(), weight.shape[0], weight.shape[1]
+    merged = weight.shape[2:].numel() == 1 and (pixels >= 784 or (pixels >= 196 and in_c * out_c <= 256 * 256))
     return "merged" if merged else "unmerged"
 
 
-def _geometry(base: nn.Conv2d):
+def _geometry(base: nn.modules.conv._ConvNd):
     pad = base.padding
     if isinstance(pad, str):
         if pad == "valid":
-            pad = (0, 0)
-        else:  # "same", stride 1 (nn.Conv2d enforces that)
+            pad = (0,) * len(base.kernel_size)
+        else:  # "same", stride 1 (torch's convs enforce that)
             totals = [d * (k - 1) for d, k in zip(base.dilation, base.kernel_size, strict=True)]
             if any(t % 2 for t in totals):
-                raise ValueError("LoRAConv2d: padding='same' with an even effective kernel is asymmetric: unsupported")
+                name = f"LoRA{type(base).__name__}"
+                raise ValueError(f"{name}: padding='same' with an even effective kernel is asymmetric: unsupported")
             pad = tuple(t // 2 for t in totals)
     return tuple(base.stride), tuple(pad), tuple(base.dilation), int(base.groups)
 
 
-class LoRAConv2d(LoRAMergeMixin, nn.Module):
-    """Drop-in replacement for a frozen ``nn.Conv2d`` with a LoRA adapter (PEFT's ``lora.Conv2d``).
+class LoRAConvNd(LoRAMergeMixin, nn.Module):
+    """LoRA on a frozen torch conv with 1 to 3 spatial dims (PEFT's ``lora._ConvNd``); subclasses fix the
+    base type: :class:`LoRAConv2d`, :class:`~ftkernels.nn.LoRAConv1d`, :class:`~ftkernels.nn.LoRAConv3d`.
 
     ``y = base(x) + scaling * B(A(dropout(x)))``: A is a conv with the base's kernel size, stride,
-    padding and dilation and r output channels (``lora_A`` ``[r, in, kh, kw]``, Kaiming-uniform), B a
-    1x1 conv to the base's channels (``lora_B`` ``[out, r / groups, 1, 1]``, zero); ``scaling =
-    alpha / r`` (``alpha / sqrt(r)`` with rslora). NCHW or channels-last inputs, fp32/fp16/bf16
-    (fp64 on CPU), autocast. Zero padding only.
+    padding and dilation and r output channels (``lora_A`` ``[r, in, *k]``, Kaiming-uniform), B a
+    1x1 conv to the base's channels (``lora_B`` ``[out, r / groups, 1, ...]``, zero); ``scaling =
+    alpha / r`` (``alpha / sqrt(r)`` with rslora). Channels-first or channels-last inputs,
+    fp32/fp16/bf16 (fp64 on CPU), autocast. Zero padding only.
 
     ``dora=True``: DoRA as PEFT's ``use_dora`` (:mod:`ftkernels.nn.dora`): a trained magnitude
-    ``lora_magnitude`` ``[1, out, 1, 1]`` scales each output channel by ``m / ||W + s B A||``; either
+    ``lora_magnitude`` ``[1, out, 1, ...]`` scales each output channel by ``m / ||W + s B A||``; either
     strategy without dropout, PEFT's form (one more conv) with dropout; not on grouped convs.
 
     Grouped base convs (ResNeXt, depthwise) follow PEFT: A stays dense over all input channels, B
@@ -147,11 +158,18 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
     dropout stream fused in (nothing full-size saved but x; y updated in place); ``merged`` (dropout
     0 only) runs one conv with ``W + s B A`` and gets the adapters' grads through its weight
     gradient. ``auto`` picks per call by :func:`choose_strategy`.
+
+    A dilated base gives A its dilation (``W + s B A`` is then a delta on W and merges exactly).
+    PEFT builds A without it, so PEFT fails on dilated convs with numeric padding, and with
+    ``padding="same"`` runs an undilated A: :meth:`from_peft_layer` refuses that one case.
     """
+
+    _plain: type[nn.modules.conv._ConvNd] = nn.Conv2d  # the torch conv this layer wraps
+    _spatial = "H, W"  # for error messages
 
     def __init__(
         self,
-        base: nn.Conv2d,
+        base: nn.modules.conv._ConvNd,
         r: int = 8,
         alpha: float = 16,
         dropout: float = 0.0,
@@ -160,20 +178,22 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         dora: bool = False,
     ):
         super().__init__()
-        if not isinstance(base, nn.Conv2d):
-            raise TypeError(f"LoRAConv2d wraps an nn.Conv2d, got {type(base).__name__}")
-        check_plain_base("LoRAConv2d", base, nn.Conv2d, ("forward", "_conv_forward"))
+        name, plain = type(self).__name__, self._plain
+        if not isinstance(base, plain):
+            raise TypeError(f"{name} wraps an nn.{plain.__name__}, got {type(base).__name__}")
+        check_plain_base(name, base, plain, ("forward", "_conv_forward"))
         if int(r) % base.groups:
             raise ValueError(
-                f"LoRAConv2d: the base conv has groups={base.groups}, so r must be a multiple of it (B is"
+                f"{name}: the base conv has groups={base.groups}, so r must be a multiple of it (B is"
                 f" grouped as the base, as in PEFT); got r={r}: pick another r or leave this layer out"
             )
         if base.padding_mode != "zeros":
-            raise ValueError(f"LoRAConv2d: padding_mode={base.padding_mode!r} is unsupported (zeros only)")
-        (out_c, _, kh, kw), in_c = base.weight.shape, base.in_channels  # A spans every input channel
-        scaling = lora_scaling("LoRAConv2d", r, alpha, dropout, rslora)
+            raise ValueError(f"{name}: padding_mode={base.padding_mode!r} is unsupported (zeros only)")
+        out_c, in_c, kernel = base.weight.shape[0], base.in_channels, base.weight.shape[2:]  # A spans every channel
+        ones = (1,) * len(kernel)
+        scaling = lora_scaling(name, r, alpha, dropout, rslora)
         if strategy not in STRATEGIES:
-            raise ValueError(f"LoRAConv2d: strategy must be one of {STRATEGIES}, got {strategy!r}")
+            raise ValueError(f"{name}: strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -182,13 +202,13 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         self.geom = _geometry(base)
         w = base.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        self.lora_A = nn.Parameter(torch.empty(self.r, in_c, kh, kw, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_c, self.r // base.groups, 1, 1, device=w.device, dtype=dtype))
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_c, *kernel, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_c, self.r // base.groups, *ones, device=w.device, dtype=dtype))
         if dora:
             if base.groups != 1:
-                raise ValueError("LoRAConv2d: DoRA on a grouped conv is unsupported (B A is not a grouped weight)")
-            # PEFT's magnitude shape for convs: [1, out, 1, 1]; set by reset_parameters
-            self.lora_magnitude = nn.Parameter(torch.empty(1, out_c, 1, 1, device=w.device, dtype=dtype))
+                raise ValueError(f"{name}: DoRA on a grouped conv is unsupported (B A is not a grouped weight)")
+            # PEFT's magnitude shape for convs: [1, out, 1, ...]; set by reset_parameters
+            self.lora_magnitude = nn.Parameter(torch.empty(1, out_c, *ones, device=w.device, dtype=dtype))
         self.merged = False
         self.reset_parameters()
         self.last_strategy: str | None = None
@@ -205,22 +225,27 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
     groups = property(lambda self: self.base.groups)
     padding_mode = property(lambda self: self.base.padding_mode)
 
+    def _channel_view(self) -> tuple[int, ...]:
+        """``(1, -1, 1, ...)``: a per-output-channel vector broadcast over ``[N, out, *S]``."""
+        return (1, -1) + (1,) * (self.base.weight.dim() - 2)
+
     def forward(self, x: Tensor) -> Tensor:
-        """x ``[N, C_in, H, W]`` (or unbatched ``[C_in, H, W]``) -> ``base(x) + scaling * conv_B(conv_A(dropout(x)))``,
-        ``[N, C_out, H', W']`` (the base alone when merged).
+        """x ``[N, C_in, *S]`` (or unbatched ``[C_in, *S]``; S the base's 1 to 3 spatial dims) ->
+        ``base(x) + scaling * conv_B(conv_A(dropout(x)))``, ``[N, C_out, *S']`` (the base alone when merged).
         """
         if self.merged:
             return self.base(x)
+        name, nd = type(self).__name__, self.base.weight.dim() - 2
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"LoRAConv2d: x must be a floating tensor, got {getattr(x, 'dtype', type(x))}")
-        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
-            raise ValueError(f"LoRAConv2d: x has shape {tuple(x.shape)}, expected [N, {self.in_channels}, H, W]")
+            raise TypeError(f"{name}: x must be a floating tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.dim() not in (nd + 1, nd + 2) or x.shape[-nd - 1] != self.in_channels:
+            raise ValueError(f"{name}: x has shape {tuple(x.shape)}, expected [N, {self.in_channels}, {self._spatial}]")
         if x.device != self.base.weight.device:
-            raise ValueError(f"LoRAConv2d: x is on {x.device} but the layer is on {self.base.weight.device}")
-        unbatched = x.dim() == 3
+            raise ValueError(f"{name}: x is on {x.device} but the layer is on {self.base.weight.device}")
+        unbatched = x.dim() == nd + 1
         if unbatched:
             x = x.unsqueeze(0)
-        dtype = _compute_dtype(x, self.base.weight, "LoRAConv2d")
+        dtype = _compute_dtype(x, self.base.weight, name)
         xc, w, b = (_as(t, dtype) for t in (x, self.base.weight, self.base.bias))
         a, bb = self.lora_A, self.lora_B  # cast inside the unmerged node (no cast nodes)
         p = self.dropout if self.training else 0.0
@@ -228,11 +253,10 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         if strategy == "auto":
             strategy = choose_strategy(xc, w, self.r, self.geom, p, torch.is_grad_enabled())
         elif strategy == "merged" and p > 0:
-            raise ValueError("LoRAConv2d: strategy='merged' needs dropout 0 (or eval mode)")
+            raise ValueError(f"{name}: strategy='merged' needs dropout 0 (or eval mode)")
         elif strategy == "merged" and not self.can_merge:
-            raise ValueError(f"LoRAConv2d: strategy='merged' needs an ungrouped base (groups={self.base.groups})")
+            raise ValueError(f"{name}: strategy='merged' needs an ungrouped base (groups={self.base.groups})")
         self.last_strategy = strategy
-        stride, padding, dilation, _ = self.geom
         if self.dora and p > 0:
             y = self._dora_dropout_forward(xc, w, b, a, bb, p)
         else:
@@ -240,17 +264,17 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
             if strategy == "merged":  # no dropout: a strided 1x1 conv may take the pixels it reads
                 merged = merged_weight(w, _as(a, dtype), _as(bb, dtype), self.scaling)
                 xm, (st, pad, dil, _) = unit_stride(xc, merged, self.geom)
-                y = F.conv2d(xm, merged, zb, st, pad, dil)
+                y = conv_nd(xm, merged, zb, st, pad, dil)
             else:
                 seed = call_seed(p, x.device)
                 y = _UnmergedConv.apply(xc, w, zb, a, bb, self.scaling, p, seed, self.geom)
             if self.dora:
-                y = dora_apply_scale(y, self._dora_mns(), None if b is None else b.view(1, -1, 1, 1))
+                y = dora_apply_scale(y, self._dora_mns(), None if b is None else b.view(self._channel_view()))
         return y.squeeze(0) if unbatched else y
 
     def _dora_mns(self) -> Tensor:
-        """DoRA's ``m / ||W + s B A||`` per output channel, ``[1, out, 1, 1]`` (gradient to m only)."""
-        return dora_scale(self.lora_magnitude.reshape(-1), *self._dora_operands()).view(1, -1, 1, 1)
+        """DoRA's ``m / ||W + s B A||`` per output channel, ``[1, out, 1, ...]`` (gradient to m only)."""
+        return dora_scale(self.lora_magnitude.reshape(-1), *self._dora_operands()).view(self._channel_view())
 
     def _dora_dropout_forward(self, xc, w, b, a, bb, p) -> Tensor:
         """DoRA with dropout in training: PEFT's form (:func:`ftkernels.nn.dora.dora_dropout_form`), one
@@ -258,8 +282,8 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         dtype = xc.dtype
         xd = lora_dropout(xc, p, call_seed(p, xc.device))  # the stream over all of x, then maybe the strided view
         (xd, (stride, padding, dilation, _)), xc = unit_stride(xd, a, self.geom), unit_stride(xc, a, self.geom)[0]
-        lora = F.conv2d(F.conv2d(xd, _as(a, dtype), None, stride, padding, dilation), _as(bb, dtype))
-        base_out, t = F.conv2d(xc, w, b, stride, padding, dilation), F.conv2d(xd, w, None, stride, padding, dilation)
+        lora = conv_nd(conv_nd(xd, _as(a, dtype), None, stride, padding, dilation), _as(bb, dtype))
+        base_out, t = conv_nd(xc, w, b, stride, padding, dilation), conv_nd(xd, w, None, stride, padding, dilation)
         return dora_dropout_form(base_out, t, lora, self._dora_mns(), self.scaling)
 
     def _merge_target(self) -> Tensor:
@@ -270,17 +294,28 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
         return self.base.groups == 1
 
     @classmethod
-    def from_peft_layer(cls, layer, adapter_name: str | None = None, strategy: str = "auto") -> LoRAConv2d:
-        """A ``LoRAConv2d`` over a PEFT ``lora.Conv2d``'s base layer (shared) with copies of its A and
-        B, r, alpha, scaling and dropout p (and a DoRA magnitude). LoRA bias raises."""
+    def from_peft_layer(cls, layer, adapter_name: str | None = None, strategy: str = "auto") -> LoRAConvNd:
+        """This layer over a PEFT conv LoRA layer's base layer (shared) with copies of its A and B, r,
+        alpha, scaling and dropout p (and a DoRA magnitude). Raises for LoRA bias, and for a dilated
+        ``padding="same"`` base, where PEFT's A runs without the dilation (so outputs would change)."""
         ad = peft_adapter(layer, adapter_name)
-        if not isinstance(ad.base, nn.Conv2d):
-            raise TypeError(f"from_peft_layer: the base layer is {type(ad.base).__name__}, not nn.Conv2d")
+        plain = cls._plain
+        if not isinstance(ad.base, plain):
+            raise TypeError(f"from_peft_layer: the base layer is {type(ad.base).__name__}, not nn.{plain.__name__}")
+        peft_a, base = layer.lora_A[ad.name], ad.base
+        # With numeric padding PEFT's undilated A gives other output sizes (its layer fails); with
+        # "same" it runs, computing something else than the fused layer.
+        if base.padding == "same" and tuple(peft_a.dilation) != tuple(base.dilation) and max(base.kernel_size) > 1:
+            raise NotImplementedError(
+                f"{cls.__name__}.from_peft_layer: PEFT's lora_A runs with dilation {tuple(peft_a.dilation)} on a base"
+                f" conv of dilation {tuple(ad.base.dilation)}; the fused layer gives A the base's dilation (what"
+                " merging assumes), so converting would change the outputs. Keep PEFT's layer for this conv"
+            )
         new = cls(ad.base, r=ad.r, alpha=ad.alpha, strategy=strategy)
         new.dropout, new.scaling, new.rslora = ad.dropout, ad.scaling, ad.rslora
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
         if ad.magnitude is not None and ad.base.groups != 1:
-            raise ValueError("LoRAConv2d.from_peft_layer: DoRA on a grouped conv is unsupported")
+            raise ValueError(f"{cls.__name__}.from_peft_layer: DoRA on a grouped conv is unsupported")
         new._adopt_peft_dora(ad)
         return new
 
@@ -291,3 +326,12 @@ class LoRAConv2d(LoRAMergeMixin, nn.Module):
             + (f", groups={self.base.groups}" if self.base.groups > 1 else "")
             + (", dora=True" if self.dora else "")
         )
+
+
+class LoRAConv2d(LoRAConvNd):
+    """Drop-in replacement for a frozen ``nn.Conv2d`` with a LoRA adapter (PEFT's ``lora.Conv2d``):
+    :class:`LoRAConvNd` on x ``[N, C, H, W]`` (NCHW or channels-last), ``lora_A`` ``[r, in, kh, kw]``,
+    ``lora_B`` ``[out, r / groups, 1, 1]``, DoRA magnitude ``[1, out, 1, 1]``."""
+
+    _plain = nn.Conv2d
+    _spatial = "H, W"

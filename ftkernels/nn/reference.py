@@ -56,15 +56,16 @@ def loreft_reference(h, rot, w, b, dropout: float = 0.0, seed: int = 0):
 
 def lora_conv2d_reference(x, weight, bias, lora_a, lora_b, scaling: float, geom, dropout: float = 0.0, seed: int = 0):
     """``y = conv(x, W, b) + scaling * conv1x1(conv(D(x), A), B)``; geom ``(stride, padding,
-    dilation, groups)`` of the base conv: A ``[r, in, kh, kw]`` takes the stride, padding and
-    dilation but is never grouped, B ``[out, r / groups, 1, 1]`` takes the groups (PEFT's layout).
-    D = the LoRA dropout stream over x's ``[numel / W, W]`` rows (kept values scaled by ``1/(1-p)``).
-    x ``[N, in, H, W]``."""
+    dilation, groups)`` of the base conv: A ``[r, in, *k]`` takes the stride, padding and
+    dilation but is never grouped, B ``[out, r / groups, 1, ...]`` takes the groups (PEFT's layout).
+    D = the LoRA dropout stream over x's ``[numel / x.shape[-1], x.shape[-1]]`` rows (kept values scaled
+    by ``1/(1-p)``). x ``[N, in, *S]`` with 1 to 3 spatial dims (Conv1d / Conv2d / Conv3d)."""
     stride, padding, dilation, groups = geom
     f = torch.nn.functional
+    conv = {3: f.conv1d, 4: f.conv2d, 5: f.conv3d}[x.dim()]
     xd = x
     if dropout > 0:
         keep = lora_keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], dropout).view(x.shape).to(x.device)
         xd = x * keep.to(x.dtype) / (1.0 - dropout)
-    u = f.conv2d(xd, lora_a, None, stride, padding, dilation)
-    return f.conv2d(x, weight, bias, stride, padding, dilation, groups) + scaling * f.conv2d(u, lora_b, groups=groups)
+    u = conv(xd, lora_a, None, stride, padding, dilation)
+    return conv(x, weight, bias, stride, padding, dilation, groups) + scaling * conv(u, lora_b, groups=groups)

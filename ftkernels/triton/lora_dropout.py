@@ -33,6 +33,15 @@ def _lora_dropout_kernel(
     tl.store(out_ptr + oo[:, None] + ks[None, :] * so3, val.to(out_ptr.dtype.element_ty), mask=tile)
 
 
+def _foldable(x: torch.Tensor, o: torch.Tensor) -> int | None:
+    """A leading dim i (i + 1 < the last dim) whose pair (i, i + 1) flattens to a view in both x and o:
+    NCDHW folds N and C, channels-last-3d folds D and H."""
+    for i in range(x.dim() - 2):
+        if all(t.stride(i) == t.size(i + 1) * t.stride(i + 1) or t.size(i) == 1 for t in (x, o)):
+            return i
+    return None
+
+
 def lora_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """``D(x)``: kept elements scaled by ``1/(1-p)``; same shape and memory format as x."""
     out = torch.empty_like(x)
@@ -41,10 +50,12 @@ def lora_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     x4, o4 = x, out
     while x4.dim() < 4:
         x4, o4 = x4.unsqueeze(0), o4.unsqueeze(0)
-    if x4.dim() > 4:  # fold extra leading dims (views for dense tensors)
-        x4, o4 = x4.flatten(0, x4.dim() - 4), o4.flatten(0, o4.dim() - 4)
-        if o4.data_ptr() != out.data_ptr() or not o4._is_view():
-            raise ValueError("lora_dropout: tensors of more than 4 dims must have foldable leading dims")
+    while x4.dim() > 4:  # fold two adjacent leading dims that share one stride in both (row order kept)
+        i = _foldable(x4, o4)
+        if i is None:  # no view folds (a strided 5-d slice): the kernel on a dense copy
+            out.copy_(lora_dropout(x.contiguous(), p, seed))
+            return out
+        x4, o4 = x4.flatten(i, i + 1), o4.flatten(i, i + 1)
     D0, D1, D2, K = x4.shape
     rows = D0 * D1 * D2
     BM, BK = (16, 32) if INTERPRET else (32, 128)
