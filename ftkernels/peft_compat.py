@@ -322,12 +322,11 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
 
 
 def _check_mergeable(model: nn.Module, layers: dict, what: str) -> None:
-    bad = [name for name, layer in layers.items() if not layer.can_merge and not layer.merged]
+    bad = {name: layer._merge_blocker() for name, layer in layers.items() if not layer.merged}
+    bad = {name: reason for name, reason in bad.items() if reason is not None}
     if bad:
-        raise NotImplementedError(
-            f"{what}: {', '.join(bad)} wrap grouped convs, which cannot hold the dense delta B A (PEFT"
-            " does not merge them either); nothing was changed"
-        )
+        shown = "; ".join(f"{name}: {reason}" for name, reason in list(bad.items())[:3])
+        raise NotImplementedError(f"{what}: cannot merge {len(bad)} layer(s) ({shown}); nothing was changed")
     # An embedding table tied to another layer (tie_word_embeddings: the LM head reads the same tensor):
     # the adapter changes the lookups only, so folding it into the shared table would change that layer
     # too. PEFT merges anyway and the merged model's logits differ; here it raises.

@@ -640,3 +640,47 @@ def test_all_linear_on_a_moe_model_warns_what_peft_adapts_beyond_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ftk.apply_lora(LlamaModel(LlamaConfig(num_key_value_heads=2, **text)), "all-linear", r=4)
+
+
+def test_merge_into_weight_normed_bases():
+    """A weight-normed base (``parametrizations.weight_norm``: EnCodec's and wav2vec2's convs) computes
+    its weight from g and v, so a merge must go through the parametrization (a copy into the computed
+    weight would be lost): merge, unmerge and unload keep the outputs, DoRA included. Other
+    parametrizations (spectral_norm) cannot store a merged weight: refused, nothing changed."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        weight_norm(nn.Linear(6, 8)), nn.Unflatten(1, (2, 4)), weight_norm(nn.Conv1d(2, 3, 3)), nn.Flatten(),
+        weight_norm(Conv1D(5, 6)),
+    ).double()  # fmt: skip
+    x = torch.randn(3, 6, dtype=torch.float64)
+    for dora in (False, True):
+        ours = ftk.apply_lora(copy.deepcopy(model), ["0", "2", "4"], r=2, use_dora=dora)
+        for layer in ftk.peft_compat.lora_modules(ours).values():
+            with torch.no_grad():
+                layer.lora_B.normal_()
+        want = ours(x)
+        ftk.merge_lora(ours)
+        assert all(layer.merged for layer in ftk.peft_compat.lora_modules(ours).values())
+        torch.testing.assert_close(ours(x), want)
+        ftk.unmerge_lora(ours)
+        torch.testing.assert_close(ours(x), want)
+        torch.testing.assert_close(ours[0].base.weight, model[0].weight)
+        plain = ftk.unload_lora(ours, merge=True)
+        assert parametrize_kinds(plain[2]) == ["_WeightNorm"]
+        torch.testing.assert_close(plain(x), want)
+    sn = nn.Sequential(spectral_norm(nn.Linear(6, 4)), nn.Linear(4, 4)).double().eval()
+    ours = ftk.apply_lora(sn, ["0", "1"], r=2)
+    w1 = ours[1].base.weight.detach().clone()
+    for fn in (ftk.merge_lora, lambda m: ftk.unload_lora(m, merge=True)):
+        with pytest.raises(NotImplementedError, match=r"0: its base weight is parametrized \(_SpectralNorm\)"):
+            fn(ours)
+        assert not ours[1].merged and torch.equal(ours[1].base.weight, w1)
+    with pytest.raises(NotImplementedError, match="cannot store a merged weight"):
+        ours[0].merge()
+
+
+def parametrize_kinds(module):
+    return [type(q).__name__ for q in module.parametrizations.weight]

@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
 
 from .dora import dora_weight_norm
 
@@ -29,10 +31,11 @@ def lora_scaling(name: str, r, alpha, dropout, rslora: bool) -> float:
 
 
 def _plain_output(base: nn.Module, plain: type, x: Tensor) -> Tensor:
-    """What the plain ``nn.Linear`` / ``nn.Conv1d/2d/3d`` computes from ``base``'s weight, bias and geometry."""
+    """What the plain ``nn.Linear`` / ``nn.Conv1d/2d/3d`` / HF ``Conv1D`` computes from ``base``'s weight,
+    bias and geometry."""
     if issubclass(plain, nn.modules.conv._ConvNd):
         return plain._conv_forward(base, x, base.weight, base.bias)
-    return nn.Linear.forward(base, x)
+    return plain.forward(base, x)
 
 
 def _probe_input(base: nn.Module, plain: type) -> Tensor:
@@ -43,7 +46,7 @@ def _probe_input(base: nn.Module, plain: type) -> Tensor:
         sizes = zip(base.kernel_size, base.stride, base.dilation, strict=True)
         shape = (1, base.in_channels, *(d * (k - 1) + 2 * s + 3 + i % 2 for i, (k, s, d) in enumerate(sizes)))
     else:
-        shape = (3, base.in_features)
+        shape = (3, w.shape[0] if hasattr(base, "nx") else w.shape[1])  # HF Conv1D stores [in, out]
     gen = torch.Generator().manual_seed(0)
     return torch.randn(shape, generator=gen).to(device=w.device, dtype=w.dtype)
 
@@ -96,11 +99,42 @@ def scaling_of(alpha, r: int, rslora: bool) -> float:
 
 
 class LoRAMergeMixin:
-    """``delta_weight`` / ``merge`` / ``unmerge`` for a layer with ``lora_A`` ``[r, ...]``, ``lora_B``
-    ``[out, r, ...]``, ``scaling``, ``merged`` and a ``_merge_target()`` view of the base weight."""
+    """``delta_weight`` / ``merge`` / ``unmerge`` for a layer with a ``base`` layer, ``lora_A`` ``[r, ...]``,
+    ``lora_B`` ``[out, r, ...]``, ``scaling`` and ``merged``; ``_merge_view`` says where ``B A`` goes
+    in the base weight."""
+
+    @staticmethod
+    def _merge_view(weight: Tensor) -> Tensor:
+        """Where ``s B A`` goes in a tensor laid out as the base weight: itself (a transposed view for
+        weights stored ``[in, out]``)."""
+        return weight
 
     def _merge_target(self) -> Tensor:
-        raise NotImplementedError
+        """The base weight as ``B A`` is shaped (a view of it; computed afresh for a parametrized base)."""
+        return self._merge_view(self.base.weight)
+
+    def _merge_blocker(self) -> str | None:
+        """Why :meth:`merge` cannot fold ``B A`` into the base weight, or None."""
+        if not self.can_merge:
+            return "a grouped base conv cannot hold the dense delta B A (PEFT does not merge it either)"
+        if parametrize.is_parametrized(self.base, "weight"):
+            kinds = [type(q).__name__ for q in self.base.parametrizations.weight]
+            if not all(isinstance(q, _WeightNorm) for q in self.base.parametrizations.weight):
+                # the merged weight is written back through right_inverse: exact for weight_norm only
+                return f"its base weight is parametrized ({', '.join(kinds)}), which cannot store a merged weight"
+        return None
+
+    @torch.no_grad()
+    def _write_merge_target(self, new: Tensor) -> None:
+        """Store ``new`` (shaped as :meth:`_merge_target`) as the base weight: in place, or for a
+        weight-normed base through the parametrization (``right_inverse`` sets g and v, so the
+        computed weight is ``new`` up to rounding; a copy into the computed tensor would be lost)."""
+        if not parametrize.is_parametrized(self.base, "weight"):
+            self._merge_target().copy_(new)
+            return
+        full = self.base.weight.detach().clone()
+        self._merge_view(full).copy_(new)
+        self.base.weight = full
 
     @property
     def can_merge(self) -> bool:
@@ -143,18 +177,17 @@ class LoRAMergeMixin:
         if self.dora:
             self.lora_magnitude.copy_(self.dora_row_norm().view_as(self.lora_magnitude))
 
-    def _check_mergeable(self, what: str) -> None:
-        if not self.can_merge:
-            raise NotImplementedError(
-                f"{type(self).__name__}.{what}: a grouped base conv cannot hold the dense delta B A (PEFT"
-                " does not merge it either); keep the adapter unmerged"
-            )
+    def _check_mergeable(self, what: str, write: bool = True) -> None:
+        """Raise where the delta does not fit the base weight (or, with ``write``, cannot be stored in it)."""
+        reason = self._merge_blocker() if write or not self.can_merge else None
+        if reason is not None:
+            raise NotImplementedError(f"{type(self).__name__}.{what}: {reason}; keep the adapter unmerged")
 
     def delta_weight(self) -> Tensor:
         """``scaling * B A`` shaped like the merge target, in fp32 (fp64 for fp64 adapters); A and B
         are flattened to ``[r, -1]`` and ``[out, r]`` (a conv's A spans ``in * kh * kw``). Raises
         where :attr:`can_merge` is false."""
-        self._check_mergeable("delta_weight")
+        self._check_mergeable("delta_weight", write=False)
         acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
         a = self.lora_A.detach().to(acc).reshape(self.lora_A.shape[0], -1)
         b = self.lora_B.detach().to(acc).reshape(self.lora_B.shape[0], -1)
@@ -166,7 +199,7 @@ class LoRAMergeMixin:
         (fp32), keeping the row norms of the unmerged weight for the unmerge (PEFT's rule)."""
         w, delta = self._merge_target(), self.delta_weight()
         if not self.dora:
-            w.copy_((w.to(delta.dtype) + sign * delta).to(w.dtype))
+            self._write_merge_target((w.to(delta.dtype) + sign * delta).to(w.dtype))
             return
         if sign > 0:
             self._dora_norm = self.dora_row_norm()
@@ -176,14 +209,14 @@ class LoRAMergeMixin:
             -1, *[1] * (w.dim() - 1)
         )
         new = (w.to(delta.dtype) + delta) * factor if sign > 0 else w.to(delta.dtype) / factor - delta
-        w.copy_(new.to(w.dtype))
+        self._write_merge_target(new.to(w.dtype))
         if sign < 0:
             self._dora_norm = None
 
     def merge(self) -> None:
         """Fold ``scaling * B A`` into the base weight (fp32 accumulation); forward then runs the base
-        layer alone, and the adapters get no gradient until :meth:`unmerge`. Raises where
-        :attr:`can_merge` is false."""
+        layer alone, and the adapters get no gradient until :meth:`unmerge`. Raises, changing nothing,
+        where :attr:`can_merge` is false or the base weight is parametrized other than by weight_norm."""
         self._check_mergeable("merge")
         if self.merged:
             warnings.warn(f"{type(self).__name__}.merge: already merged; nothing done", stacklevel=2)

@@ -286,9 +286,6 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
         base_out, t = conv_nd(xc, w, b, stride, padding, dilation), conv_nd(xd, w, None, stride, padding, dilation)
         return dora_dropout_form(base_out, t, lora, self._dora_mns(), self.scaling)
 
-    def _merge_target(self) -> Tensor:
-        return self.base.weight
-
     @property
     def can_merge(self) -> bool:
         return self.base.groups == 1

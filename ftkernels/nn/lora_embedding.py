@@ -61,8 +61,9 @@ class LoRAEmbedding(LoRAMergeMixin, nn.Module):
         nn.init.zeros_(self.lora_A)
         nn.init.normal_(self.lora_B)
 
-    def _merge_target(self) -> Tensor:
-        return self.base.weight.t()  # [dim, num]: where B A goes (a view; writes reach the table)
+    @staticmethod
+    def _merge_view(weight: Tensor) -> Tensor:
+        return weight.t()  # [dim, num]: where B A goes (a view; writes reach the table)
 
     def forward(self, x: Tensor) -> Tensor:
         """x integer indices ``[...]`` -> ``[..., dim]`` (the base alone when merged)."""

@@ -218,9 +218,6 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
             )
         return _lora_linear(x, w, base.bias, self.lora_A, self.lora_B, self.scaling, p, None)
 
-    def _merge_target(self) -> Tensor:
-        return self.linear_weight()
-
     @classmethod
     def from_peft_layer(cls, layer, adapter_name: str | None = None) -> LoRALinear:
         """A fused layer over a PEFT ``lora.Linear``'s base layer (shared, not copied) with a copy of
