@@ -684,3 +684,18 @@ def test_merge_into_weight_normed_bases():
 
 def parametrize_kinds(module):
     return [type(q).__name__ for q in module.parametrizations.weight]
+
+
+def test_from_peft_leaves_the_global_rng_stream_alone():
+    """Converting a PEFT model (Linear, Conv2d, Conv1d and Embedding layers) draws nothing from the
+    global RNG: a seeded run's later draws (dropout masks, data order) are the same with or without it."""
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 6), nn.Unflatten(2, (2, 3)), nn.Conv2d(4, 4, 1))
+    model.add_module("c1", nn.Conv1d(4, 4, 3))
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["0", "1", "3", "c1"]))
+    torch.manual_seed(123)
+    want = torch.rand(4)
+    torch.manual_seed(123)
+    ours = ftk.from_peft(copy.deepcopy(peft))
+    assert torch.equal(torch.rand(4), want)
+    kinds = {type(m).__name__ for m in ftk.peft_compat.lora_modules(ours).values()}
+    assert kinds == {"LoRAEmbedding", "LoRALinear", "LoRAConv2d", "LoRAConv1d"}

@@ -3,6 +3,7 @@ reading one adapter out of a PEFT LoRA layer."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -91,6 +92,15 @@ def check_plain_base(name: str, base: nn.Module, plain: type, methods: tuple[str
             " without calling it, so they will not run (register them on the new layer instead)",
             stacklevel=3,
         )
+
+
+@contextlib.contextmanager
+def rng_kept(device: torch.device):
+    """Random draws inside (a new layer's init that is overwritten at once) leave the global RNG
+    streams as they were: converting a PEFT model must not shift a seeded run's later draws."""
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        yield
 
 
 def scaling_of(alpha, r: int, rslora: bool) -> float:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..ops.lora_dropout import lora_dropout, lora_dropout_nograd
 from ..ops.lora_linear import _as
 from ._conv_stride import conv_backward, unit_stride
-from ._lora_common import LoRAMergeMixin, check_plain_base, lora_scaling, peft_adapter
+from ._lora_common import LoRAMergeMixin, check_plain_base, lora_scaling, peft_adapter, rng_kept
 from .dora import dora_apply_scale, dora_dropout_form, dora_scale
 from .lora_linear import _compute_dtype, call_seed
 
@@ -308,7 +308,8 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
                 f" conv of dilation {tuple(ad.base.dilation)}; the fused layer gives A the base's dilation (what"
                 " merging assumes), so converting would change the outputs. Keep PEFT's layer for this conv"
             )
-        new = cls(ad.base, r=ad.r, alpha=ad.alpha, strategy=strategy)
+        with rng_kept(base.weight.device):  # the init is overwritten below
+            new = cls(base, r=ad.r, alpha=ad.alpha, strategy=strategy)
         new.dropout, new.scaling, new.rslora = ad.dropout, ad.scaling, ad.rslora
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
         if ad.magnitude is not None and ad.base.groups != 1:

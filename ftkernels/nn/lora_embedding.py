@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._lora_common import LoRAMergeMixin, lora_scaling, peft_adapter
+from ._lora_common import LoRAMergeMixin, lora_scaling, peft_adapter, rng_kept
 
 
 class LoRAEmbedding(LoRAMergeMixin, nn.Module):
@@ -92,7 +92,8 @@ class LoRAEmbedding(LoRAMergeMixin, nn.Module):
             raise TypeError(f"from_peft_layer: the base layer is {type(ad.base).__name__}, not nn.Embedding")
         if ad.magnitude is not None:
             raise NotImplementedError("LoRAEmbedding.from_peft_layer: DoRA on an embedding is not supported")
-        new = cls(ad.base, r=ad.r, alpha=ad.alpha, dropout=ad.dropout, rslora=ad.rslora)
+        with rng_kept(ad.base.weight.device):  # the init is overwritten below
+            new = cls(ad.base, r=ad.r, alpha=ad.alpha, dropout=ad.dropout, rslora=ad.rslora)
         new.scaling, new.lora_A, new.lora_B, new.merged = ad.scaling, ad.lora_A, ad.lora_B, ad.merged
         return new
 
