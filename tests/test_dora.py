@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers.lora import FixedMaskDropout
+from helpers.lora import files_both_ways, fix_dropout, peft_random, trainable
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -17,35 +17,9 @@ from ftkernels.nn.dora import dora_linear, dora_weight_norm
 from ftkernels.nn.lora_linear import lora_op
 
 
-def peft_dora(base, targets, r=3, alpha=6, p=0.0, **kw):
+def peft_dora(base, targets, **kw):
     """PEFT DoRA over a copy of ``base`` with random B and magnitudes off the row norms."""
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=targets, use_dora=True, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft = get_peft_model(copy.deepcopy(base), cfg, autocast_adapter_dtype=False)
-    with torch.no_grad():
-        for n, q in peft.named_parameters():
-            if "lora_B" in n:
-                q.normal_(std=0.5)
-            elif "magnitude" in n:
-                q.mul_(1 + 0.2 * torch.randn_like(q))
-    return peft
-
-
-def fix_dropout(peft, seed, p):
-    """PEFT's dropout slots filled with our stream's mask for ``seed`` (both then see the same D(x))."""
-    for m in peft.modules():
-        if hasattr(m, "lora_dropout") and "default" in getattr(m, "lora_dropout", {}):
-            m.lora_dropout["default"] = FixedMaskDropout(seed, p)
-
-
-def trainable(model, strip=True):
-    out = {}
-    for n, q in model.named_parameters():
-        if q.requires_grad:
-            n = n.removeprefix("base_model.model.").replace(".default.weight", "").replace(".default", "")
-            out[n.replace("lora_magnitude_vector", "lora_magnitude").replace("base_layer.", "base.")] = q
-    return out
+    return peft_random(base, targets, use_dora=True, **kw)
 
 
 def fixed_seed_forward(layer, x, seed):
@@ -309,15 +283,8 @@ def test_conv2d_adapter_files_both_ways(tmp_path):
     torch.manual_seed(12)
     base = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 1))
     peft = peft_dora(base, ["0", "2"], r=2, alpha=4).eval()
-    peft.save_pretrained(str(tmp_path / "peft"))
-    mine = ftk.load_adapter(copy.deepcopy(base), str(tmp_path / "peft")).eval()
-    x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(mine(x), peft(x))
-    ftk.save_adapter(mine, str(tmp_path / "ours"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
-    torch.testing.assert_close(back(x), peft(x))
+    mine = files_both_ways(base, peft, torch.randn(2, 3, 8, 8), tmp_path)
+    assert mine[0].dora and mine[2].dora
 
 
 def test_grouped_conv_dora_is_refused():

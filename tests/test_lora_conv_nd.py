@@ -8,8 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers.lora import FixedMaskDropout
-from peft import LoraConfig, PeftModel, get_peft_model
+from helpers.lora import check_low_precision, files_both_ways, fix_dropout, peft_random, trainable
 from torch import nn
 
 import ftkernels as ftk
@@ -32,27 +31,7 @@ GEOMETRIES = [  # kernel, stride, padding, groups
 
 def peft_model(base, targets, r=4, alpha=8, p=0.0, dora=False):
     """PEFT LoRA over a copy of ``base`` with random B (and, for DoRA, magnitudes off the row norms)."""
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=targets, use_dora=dora)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT: "groups > 1. Merging is not supported."
-        peft = get_peft_model(copy.deepcopy(base), cfg, autocast_adapter_dtype=False)
-    with torch.no_grad():
-        for n, q in peft.named_parameters():
-            if "lora_B" in n:
-                q.normal_(std=0.5)
-            elif "magnitude" in n:
-                q.mul_(1 + 0.2 * torch.randn_like(q))
-    return peft
-
-
-def trainable(model):
-    """Trainable parameters by a name both models share (PEFT's prefixes and adapter keys stripped)."""
-    out = {}
-    for n, q in model.named_parameters():
-        if q.requires_grad:
-            n = n.removeprefix("base_model.model.").replace(".default.weight", "").replace(".default", "")
-            out[n.replace("lora_magnitude_vector", "lora_magnitude").replace("base_layer.", "base.")] = q
-    return out
+    return peft_random(base, targets, r=r, alpha=alpha, p=p, use_dora=dora)
 
 
 def compare_step(ours, peft, x):
@@ -106,9 +85,7 @@ def test_dropout_and_dora_match_peft(nd, dora, p, monkeypatch):
     if dora:
         assert ours[0].lora_magnitude.shape == (1, 6) + (1,) * nd
     if p:
-        for m in peft.modules():
-            if "default" in getattr(m, "lora_dropout", {}):
-                m.lora_dropout["default"] = FixedMaskDropout(5, p)
+        fix_dropout(peft, 5, p)
         orig = ftk.nn.lora_conv2d.call_seed
         monkeypatch.setattr(ftk.nn.lora_conv2d, "call_seed", lambda q, dev: torch.tensor(5) if q > 0 else orig(q, dev))
     x = torch.randn(2, 4, *SIZES[nd], dtype=torch.float64)
@@ -129,10 +106,11 @@ def test_dropout_and_dora_match_peft(nd, dora, p, monkeypatch):
             torch.testing.assert_close(plain[i].weight, theirs[i].base_layer.weight)
 
 
-@pytest.mark.parametrize("nd", [1, 3])
+@pytest.mark.parametrize("nd", [1, 2, 3])
 def test_gradcheck_against_reference(nd):
     """Dilation (PEFT's A drops it, so the plain-torch reference is the oracle), stride, groups and
-    dropout together; gradcheck through x, the base weight and bias, A and B."""
+    dropout together, for 1, 2 and 3 spatial dims; gradcheck through x, the base weight and bias, A
+    and B."""
     base = CONVS[nd](6, 9, 3, stride=2, padding=2, dilation=2, groups=3).double()
     ours = LAYERS[nd](base, r=6, alpha=3, dropout=0.25).double()
     with torch.no_grad():
@@ -179,18 +157,7 @@ def test_low_precision_base_against_float64(dtype):
     with torch.no_grad():
         ours.lora_B.normal_(std=0.3)
     x = torch.randn(2, 6, 4, 9, 8, dtype=torch.float64)
-    want = ours(x)
-    g = torch.randn_like(want)
-    ra, rb = torch.autograd.grad(want, (ours.lora_A, ours.lora_B), g)
-    ours.base.to(dtype)
-    ours.lora_A.data, ours.lora_B.data = ours.lora_A.data.float(), ours.lora_B.data.float()
-    y = ours(x.to(dtype))
-    assert y.dtype == dtype
-    ga, gb = torch.autograd.grad(y, (ours.lora_A, ours.lora_B), g.to(dtype))
-    assert ga.dtype == gb.dtype == torch.float32
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for got, ref in ((y, want), (ga, ra), (gb, rb)):
-        assert (got.double() - ref).abs().max() <= tol * ref.abs().max()
+    check_low_precision(ours, x, dtype, 1e-4 if dtype == torch.float32 else 3e-2)
 
 
 @pytest.mark.parametrize("nd", [1, 3])
@@ -200,16 +167,8 @@ def test_adapter_files_both_ways(nd, tmp_path):
     conv = CONVS[nd]
     base = nn.Sequential(conv(3, 6, 3, padding=1), nn.ReLU(), conv(6, 4, 1, groups=2)).eval()
     peft = peft_model(base, ["0", "2"]).eval()
-    x = torch.randn(2, 3, *SIZES[nd])
-    peft.save_pretrained(str(tmp_path / "peft"))
-    mine = ftk.load_adapter(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    mine = files_both_ways(base, peft, torch.randn(2, 3, *SIZES[nd]), tmp_path)
     assert [type(m) for m in (mine[0], mine[2])] == [LAYERS[nd]] * 2
-    torch.testing.assert_close(mine(x), peft(x))
-    ftk.save_adapter(mine, str(tmp_path / "ours"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
-    torch.testing.assert_close(back(x), peft(x))
     applied = ftk.apply_lora(copy.deepcopy(base), ["0", "2"], r=4, alpha=8)
     assert [type(m) for m in (applied[0], applied[2])] == [LAYERS[nd]] * 2
     assert sorted(n for n, q in applied.named_parameters() if q.requires_grad) == [

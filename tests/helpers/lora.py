@@ -1,6 +1,10 @@
 """Test helpers shared by the LoRA layer tests."""
 
+import copy
+import warnings
+
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from ftkernels.nn.reference import lora_keep_mask
@@ -60,3 +64,70 @@ def paired_conv_inputs(ours, peft, shape, channels_last=False, dtype=torch.float
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     return x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+
+
+def peft_random(base, targets, r=3, alpha=6, p=0.0, **kw):
+    """PEFT LoRA (``LoraConfig`` extras in kw, e.g. ``use_dora=True``) over a copy of ``base`` with random B
+    and, for DoRA, magnitudes off the row norms (so neither is at its identity init)."""
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=targets, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "groups > 1. Merging is not supported."
+        peft = get_peft_model(copy.deepcopy(base), cfg, autocast_adapter_dtype=False)
+    with torch.no_grad():
+        for n, q in peft.named_parameters():
+            if "lora_B" in n:
+                q.normal_(std=0.5)
+            elif "magnitude" in n:
+                q.mul_(1 + 0.2 * torch.randn_like(q))
+    return peft
+
+
+def fix_dropout(peft, seed, p):
+    """PEFT's dropout slots filled with our stream's mask for ``seed`` (both then see the same D(x))."""
+    for m in peft.modules():
+        if hasattr(m, "lora_dropout") and "default" in getattr(m, "lora_dropout", {}):
+            m.lora_dropout["default"] = FixedMaskDropout(seed, p)
+
+
+def trainable(model):
+    """Trainable parameters by a name a fused model and its PEFT twin share (PEFT's prefixes and
+    adapter keys stripped, its magnitude and base names mapped to ours)."""
+    out = {}
+    for n, q in model.named_parameters():
+        if q.requires_grad:
+            n = n.removeprefix("base_model.model.").replace(".default.weight", "").replace(".default", "")
+            out[n.replace("lora_magnitude_vector", "lora_magnitude").replace("base_layer.", "base.")] = q
+    return out
+
+
+def check_low_precision(layer, x, dtype, tol):
+    """A float64 LoRA conv layer run again with its base in ``dtype`` and fp32 adapters on x: the output
+    in ``dtype`` and the adapters' fp32 grads within ``tol`` (relative to each tensor's max) of the
+    float64 results. Changes the layer's dtypes."""
+    want = layer(x)
+    g = torch.randn_like(want)
+    ra, rb = torch.autograd.grad(want, (layer.lora_A, layer.lora_B), g)
+    layer.base.to(dtype)
+    layer.lora_A.data, layer.lora_B.data = layer.lora_A.data.float(), layer.lora_B.data.float()
+    y = layer(x.to(dtype))
+    assert y.dtype == dtype
+    ga, gb = torch.autograd.grad(y, (layer.lora_A, layer.lora_B), g.to(dtype))
+    assert ga.dtype == gb.dtype == torch.float32
+    for got, ref in ((y, want), (ga, ra), (gb, rb)):
+        assert (got.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def files_both_ways(base, peft, x, tmp_path):
+    """PEFT's saved adapter loads into a copy of ``base`` (ftk.load_adapter) with PEFT's outputs on x,
+    and ftk.save_adapter's file loads back into PEFT with them too. Returns the loaded fused model."""
+    import ftkernels as ftk
+
+    peft.save_pretrained(str(tmp_path / "peft"))
+    mine = ftk.load_adapter(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(mine(x), peft(x))
+    ftk.save_adapter(mine, str(tmp_path / "ours"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(back(x), peft(x))
+    return mine
