@@ -203,6 +203,21 @@ def test_bad_input_and_refusals():
     assert ours[0].geom == ((1,), (2,), (2,), 1)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_weight_normed_base_is_read_once_per_call(dora, p, monkeypatch):
+    """A weight-normed base (EnCodec, wav2vec2's positional conv) computes its weight at each read: a
+    call reads it once (the checks, the casts and DoRA's norms share it), as the plain conv does."""
+    from torch.nn.utils.parametrizations import _WeightNorm, weight_norm
+
+    layer = ftk.nn.LoRAConv1d(weight_norm(nn.Conv1d(4, 6, 3)), r=2, dropout=p, dora=dora).train()
+    calls = []
+    orig = _WeightNorm.forward
+    monkeypatch.setattr(_WeightNorm, "forward", lambda self, g, v: calls.append(1) or orig(self, g, v))
+    layer(torch.randn(2, 4, 9)).sum().backward()
+    assert len(calls) == 1
+
+
 def _hf_model(name):
     """Tiny Hugging Face models whose convs are Conv1d (Whisper's two input convs, wav2vec2's feature
     encoder and its grouped, weight-normed positional conv) or Conv3d (VideoMAE's tubelet embedding), with an input."""

@@ -158,9 +158,10 @@ class LoRAMergeMixin:
         PEFT's shapes; :mod:`ftkernels.nn.dora`)."""
         return "lora_magnitude" in self._parameters
 
-    def _dora_operands(self) -> tuple[Tensor, Tensor, Tensor, float]:
-        """``(W, A, B, s)`` as DoRA's row norms take them: ``[out, in * kh * kw]``, ``[r, ...]``, ``[out, r]``."""
-        w = self._merge_target()
+    def _dora_operands(self, weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, float]:
+        """``(W, A, B, s)`` as DoRA's row norms take them: ``[out, in * kh * kw]``, ``[r, ...]``, ``[out, r]``
+        (W from ``weight``, the base weight already read, else read here)."""
+        w = self._merge_target() if weight is None else self._merge_view(weight)
         return w.flatten(1), self.lora_A.flatten(1), self.lora_B.flatten(1), self.scaling
 
     def dora_row_norm(self) -> Tensor:

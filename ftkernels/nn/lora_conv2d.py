@@ -227,7 +227,7 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
 
     def _channel_view(self) -> tuple[int, ...]:
         """``(1, -1, 1, ...)``: a per-output-channel vector broadcast over ``[N, out, *S]``."""
-        return (1, -1) + (1,) * (self.base.weight.dim() - 2)
+        return (1, -1) + (1,) * len(self.base.kernel_size)  # (not weight.dim(): a weight-normed read costs a pass)
 
     def forward(self, x: Tensor) -> Tensor:
         """x ``[N, C_in, *S]`` (or unbatched ``[C_in, *S]``; S the base's 1 to 3 spatial dims) ->
@@ -235,18 +235,20 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
         """
         if self.merged:
             return self.base(x)
-        name, nd = type(self).__name__, self.base.weight.dim() - 2
+        # the weight read once (a weight-normed base computes it at each read)
+        weight, bias = self.base.weight, self.base.bias
+        name, nd = type(self).__name__, weight.dim() - 2
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"{name}: x must be a floating tensor, got {getattr(x, 'dtype', type(x))}")
         if x.dim() not in (nd + 1, nd + 2) or x.shape[-nd - 1] != self.in_channels:
             raise ValueError(f"{name}: x has shape {tuple(x.shape)}, expected [N, {self.in_channels}, {self._spatial}]")
-        if x.device != self.base.weight.device:
-            raise ValueError(f"{name}: x is on {x.device} but the layer is on {self.base.weight.device}")
+        if x.device != weight.device:
+            raise ValueError(f"{name}: x is on {x.device} but the layer is on {weight.device}")
         unbatched = x.dim() == nd + 1
         if unbatched:
             x = x.unsqueeze(0)
-        dtype = _compute_dtype(x, self.base.weight, name)
-        xc, w, b = (_as(t, dtype) for t in (x, self.base.weight, self.base.bias))
+        dtype = _compute_dtype(x, weight, name)
+        xc, w, b = (_as(t, dtype) for t in (x, weight, bias))
         a, bb = self.lora_A, self.lora_B  # cast inside the unmerged node (no cast nodes)
         p = self.dropout if self.training else 0.0
         strategy = self.strategy
@@ -258,7 +260,7 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
             raise ValueError(f"{name}: strategy='merged' needs an ungrouped base (groups={self.base.groups})")
         self.last_strategy = strategy
         if self.dora and p > 0:
-            y = self._dora_dropout_forward(xc, w, b, a, bb, p)
+            y = self._dora_dropout_forward(xc, w, b, a, bb, p, weight)
         else:
             zb = None if self.dora else b  # DoRA scales the bias-free output, then adds b
             if strategy == "merged":  # no dropout: a strided 1x1 conv may take the pixels it reads
@@ -269,14 +271,15 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
                 seed = call_seed(p, x.device)
                 y = _UnmergedConv.apply(xc, w, zb, a, bb, self.scaling, p, seed, self.geom)
             if self.dora:
-                y = dora_apply_scale(y, self._dora_mns(), None if b is None else b.view(self._channel_view()))
+                y = dora_apply_scale(y, self._dora_mns(weight), None if b is None else b.view(self._channel_view()))
         return y.squeeze(0) if unbatched else y
 
-    def _dora_mns(self) -> Tensor:
-        """DoRA's ``m / ||W + s B A||`` per output channel, ``[1, out, 1, ...]`` (gradient to m only)."""
-        return dora_scale(self.lora_magnitude.reshape(-1), *self._dora_operands()).view(self._channel_view())
+    def _dora_mns(self, weight: Tensor) -> Tensor:
+        """DoRA's ``m / ||W + s B A||`` per output channel, ``[1, out, 1, ...]`` (gradient to m only);
+        weight: the base weight as read by this call."""
+        return dora_scale(self.lora_magnitude.reshape(-1), *self._dora_operands(weight)).view(self._channel_view())
 
-    def _dora_dropout_forward(self, xc, w, b, a, bb, p) -> Tensor:
+    def _dora_dropout_forward(self, xc, w, b, a, bb, p, weight) -> Tensor:
         """DoRA with dropout in training: PEFT's form (:func:`ftkernels.nn.dora.dora_dropout_form`), one
         more conv than LoRA."""
         dtype = xc.dtype
@@ -284,7 +287,7 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
         (xd, (stride, padding, dilation, _)), xc = unit_stride(xd, a, self.geom), unit_stride(xc, a, self.geom)[0]
         lora = conv_nd(conv_nd(xd, _as(a, dtype), None, stride, padding, dilation), _as(bb, dtype))
         base_out, t = conv_nd(xc, w, b, stride, padding, dilation), conv_nd(xd, w, None, stride, padding, dilation)
-        return dora_dropout_form(base_out, t, lora, self._dora_mns(), self.scaling)
+        return dora_dropout_form(base_out, t, lora, self._dora_mns(weight), self.scaling)
 
     @property
     def can_merge(self) -> bool:
