@@ -3,6 +3,7 @@ padding, dilation, kernel sizes, memory formats, dropout (the fused stream), gra
 ResNet-18 that trains like PEFT's."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -207,20 +208,20 @@ def test_saved_tensors_hold_no_dropped_copy():
 
 
 def test_conv_subclasses_with_their_own_forward_are_refused():
-    """timm's StdConv2d (weight standardization in forward) and Conv2dSame (padding in
-    _conv_forward) compute something the fused layer would not: refused, by from_peft too, before it
-    changes the PEFT model."""
+    """timm's StdConv2d (weight standardization in forward) and a conv padding its input its own way
+    in _conv_forward (top-left only: neither static nor TensorFlow's "SAME") compute something the
+    fused layer would not: refused, by from_peft too, before it changes the PEFT model."""
 
     class StdConv2d(nn.Conv2d):
         def forward(self, x):
             w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
             return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
-    class Conv2dSame(nn.Conv2d):
+    class TopLeftPadConv2d(nn.Conv2d):
         def _conv_forward(self, x, weight, bias):
-            return F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias, self.stride)
+            return F.conv2d(F.pad(x, (2, 0, 2, 0)), weight, bias, self.stride)
 
-    for cls, method in ((StdConv2d, "forward"), (Conv2dSame, "_conv_forward")):
+    for cls, method in ((StdConv2d, "forward"), (TopLeftPadConv2d, "_conv_forward")):
         with pytest.raises(TypeError, match=f"{cls.__name__} overrides Conv2d.{method}"):
             ftk.nn.LoRAConv2d(cls(3, 4, 3), r=2)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), StdConv2d(4, 4, 3))
@@ -229,6 +230,104 @@ def test_conv_subclasses_with_their_own_forward_are_refused():
     with pytest.raises(TypeError, match="StdConv2d overrides"):
         ftk.from_peft(peft)
     assert [type(m) for m in peft.modules()] == before
+
+
+class TFSameConv2d(nn.Conv2d):
+    """TensorFlow's dynamic "SAME" conv as timm's ``Conv2dSame`` computes it (written here from the
+    rule: per dim, ``pad = max((ceil(i / s) - 1) s + (k - 1) d + 1 - i, 0)``, the odd unit after),
+    with timm's constructor (padding argument ignored: the conv itself is unpadded)."""
+
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True):
+        super().__init__(cin, cout, kernel_size, stride, 0, dilation, groups, bias)
+
+    def forward(self, x):
+        pads = []
+        for i, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+            total = max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+            pads = [total // 2, total - total // 2] + pads
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class PaddedMaskDropout(nn.Module):
+    """The LoRA stream's mask for x padded as the TF-same ``conv`` pads it, applied to x (padding,
+    masking, cropping back): the dropout a TF-same LoRA layer applies to the padded input."""
+
+    def __init__(self, seed, p, conv):
+        super().__init__()
+        self.drop, self.conv = FixedMaskDropout(seed, p), conv
+
+    def forward(self, x):
+        c = self.conv
+        xp = ftk.nn._lora_common.tf_same_pad(x, c.kernel_size, c.stride, c.dilation)
+        top, left = (xp.shape[-2] - x.shape[-2]) // 2, (xp.shape[-1] - x.shape[-1]) // 2
+        return self.drop(xp)[..., top : top + x.shape[-2], left : left + x.shape[-1]]
+
+
+@pytest.mark.parametrize("strategy", ["unmerged", "merged"])
+def test_tf_same_padding_base_matches_peft(strategy, monkeypatch):
+    """A conv padding TensorFlow's way per input (timm's Conv2dSame: TF-ported EfficientNet, MixNet,
+    MobileNetV3) is recognised (``tf_same``) and x padded so before both convs; PEFT builds its A as
+    the base's class, so it pads the same way. Float64 against PEFT on inputs of both parities,
+    strides 1 and 2, even and odd kernels, dropout with the same mask; merge and unload keep the
+    outputs (the merged weight goes back into the TF-same conv)."""
+    torch.manual_seed(17)
+    model = nn.Sequential(
+        TFSameConv2d(3, 8, 3, stride=2), nn.Tanh(), TFSameConv2d(8, 8, 4, stride=1), nn.Tanh(),
+        TFSameConv2d(8, 6, 5, stride=2), nn.Tanh(), TFSameConv2d(6, 6, 3, stride=2, groups=2),
+    ).double()  # fmt: skip
+    for p in (0.0, 0.3):
+        peft = get_peft_model(
+            copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, lora_dropout=p, target_modules=["0", "2", "4", "6"])
+        )
+        with torch.no_grad():
+            for n, q in peft.named_parameters():
+                if "lora_B" in n:
+                    q.normal_(std=0.5)
+        ours = ftk.from_peft(copy.deepcopy(peft)).train()
+        peft.train()
+        layers = [ours[i] for i in (0, 2, 4, 6)]
+        assert all(layer.tf_same for layer in layers)
+        if p:  # our stream keys the mask on the padded x's indices: PEFT's slot masks x so too
+            for i in (0, 2, 4, 6):
+                peft.base_model.model[i].lora_dropout["default"] = PaddedMaskDropout(5, p, model[i])
+            monkeypatch.setattr(ftk.nn.lora_conv2d, "call_seed", lambda q, dev: torch.tensor(5))
+        else:
+            for layer in layers[:3]:
+                layer.strategy = strategy
+        for size in ((11, 12), (16, 9)):
+            x = torch.randn(2, 3, *size, dtype=torch.float64)
+            x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            y, yp = ours(x1), peft(x2)
+            torch.testing.assert_close(y, yp)
+            g = torch.randn_like(y)
+            y.backward(g)
+            yp.backward(g)
+            torch.testing.assert_close(x1.grad, x2.grad)
+            for i, layer in zip((0, 2, 4, 6), layers, strict=True):
+                theirs = peft.base_model.model[i]
+                torch.testing.assert_close(layer.lora_A.grad, theirs.lora_A["default"].weight.grad)
+                torch.testing.assert_close(layer.lora_B.grad, theirs.lora_B["default"].weight.grad)
+            ours.zero_grad(), peft.zero_grad()
+    ours.eval()
+    x = torch.randn(2, 3, 13, 10, dtype=torch.float64)
+    want = ours(x)
+    for layer in layers[:3]:  # (layer 6 is grouped: not mergeable)
+        layer.merge()  # the base (the TF-same conv's own forward) then runs with W + s B A
+    torch.testing.assert_close(ours(x), want)
+    # dilated: PEFT's A (built without the dilation) pads and convolves otherwise; not converted
+    dilated = nn.Sequential(TFSameConv2d(3, 4, 3, stride=2, dilation=2)).double()
+    with pytest.raises(NotImplementedError, match="dilation"):
+        ftk.from_peft(get_peft_model(copy.deepcopy(dilated), LoraConfig(r=2, target_modules=["0"])))
+    mine = ftk.apply_lora(copy.deepcopy(dilated), ["0"], r=2)  # our own: A dilated, TF-padded as the base
+    assert mine[0].tf_same
+    x = torch.randn(1, 3, 9, 10, dtype=torch.float64)
+    with torch.no_grad():
+        mine[0].lora_B.normal_()
+    a, b = mine[0].lora_A, mine[0].lora_B
+    # effective kernel 5 at stride 2: H = 9 pads 4 (2, 2), W = 10 pads 3 (1 before, 2 after)
+    u = F.conv2d(F.pad(x, (1, 2, 2, 2)), a, None, 2, 0, 2)
+    ref = dilated(x) + mine[0].scaling * F.conv2d(u, b)
+    torch.testing.assert_close(mine(x), ref)
 
 
 def test_conv_attributes_read_by_models_around_the_layer():

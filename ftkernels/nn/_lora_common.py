@@ -10,6 +10,7 @@ import warnings
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
@@ -39,28 +40,54 @@ def _plain_output(base: nn.Module, plain: type, x: Tensor) -> Tensor:
     return plain.forward(base, x)
 
 
-def _probe_input(base: nn.Module, plain: type) -> Tensor:
+def tf_same_pad(x: Tensor, kernel, stride, dilation) -> Tensor:
+    """x zero-padded for TensorFlow's dynamic "SAME" conv (timm's ``Conv2dSame``, TF-ported
+    EfficientNet / MixNet / MobileNetV3): per spatial dim of size i, ``pad = max((ceil(i / s) - 1) s +
+    (k - 1) d + 1 - i, 0)``, ``pad // 2`` before and the rest after; the conv then runs unpadded.
+    x ``[N, C, *S]``."""
+    pads = []
+    for i, k, s, d in zip(x.shape[2:], kernel, stride, dilation, strict=True):
+        total = max((-(-i // s) - 1) * s + (k - 1) * d + 1 - i, 0)
+        pads.append((total // 2, total - total // 2))
+    flat = [q for pair in reversed(pads) for q in pair]  # F.pad takes the last dim first
+    return F.pad(x, flat) if any(flat) else x
+
+
+def _probe_input(base: nn.Module, plain: type, extra: int = 0) -> Tensor:
     """A small random input for ``base`` (a private generator: the global RNG stream is untouched); a
     conv's spatial sizes are of both parities, so dynamic padding cannot pass for static."""
     w = base.weight
     if issubclass(plain, nn.modules.conv._ConvNd):
         sizes = zip(base.kernel_size, base.stride, base.dilation, strict=True)
-        shape = (1, base.in_channels, *(d * (k - 1) + 2 * s + 3 + i % 2 for i, (k, s, d) in enumerate(sizes)))
+        shape = (1, base.in_channels, *(d * (k - 1) + 2 * s + 3 + (i + extra) % 2 for i, (k, s, d) in enumerate(sizes)))
     else:
         shape = (3, w.shape[0] if hasattr(base, "nx") else w.shape[1])  # HF Conv1D stores [in, out]
     gen = torch.Generator().manual_seed(0)
     return torch.randn(shape, generator=gen).to(device=w.device, dtype=w.dtype)
 
 
-def check_plain_base(name: str, base: nn.Module, plain: type, methods: tuple[str, ...] = ("forward",)) -> None:
+def _same_output(base: nn.Module, x: Tensor, want_fn) -> bool:
+    with torch.no_grad():
+        got, want = base.forward(x), want_fn(x)
+    tol = 1e-4 if x.dtype in (torch.float32, torch.float64) else 2e-2
+    return got.shape == want.shape and bool(
+        ((got.float() - want.float()).abs() <= tol * (1 + want.float().abs().max())).all()
+    )
+
+
+def check_plain_base(
+    name: str, base: nn.Module, plain: type, methods: tuple[str, ...] = ("forward",), tf_same: bool = False
+) -> bool:
     """The fused LoRA layers (and the masked layers replacing a Linear / Conv2d) compute the base's
     output from its weight, bias and geometry themselves; they never call ``base.forward``. A weight
     that is not a plain floating tensor (a quantized tensor subclass) is refused. A subclass that
     overrides ``methods`` is run once on a small random input against the plain layer's math: the same
     output (Falcon's ``FalconLinear``, which only reorders ``x W^T + b``) is accepted; another one
-    (timm's ``StdConv2d`` standardizes its weight, ``Conv2dSame`` pads dynamically, bitsandbytes'
-    layers dequantize) is refused, as it would silently change the model. Forward hooks on the base
-    would not run: a warning says so."""
+    (timm's ``StdConv2d`` standardizes its weight, bitsandbytes' layers dequantize) is refused, as it
+    would silently change the model. With ``tf_same``, an unpadded conv whose forward is the conv of
+    :func:`tf_same_pad` (timm's ``Conv2dSame``; checked on inputs of both parities) is accepted, and
+    True returned: the caller pads that way. Forward hooks on the base would not run: a warning
+    says so."""
     w = base.weight
     plain_tensor = type(w) in (Tensor, nn.Parameter) or type(w).__name__ == "DTensor"
     if not plain_tensor or not w.dtype.is_floating_point:
@@ -69,29 +96,37 @@ def check_plain_base(name: str, base: nn.Module, plain: type, methods: tuple[str
             " floating-point tensor (quantized weights need PEFT's LoRA layer)"
         )
     own = [m for m in methods if getattr(type(base), m) is not getattr(plain, m)]
+    dynamic = False
     if own:
         what = f"{type(base).__name__} overrides {plain.__name__}.{own[0]}"
         if w.is_meta:
             raise TypeError(f"{name}: {what} and its weight is on the meta device, so it cannot be checked")
-        with torch.no_grad():
-            x = _probe_input(base, plain)
-            got, want = base.forward(x), _plain_output(base, plain, x)
-        tol = 1e-4 if w.dtype in (torch.float32, torch.float64) else 2e-2
-        same = got.shape == want.shape and bool(
-            ((got.float() - want.float()).abs() <= tol * (1 + want.float().abs().max())).all()
-        )
-        if not same:
-            raise TypeError(
-                f"{name}: {what} and computes something else than it (checked on a random input); the"
-                " replacing layer computes the plain output from the weight itself, so the model would change."
-                " Quantized, weight-standardized or dynamically padded layers need PEFT's LoRA layer"
+        x = _probe_input(base, plain)
+        if not _same_output(base, x, lambda t: _plain_output(base, plain, t)):
+            probes = (x, _probe_input(base, plain, extra=1))  # every dim of both parities
+
+            def padded(t):
+                return _plain_output(base, plain, tf_same_pad(t, base.kernel_size, base.stride, base.dilation))
+
+            dynamic = (
+                tf_same
+                and issubclass(plain, nn.modules.conv._ConvNd)
+                and not any(base.padding)
+                and all(_same_output(base, t, padded) for t in probes)
             )
+            if not dynamic:
+                raise TypeError(
+                    f"{name}: {what} and computes something else than it (checked on a random input); the"
+                    " replacing layer computes the plain output from the weight itself, so the model would"
+                    " change. Quantized or weight-standardized layers need PEFT's LoRA layer"
+                )
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
         warnings.warn(
             f"{name}: the base {type(base).__name__} has forward hooks; the replacing layer computes its output"
             " without calling it, so they will not run (register them on the new layer instead)",
             stacklevel=3,
         )
+    return dynamic
 
 
 @contextlib.contextmanager

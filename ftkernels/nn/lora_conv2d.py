@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..ops.lora_dropout import lora_dropout, lora_dropout_nograd
 from ..ops.lora_linear import _as
 from ._conv_stride import conv_backward, unit_stride
-from ._lora_common import LoRAMergeMixin, check_plain_base, lora_scaling, peft_adapter, rng_kept
+from ._lora_common import LoRAMergeMixin, check_plain_base, lora_scaling, peft_adapter, rng_kept, tf_same_pad
 from .dora import dora_apply_scale, dora_dropout_form, dora_scale
 from .lora_linear import _compute_dtype, call_seed
 
@@ -159,6 +159,10 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
     0 only) runs one conv with ``W + s B A`` and gets the adapters' grads through its weight
     gradient. ``auto`` picks per call by :func:`choose_strategy`.
 
+    A base that pads TensorFlow's way, per input (timm's ``Conv2dSame`` in TF-ported EfficientNet /
+    MixNet / MobileNetV3), is recognised by its output on random inputs; x is then padded the same
+    way before both convs (``tf_same`` is True), as PEFT's A (built as the base's class) does.
+
     A dilated base gives A its dilation (``W + s B A`` is then a delta on W and merges exactly).
     PEFT builds A without it, so PEFT fails on dilated convs with numeric padding, and with
     ``padding="same"`` runs an undilated A: :meth:`from_peft_layer` refuses that one case.
@@ -181,7 +185,8 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
         name, plain = type(self).__name__, self._plain
         if not isinstance(base, plain):
             raise TypeError(f"{name} wraps an nn.{plain.__name__}, got {type(base).__name__}")
-        check_plain_base(name, base, plain, ("forward", "_conv_forward"))
+        # timm's Conv2dSame (TF-ported models) pads each input dynamically: the layer pads x that way
+        self.tf_same = check_plain_base(name, base, plain, ("forward", "_conv_forward"), tf_same=True)
         if int(r) % base.groups:
             raise ValueError(
                 f"{name}: the base conv has groups={base.groups}, so r must be a multiple of it (B is"
@@ -249,6 +254,8 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
             x = x.unsqueeze(0)
         dtype = _compute_dtype(x, weight, name)
         xc, w, b = (_as(t, dtype) for t in (x, weight, bias))
+        if self.tf_same:  # base and A alike (PEFT's A is the base's class, so it pads so too)
+            xc = tf_same_pad(xc, self.base.kernel_size, self.base.stride, self.base.dilation)
         a, bb = self.lora_A, self.lora_B  # cast inside the unmerged node (no cast nodes)
         p = self.dropout if self.training else 0.0
         strategy = self.strategy
@@ -297,22 +304,24 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
     def from_peft_layer(cls, layer, adapter_name: str | None = None, strategy: str = "auto") -> LoRAConvNd:
         """This layer over a PEFT conv LoRA layer's base layer (shared) with copies of its A and B, r,
         alpha, scaling and dropout p (and a DoRA magnitude). Raises for LoRA bias, and for a dilated
-        ``padding="same"`` base, where PEFT's A runs without the dilation (so outputs would change)."""
+        ``padding="same"`` or TF-same base, where PEFT's A runs without the dilation (so outputs would
+        change)."""
         ad = peft_adapter(layer, adapter_name)
         plain = cls._plain
         if not isinstance(ad.base, plain):
             raise TypeError(f"from_peft_layer: the base layer is {type(ad.base).__name__}, not nn.{plain.__name__}")
         peft_a, base = layer.lora_A[ad.name], ad.base
-        # With numeric padding PEFT's undilated A gives other output sizes (its layer fails); with
-        # "same" it runs, computing something else than the fused layer.
-        if base.padding == "same" and tuple(peft_a.dilation) != tuple(base.dilation) and max(base.kernel_size) > 1:
+        with rng_kept(base.weight.device):  # the init is overwritten below
+            new = cls(base, r=ad.r, alpha=ad.alpha, strategy=strategy)
+        # With static numeric padding PEFT's undilated A gives other output sizes (its layer fails);
+        # with "same" or a TF-same base it runs, computing something else than the fused layer.
+        same = base.padding == "same" or new.tf_same
+        if same and tuple(peft_a.dilation) != tuple(base.dilation) and max(base.kernel_size) > 1:
             raise NotImplementedError(
                 f"{cls.__name__}.from_peft_layer: PEFT's lora_A runs with dilation {tuple(peft_a.dilation)} on a base"
                 f" conv of dilation {tuple(ad.base.dilation)}; the fused layer gives A the base's dilation (what"
                 " merging assumes), so converting would change the outputs. Keep PEFT's layer for this conv"
             )
-        with rng_kept(base.weight.device):  # the init is overwritten below
-            new = cls(base, r=ad.r, alpha=ad.alpha, strategy=strategy)
         new.dropout, new.scaling, new.rslora = ad.dropout, ad.scaling, ad.rslora
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
         if ad.magnitude is not None and ad.base.groups != 1:
