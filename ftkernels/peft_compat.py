@@ -121,6 +121,12 @@ def _read_by_parent(model: nn.Module, name: str) -> bool:
 
 
 def _wrap(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False) -> nn.Module:
+    """The fused LoRA layer for ``module``, in its training mode (a model put in eval before
+    ``apply_lora`` stays in eval: no dropout where the model's flag says inference)."""
+    return _new_layer(module, r, alpha, dropout, rslora, dora).train(module.training)
+
+
+def _new_layer(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool) -> nn.Module:
     if isinstance(module, nn.Linear):
         return LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     conv = {nn.Conv1d: LoRAConv1d, nn.Conv2d: LoRAConv2d, nn.Conv3d: LoRAConv3d}
@@ -294,7 +300,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
                 built.append((name, mod.modules_to_save[active]))
                 continue
             dropped |= (set(mod.lora_A.keys()) | set(getattr(mod, "lora_embedding_A", {}).keys())) - {active}
-            built.append((name, cls.from_peft_layer(mod, active)))
+            built.append((name, cls.from_peft_layer(mod, active).train(mod.training)))
     finally:
         for q, flag in flags:
             q.requires_grad_(flag)

@@ -699,3 +699,35 @@ def test_from_peft_leaves_the_global_rng_stream_alone():
     assert torch.equal(torch.rand(4), want)
     kinds = {type(m).__name__ for m in ftk.peft_compat.lora_modules(ours).values()}
     assert kinds == {"LoRAEmbedding", "LoRALinear", "LoRAConv2d", "LoRAConv1d"}
+
+
+def test_new_layers_keep_the_model_mode_and_the_model_pickles():
+    """A model put in eval before apply_lora stays in eval (its new LoRA layers too: no dropout), from_peft
+    keeps each PEFT layer's mode; torch.save / torch.load of the whole model (grouped q/k/v included),
+    deepcopy and a state_dict into a fresh apply_lora model give the same outputs."""
+    import io
+
+    torch.manual_seed(0)
+    model, inputs = bert()
+    model.eval()
+    ftk.apply_lora(model, ["query", "key", "value", "dense"], r=4, dropout=0.3)
+    layers = ftk.peft_compat.lora_modules(model)
+    assert layers and not any(layer.training for layer in layers.values())
+    for layer in layers.values():
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    want = _out(model, inputs)
+    torch.testing.assert_close(_out(model, inputs), want, rtol=0, atol=0)  # no dropout
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    fresh = ftk.apply_lora(bert()[0].eval(), ["query", "key", "value", "dense"], r=4)
+    fresh.load_state_dict(model.state_dict())
+    for other in (loaded, copy.deepcopy(model), fresh):
+        torch.testing.assert_close(_out(other, inputs), want, rtol=0, atol=0)
+    peft = get_peft_model(bert()[0], LoraConfig(r=2, lora_dropout=0.3, target_modules=["query"]))
+    peft.base_model.model.encoder.layer[0].attention.self.query.eval()
+    ours = ftk.from_peft(peft)
+    assert not ours.encoder.layer[0].attention.self.query.training
+    assert ours.encoder.layer[1].attention.self.query.training
