@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers.lora import files_both_ways, fix_dropout, peft_random, trainable
+from helpers.lora import compare_with_peft, files_both_ways, fix_dropout, peft_random, trainable
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -261,17 +261,7 @@ def test_conv2d_matches_peft(strategy, p, monkeypatch):
         monkeypatch.setattr(ftk.nn.lora_conv2d, "call_seed", lambda q, dev: torch.tensor(5) if q > 0 else orig(q, dev))
     for layer in (ours[0], ours[2]):
         layer.strategy = strategy if p == 0 else "auto"
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y, yp = ours(x1), peft(x2)
-    torch.testing.assert_close(y, yp)
-    g = torch.randn_like(y)
-    y.backward(g)
-    yp.backward(g)
-    torch.testing.assert_close(x1.grad, x2.grad)
-    mine, theirs = trainable(ours), trainable(peft)
-    assert set(mine) == set(theirs)
-    for n, q in mine.items():
-        torch.testing.assert_close(q.grad, theirs[n].grad, msg=n)
+    compare_with_peft(ours, peft, x)
     ours.eval(), peft.eval()
     want = ours(x)
     plain = ftk.unload_lora(copy.deepcopy(ours), merge=True)

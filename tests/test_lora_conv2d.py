@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.lora import FixedMaskDropout, paired_conv_inputs
+from helpers.lora import FixedMaskDropout, compare_with_peft, paired_conv_inputs
 from helpers.models import resnet18
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Conv2d as PeftConv2d
@@ -254,11 +254,10 @@ class PaddedMaskDropout(nn.Module):
 
     def __init__(self, seed, p, conv):
         super().__init__()
-        self.drop, self.conv = FixedMaskDropout(seed, p), conv
+        self.drop, self.geom = FixedMaskDropout(seed, p), (conv.kernel_size, conv.stride, conv.dilation)
 
     def forward(self, x):
-        c = self.conv
-        xp = ftk.nn._lora_common.tf_same_pad(x, c.kernel_size, c.stride, c.dilation)
+        xp = ftk.nn._lora_common.tf_same_pad(x, *self.geom)
         top, left = (xp.shape[-2] - x.shape[-2]) // 2, (xp.shape[-1] - x.shape[-1]) // 2
         return self.drop(xp)[..., top : top + x.shape[-2], left : left + x.shape[-1]]
 
@@ -295,18 +294,7 @@ def test_tf_same_padding_base_matches_peft(strategy, monkeypatch):
             for layer in layers[:3]:
                 layer.strategy = strategy
         for size in ((11, 12), (16, 9)):
-            x = torch.randn(2, 3, *size, dtype=torch.float64)
-            x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-            y, yp = ours(x1), peft(x2)
-            torch.testing.assert_close(y, yp)
-            g = torch.randn_like(y)
-            y.backward(g)
-            yp.backward(g)
-            torch.testing.assert_close(x1.grad, x2.grad)
-            for i, layer in zip((0, 2, 4, 6), layers, strict=True):
-                theirs = peft.base_model.model[i]
-                torch.testing.assert_close(layer.lora_A.grad, theirs.lora_A["default"].weight.grad)
-                torch.testing.assert_close(layer.lora_B.grad, theirs.lora_B["default"].weight.grad)
+            compare_with_peft(ours, peft, torch.randn(2, 3, *size, dtype=torch.float64))
             ours.zero_grad(), peft.zero_grad()
     ours.eval()
     x = torch.randn(2, 3, 13, 10, dtype=torch.float64)

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers.lora import check_low_precision, files_both_ways, fix_dropout, peft_random, trainable
+from helpers.lora import check_low_precision, compare_with_peft, files_both_ways, fix_dropout, peft_random, trainable
 from torch import nn
 
 import ftkernels as ftk
@@ -34,21 +34,6 @@ def peft_model(base, targets, r=4, alpha=8, p=0.0, dora=False):
     return peft_random(base, targets, r=r, alpha=alpha, p=p, use_dora=dora)
 
 
-def compare_step(ours, peft, x):
-    """Outputs, grad_x and every trainable grad of both models on x (float64: tight)."""
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y, yp = ours(x1), peft(x2)
-    torch.testing.assert_close(y, yp, rtol=1e-10, atol=1e-12)
-    g = torch.randn_like(y)
-    y.backward(g)
-    yp.backward(g)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
-    mine, theirs = trainable(ours), trainable(peft)
-    assert set(mine) == set(theirs) and mine
-    for n, q in mine.items():
-        torch.testing.assert_close(q.grad, theirs[n].grad, rtol=1e-10, atol=1e-11, msg=n)
-
-
 @pytest.mark.parametrize("nd", [1, 3])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("strategy", ["unmerged", "merged"])
@@ -66,7 +51,7 @@ def test_matches_peft(nd, geometry, strategy):
     base[0].bias.requires_grad_(True)
     peft.base_model.model[0].base_layer.bias.requires_grad_(True)
     ours[0].base.bias.requires_grad_(True)
-    compare_step(ours, peft, torch.randn(3, 8, *SIZES[nd], dtype=torch.float64))
+    compare_with_peft(ours, peft, torch.randn(3, 8, *SIZES[nd], dtype=torch.float64))
     assert ours[0].last_strategy == ours[0].strategy
 
 
@@ -89,7 +74,7 @@ def test_dropout_and_dora_match_peft(nd, dora, p, monkeypatch):
         orig = ftk.nn.lora_conv2d.call_seed
         monkeypatch.setattr(ftk.nn.lora_conv2d, "call_seed", lambda q, dev: torch.tensor(5) if q > 0 else orig(q, dev))
     x = torch.randn(2, 4, *SIZES[nd], dtype=torch.float64)
-    compare_step(ours, peft, x)
+    compare_with_peft(ours, peft, x)
     ours.eval(), peft.eval()
     want = ours(x)
     plain = ftk.unload_lora(copy.deepcopy(ours), merge=True)

@@ -131,3 +131,20 @@ def files_both_ways(base, peft, x, tmp_path):
         back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(back(x), peft(x))
     return mine
+
+
+def compare_with_peft(ours, peft, x, tol=1e-10):
+    """One forward and backward of a fused model and its PEFT twin on x (float64): outputs, grad_x and
+    every trainable parameter's grad agree to ``tol`` (relative; absolute 1e-2 * tol)."""
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, yp = ours(x1), peft(x2)
+    close = dict(rtol=tol, atol=tol * 1e-2)
+    torch.testing.assert_close(y, yp, **close)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yp.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, **close)
+    mine, theirs = trainable(ours), trainable(peft)
+    assert set(mine) == set(theirs) and mine
+    for n, q in mine.items():
+        torch.testing.assert_close(q.grad, theirs[n].grad, rtol=tol, atol=tol * 0.1, msg=n)
