@@ -55,7 +55,8 @@ def tf_same_pad(x: Tensor, kernel, stride, dilation) -> Tensor:
 
 def _probe_input(base: nn.Module, plain: type, extra: int = 0) -> Tensor:
     """A small random input for ``base`` (a private generator: the global RNG stream is untouched); a
-    conv's spatial sizes are of both parities, so dynamic padding cannot pass for static."""
+    conv's spatial sizes differ by one between ``extra=0`` and ``extra=1`` (each dim seen at both parities
+    across the two)."""
     w = base.weight
     if issubclass(plain, nn.modules.conv._ConvNd):
         sizes = zip(base.kernel_size, base.stride, base.dilation, strict=True)
@@ -101,19 +102,15 @@ def check_plain_base(
         what = f"{type(base).__name__} overrides {plain.__name__}.{own[0]}"
         if w.is_meta:
             raise TypeError(f"{name}: {what} and its weight is on the meta device, so it cannot be checked")
-        x = _probe_input(base, plain)
-        if not _same_output(base, x, lambda t: _plain_output(base, plain, t)):
-            probes = (x, _probe_input(base, plain, extra=1))  # every dim of both parities
+        conv = issubclass(plain, nn.modules.conv._ConvNd)
+        probes = [_probe_input(base, plain)] + ([_probe_input(base, plain, extra=1)] if conv else [])
+        # (a conv is probed with every spatial dim at both parities: dynamic padding cannot pass for static)
+        if not all(_same_output(base, t, lambda t: _plain_output(base, plain, t)) for t in probes):
 
             def padded(t):
                 return _plain_output(base, plain, tf_same_pad(t, base.kernel_size, base.stride, base.dilation))
 
-            dynamic = (
-                tf_same
-                and issubclass(plain, nn.modules.conv._ConvNd)
-                and not any(base.padding)
-                and all(_same_output(base, t, padded) for t in probes)
-            )
+            dynamic = tf_same and conv and not any(base.padding) and all(_same_output(base, t, padded) for t in probes)
             if not dynamic:
                 raise TypeError(
                     f"{name}: {what} and computes something else than it (checked on a random input); the"
