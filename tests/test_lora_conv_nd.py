@@ -43,13 +43,11 @@ def test_matches_peft(nd, geometry, strategy):
     k, stride, padding, groups = geometry
     torch.manual_seed(nd * 100 + k)
     base = nn.Sequential(CONVS[nd](8, 12, k, stride=stride, padding=padding, groups=groups)).double()
-    base[0].bias.requires_grad_(True)
     peft = peft_model(base, ["0"])
     ours = ftk.from_peft(copy.deepcopy(peft))
     assert type(ours[0]) is LAYERS[nd] and ours[0].lora_B.shape == (12, 4 // groups) + (1,) * nd
     ours[0].strategy = strategy if groups == 1 else "unmerged"
-    base[0].bias.requires_grad_(True)
-    peft.base_model.model[0].base_layer.bias.requires_grad_(True)
+    peft.base_model.model[0].base_layer.bias.requires_grad_(True)  # so the bias grads are compared too
     ours[0].base.bias.requires_grad_(True)
     compare_with_peft(ours, peft, torch.randn(3, 8, *SIZES[nd], dtype=torch.float64))
     assert ours[0].last_strategy == ours[0].strategy
