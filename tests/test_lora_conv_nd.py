@@ -53,6 +53,26 @@ def test_matches_peft(nd, geometry, strategy):
     assert ours[0].last_strategy == ours[0].strategy
 
 
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("strategy", ["unmerged", "merged"])
+def test_same_padding_with_an_even_kernel_matches_peft(nd, strategy):
+    """``padding="same"`` with an even kernel: torch pads ``total // 2`` before and the rest after; the
+    layer pads x so before both convs (PEFT's A takes the "same" string, so torch does it there).
+    Float64 against PEFT, and merged (the base conv pads its own way) equal to unmerged."""
+    torch.manual_seed(30 + nd)
+    kernel = {1: 4, 2: (2, 3), 3: (2, 1, 4)}[nd]
+    base = nn.Sequential(CONVS[nd](5, 7, kernel, padding="same")).double()
+    peft = peft_model(base, ["0"])
+    ours = ftk.from_peft(copy.deepcopy(peft))
+    ours[0].strategy = strategy
+    x = torch.randn(2, 5, *SIZES[nd], dtype=torch.float64)
+    compare_with_peft(ours, peft, x)
+    assert ours[0](x).shape[2:] == x.shape[2:]
+    want = ours(x)
+    ftk.merge_lora(ours)
+    torch.testing.assert_close(ours(x), want)
+
+
 @pytest.mark.parametrize("nd", [1, 3])
 @pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])

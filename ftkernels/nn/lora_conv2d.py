@@ -123,17 +123,20 @@ def choose_strategy(x: Tensor, weight: Tensor, r: int, geom, dropout: float, gra
 
 
 def _geometry(base: nn.modules.conv._ConvNd):
-    pad = base.padding
+    """``((stride, padding, dilation, groups), pre_pad)``: the conv geometry both convs take, and for
+    ``padding="same"`` with an even effective kernel (torch pads it asymmetrically: ``total // 2``
+    before, the rest after) the ``F.pad`` list applied to x first (padding 0 then), else None."""
+    pad, pre_pad = base.padding, None
     if isinstance(pad, str):
         if pad == "valid":
             pad = (0,) * len(base.kernel_size)
         else:  # "same", stride 1 (torch's convs enforce that)
             totals = [d * (k - 1) for d, k in zip(base.dilation, base.kernel_size, strict=True)]
-            if any(t % 2 for t in totals):
-                name = f"LoRA{type(base).__name__}"
-                raise ValueError(f"{name}: padding='same' with an even effective kernel is asymmetric: unsupported")
             pad = tuple(t // 2 for t in totals)
-    return tuple(base.stride), tuple(pad), tuple(base.dilation), int(base.groups)
+            if any(t % 2 for t in totals):
+                pre_pad = [q for t in reversed(totals) for q in (t // 2, t - t // 2)]  # last dim first
+                pad = (0,) * len(totals)
+    return (tuple(base.stride), tuple(pad), tuple(base.dilation), int(base.groups)), pre_pad
 
 
 class LoRAConvNd(LoRAMergeMixin, nn.Module):
@@ -204,7 +207,7 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
             p.requires_grad_(False)
         self.r, self.alpha, self.dropout, self.rslora, self.strategy = int(r), alpha, float(dropout), rslora, strategy
         self.scaling = scaling
-        self.geom = _geometry(base)
+        self.geom, self._pre_pad = _geometry(base)
         w = base.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         self.lora_A = nn.Parameter(torch.empty(self.r, in_c, *kernel, device=w.device, dtype=dtype))
@@ -256,6 +259,8 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
         xc, w, b = (_as(t, dtype) for t in (x, weight, bias))
         if self.tf_same:  # base and A alike (PEFT's A is the base's class, so it pads so too)
             xc = tf_same_pad(xc, self.base.kernel_size, self.base.stride, self.base.dilation)
+        elif self._pre_pad is not None:  # padding="same", even kernel: torch's asymmetric padding
+            xc = F.pad(xc, self._pre_pad)
         a, bb = self.lora_A, self.lora_B  # cast inside the unmerged node (no cast nodes)
         p = self.dropout if self.training else 0.0
         strategy = self.strategy
