@@ -25,6 +25,7 @@ from .nn.lora_conv1d import is_hf_conv1d
 from .nn.lora_group import group_shared_inputs, ungroup
 
 LORA_TYPES = (LoRALinear, LoRAConvNd, LoRAEmbedding)  # LoRAConv1D is a LoRALinear
+CONV_LAYERS = (LoRAConv1d, LoRAConv2d, LoRAConv3d)  # each wraps its ``_plain`` torch conv
 _TENSOR_KEYS = ("lora_A.weight", "lora_B.weight")  # PEFT's names of A and B in adapter files
 _EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
 _PREFIX = "base_model.model."
@@ -126,13 +127,17 @@ def _wrap(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool,
     return _new_layer(module, r, alpha, dropout, rslora, dora).train(module.training)
 
 
+def _conv_layer_for(module: nn.Module) -> type | None:
+    """The LoRA conv class wrapping ``module`` (an nn.Conv1d / 2d / 3d or subclass), else None."""
+    return next((cls for cls in CONV_LAYERS if isinstance(module, cls._plain)), None)
+
+
 def _new_layer(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool) -> nn.Module:
     if isinstance(module, nn.Linear):
         return LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
-    conv = {nn.Conv1d: LoRAConv1d, nn.Conv2d: LoRAConv2d, nn.Conv3d: LoRAConv3d}
-    for plain, cls in conv.items():
-        if isinstance(module, plain):
-            return cls(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
+    conv = _conv_layer_for(module)
+    if conv is not None:
+        return conv(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if is_hf_conv1d(module):
         return LoRAConv1D(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if isinstance(module, nn.Embedding):
@@ -272,9 +277,8 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             continue
         if isinstance(mod, LoraLayer):
             base = mod.get_base_layer()
-            convs = ((PeftConv1d, LoRAConv1d), (PeftConv2d, LoRAConv2d), (PeftConv3d, LoRAConv3d))
-            conv = next((cls for peft_cls, cls in convs if isinstance(mod, peft_cls)), None)
-            if conv is not None and isinstance(base, conv._plain):
+            conv = _conv_layer_for(base) if isinstance(mod, (PeftConv1d, PeftConv2d, PeftConv3d)) else None
+            if conv is not None:
                 todo.append((name, mod, conv))
             elif isinstance(mod, PeftEmbedding) and isinstance(base, nn.Embedding):
                 todo.append((name, mod, LoRAEmbedding))

@@ -45,12 +45,15 @@ def tf_same_pad(x: Tensor, kernel, stride, dilation) -> Tensor:
     EfficientNet / MixNet / MobileNetV3): per spatial dim of size i, ``pad = max((ceil(i / s) - 1) s +
     (k - 1) d + 1 - i, 0)``, ``pad // 2`` before and the rest after; the conv then runs unpadded.
     x ``[N, C, *S]``."""
-    pads = []
-    for i, k, s, d in zip(x.shape[2:], kernel, stride, dilation, strict=True):
-        total = max((-(-i // s) - 1) * s + (k - 1) * d + 1 - i, 0)
-        pads.append((total // 2, total - total // 2))
-    flat = [q for pair in reversed(pads) for q in pair]  # F.pad takes the last dim first
+    sizes = zip(x.shape[2:], kernel, stride, dilation, strict=True)
+    flat = pad_list([max((-(-i // s) - 1) * s + (k - 1) * d + 1 - i, 0) for i, k, s, d in sizes])
     return F.pad(x, flat) if any(flat) else x
+
+
+def pad_list(totals) -> list[int]:
+    """``F.pad``'s argument for a total padding per spatial dim (first dim first), ``total // 2`` before
+    and the rest after, as torch's ``padding="same"`` and TensorFlow's "SAME" both split it."""
+    return [q for t in reversed(totals) for q in (t // 2, t - t // 2)]  # F.pad takes the last dim first
 
 
 def _probe_input(base: nn.Module, plain: type, extra: int = 0) -> Tensor:
@@ -160,10 +163,11 @@ class LoRAMergeMixin:
         if not self.can_merge:
             return "a grouped base conv cannot hold the dense delta B A (PEFT does not merge it either)"
         if parametrize.is_parametrized(self.base, "weight"):
-            kinds = [type(q).__name__ for q in self.base.parametrizations.weight]
-            if not all(isinstance(q, _WeightNorm) for q in self.base.parametrizations.weight):
+            plist = self.base.parametrizations.weight
+            if not all(isinstance(q, _WeightNorm) for q in plist):
                 # the merged weight is written back through right_inverse: exact for weight_norm only
-                return f"its base weight is parametrized ({', '.join(kinds)}), which cannot store a merged weight"
+                kinds = ", ".join(type(q).__name__ for q in plist)
+                return f"its base weight is parametrized ({kinds}), which cannot store a merged weight"
         return None
 
     @torch.no_grad()

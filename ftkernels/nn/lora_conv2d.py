@@ -12,7 +12,15 @@ from torch import Tensor, nn
 from ..ops.lora_dropout import lora_dropout, lora_dropout_nograd
 from ..ops.lora_linear import _as
 from ._conv_stride import conv_backward, unit_stride
-from ._lora_common import LoRAMergeMixin, check_plain_base, lora_scaling, peft_adapter, rng_kept, tf_same_pad
+from ._lora_common import (
+    LoRAMergeMixin,
+    check_plain_base,
+    lora_scaling,
+    pad_list,
+    peft_adapter,
+    rng_kept,
+    tf_same_pad,
+)
 from .dora import dora_apply_scale, dora_dropout_form, dora_scale
 from .lora_linear import _compute_dtype, call_seed
 
@@ -134,7 +142,7 @@ def _geometry(base: nn.modules.conv._ConvNd):
             totals = [d * (k - 1) for d, k in zip(base.dilation, base.kernel_size, strict=True)]
             pad = tuple(t // 2 for t in totals)
             if any(t % 2 for t in totals):
-                pre_pad = [q for t in reversed(totals) for q in (t // 2, t - t // 2)]  # last dim first
+                pre_pad = pad_list(totals)
                 pad = (0,) * len(totals)
     return (tuple(base.stride), tuple(pad), tuple(base.dilation), int(base.groups)), pre_pad
 
