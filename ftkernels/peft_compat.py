@@ -19,15 +19,26 @@ import warnings
 import torch
 from torch import nn
 
-from .nn import LoRAConv1D, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAConvNd, LoRAEmbedding, LoRALinear
-from .nn._lora_common import scaling_of
+from .nn import (
+    LoRAConv1D,
+    LoRAConv1d,
+    LoRAConv2d,
+    LoRAConv3d,
+    LoRAConvNd,
+    LoRAEmbedding,
+    LoRALinear,
+    LoRAMultiheadAttention,
+)
+from .nn._lora_common import release_base, scaling_of
 from .nn.lora_conv1d import is_hf_conv1d
 from .nn.lora_group import group_shared_inputs, ungroup
+from .nn.lora_mha import warn_if_peft_doubles
 
-LORA_TYPES = (LoRALinear, LoRAConvNd, LoRAEmbedding)  # LoRAConv1D is a LoRALinear
+LORA_TYPES = (LoRALinear, LoRAConvNd, LoRAEmbedding, LoRAMultiheadAttention)  # LoRAConv1D is a LoRALinear
 CONV_LAYERS = (LoRAConv1d, LoRAConv2d, LoRAConv3d)  # each wraps its ``_plain`` torch conv
 _TENSOR_KEYS = ("lora_A.weight", "lora_B.weight")  # PEFT's names of A and B in adapter files
 _EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
+_MHA_OUT_KEYS = ("base_layer.out_proj.lora_A.weight", "base_layer.out_proj.lora_B.weight")  # PEFT nests out_proj
 _PREFIX = "base_model.model."
 _CONFIG_ATTR = "_ftk_lora_config"
 
@@ -40,6 +51,9 @@ def _adapter_entries(name: str, layer: nn.Module) -> dict[str, tuple]:
     entries = {f"{_PREFIX}{name}.{key_a}": (layer, "lora_A"), f"{_PREFIX}{name}.{key_b}": (layer, "lora_B")}
     if getattr(layer, "dora", False):
         entries[f"{_PREFIX}{name}.lora_magnitude_vector"] = (layer, "lora_magnitude")
+    if isinstance(layer, LoRAMultiheadAttention):
+        entries[f"{_PREFIX}{name}.{_MHA_OUT_KEYS[0]}"] = (layer, "out_lora_A")
+        entries[f"{_PREFIX}{name}.{_MHA_OUT_KEYS[1]}"] = (layer, "out_lora_B")
     if isinstance(layer, LoRAEmbedding):
         entries[f"{_PREFIX}{name}.base_layer.weight"] = (layer.base.weight, None)
     return entries
@@ -59,11 +73,15 @@ BIAS_MODES = ("none", "lora_only", "all")
 
 def peft_param_name(model: nn.Module, name: str) -> str:
     """Our parameter name -> PEFT's key for it in an adapter file (without ``base_model.model.``):
-    a LoRA layer's base layer is ``base`` here and ``base_layer`` in PEFT."""
+    a LoRA layer's base layer is ``base`` here and ``base_layer`` in PEFT (whose MultiheadAttention
+    wraps its out_proj in a LoRA layer of its own: ``base_layer.out_proj.base_layer``)."""
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
-        if parts[i] == "base" and isinstance(model.get_submodule(".".join(parts[:i])), LORA_TYPES):
-            return ".".join([*parts[:i], "base_layer", *parts[i + 1 :]])
+        if parts[i] == "base" and isinstance(owner := model.get_submodule(".".join(parts[:i])), LORA_TYPES):
+            rest = parts[i + 1 :]
+            if isinstance(owner, LoRAMultiheadAttention) and rest[:1] == ["out_proj"]:
+                rest = ["out_proj", "base_layer", *rest[1:]]
+            return ".".join([*parts[:i], "base_layer", *rest])
     return name
 
 
@@ -72,8 +90,17 @@ def _bias_params(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
     (``"lora_only"``) or every parameter named ``bias`` (``"all"``)."""
     if bias == "all":
         return {n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")}
-    if bias == "lora_only":
-        return {f"{n}.base.bias": m.base.bias for n, m in lora_modules(model).items() if m.base.bias is not None}
+    if bias == "lora_only":  # (PEFT's MultiheadAttention: the bias of its out_proj's LoRA layer)
+        out = {}
+        for n, m in lora_modules(model).items():
+            n, m = (
+                (f"{n}.base.out_proj", m.base.out_proj)
+                if isinstance(m, LoRAMultiheadAttention)
+                else (f"{n}.base", m.base)
+            )
+            if m.bias is not None:
+                out[f"{n}.bias"] = m.bias
+        return out
     return {}
 
 
@@ -140,14 +167,37 @@ def _new_layer(module: nn.Module, r: int, alpha: float, dropout: float, rslora: 
         return conv(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if is_hf_conv1d(module):
         return LoRAConv1D(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
+    if isinstance(module, nn.MultiheadAttention):
+        return LoRAMultiheadAttention(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if isinstance(module, nn.Embedding):
         if dora:
             raise NotImplementedError("apply_lora: DoRA on an nn.Embedding is not supported (target it without DoRA)")
         return LoRAEmbedding(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
     raise TypeError(
         f"apply_lora: {type(module).__name__} is not a supported target (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding,"
-        " HF Conv1D)"
+        " nn.MultiheadAttention, HF Conv1D)"
     )
+
+
+_NESTED_ATTR = "_ftk_use_nested_tensor"
+
+
+def _guard_encoders(model: nn.Module) -> None:
+    """Turn off the nested-tensor inference path of every ``nn.TransformerEncoder`` holding a LoRA
+    layer. In eval with a padding mask it packs the batch into a NestedTensor, which only its layers'
+    fused path takes; that path is off for layers holding LoRA (it would skip the adapters,
+    :func:`ftkernels.nn._lora_common.fast_path_guard`), so the packed batch would reach
+    nn.MultiheadAttention's other path and fail. The flag comes back with :func:`unload_lora`."""
+    for enc in model.modules():
+        if isinstance(enc, nn.TransformerEncoder) and lora_modules(enc) and _NESTED_ATTR not in vars(enc):
+            setattr(enc, _NESTED_ATTR, getattr(enc, "use_nested_tensor", False))
+            enc.use_nested_tensor = False
+
+
+def _release_encoders(model: nn.Module) -> None:
+    for enc in model.modules():
+        if isinstance(enc, nn.TransformerEncoder) and _NESTED_ATTR in vars(enc):
+            enc.use_nested_tensor = vars(enc).pop(_NESTED_ATTR)
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -172,7 +222,8 @@ def apply_lora(
     for its fused LoRA layer, in place: ``nn.Linear`` ->
     :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d` (``nn.Conv1d`` / ``nn.Conv3d`` ->
     :class:`LoRAConv1d` / :class:`LoRAConv3d`), HF ``Conv1D`` -> :class:`LoRAConv1D`,
-    ``nn.Embedding`` -> :class:`LoRAEmbedding`.
+    ``nn.Embedding`` -> :class:`LoRAEmbedding`, ``nn.MultiheadAttention`` -> :class:`LoRAMultiheadAttention`
+    (its packed q/k/v projection and its out_proj, as PEFT's ``lora.MultiheadAttention``).
     Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
     classifier head); called again on the same model, it adds layers and keeps training what the
     earlier call trains. ``bias`` is PEFT's: ``"none"``, ``"lora_only"`` (the LoRA layers' base biases
@@ -238,11 +289,9 @@ def apply_lora(
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     for n in saved:
         model.get_submodule(n).requires_grad_(True)
-    for layer in lora_modules(model).values():
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
-        if getattr(layer, "dora", False):
-            layer.lora_magnitude.requires_grad_(True)
+    for layer in lora_modules(model).values():  # a LoRA layer's own parameters are its adapters
+        for p in layer.parameters(recurse=False):
+            p.requires_grad_(True)
     for p in _bias_params(model, bias).values():
         p.requires_grad_(True)
     setattr(
@@ -250,6 +299,7 @@ def apply_lora(
         _CONFIG_ATTR,
         dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, modules_to_save=saved or None, bias=bias),
     )
+    _guard_encoders(model)
     group_shared_inputs(model)
     return model
 
@@ -259,13 +309,16 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     LoRA layer replaced by the fused one (sharing the base layer, copying A and B) and every
     ``modules_to_save`` wrapper by its trained copy; outputs are identical, and so is what trains
     (a base bias PEFT trains under ``bias="lora_only"``/``"all"`` stays trainable). Only one adapter
-    is converted (``adapter_name`` or the active one); others are dropped with a warning. LoRA on other
-    layer types (PEFT's MultiheadAttention, quantized layers) raises before anything changes."""
+    is converted (``adapter_name`` or the active one); others are dropped with a warning. PEFT's
+    ``lora.MultiheadAttention`` becomes :class:`LoRAMultiheadAttention` (its nested out_proj adapter
+    included; a merged one raises). LoRA on other layer types (quantized layers) raises before
+    anything changes."""
     from peft.tuners.lora import Conv2d as PeftConv2d
     from peft.tuners.lora import Embedding as PeftEmbedding
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Conv1d as PeftConv1d
     from peft.tuners.lora.layer import Conv3d as PeftConv3d
+    from peft.tuners.lora.layer import MultiheadAttention as PeftMHA
     from peft.utils import ModulesToSaveWrapper
 
     model = peft_model
@@ -280,6 +333,8 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             conv = _conv_layer_for(base) if isinstance(mod, (PeftConv1d, PeftConv2d, PeftConv3d)) else None
             if conv is not None:
                 todo.append((name, mod, conv))
+            elif isinstance(mod, PeftMHA) and isinstance(base, nn.MultiheadAttention):
+                todo.append((name, mod, LoRAMultiheadAttention))
             elif isinstance(mod, PeftEmbedding) and isinstance(base, nn.Embedding):
                 todo.append((name, mod, LoRAEmbedding))
             elif isinstance(base, nn.Linear) or is_hf_conv1d(base):
@@ -287,7 +342,8 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             else:  # checked before anything is replaced: a failure leaves the model as it was
                 raise NotImplementedError(
                     f"from_peft: {name} is PEFT's {type(mod).__name__} over {type(base).__name__}; fused LoRA"
-                    " layers exist for nn.Linear, Hugging Face Conv1D, nn.Conv1d/2d/3d and nn.Embedding only"
+                    " layers exist for nn.Linear, Hugging Face Conv1D, nn.Conv1d/2d/3d, nn.Embedding and"
+                    " nn.MultiheadAttention only"
                 )
         elif isinstance(mod, ModulesToSaveWrapper):
             todo.append((name, mod, None))
@@ -311,7 +367,12 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     for name, new in built:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        if isinstance(new, LoRAMultiheadAttention):
+            new.adopt_plain_out_proj()
+    _guard_encoders(model)
     group_shared_inputs(model)
+    if any(isinstance(new, LoRAMultiheadAttention) for _, new in built):
+        warn_if_peft_doubles("from_peft")
     if dropped:
         warnings.warn(f"from_peft: converted adapter only; dropped adapters {sorted(dropped)}", stacklevel=2)
     cfg = getattr(peft_model, "peft_config", {}).get(adapter_name or "default")
@@ -394,6 +455,8 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.unmerge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+        release_base(layer.base)
+    _release_encoders(model)
     if _CONFIG_ATTR in vars(model):
         delattr(model, _CONFIG_ATTR)
     return model
@@ -477,7 +540,9 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
         # with layers_to_transform, exclude_modules, ...), without re-deriving its rules.
         ends = ("." + _TENSOR_KEYS[0], "." + _EMBEDDING_KEYS[0])
         targets = sorted(
-            k[len(_PREFIX) :].rpartition(".lora_")[0] for k in tensors if k.startswith(_PREFIX) and k.endswith(ends)
+            k[len(_PREFIX) :].rpartition(".lora_")[0]
+            for k in tensors
+            if k.startswith(_PREFIX) and k.endswith(ends) and not k.endswith(_MHA_OUT_KEYS)
         )
         if not targets:
             raise ValueError(f"load_adapter: the adapter in {path} holds no LoRA tensor ({_PREFIX}<module>{ends[0]})")
@@ -529,7 +594,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             if attr == "lora_magnitude":
                 want = cur
             else:
-                want = (r, *cur[1:]) if attr == "lora_A" else (cur[0], r // groups, *cur[2:])
+                want = (r, *cur[1:]) if attr.endswith("lora_A") else (cur[0], r // groups, *cur[2:])
         if tuple(t.shape) != want:
             raise ValueError(
                 f"load_adapter: {key} has shape {tuple(t.shape)} in the adapter, the model needs {want}: the adapter"
@@ -541,6 +606,8 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             layer.scaling = scaling_of(alpha, r, layer.rslora)
     for p in biases.values():  # they are part of the adapter: they train, as under PEFT
         p.requires_grad_(True)
+    if any(isinstance(m, LoRAMultiheadAttention) for m in layers.values()):
+        warn_if_peft_doubles("load_adapter")
     renewed = []
     with torch.no_grad():
         for key, t in tensors.items():

@@ -569,8 +569,8 @@ def test_load_adapter_takes_the_layers_the_file_holds(tmp_path):
 
 
 def test_from_peft_refuses_unsupported_layers_before_changing_anything():
-    """PEFT's LoRA on an nn.MultiheadAttention has no fused layer: a clear error, and the PEFT model
-    untouched (the Linear before it is not converted either)."""
+    """A PEFT layer the fused layers refuse (here a merged lora.MultiheadAttention): a clear error, and
+    the PEFT model untouched (the Linear before it is not converted either)."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -582,10 +582,13 @@ def test_from_peft_refuses_unsupported_layers_before_changing_anything():
             return self.mha(h, h, h)[0]
 
     peft = get_peft_model(Net(), LoraConfig(r=2, target_modules=["lin", "mha"]))
+    peft.base_model.model.mha.merge()
     before = [type(m) for m in peft.modules()]
-    with pytest.raises(NotImplementedError, match=r"mha is PEFT's MultiheadAttention over MultiheadAttention"):
+    flags = [p.requires_grad for p in peft.parameters()]
+    with pytest.raises(NotImplementedError, match=r"MultiheadAttention adapter is merged"):
         ftk.from_peft(peft)
     assert [type(m) for m in peft.modules()] == before
+    assert [p.requires_grad for p in peft.parameters()] == flags
 
 
 def test_meta_device_init_then_reset_parameters():

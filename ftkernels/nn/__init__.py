@@ -5,6 +5,7 @@ from .lora_conv2d import LoRAConv2d, LoRAConvNd
 from .lora_conv_nd import LoRAConv1d, LoRAConv3d
 from .lora_embedding import LoRAEmbedding
 from .lora_linear import LoRALinear, lora_linear
+from .lora_mha import LoRAMultiheadAttention
 from .loreft import LoReFT
 from .masked import MaskedConv2d, MaskedLinear
 
@@ -16,6 +17,7 @@ __all__ = [
     "LoRAConvNd",
     "LoRAEmbedding",
     "LoRALinear",
+    "LoRAMultiheadAttention",
     "LoReFT",
     "MaskedConv2d",
     "MaskedLinear",

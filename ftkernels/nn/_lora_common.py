@@ -120,13 +120,40 @@ def check_plain_base(
                     " replacing layer computes the plain output from the weight itself, so the model would"
                     " change. Quantized or weight-standardized layers need PEFT's LoRA layer"
                 )
-    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+    if _foreign_hooks(base):
         warnings.warn(
             f"{name}: the base {type(base).__name__} has forward hooks; the replacing layer computes its output"
             " without calling it, so they will not run (register them on the new layer instead)",
             stacklevel=3,
         )
     return dynamic
+
+
+def fast_path_guard(module: nn.Module, args) -> None:
+    """A no-op forward pre-hook put on a fused LoRA layer's base layer, which the LoRA layer never
+    calls while unmerged. torch's ``nn.TransformerEncoderLayer`` (eval, no grad) runs one fused
+    kernel that reads ``linear1.weight`` / ``self_attn.in_proj_weight`` & co. directly, so the
+    adapters would be silently skipped at inference (PEFT's layers are). It falls back to calling its
+    layers when any submodule has a hook: this one."""
+    return None
+
+
+def guard_base(base: nn.Module) -> None:
+    """Put :func:`fast_path_guard` on ``base`` (once)."""
+    if fast_path_guard not in base._forward_pre_hooks.values():
+        base.register_forward_pre_hook(fast_path_guard)
+
+
+def release_base(base: nn.Module) -> None:
+    """Take :func:`fast_path_guard` off ``base`` (the layer goes back into the model)."""
+    for key in [k for k, h in base._forward_pre_hooks.items() if h is fast_path_guard]:
+        del base._forward_pre_hooks[key]
+
+
+def _foreign_hooks(base: nn.Module) -> bool:
+    """Whether ``base`` has forward hooks other than :func:`fast_path_guard` (or Accelerate's)."""
+    pre = [h for h in base._forward_pre_hooks.values() if h is not fast_path_guard]
+    return bool(base._forward_hooks or pre or hasattr(base, "_hf_hook"))
 
 
 @contextlib.contextmanager
