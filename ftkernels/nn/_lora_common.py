@@ -156,6 +156,15 @@ def _foreign_hooks(base: nn.Module) -> bool:
     return bool(base._forward_hooks or pre or hasattr(base, "_hf_hook"))
 
 
+def adopt_base(layer: nn.Module, base: nn.Module) -> None:
+    """``layer.base = base``, frozen and guarded (:func:`guard_base`): a fused layer reads its base's
+    weights, never its forward."""
+    layer.base = base
+    for q in base.parameters():
+        q.requires_grad_(False)
+    guard_base(base)
+
+
 @contextlib.contextmanager
 def rng_kept(device: torch.device):
     """Random draws inside (a new layer's init that is overwritten at once) leave the global RNG
@@ -170,7 +179,32 @@ def scaling_of(alpha, r: int, rslora: bool) -> float:
     return float(alpha) / (math.sqrt(r) if rslora else int(r))
 
 
-class LoRAMergeMixin:
+class FoldMixin:
+    """``merge`` / ``unmerge`` of a LoRA layer with ``merged``, ``_check_mergeable(what)`` and
+    ``_fold(sign)`` (adds ``sign * s B A`` to the base weights)."""
+
+    def merge(self) -> None:
+        """Fold ``scaling * B A`` into the base weight(s) (fp32 accumulation); forward then runs the base
+        layer alone, and the adapters get no gradient until :meth:`unmerge`. Raises, changing nothing,
+        where the delta cannot be stored (:meth:`_check_mergeable`: a grouped conv, a base weight
+        parametrized other than by weight_norm)."""
+        self._check_mergeable("merge")
+        if self.merged:
+            warnings.warn(f"{type(self).__name__}.merge: already merged; nothing done", stacklevel=2)
+            return
+        self._fold(1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract ``scaling * B A`` from the base weight(s) again (fp32 accumulation)."""
+        if not self.merged:
+            warnings.warn(f"{type(self).__name__}.unmerge: not merged; nothing done", stacklevel=2)
+            return
+        self._fold(-1.0)
+        self.merged = False
+
+
+class LoRAMergeMixin(FoldMixin):
     """``delta_weight`` / ``merge`` / ``unmerge`` for a layer with a ``base`` layer, ``lora_A`` ``[r, ...]``,
     ``lora_B`` ``[out, r, ...]``, ``scaling`` and ``merged``; ``_merge_view`` says where ``B A`` goes
     in the base weight."""
@@ -286,25 +320,6 @@ class LoRAMergeMixin:
         self._write_merge_target(new.to(w.dtype))
         if sign < 0:
             self._dora_norm = None
-
-    def merge(self) -> None:
-        """Fold ``scaling * B A`` into the base weight (fp32 accumulation); forward then runs the base
-        layer alone, and the adapters get no gradient until :meth:`unmerge`. Raises, changing nothing,
-        where :attr:`can_merge` is false or the base weight is parametrized other than by weight_norm."""
-        self._check_mergeable("merge")
-        if self.merged:
-            warnings.warn(f"{type(self).__name__}.merge: already merged; nothing done", stacklevel=2)
-            return
-        self._fold(1.0)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Subtract ``scaling * B A`` from the base weight again (fp32 accumulation)."""
-        if not self.merged:
-            warnings.warn(f"{type(self).__name__}.unmerge: not merged; nothing done", stacklevel=2)
-            return
-        self._fold(-1.0)
-        self.merged = False
 
 
 def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import lora_linear as _ops
-from ._lora_common import LoRAMergeMixin, check_plain_base, guard_base, lora_scaling, peft_adapter
+from ._lora_common import LoRAMergeMixin, adopt_base, check_plain_base, lora_scaling, peft_adapter
 from .dora import dora_linear
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -154,7 +154,7 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         self._check_base(base)
         out_f, in_f = self._linear_weight_of(base).shape
         scaling = lora_scaling(type(self).__name__, r, alpha, dropout, rslora)
-        self._adopt(base)
+        adopt_base(self, base)
         self.r, self.alpha, self.dropout, self.rslora = int(r), alpha, float(dropout), rslora
         self.scaling = scaling
         w = base.weight
@@ -172,14 +172,6 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         check_plain_base("LoRALinear", base, nn.Linear)
-
-    def _adopt(self, base: nn.Module) -> None:
-        """Take ``base`` as the frozen base layer. Its weight is read, never its forward, so a
-        parent's fused inference path must not read it either (:func:`guard_base`)."""
-        self.base = base
-        for q in base.parameters():
-            q.requires_grad_(False)
-        guard_base(base)
 
     @staticmethod
     def _linear_weight_of(base) -> Tensor:
@@ -240,7 +232,7 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         cls._check_base(base)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new._adopt(base)
+        adopt_base(new, base)
         new.r, new.alpha, new.dropout, new.scaling, new.rslora = ad.r, ad.alpha, ad.dropout, ad.scaling, ad.rslora
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
         new._adopt_peft_dora(ad)

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._lora_common import guard_base, lora_scaling, peft_adapter, rng_kept
+from ._lora_common import FoldMixin, adopt_base, lora_scaling, peft_adapter, rng_kept
 from .lora_linear import _lora_linear
 
 
-class LoRAMultiheadAttention(nn.Module):
+class LoRAMultiheadAttention(FoldMixin, nn.Module):
     """Drop-in replacement for a frozen ``nn.MultiheadAttention`` with LoRA on its packed input
     projection and on its output projection: the layer computes ``nn.MultiheadAttention`` with
     ``in_proj_weight + s B A`` and ``out_proj.weight + s B_o A_o`` (PEFT's ``lora.MultiheadAttention``,
@@ -50,10 +50,7 @@ class LoRAMultiheadAttention(nn.Module):
         if dora:
             raise NotImplementedError(f"{name}: DoRA on nn.MultiheadAttention is not supported (PEFT refuses it too)")
         self.scaling = lora_scaling(name, r, alpha, dropout, rslora)
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        guard_base(base)
+        adopt_base(self, base)
         self.r, self.alpha, self.dropout, self.rslora = int(r), alpha, float(dropout), rslora
         w = base.in_proj_weight
         E = base.embed_dim
@@ -126,21 +123,8 @@ class LoRAMultiheadAttention(nn.Module):
         if query.is_nested or key.is_nested or value.is_nested:
             raise ValueError(f"{type(self).__name__}: NestedTensor inputs are not supported; pass padded tensors")
         is_batched = query.dim() == 3
-        key_padding_mask = F._canonical_mask(
-            mask=key_padding_mask,
-            mask_name="key_padding_mask",
-            other_type=F._none_or_dtype(attn_mask),
-            other_name="attn_mask",
-            target_type=query.dtype,
-        )
-        attn_mask = F._canonical_mask(
-            mask=attn_mask,
-            mask_name="attn_mask",
-            other_type=None,
-            other_name="",
-            target_type=query.dtype,
-            check_other=False,
-        )
+        key_padding_mask = _canonical_padding_mask(key_padding_mask, attn_mask, query.dtype)
+        attn_mask = _canonical_attn_mask(attn_mask, query.dtype)
         if base.batch_first and is_batched:  # (transposes that keep "query is key is value")
             if key is value:
                 if query is key:
@@ -200,13 +184,7 @@ class LoRAMultiheadAttention(nn.Module):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         tgt_len, bsz, embed_dim = query.shape
         src_len = key.shape[0]
-        key_padding_mask = F._canonical_mask(
-            mask=key_padding_mask,
-            mask_name="key_padding_mask",
-            other_type=F._none_or_dtype(attn_mask),
-            other_name="attn_mask",
-            target_type=query.dtype,
-        )
+        key_padding_mask = _canonical_padding_mask(key_padding_mask, attn_mask, query.dtype)
         if is_causal and attn_mask is None:
             raise RuntimeError(
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method"
@@ -215,14 +193,7 @@ class LoRAMultiheadAttention(nn.Module):
         if is_causal and key_padding_mask is None and not need_weights:
             attn_mask = None  # SDPA's is_causal stands for the mask
         else:
-            attn_mask = F._canonical_mask(
-                mask=attn_mask,
-                mask_name="attn_mask",
-                other_type=None,
-                other_name="",
-                target_type=query.dtype,
-                check_other=False,
-            )
+            attn_mask = _canonical_attn_mask(attn_mask, query.dtype)
             if key_padding_mask is not None:
                 is_causal = False
         if embed_dim != base.embed_dim:
@@ -347,25 +318,10 @@ class LoRAMultiheadAttention(nn.Module):
         for w, d in ((self.base.in_proj_weight, d_in), (self.base.out_proj.weight, d_out)):
             w.copy_((w.to(d.dtype) + sign * d).to(w.dtype))
 
-    def merge(self) -> None:
-        """Fold both adapters into ``in_proj_weight`` and ``out_proj.weight`` (fp32 accumulation); forward
-        then runs the base layer alone (torch's own path, its fused inference kernel included)."""
+    def _check_mergeable(self, what: str) -> None:
         reason = self._merge_blocker()
         if reason is not None:
-            raise NotImplementedError(f"{type(self).__name__}.merge: {reason}; keep the adapter unmerged")
-        if self.merged:
-            warnings.warn(f"{type(self).__name__}.merge: already merged; nothing done", stacklevel=2)
-            return
-        self._fold(1.0)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Subtract both adapters from the base weights again (fp32 accumulation)."""
-        if not self.merged:
-            warnings.warn(f"{type(self).__name__}.unmerge: not merged; nothing done", stacklevel=2)
-            return
-        self._fold(-1.0)
-        self.merged = False
+            raise NotImplementedError(f"{type(self).__name__}.{what}: {reason}; keep the adapter unmerged")
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -392,10 +348,7 @@ class LoRAMultiheadAttention(nn.Module):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         cls._check_base(mha, out.base)
-        new.base = mha
-        for q in mha.parameters():
-            q.requires_grad_(False)
-        guard_base(mha)
+        adopt_base(new, mha)
         new.r, new.alpha, new.dropout, new.scaling, new.rslora = ad.r, ad.alpha, ad.dropout, ad.scaling, ad.rslora
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, False
         new.out_lora_A, new.out_lora_B = out.lora_A, out.lora_B
@@ -414,6 +367,23 @@ class LoRAMultiheadAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, r={self.r}, alpha={self.alpha}, "
             f"dropout={self.dropout}, rslora={self.rslora}, merged={self.merged}"
         )
+
+
+def _canonical_padding_mask(key_padding_mask, attn_mask, dtype):
+    """torch's canonical form of a key padding mask (a bool mask becomes a float one of -inf / 0)."""
+    return F._canonical_mask(
+        mask=key_padding_mask,
+        mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask",
+        target_type=dtype,
+    )
+
+
+def _canonical_attn_mask(attn_mask, dtype):
+    return F._canonical_mask(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=dtype, check_other=False
+    )
 
 
 @functools.cache
