@@ -166,7 +166,14 @@ def test_lora_linear_suite_rows(monkeypatch):
     rows = res["suites"]["lora_linear"]["rows"]
     trio = [r for r in rows if r["case"].startswith("q/k/v of one x")]
     dora = [r for r in rows if r["case"].startswith("DoRA")]
-    rows = [r for r in rows if r not in trio and r not in dora]
+    mha = [r for r in rows if r["case"].startswith("MultiheadAttention")]
+    rows = [r for r in rows if r not in trio and r not in dora and r not in mha]
+    # LoRA on nn.MultiheadAttention against PEFT's layer and the frozen one; PEFT saves more (its
+    # merged weights are part of the graph)
+    assert sorted(r["baseline"] for r in mha) == ["PEFT eager", "frozen MHA (floor)"]
+    for r in mha:
+        assert r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["floor_ms"] > 0
+    assert next(r for r in mha if r["baseline"] == "PEFT eager")["baseline_saved_MB"] > mha[0]["ours_saved_MB"]
     # DoRA: the two headline cases against PEFT's DoRA layer and the frozen base
     assert sorted(r["baseline"] for r in dora) == ["PEFT eager (DoRA)"] * 2 + ["frozen base layer (floor)"] * 2
     for r in dora:

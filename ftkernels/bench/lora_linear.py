@@ -5,7 +5,9 @@
 - PEFT's ``lora.Linear`` in eager mode (and under ``torch.compile`` on GPU);
 - the best known hand-written technique (cuBLAS matmuls, ``addmm_`` into y and grad_x, a
   hand-written backward; dropout 0 only);
-- DoRA (``dora=True``) against PEFT's ``use_dora=True`` layer on the headline shape.
+- DoRA (``dora=True``) against PEFT's ``use_dora=True`` layer on the headline shape;
+- LoRA on an ``nn.MultiheadAttention`` (ViT-B's self-attention on GPU) against PEFT's
+  ``lora.MultiheadAttention`` and the frozen layer.
 
 Memory: peak allocation of the step on GPU; on every device, the MB autograd saves for backward.
 
@@ -163,6 +165,7 @@ def _run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype |
         del base, ours, peft, peft_base, x, g, fns
     rows += _trio_rows(device, quick, rate, reps, dtype)
     rows += _dora_rows(device, quick, rate, reps, dtype)
+    rows += _mha_rows(device, quick, rate, reps, dtype)
     extra = {}
     if device.type == "cuda":  # which GEMM route the op picked per shape (FTKERNELS_LORA_GEMM=auto here)
         from ..triton import lora_linear as tk
@@ -245,6 +248,56 @@ def _dora_rows(device: torch.device, quick: bool, rate: float, reps: int, dtype:
         name = f"DoRA M{M} K{K} N{N} r{r} p{p} {dtype_name(dt)}"
         rows += _rows(name, ms, mem, saved, floor, "frozen base layer (floor)", False)
     return rows
+
+
+class SelfAttention(nn.Module):
+    """``mha(x, x, x)`` as one-input layer (torchvision's ViT block calls it so)."""
+
+    def __init__(self, mha: nn.Module):
+        super().__init__()
+        self.attn = mha
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def _mha_rows(device: torch.device, quick: bool, rate: float, reps: int, dtype: torch.dtype | None) -> list[dict]:
+    """LoRA on nn.MultiheadAttention (q/k/v packed, and out_proj): ours against PEFT's
+    ``lora.MultiheadAttention`` (which folds both adapters into the weights around every call and pays
+    their dense weight gradients) and the frozen layer. Floor: the frozen layer's projection flops,
+    forward and grad_x (``16 M E^2``), attention's (``4 N L^2 E`` forward, about twice that backward)
+    and the adapters' (``30 M r E``), over the matmul rate."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from ..peft_compat import apply_lora
+
+    if device.type == "cuda":
+        N, L, E, H, r, own = 32, 197, 768, 12, 16, torch.bfloat16  # ViT-B/16 at 224 px, batch 32
+    else:
+        N, L, E, H, r, own = (2, 33, 64, 4, 8, torch.float32) if quick else (4, 197, 384, 6, 16, torch.float32)
+    dtype = dtype or own
+    torch.manual_seed(0)
+    base = SelfAttention(nn.MultiheadAttention(E, H, batch_first=True, device=device, dtype=dtype))
+    base.requires_grad_(False)
+    ours = apply_lora(copy.deepcopy(base), ["attn"], r=r, alpha=2 * r)
+    with torch.no_grad():
+        ours.attn.lora_B.normal_(std=1e-3)
+        ours.attn.out_lora_B.normal_(std=1e-3)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["attn"])
+    peft = get_peft_model(copy.deepcopy(base), cfg)
+    x = torch.randn(N, L, E, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(N, L, E, device=device, dtype=dtype)
+    models = {"frozen MHA (floor)": base, "PEFT eager": peft, "ours": ours}
+    fns = {k: layer_step(m, x, g) for k, m in models.items()}
+    ms = time_rounds_ms(fns, device, reps, rounds=3 if quick else 4, warmup=2)
+    mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
+    saved = {k: saved_mb(m, x) for k, m in models.items()}
+    M = N * L
+    floor = (16 * M * E * E + 12 * N * L * L * E + 30 * M * r * E) / rate * 1e3
+    name = f"MultiheadAttention self-attn N{N} L{L} E{E} H{H} r{r} p0.0 {dtype_name(dtype)}"
+    return _rows(name, ms, mem, saved, floor, "frozen MHA (floor)", False)
 
 
 def _rows(name: str, ms: dict, mem: dict, saved: dict, floor: float, base_key: str, sweep: bool) -> list[dict]:
