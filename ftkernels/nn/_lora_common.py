@@ -174,14 +174,39 @@ def rng_kept(device: torch.device):
         yield
 
 
+def adapter_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype of new adapters over a base weight: fp32 over fp16/bf16 (PEFT's
+    ``autocast_adapter_dtype``), else the weight's own."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+def scaled_delta(lora_b: Tensor, lora_a: Tensor, scaling: float) -> Tensor:
+    """``scaling * B A`` without gradient, in fp32 (fp64 for fp64 adapters), A and B flattened to
+    ``[r, -1]`` and ``[out, r]``."""
+    acc = torch.float64 if lora_a.dtype == torch.float64 else torch.float32
+    a = lora_a.detach().to(acc).reshape(lora_a.shape[0], -1)
+    return scaling * (lora_b.detach().to(acc).reshape(lora_b.shape[0], -1) @ a)
+
+
 def scaling_of(alpha, r: int, rslora: bool) -> float:
     """PEFT's ``scaling``: ``alpha / r``, or ``alpha / sqrt(r)`` with rslora."""
     return float(alpha) / (math.sqrt(r) if rslora else int(r))
 
 
 class FoldMixin:
-    """``merge`` / ``unmerge`` of a LoRA layer with ``merged``, ``_check_mergeable(what)`` and
-    ``_fold(sign)`` (adds ``sign * s B A`` to the base weights)."""
+    """``merge`` / ``unmerge`` of a LoRA layer with ``merged``, ``_merge_blocker()`` (why the delta
+    cannot be stored, or None) and ``_fold(sign)`` (adds ``sign * s B A`` to the base weights)."""
+
+    @property
+    def can_merge(self) -> bool:
+        """Whether ``scaling * B A`` fits in the base weight (not for a grouped conv)."""
+        return True
+
+    def _check_mergeable(self, what: str, write: bool = True) -> None:
+        """Raise where the delta does not fit the base weight (or, with ``write``, cannot be stored in it)."""
+        reason = self._merge_blocker() if write or not self.can_merge else None
+        if reason is not None:
+            raise NotImplementedError(f"{type(self).__name__}.{what}: {reason}; keep the adapter unmerged")
 
     def merge(self) -> None:
         """Fold ``scaling * B A`` into the base weight(s) (fp32 accumulation); forward then runs the base
@@ -244,11 +269,6 @@ class LoRAMergeMixin(FoldMixin):
         self.base.weight = full
 
     @property
-    def can_merge(self) -> bool:
-        """Whether ``scaling * B A`` fits in the base weight (not for a grouped conv)."""
-        return True
-
-    @property
     def dora(self) -> bool:
         """Whether this layer is DoRA: a trained magnitude ``lora_magnitude`` (``[out]`` for Linear,
         ``[1, out, 1, 1]`` for Conv2d, ``[1, out, 1]`` / ``[1, out, 1, 1, 1]`` for Conv1d / Conv3d,
@@ -285,21 +305,12 @@ class LoRAMergeMixin(FoldMixin):
         if self.dora:
             self.lora_magnitude.copy_(self.dora_row_norm().view_as(self.lora_magnitude))
 
-    def _check_mergeable(self, what: str, write: bool = True) -> None:
-        """Raise where the delta does not fit the base weight (or, with ``write``, cannot be stored in it)."""
-        reason = self._merge_blocker() if write or not self.can_merge else None
-        if reason is not None:
-            raise NotImplementedError(f"{type(self).__name__}.{what}: {reason}; keep the adapter unmerged")
-
     def delta_weight(self) -> Tensor:
         """``scaling * B A`` shaped like the merge target, in fp32 (fp64 for fp64 adapters); A and B
         are flattened to ``[r, -1]`` and ``[out, r]`` (a conv's A spans ``in * kh * kw``). Raises
         where :attr:`can_merge` is false."""
         self._check_mergeable("delta_weight", write=False)
-        acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
-        a = self.lora_A.detach().to(acc).reshape(self.lora_A.shape[0], -1)
-        b = self.lora_B.detach().to(acc).reshape(self.lora_B.shape[0], -1)
-        return (self.scaling * (b @ a)).view(self._merge_target().shape)
+        return scaled_delta(self.lora_B, self.lora_A, self.scaling).view(self._merge_target().shape)
 
     @torch.no_grad()
     def _fold(self, sign: float) -> None:

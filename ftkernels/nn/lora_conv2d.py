@@ -14,6 +14,7 @@ from ..ops.lora_linear import _as
 from ._conv_stride import conv_backward, unit_stride
 from ._lora_common import (
     LoRAMergeMixin,
+    adapter_dtype,
     check_plain_base,
     lora_scaling,
     pad_list,
@@ -217,7 +218,7 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
         self.scaling = scaling
         self.geom, self._pre_pad = _geometry(base)
         w = base.weight
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = adapter_dtype(w)
         self.lora_A = nn.Parameter(torch.empty(self.r, in_c, *kernel, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_c, self.r // base.groups, *ones, device=w.device, dtype=dtype))
         if dora:

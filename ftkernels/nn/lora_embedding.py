@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._lora_common import LoRAMergeMixin, lora_scaling, peft_adapter, rng_kept
+from ._lora_common import LoRAMergeMixin, adapter_dtype, lora_scaling, peft_adapter, rng_kept
 
 
 class LoRAEmbedding(LoRAMergeMixin, nn.Module):
@@ -41,7 +41,7 @@ class LoRAEmbedding(LoRAMergeMixin, nn.Module):
             p.requires_grad_(False)
         self.r, self.alpha, self.dropout, self.rslora = int(r), alpha, float(dropout), rslora
         w = base.weight
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = adapter_dtype(w)
         self.lora_A = nn.Parameter(torch.empty(self.r, base.num_embeddings, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(base.embedding_dim, self.r, device=w.device, dtype=dtype))
         self.merged = False

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import lora_linear as _ops
-from ._lora_common import LoRAMergeMixin, adopt_base, check_plain_base, lora_scaling, peft_adapter
+from ._lora_common import LoRAMergeMixin, adapter_dtype, adopt_base, check_plain_base, lora_scaling, peft_adapter
 from .dora import dora_linear
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -158,7 +158,7 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         self.r, self.alpha, self.dropout, self.rslora = int(r), alpha, float(dropout), rslora
         self.scaling = scaling
         w = base.weight
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = adapter_dtype(w)
         self.lora_A = nn.Parameter(torch.empty(self.r, in_f, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_f, self.r, device=w.device, dtype=dtype))
         if dora:  # the trained magnitude m [out] (PEFT's lora_magnitude_vector); set by reset_parameters

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._lora_common import FoldMixin, adopt_base, lora_scaling, peft_adapter, rng_kept
+from ._lora_common import FoldMixin, adapter_dtype, adopt_base, lora_scaling, peft_adapter, rng_kept, scaled_delta
 from .lora_linear import _lora_linear
 
 
@@ -54,8 +54,7 @@ class LoRAMultiheadAttention(FoldMixin, nn.Module):
         self.r, self.alpha, self.dropout, self.rslora = int(r), alpha, float(dropout), rslora
         w = base.in_proj_weight
         E = base.embed_dim
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        kw = dict(device=w.device, dtype=dtype)
+        kw = dict(device=w.device, dtype=adapter_dtype(w))
         self.lora_A = nn.Parameter(torch.empty(self.r, E, **kw))
         self.lora_B = nn.Parameter(torch.empty(3 * E, self.r, **kw))
         self.out_lora_A = nn.Parameter(torch.empty(self.r, E, **kw))
@@ -295,10 +294,6 @@ class LoRAMultiheadAttention(FoldMixin, nn.Module):
     def dora(self) -> bool:
         return False
 
-    @property
-    def can_merge(self) -> bool:
-        return True
-
     def _merge_blocker(self) -> str | None:
         """Why :meth:`merge` cannot fold the adapters into the base weights, or None."""
         base = self.base
@@ -308,20 +303,14 @@ class LoRAMultiheadAttention(FoldMixin, nn.Module):
 
     def delta_weights(self) -> tuple[Tensor, Tensor]:
         """``(s B A [3E, E], s B_o A_o [E, E])`` in fp32 (fp64 for fp64 adapters)."""
-        acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
         pairs = ((self.lora_B, self.lora_A), (self.out_lora_B, self.out_lora_A))
-        return tuple(self.scaling * (b.detach().to(acc) @ a.detach().to(acc)) for b, a in pairs)
+        return tuple(scaled_delta(b, a, self.scaling) for b, a in pairs)
 
     @torch.no_grad()
     def _fold(self, sign: float) -> None:
         d_in, d_out = self.delta_weights()
         for w, d in ((self.base.in_proj_weight, d_in), (self.base.out_proj.weight, d_out)):
             w.copy_((w.to(d.dtype) + sign * d).to(w.dtype))
-
-    def _check_mergeable(self, what: str) -> None:
-        reason = self._merge_blocker()
-        if reason is not None:
-            raise NotImplementedError(f"{type(self).__name__}.{what}: {reason}; keep the adapter unmerged")
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
