@@ -354,3 +354,43 @@ def test_masked_wgrad_floor_counts_touched_sectors():
     assert wgrad_floor_ms(8192, 4096, 4096, torch.arange(2048, 2458), 2, 730e12, 3.0e12) == pytest.approx(
         2 * 8192 * 4096 * 410 / 730e12 * 1e3
     )
+
+
+def test_input_sets_stream_twice_the_cache(monkeypatch):
+    """Enough fresh input sets that cycling through them moves twice the last-level cache (capped), one
+    set when a set alone is that large; every set holds different values."""
+    from ftkernels.bench import common
+
+    monkeypatch.setattr(common, "cache_bytes", lambda device: 1000 * 4)
+    cpu = torch.device("cpu")
+    sets = common.input_sets(lambda: (torch.randn(100), torch.randn(150)), cpu)
+    assert len(sets) == 8  # ceil(8000 / 1000 bytes) = 8
+    assert len(common.input_sets(lambda: torch.randn(300), cpu)) == 7  # ceil(8000 / 1200)
+    assert len(common.input_sets(lambda: torch.randn(30), cpu, cap=3)) == 3
+    assert len(common.input_sets(lambda: torch.randn(2000), cpu)) == 1
+    firsts = [s[0] for s in sets]
+    assert all(not torch.equal(a, b) for a, b in zip(firsts, firsts[1:], strict=False))
+
+
+def test_cache_bytes_reads_the_last_level_cache():
+    """CPU: the largest size sysfs lists for cpu0 (or the 32 MiB default): at least an L1's size."""
+    from ftkernels.bench.common import cache_bytes
+
+    n = cache_bytes(torch.device("cpu"))
+    assert isinstance(n, int) and n >= 2**15
+
+
+def test_layer_step_cycles_through_the_input_sets():
+    """Each call of a rotating step takes the next x/g pair: after one round every x has its own grad,
+    equal to the layer's grad_x for its own g."""
+    from ftkernels.bench.common import layer_step, step_inputs
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 3, dtype=torch.float64)
+    xs, gs = step_inputs((4, 5), (4, 3), torch.device("cpu"), torch.float64)
+    xs, gs = (xs * 3)[:3], (gs * 3)[:3]  # at least three sets, whatever the machine's cache
+    step = layer_step(lin, xs, gs)
+    for _ in range(3):
+        step()
+    for x, g in zip(xs, gs, strict=True):
+        torch.testing.assert_close(x.grad, g @ lin.weight)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import glob
 import os
 import platform
 import statistics
@@ -76,11 +77,54 @@ def time_pair_ms(fa, fb, device: torch.device, rounds: int = 4, reps: int = 5) -
     return statistics.median(ta), statistics.median(tb)
 
 
-def layer_step(layer, x: torch.Tensor, g: torch.Tensor, autocast: torch.dtype | None = None):
+def cache_bytes(device: torch.device) -> int:
+    """Size of the last-level cache inputs could sit in between timed calls: the CUDA device's L2, or on
+    CPU the largest cache sysfs lists for cpu0 (32 MiB where it lists none)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    sizes = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with contextlib.suppress(OSError, ValueError), open(index) as f:
+            text = f.read().strip()  # "32768K"
+            unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:])
+            sizes.append(int(text[:-1]) * unit if unit else int(text))
+    return max(sizes, default=32 * 2**20)
+
+
+def input_sets(make, device: torch.device, cap: int = 8) -> list:
+    """Independent sets of one case's inputs (``make()`` returns a tensor or a tuple of them, fresh random
+    values each call): enough that cycling through them streams at least twice the last-level cache
+    between two uses of a set (``cap`` at most), so a timed call does not find its inputs in cache left
+    by the previous call, as it would not in a network where other layers run in between. One set when a
+    single set is already that large; the extra memory is at most twice the cache plus one set."""
+    first = make()
+    tensors = first if isinstance(first, tuple) else (first,)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    n = max(1, min(cap, -(-2 * cache_bytes(device) // max(nbytes, 1))))
+    return [first] + [make() for _ in range(n - 1)]
+
+
+def step_inputs(x_shape, g_shape, device: torch.device, dtype: torch.dtype | None = None) -> tuple[list, list]:
+    """:func:`input_sets` of a layer step's x (requiring grad) and output gradient g, as two lists."""
+
+    def make():
+        x = torch.randn(x_shape, device=device, dtype=dtype, requires_grad=True)
+        return x, torch.randn(g_shape, device=device, dtype=dtype)
+
+    sets = input_sets(make, device)
+    return [s[0] for s in sets], [s[1] for s in sets]
+
+
+def layer_step(layer, x, g, autocast: torch.dtype | None = None):
     """A closure running one layer's training-step work: clear the grads of x and the layer's
-    params, forward (under autocast when given), backward with ``g``."""
+    params, forward (under autocast when given), backward with ``g``. ``x`` and ``g`` may be equal-length
+    lists (from :func:`input_sets`): each call takes the next pair."""
+    xs, gs = (x, g) if isinstance(x, list) else ([x], [g])
+    turn = [0]
 
     def fn():
+        i = turn[0] = (turn[0] + 1) % len(xs)
+        x, g = xs[i], gs[i]
         x.grad = None
         for q in layer.parameters():
             q.grad = None

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import LoRAConv2d
-from .common import layer_step, peak_extra_mb, short_dtype, time_rounds_ms
+from .common import input_sets, layer_step, peak_extra_mb, short_dtype, time_rounds_ms
 from .models import resnet50
 
 
@@ -113,9 +113,15 @@ def layer_rows(
         peft_base = conv().to(device)
         peft_base.load_state_dict(base.state_dict())
         peft = _peft_conv(peft_base.requires_grad_(False), rc, 2 * rc, ours)
-        x = torch.randn(c["N"], c["cin"], c["H"], c["W"], device=device).to(memory_format=fmt).requires_grad_(True)
         with torch.no_grad():
-            g = torch.randn_like(base(x))
+            out_shape = base(torch.empty(1, c["cin"], c["H"], c["W"], device=device)).shape[1:]
+
+        def make(c=c, out_shape=out_shape):
+            x = torch.randn(c["N"], c["cin"], c["H"], c["W"], device=device).to(memory_format=fmt)
+            return x.requires_grad_(True), torch.randn(c["N"], *out_shape, device=device).to(memory_format=fmt)
+
+        sets = input_sets(make, device)  # x/g sets cycled so each call streams its inputs from memory
+        x, g = [s[0] for s in sets], [s[1] for s in sets]
         fns = {"base": layer_step(base, x, g, st["autocast"]), "PEFT eager": layer_step(peft, x, g, st["autocast"])}
         strategies = STRATEGIES if groups == 1 else ("auto",)
         fns.update({s: _with_strategy(ours, s, layer_step(ours, x, g, st["autocast"])) for s in strategies})

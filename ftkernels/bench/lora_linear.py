@@ -10,6 +10,8 @@
   ``lora.MultiheadAttention`` and the frozen layer.
 
 Memory: peak allocation of the step on GPU; on every device, the MB autograd saves for backward.
+Inputs: each case cycles through enough x/g sets to stream twice the last-level cache between uses of
+one (``common.input_sets``), so small cases do not run from cache as a layer in a network would not.
 
 Physical floor of a case: (base + rank-r flops) / measured matmul rate; the LoRA flops
 (``6 M r (K + N)``) are ~2% of the base's (``4 M N K``) at r=16, K=N=4096.
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from ..nn import LoRALinear
-from .common import compile_baselines, dtype_name, layer_step, peak_extra_mb, time_rounds_ms
+from .common import compile_baselines, dtype_name, layer_step, peak_extra_mb, step_inputs, time_rounds_ms
 
 
 class HandWrittenLoRA(torch.autograd.Function):
@@ -144,8 +146,7 @@ def _run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype |
         peft_base = nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
         peft_base.load_state_dict(base.state_dict())
         peft = _peft_layer(peft_base, r, 2 * r, p, ours).to(dtype=dtype)
-        x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
-        g = torch.randn(M, N, device=device, dtype=dtype)
+        x, g = step_inputs((M, K), (M, N), device, dtype)
         layers = {"frozen base layer (floor)": base, "PEFT eager": peft}
         fns = {"frozen base layer (floor)": layer_step(base, x, g), "PEFT eager": layer_step(peft, x, g)}
         if compile_baselines(device) and not c["sweep"]:
@@ -155,7 +156,7 @@ def _run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype |
             fns["hand-written cuBLAS + addmm_"] = layer_step(layers["hand-written cuBLAS + addmm_"], x, g)
         layers["ours"] = ours
         fns["ours"] = layer_step(ours, x, g)
-        saved = {k: saved_mb(m, x) for k, m in layers.items()}
+        saved = {k: saved_mb(m, x[0]) for k, m in layers.items()}
         ms = time_rounds_ms(fns, device, reps, rounds=3 if quick else 4, warmup=2)
         mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
         flops = 4 * M * N * K + 6 * M * r * (K + N)
@@ -210,13 +211,12 @@ def _trio_rows(device: torch.device, quick: bool, rate: float, reps: int, dtype:
     peft = get_peft_model(
         copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["q", "k", "v"])
     )
-    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(M, K, device=device, dtype=dtype)
+    x, g = step_inputs((M, K), (M, K), device, dtype)
     models = {"frozen q/k/v (floor)": base, "PEFT eager": peft, "ours, each layer alone": alone, "ours": ours}
     fns = {k: layer_step(m, x, g) for k, m in models.items()}
     ms = time_rounds_ms(fns, device, reps, rounds=4, warmup=3)  # warm-up also lets the groups learn
     mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
-    saved = {k: saved_mb(m, x) for k, m in models.items()}
+    saved = {k: saved_mb(m, x[0]) for k, m in models.items()}
     floor = 3 * (4 * M * K * K + 6 * M * r * 2 * K) / rate * 1e3
     name = f"q/k/v of one x: M{M} K=N={K} r{r} p{p} {dtype_name(dtype)}"
     return _rows(name, ms, mem, saved, floor, "frozen q/k/v (floor)", False)
@@ -237,11 +237,10 @@ def _dora_rows(device: torch.device, quick: bool, rate: float, reps: int, dtype:
         peft_base = nn.Linear(K, N, device=device, dtype=dt).requires_grad_(False)
         peft_base.load_state_dict(base.state_dict())
         peft = _peft_layer(peft_base, r, 2 * r, p, ours)
-        x = torch.randn(M, K, device=device, dtype=dt, requires_grad=True)
-        g = torch.randn(M, N, device=device, dtype=dt)
+        x, g = step_inputs((M, K), (M, N), device, dt)
         layers = {"frozen base layer (floor)": base, "PEFT eager (DoRA)": peft, "ours": ours}
         fns = {k: layer_step(m, x, g) for k, m in layers.items()}
-        saved = {k: saved_mb(m, x) for k, m in layers.items()}
+        saved = {k: saved_mb(m, x[0]) for k, m in layers.items()}
         ms = time_rounds_ms(fns, device, reps, rounds=3 if quick else 4, warmup=2)
         mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
         floor = (4 * M * N * K + 6 * M * r * (K + N)) / rate * 1e3
@@ -287,13 +286,12 @@ def _mha_rows(device: torch.device, quick: bool, rate: float, reps: int, dtype: 
         ours.attn.out_lora_B.normal_(std=1e-3)
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["attn"])
     peft = get_peft_model(copy.deepcopy(base), cfg)
-    x = torch.randn(N, L, E, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(N, L, E, device=device, dtype=dtype)
+    x, g = step_inputs((N, L, E), (N, L, E), device, dtype)
     models = {"frozen MHA (floor)": base, "PEFT eager": peft, "ours": ours}
     fns = {k: layer_step(m, x, g) for k, m in models.items()}
     ms = time_rounds_ms(fns, device, reps, rounds=3 if quick else 4, warmup=2)
     mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
-    saved = {k: saved_mb(m, x) for k, m in models.items()}
+    saved = {k: saved_mb(m, x[0]) for k, m in models.items()}
     M = N * L
     floor = (16 * M * E * E + 12 * N * L * L * E + 30 * M * r * E) / rate * 1e3
     name = f"MultiheadAttention self-attn N{N} L{L} E{E} H{H} r{r} p0.0 {dtype_name(dtype)}"

@@ -24,7 +24,7 @@ from ..freeze import freeze
 from ..nn import MaskedLinear
 from ..nn.masked import _ROWS, masked_weight_grad_linear, wgrad_choices
 from ..optim import FusedAdamW
-from .common import dtype_name, layer_step, peak_extra_mb, short_dtype, time_rounds_ms
+from .common import dtype_name, layer_step, peak_extra_mb, short_dtype, step_inputs, time_rounds_ms
 
 
 def touched_bytes(n_rows: int, cols: torch.Tensor, elem: int, sector: int = 32) -> int:
@@ -57,9 +57,19 @@ def linear_rows(
     reps = 5 if quick else 20
     torch.manual_seed(0)
     lin = nn.Linear(K, N, device=device, dtype=dtype)
-    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(M, N, device=device, dtype=dtype)
-    xd = x.detach()
+    x, g = step_inputs((M, K), (M, N), device, dtype)
+    turn = [0]  # the weight-gradient variants cycle through the same x/g sets as the steps
+
+    def inputs():
+        i = turn[0] = (turn[0] + 1) % len(x)
+        return g[i], x[i].detach()
+
+    wshape = lin.weight.shape
+
+    def dense_wgrad():
+        gi, xi = inputs()
+        return gi.t() @ xi
+
     name = f"Linear M{M} K{K} N{N} {dtype_name(dtype)}, 10% rows trainable"  # random rows unless named
     n_keep = max(1, round(0.1 * N))
     block = torch.zeros(N, dtype=torch.bool, device=device)
@@ -74,12 +84,12 @@ def linear_rows(
         layers[kind] = masked
         plan = masked.plan
         variants = {
-            "dense": lambda: g.t() @ xd,
-            "masked": lambda plan=plan: masked_weight_grad_linear(g, xd, plan, lin.weight.shape),
+            "dense": dense_wgrad,
+            "masked": lambda plan=plan: masked_weight_grad_linear(*inputs(), plan, lin.weight.shape),
         }
         if device.type == "cuda":  # every route of the rows-mode gradient, whichever the op picked
             for route_name, route in _ROWS.items():
-                variants[f"{route_name} route"] = lambda route=route, plan=plan: route(g, xd, plan, lin.weight.shape)[0]
+                variants[f"{route_name} route"] = lambda route=route, plan=plan: route(*inputs(), plan, wshape)[0]
         wg = time_rounds_ms(variants, device, reps)
         kept = mask[:, 0].nonzero().flatten()
         rows.append(
