@@ -304,12 +304,59 @@ def apply_lora(
     return model
 
 
+def _adapter_names(layer: nn.Module) -> set:
+    """The adapters a PEFT LoRA layer holds (an Embedding keeps them in ``lora_embedding_A``)."""
+    return set(layer.lora_A.keys()) | set(getattr(layer, "lora_embedding_A", {}).keys())
+
+
+def _adapter_to_convert(layers: list, adapter_name: str | None) -> str:
+    """The one adapter :func:`from_peft` converts: ``adapter_name``, else the model's active one. Raises
+    where the converted model could not compute what PEFT's does: adapters disabled (PEFT runs the bases
+    alone), several adapters active at once (PEFT sums them; a fused layer holds one), a layer merged
+    with another adapter (or with several), or a name no layer holds."""
+    known = set().union(*(_adapter_names(m) for m in layers))
+    if adapter_name is not None and adapter_name not in known:
+        raise ValueError(f"from_peft: no LoRA layer holds adapter {adapter_name!r}; the model has {sorted(known)}")
+    if any(getattr(m, "disable_adapters", False) for m in layers):
+        raise ValueError(
+            "from_peft: the PEFT adapters are disabled (PEFT runs the base model alone); enable them"
+            " (enable_adapter_layers()) or use the base model"
+        )
+    if adapter_name is None:
+        active = list(dict.fromkeys(a for m in layers for a in m.active_adapters))
+        if len(active) != 1:
+            raise ValueError(
+                f"from_peft: {len(active)} adapters are active ({active}); PEFT sums active adapters and a fused"
+                " layer holds one: pass adapter_name=, or combine them first (PEFT's add_weighted_adapter)"
+            )
+        adapter_name = active[0]
+    for m in layers:
+        merged = list(getattr(m, "merged_adapters", []))
+        if merged and merged != [adapter_name]:
+            raise NotImplementedError(
+                f"from_peft: a layer has adapter(s) {merged} merged into its base while {adapter_name!r} is"
+                " converted; unmerge first (unmerge_adapter())"
+            )
+    return adapter_name
+
+
+def _unwrap_out_proj(module: nn.Module) -> None:
+    """Take PEFT's LoRA wrapper off the out_proj of an attention base that goes back to plain."""
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(getattr(module, "out_proj", None), LoraLayer):
+        module.out_proj = module.out_proj.get_base_layer()
+
+
 def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """The model inside a PEFT ``PeftModel`` (or a model holding PEFT LoRA layers) with every PEFT
     LoRA layer replaced by the fused one (sharing the base layer, copying A and B) and every
     ``modules_to_save`` wrapper by its trained copy; outputs are identical, and so is what trains
     (a base bias PEFT trains under ``bias="lora_only"``/``"all"`` stays trainable). Only one adapter
-    is converted (``adapter_name`` or the active one); others are dropped with a warning. PEFT's
+    is converted (``adapter_name`` or the active one); others are dropped with a warning, and a layer
+    the converted adapter does not cover goes back to its plain base (as PEFT runs it). Raises, with
+    the model unchanged, where PEFT's outputs could not be kept: adapters disabled, several active at
+    once, another adapter merged into a base. PEFT's
     ``lora.MultiheadAttention`` becomes :class:`LoRAMultiheadAttention` (its nested out_proj adapter
     included; a merged one raises). LoRA on other layer types (quantized layers) raises before
     anything changes."""
@@ -349,17 +396,22 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             todo.append((name, mod, None))
     if not any(cls is not None for _, _, cls in todo):
         raise ValueError("from_peft: the model holds no PEFT LoRA layer")
+    active = _adapter_to_convert([mod for _, mod, cls in todo if cls is not None], adapter_name)
     dropped, built = set(), []
     # Every fused layer is built (and so checked) before the model changes. Building freezes the bases;
     # PEFT's flags come back after (a bias PEFT trains under bias="lora_only"/"all" still trains).
     flags = [(q, q.requires_grad) for q in model.parameters()]
     try:
         for name, mod, cls in todo:
-            active = adapter_name or mod.active_adapters[0]
-            if cls is None:
-                built.append((name, mod.modules_to_save[active]))
+            if cls is None:  # PEFT runs the original module where the adapter saved no copy
+                saved = mod.modules_to_save
+                built.append((name, saved[active] if active in saved else mod.original_module))
                 continue
-            dropped |= (set(mod.lora_A.keys()) | set(getattr(mod, "lora_embedding_A", {}).keys())) - {active}
+            names = _adapter_names(mod)
+            dropped |= names - {active}
+            if active not in names:  # an adapter that skipped this layer: PEFT runs the base alone here
+                built.append((name, mod.get_base_layer()))
+                continue
             built.append((name, cls.from_peft_layer(mod, active).train(mod.training)))
     finally:
         for q, flag in flags:
@@ -369,13 +421,15 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         if isinstance(new, LoRAMultiheadAttention):
             new.adopt_plain_out_proj()
+        elif isinstance(new, nn.MultiheadAttention):  # a base left without an adapter
+            _unwrap_out_proj(new)
     _guard_encoders(model)
     group_shared_inputs(model)
     if any(isinstance(new, LoRAMultiheadAttention) for _, new in built):
         warn_if_peft_doubles("from_peft")
     if dropped:
         warnings.warn(f"from_peft: converted adapter only; dropped adapters {sorted(dropped)}", stacklevel=2)
-    cfg = getattr(peft_model, "peft_config", {}).get(adapter_name or "default")
+    cfg = getattr(peft_model, "peft_config", {}).get(active)
     if cfg is not None:
         setattr(
             model,
