@@ -1,5 +1,7 @@
 """Hugging Face Trainer with apply_lora and a fused optimizer; gradient checkpointing through our layers."""
 
+import os
+
 import pytest
 import torch
 
@@ -182,3 +184,50 @@ def test_trainer_resume_from_checkpoint_retraces_the_run(tmp_path):
     for n, p in full.items():
         torch.testing.assert_close(resumed[n], p, atol=1e-6, rtol=1e-5)
     assert not torch.equal(full["classifier.weight"], start["classifier.weight"])
+
+
+def test_adapter_checkpoints_load_in_peft_and_back(tmp_path):
+    """Every checkpoint Trainer writes also holds the PEFT-format adapter: PEFT's from_pretrained on a
+    fresh base and ftk.load_adapter both give the trained model's outputs (the last checkpoint)."""
+    import copy
+
+    from peft import PeftModel
+    from transformers import Trainer, TrainingArguments
+
+    from ftkernels.integrations.hf import AdapterCheckpoints
+
+    model = _bert_classifier()
+    fresh = copy.deepcopy(model)
+    ftk.apply_lora(model, ["query", "value"], r=4, alpha=8, modules_to_save=["classifier"])
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=5e-2,
+        save_strategy="steps", save_steps=3, report_to=[], use_cpu=True,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[AdapterCheckpoints()]).train()
+    for step in (3, 6):
+        names = set(os.listdir(tmp_path / f"checkpoint-{step}"))
+        assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= names
+    ids = torch.randint(1, 50, (3, 12), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    want = model(input_ids=ids).logits
+    peft = PeftModel.from_pretrained(copy.deepcopy(fresh), str(tmp_path / "checkpoint-6")).eval()
+    torch.testing.assert_close(peft(input_ids=ids).logits, want)
+    ours = ftk.load_adapter(copy.deepcopy(fresh), str(tmp_path / "checkpoint-6")).eval()
+    torch.testing.assert_close(ours(input_ids=ids).logits, want)
+    early = ftk.load_adapter(copy.deepcopy(fresh), str(tmp_path / "checkpoint-3")).eval()
+    assert not torch.allclose(early(input_ids=ids).logits, want)  # each checkpoint holds its own step
+
+
+def test_adapter_checkpoints_warn_without_lora(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from ftkernels.integrations.hf import AdapterCheckpoints
+
+    model = _bert_classifier()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, save_strategy="steps",
+        save_steps=1, report_to=[], use_cpu=True,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="no fused LoRA layer"):
+        Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[AdapterCheckpoints()]).train()
+    assert "adapter_config.json" not in os.listdir(tmp_path / "checkpoint-1")

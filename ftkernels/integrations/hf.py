@@ -9,11 +9,20 @@
 The scheduler slot may stay None: Trainer builds its usual schedule on our optimizer. Trainer clips
 gradients itself when ``args.max_grad_norm > 0``; pass ``max_grad_norm=...`` here and set
 ``args.max_grad_norm = 0`` to have the clipping fused into the step instead.
+
+Trainer saves a model with fused LoRA layers whole, under the fused layers' parameter names: fine for
+``resume_from_checkpoint``, but neither PEFT nor the plain architecture reads it. ``callbacks=
+[AdapterCheckpoints()]`` also writes the adapter in PEFT's format into every checkpoint folder.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+
 from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..optim import FusedAdagrad, FusedAdamW, FusedRMSprop, FusedSGD
 
@@ -54,3 +63,25 @@ def create_optimizer(model: nn.Module, args, optimizer: str = "adamw", **regular
         kwargs.setdefault("betas", (args.adam_beta1, args.adam_beta2))
         kwargs.setdefault("eps", args.adam_epsilon)
     return OPTIMIZERS[optimizer](groups, **kwargs)
+
+
+class AdapterCheckpoints(TrainerCallback):
+    """A Trainer callback: each time Trainer saves ``<output_dir>/checkpoint-<step>``, the model's LoRA
+    adapter goes beside it in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``, via
+    :func:`ftkernels.save_adapter`, ``modules_to_save`` included), so every checkpoint loads with
+    ``ftk.load_adapter(model, path)`` or PEFT's ``PeftModel.from_pretrained(base, path)``. Written by the
+    main process only; a model without fused LoRA layers gets a warning and nothing written."""
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        from ..peft_compat import lora_modules, save_adapter
+
+        if not state.is_world_process_zero or model is None:
+            return control
+        if not lora_modules(model):
+            if not getattr(self, "_warned", False):
+                warnings.warn("AdapterCheckpoints: the model has no fused LoRA layer; nothing written", stacklevel=2)
+                self._warned = True
+            return control
+        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        save_adapter(model, path)
+        return control
