@@ -685,7 +685,10 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
 
 
 def _pattern(pattern: dict, name: str, default):
+    """The value of the first ``rank_pattern`` / ``alpha_pattern`` key that matches a module name by PEFT's
+    rule: the key is a regex for the name's tail after a dot (``layers\\.[0-3]\\.q_proj`` matches
+    ``model.layers.2.q_proj``), or for the whole name."""
     for key, value in pattern.items():
-        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+        if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default

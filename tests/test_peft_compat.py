@@ -734,3 +734,40 @@ def test_new_layers_keep_the_model_mode_and_the_model_pickles():
     ours = ftk.from_peft(peft)
     assert not ours.encoder.layer[0].attention.self.query.training
     assert ours.encoder.layer[1].attention.self.query.training
+
+
+def test_load_adapter_matches_rank_and_alpha_patterns_as_peft_does(tmp_path):
+    """PEFT reads a rank_pattern / alpha_pattern key as a regex for a module name's tail after a dot
+    (first matching key wins): ``[01]\\.q`` names body.0.q and body.1.q, not body.2.q."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.v = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.v(torch.tanh(self.q(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(*[Block() for _ in range(3)])
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    base = Net().double()
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False,
+        rank_pattern={r"[01]\.q": 2, "q": 3}, alpha_pattern={r"body\.2\.v": 3, "v": 5},
+    )  # fmt: skip
+    peft = get_peft_model(copy.deepcopy(base), cfg)
+    peft.save_pretrained(tmp_path)
+    ours = ftk.load_adapter(copy.deepcopy(base), str(tmp_path))
+    for name, layer in ftk.peft_compat.lora_modules(ours).items():
+        theirs = peft.base_model.model.get_submodule(name)
+        assert (layer.r, layer.alpha) == (theirs.r["default"], theirs.lora_alpha["default"]), name
+    assert [ours.body[i].q.r for i in range(3)] == [2, 2, 3]
+    x = torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), peft(x), rtol=0, atol=1e-12)
