@@ -237,6 +237,12 @@ def apply_lora(
         raise ValueError("apply_lora: target_modules is empty")
     if bias not in BIAS_MODES:
         raise ValueError(f"apply_lora: bias must be one of {BIAS_MODES}, got {bias!r}")
+    lazy = [n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)]
+    if lazy:  # their shapes (so the adapters') are unknown, and they cannot be frozen yet
+        raise ValueError(
+            f"apply_lora: {lazy[0]} is an uninitialized parameter of a lazy module (nn.LazyLinear, ...): run one"
+            " forward with a sample batch first, so every shape is known"
+        )
     # A second call adds layers: what the first one trains (its modules_to_save, its bias) keeps training.
     earlier = getattr(model, _CONFIG_ATTR, None) or {}
     all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR

@@ -771,3 +771,17 @@ def test_load_adapter_matches_rank_and_alpha_patterns_as_peft_does(tmp_path):
     assert [ours.body[i].q.r for i in range(3)] == [2, 2, 3]
     x = torch.randn(5, 8, dtype=torch.float64)
     torch.testing.assert_close(ours(x), peft(x), rtol=0, atol=1e-12)
+
+
+def test_apply_lora_on_a_lazy_module_asks_for_a_forward_first():
+    """Uninitialized lazy parameters: refused with the way out named (PEFT builds zero-width adapters);
+    after one forward the same call works and trains."""
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"0\.weight is an uninitialized parameter .* run one forward"):
+        ftk.apply_lora(model, ["0"], r=2)
+    assert type(model[0]) is nn.LazyLinear
+    x = torch.randn(3, 5)
+    model(x)
+    ftk.apply_lora(model, ["0"], r=2)
+    model(x).sum().backward()
+    assert model[0].lora_B.grad is not None and model[0].lora_A.shape == (2, 5)
