@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops import torch_func
 from ..ops.lora_dropout import lora_dropout
 from ..ops.lora_linear import _as
 
@@ -82,7 +83,10 @@ class _DoraScale(torch.autograd.Function):
 
 
 def dora_apply_scale(z: Tensor, mns: Tensor, bias: Tensor | None) -> Tensor:
-    """:class:`_DoraScale` (``y = z * mns + b``, fp32 math, z's dtype out)."""
+    """:class:`_DoraScale` (``y = z * mns + b``, fp32 math, z's dtype out); plain ops under a
+    ``torch.func`` transform."""
+    if torch_func.active():
+        return (z * mns if bias is None else torch.addcmul(bias, z, mns)).to(z.dtype)
     return _DoraScale.apply(z, mns, bias)
 
 
@@ -92,12 +96,12 @@ def dora_linear(lora_fn, x: Tensor, weight: Tensor, bias, lora_a, lora_b, magnit
     mns = dora_scale(magnitude, weight, lora_a, lora_b, scaling)
     if p == 0:
         z = lora_fn(x, weight, None, lora_a, lora_b, scaling, 0.0)
-        return _DoraScale.apply(z, mns, bias)
+        return dora_apply_scale(z, mns, bias)
     # Adapters in the compute dtype (autocast casts inside F.linear anyway; otherwise x's dtype, which
     # the base weight must match: checked by the layer).
     autocast = torch.is_autocast_enabled(x.device.type)
     a, b = (lora_a, lora_b) if autocast else (_as(lora_a, x.dtype), _as(lora_b, x.dtype))
-    xd = lora_dropout(x, p, seed_fn())
+    xd = torch_func.dropped(x, p, seed_fn()) if torch_func.active() else lora_dropout(x, p, seed_fn())
     return dora_dropout_form(
         F.linear(x, weight, bias), F.linear(xd, weight), F.linear(F.linear(xd, a), b), mns, scaling
     )

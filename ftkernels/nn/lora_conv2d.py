@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import torch_func
 from ..ops.lora_dropout import lora_dropout, lora_dropout_nograd
 from ..ops.lora_linear import _as
 from ._conv_stride import conv_backward, unit_stride
@@ -290,7 +291,11 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
                 y = conv_nd(xm, merged, zb, st, pad, dil)
             else:
                 seed = call_seed(p, x.device)
-                y = _UnmergedConv.apply(xc, w, zb, a, bb, self.scaling, p, seed, self.geom)
+                if torch_func.active():  # no autograd node runs under a torch.func transform
+                    conv = CONV_FNS[xc.dim() - 2]
+                    y = torch_func.lora_conv(conv, xc, w, zb, a, bb, self.scaling, p, seed, self.geom)
+                else:
+                    y = _UnmergedConv.apply(xc, w, zb, a, bb, self.scaling, p, seed, self.geom)
             if self.dora:
                 y = dora_apply_scale(y, self._dora_mns(weight), None if b is None else b.view(self._channel_view()))
         return y.squeeze(0) if unbatched else y
@@ -304,7 +309,8 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
         """DoRA with dropout in training: PEFT's form (:func:`ftkernels.nn.dora.dora_dropout_form`), one
         more conv than LoRA."""
         dtype = xc.dtype
-        xd = lora_dropout(xc, p, call_seed(p, xc.device))  # the stream over all of x, then maybe the strided view
+        seed = call_seed(p, xc.device)  # the stream over all of x, then maybe the strided view
+        xd = torch_func.dropped(xc, p, seed) if torch_func.active() else lora_dropout(xc, p, seed)
         (xd, (stride, padding, dilation, _)), xc = unit_stride(xd, a, self.geom), unit_stride(xc, a, self.geom)[0]
         lora = conv_nd(conv_nd(xd, _as(a, dtype), None, stride, padding, dilation), _as(bb, dtype))
         base_out, t = conv_nd(xc, w, b, stride, padding, dilation), conv_nd(xd, w, None, stride, padding, dilation)

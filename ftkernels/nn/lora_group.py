@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import lora_group as _ops
+from ..ops import torch_func
 from ..ops.input_recompute import saved_tensor_hooks_active
 from ..ops.lora_linear import _as
 from .lora_linear import _FLOATS, _compute_dtype, call_seed
@@ -58,11 +59,12 @@ class LoRAGroup:
         """``member``'s output ``[..., out]`` for x ``[..., in]``. Once the members' call order is learned, the
         first of them runs every member's LoRA on x in one node and the others get their waiting outputs
         (if x and their adapters are unchanged); otherwise each member runs alone."""
-        if saved_tensor_hooks_active() or not isinstance(x, Tensor) or x.is_inference():
+        if saved_tensor_hooks_active() or not isinstance(x, Tensor) or x.is_inference() or torch_func.active():
             # Non-reentrant checkpointing (or offloading) matches the tensors saved by a forward with
             # those of its recompute one by one: a group fusing in one and not the other would break
             # that, so under such hooks every layer runs alone and the group changes nothing.
-            # Inference tensors have no version counter to check a waiting output against.
+            # Inference tensors have no version counter to check a waiting output against. A torch.func
+            # transform runs each layer in plain ops (ftkernels/ops/torch_func.py).
             return member._forward_alone(x)
         i = self.members.index(member)
         if self._pending:

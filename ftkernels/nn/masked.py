@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .._route import Route
 from ..masks import set_grad_mask
+from ..ops import torch_func
 from ..ops._autograd import unviewed
 from ._conv_stride import conv_backward
 from ._lora_common import check_plain_base
@@ -71,6 +72,24 @@ def _plan(mask: Tensor) -> dict:
                         groups.append((bi * bs, min(r, bi * bs + bs), idx[idx < c]))
                 return {"kind": "blocks", "block": bs, "groups": groups, "bias": row_any}
     return {"kind": "elements", "mask": mask, "bias": row_any}
+
+
+def _plan_mask(plan: dict, shape) -> Tensor:
+    """The plan's mask as a bool tensor broadcasting to the weight's ``shape``."""
+    if "mask" in plan:
+        return plan["mask"]
+    if plan["kind"] == "rows":
+        return plan["bias"].view(-1, *[1] * (len(shape) - 1))
+    mask = torch.zeros(shape, dtype=torch.bool, device=plan["bias"].device)
+    for r0, r1, cols in plan["groups"]:
+        mask[r0:r1, cols] = True
+    return mask
+
+
+def _masked_params(weight: Tensor, bias: Tensor | None, plan: dict) -> tuple[Tensor, Tensor | None]:
+    """weight and bias whose gradients are kept only where the plan trains (``torch.func`` transforms)."""
+    w = torch_func.masked_param(weight, _plan_mask(plan, weight.shape))
+    return w, None if bias is None else torch_func.masked_param(bias, plan["bias"])
 
 
 def _gather_index(rows: Tensor) -> Tensor:
@@ -225,6 +244,9 @@ class MaskedLinear(nn.Linear):
         """x ``[..., in]`` -> ``x W^T + b`` ``[..., out]``, as ``nn.Linear``; only backward differs."""
         if self.plan is None:
             return super().forward(x)
+        if torch_func.active():  # no autograd node runs under a torch.func transform
+            w, b = _masked_params(self.weight, self.bias, self.plan)
+            return F.linear(x, w, b)
         return _MaskedLinearFn.apply(x, self.weight, self.bias, self.plan)
 
     def extra_repr(self) -> str:
@@ -318,4 +340,7 @@ class MaskedConv2d(nn.Conv2d):
         if self.plan is None:
             return super().forward(x)
         geom = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        if torch_func.active():  # no autograd node runs under a torch.func transform
+            w, b = _masked_params(self.weight, self.bias, self.plan)
+            return F.conv2d(x, w, b, *geom)
         return _MaskedConvFn.apply(x, self.weight, self.bias, self.plan, geom)

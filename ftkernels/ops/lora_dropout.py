@@ -57,3 +57,19 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("ftkernels::lora_dropout", _backward, setup_context=_setup_context)
+
+
+def _vmap(info, in_dims, x, dropout, seed):
+    """vmap: each sample's stream over its own shape (``torch.func`` transforms; see :mod:`.torch_func`).
+    One seed for all (``randomness="same"``): one mask, broadcast; a batched seed (``"different"``):
+    one call per sample."""
+    x_dim, _, seed_dim = in_dims
+    n = info.batch_size
+    xb = x.movedim(x_dim, 0) if x_dim is not None else x.expand(n, *x.shape)
+    if seed_dim is None:
+        return xb * lora_dropout(torch.ones(xb.shape[1:], dtype=x.dtype, device=x.device), dropout, seed), 0
+    seeds = seed.movedim(seed_dim, 0)
+    return torch.stack([lora_dropout(xb[i], dropout, seeds[i]) for i in range(n)]), 0
+
+
+torch.library.register_vmap("ftkernels::lora_dropout", _vmap)

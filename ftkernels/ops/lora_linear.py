@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .._ext import C, ExtensionError, available
-from . import input_recompute
+from . import input_recompute, torch_func
 from ._autograd import first_order, unviewed
 
 
@@ -275,12 +275,15 @@ def node_ys(x: Tensor, members, scalings, dropouts, dense_cpu: bool = False) -> 
 
 def lora_linear_y(x, weight, bias, lora_a, lora_b, scaling: float, dropout: float, seed: Tensor) -> Tensor:
     """``y`` (``[..., N]``) of ``ftkernels::lora_linear_fwd`` for x ``[..., K]``, with autograd: through
-    the custom op when ``torch.compile`` traces, else through the C++ node where it serves the call
+    the custom op when ``torch.compile`` traces, else with plain torch ops inside a ``torch.func``
+    transform (:mod:`.torch_func`), else through the C++ node where it serves the call
     (:func:`node_serves`: no Python in the step's backward), else through :class:`LoRALinearFunction`
     (the same kernels as the custom op, less host time)."""
     if torch.compiler.is_compiling():
         y = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, dropout, seed)[0]
         return y.view(*x.shape[:-1], y.shape[-1])
+    if torch_func.active():  # no autograd node runs under a torch.func transform: plain ops
+        return torch_func.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout, seed)
     if node_serves(x, (dropout,)):  # the lists of node_ys written out for one member: host time
         kept, prog = input_recompute.kept_and_program(x)
         biases, bias_of = ([], [-1]) if bias is None else ([bias], [0])

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .._ext import C, ExtensionError
+from . import torch_func
 from ._autograd import first_order, unviewed
 from .lora_linear import _no_autocast
 
@@ -130,7 +131,10 @@ class LoReFTFunction(torch.autograd.Function):
 
 def loreft_apply(h: Tensor, rot: Tensor, w: Tensor, b: Tensor, dropout: float, seed: Tensor) -> Tensor:
     """``D(h + R^T (W h + b - R h))`` over the last dim of h ``[..., d]`` with autograd: the custom op
-    when ``torch.compile`` traces, :class:`LoReFTFunction` in eager mode."""
+    when ``torch.compile`` traces, plain ops inside a ``torch.func`` transform, :class:`LoReFTFunction`
+    otherwise."""
     if torch.compiler.is_compiling():
         return loreft_fwd(h.reshape(-1, h.shape[-1]), rot, w, b, dropout, seed)[0].view(h.shape)
+    if torch_func.active():  # no autograd node runs under a torch.func transform: plain ops
+        return torch_func.loreft(h, rot, w, b, dropout, seed)
     return LoReFTFunction.apply(h, rot, w, b, dropout, seed)

@@ -1,0 +1,236 @@
+"""The layers under torch.func transforms and forward-mode AD (ftkernels/ops/torch_func.py): grads,
+per-sample grads, Jacobians, JVPs and Hessians equal those of the fused eager path or of the
+plain-PyTorch reference, dropout's stream included (float64, CPU)."""
+
+import copy
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwad
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
+
+import ftkernels as ftk
+from ftkernels import masks
+from ftkernels.nn import (
+    LoRAConv1D,
+    LoRAConv1d,
+    LoRAConv2d,
+    LoRAConv3d,
+    LoRAEmbedding,
+    LoRALinear,
+    LoRAMultiheadAttention,
+    LoReFT,
+    MaskedConv2d,
+    MaskedLinear,
+)
+from ftkernels.nn.reference import lora_linear_reference
+from ftkernels.ops import torch_func
+
+F64 = torch.float64
+
+
+def _hf_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    return LoRAConv1D(Conv1D(7, 9), r=3, dropout=0.25)
+
+
+def _masked(kind):
+    m = MaskedLinear(40, 36)
+    mask = {
+        "rows": lambda: masks.rows(m.weight, 0.4),
+        "elements": lambda: torch.rand(36, 40) > 0.5,
+        "blocks": lambda: masks.blocks(m.weight, 0.5, block=16),
+    }[kind]()
+    m.set_mask(mask)
+    assert m.plan["kind"] == kind
+    return m
+
+
+def _masked_conv():
+    m = MaskedConv2d(3, 5, 3, padding=1)
+    m.set_mask(torch.rand_like(m.weight) > 0.5)
+    return m
+
+
+# name -> (layer builder, input shape; None: token ids)
+LAYERS = {
+    "linear": (lambda: LoRALinear(nn.Linear(9, 7), r=3), (2, 5, 9)),
+    "linear_dropout": (lambda: LoRALinear(nn.Linear(9, 7), r=3, dropout=0.3), (2, 5, 9)),
+    "hf_conv1d_dropout": (_hf_conv1d, (5, 9)),
+    "dora": (lambda: LoRALinear(nn.Linear(9, 7), r=3, dora=True), (5, 9)),
+    "dora_dropout": (lambda: LoRALinear(nn.Linear(9, 7), r=3, dora=True, dropout=0.3), (5, 9)),
+    "conv2d": (lambda: LoRAConv2d(nn.Conv2d(3, 6, 3, stride=2, padding=1), r=2), (2, 3, 7, 7)),
+    "conv2d_dropout_groups": (lambda: LoRAConv2d(nn.Conv2d(4, 6, 3, groups=2), r=2, dropout=0.2), (2, 4, 6, 5)),
+    "conv2d_dora_dropout": (lambda: LoRAConv2d(nn.Conv2d(3, 4, 3), r=2, dora=True, dropout=0.2), (2, 3, 6, 6)),
+    "conv1d_dropout": (lambda: LoRAConv1d(nn.Conv1d(3, 4, 3), r=2, dropout=0.2), (2, 3, 9)),
+    "conv3d": (lambda: LoRAConv3d(nn.Conv3d(2, 3, 2), r=2), (1, 2, 4, 3, 5)),
+    "embedding": (lambda: LoRAEmbedding(nn.Embedding(11, 6), r=2), None),
+    "mha_dropout": (
+        lambda: LoRAMultiheadAttention(nn.MultiheadAttention(8, 2, batch_first=True), r=2, dropout=0.25),
+        (2, 3, 8),
+    ),
+    "masked_rows": (lambda: _masked("rows"), (4, 40)),
+    "masked_elements": (lambda: _masked("elements"), (4, 40)),
+    "masked_blocks": (lambda: _masked("blocks"), (4, 40)),
+    "masked_conv": (_masked_conv, (2, 3, 5, 5)),
+    "loreft": (lambda: LoReFT(9, 3), (2, 4, 9)),
+    "loreft_dropout": (lambda: LoReFT(9, 3, dropout=0.3), (2, 4, 9)),
+}
+
+
+def _layer(name):
+    make, shape = LAYERS[name]
+    torch.manual_seed(0)
+    layer = make().to(F64)
+    with torch.no_grad():
+        for p in layer.parameters():  # LoRA B starts at zero: move every parameter off its init
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randint(0, 11, (2, 5)) if shape is None else torch.randn(shape, dtype=F64)
+    return layer, x
+
+
+def _loss(layer, params, x):
+    out = functional_call(layer, params, (x, x, x) if isinstance(layer, LoRAMultiheadAttention) else (x,))
+    out = out[0] if isinstance(out, tuple) else out
+    return out.pow(3).sum()
+
+
+def _trainable(layer):
+    return {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
+
+
+def _eager_grads(layer, x, seed):
+    """The fused path's grads of the same loss (no transform), the dropout seed drawn after manual_seed(seed)."""
+    layer.zero_grad()
+    torch.manual_seed(seed)
+    _loss(layer, dict(layer.named_parameters()), x).backward()
+    return {k: v.grad for k, v in layer.named_parameters() if v.requires_grad}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_grad_transform_equals_the_fused_path(name, lora_node):
+    layer, x = _layer(name)
+    want = _eager_grads(layer, x, seed=7)
+    torch.manual_seed(7)
+    got = grad(lambda p: _loss(layer, p, x))(_trainable(layer))
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-10, msg=k)
+    if name.startswith("masked"):  # trained only where the mask says
+        keep = ftk.get_grad_mask(layer.weight)
+        assert got["weight"][~keep].abs().max() == 0 and got["weight"][keep].abs().min() > 0
+
+
+@pytest.mark.parametrize("name", ["linear_dropout", "conv2d_dropout_groups", "loreft_dropout", "masked_rows"])
+def test_vmap_per_sample_grads_equal_one_call_per_sample(name):
+    """randomness="same": each sample's dropout mask is the one a lone call on that sample with the
+    same seed draws."""
+    layer, x = _layer(name)
+    torch.manual_seed(3)
+    per_sample = vmap(grad(lambda p, xi: _loss(layer, p, xi[None])), in_dims=(None, 0), randomness="same")
+    got = per_sample(_trainable(layer), x)
+    for i in range(x.shape[0]):
+        want = _eager_grads(layer, x[i : i + 1], seed=3)
+        for k in want:
+            torch.testing.assert_close(got[k][i], want[k], rtol=1e-10, atol=1e-10, msg=f"{k}[{i}]")
+
+
+def test_vmap_dropout_randomness_modes():
+    layer, x = _layer("linear_dropout")
+    xs = x[:1].expand(4, *x.shape[1:])  # four identical samples
+    params = _trainable(layer)
+
+    def per_sample(rnd):
+        return vmap(grad(lambda p, xi: _loss(layer, p, xi)), in_dims=(None, 0), randomness=rnd)(params, xs)["lora_A"]
+
+    same, different = per_sample("same"), per_sample("different")
+    for s in same[1:]:
+        torch.testing.assert_close(s, same[0], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(different[0], different[1])  # a seed per sample: other masks
+    with pytest.raises(RuntimeError, match="randomness"):  # vmap's default, as for torch's dropout
+        per_sample("error")
+    layer.eval()  # no dropout: no random draw, any mode works
+    assert torch.isfinite(per_sample("error")).all()
+
+
+def test_jacobians_jvp_and_forward_ad_equal_the_reference():
+    layer, x = _layer("linear")
+    w, b, a, bb, s = layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B, layer.scaling
+
+    def ref(xx):
+        return lora_linear_reference(xx, w, b, a, bb, s)
+
+    xi = x[0, :3]
+    j_ref = jacrev(ref)(xi)
+    torch.testing.assert_close(jacrev(layer)(xi), j_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jacfwd(layer)(xi), j_ref, rtol=1e-12, atol=1e-12)
+    v = torch.randn_like(xi)
+    y, t = jvp(layer, (xi,), (v,))
+    torch.testing.assert_close(y, ref(xi))
+    torch.testing.assert_close(t, torch.einsum("mnkl,kl->mn", j_ref, v), rtol=1e-12, atol=1e-12)
+    with fwad.dual_level():  # forward AD without torch.func
+        out = layer(fwad.make_dual(xi, v))
+        torch.testing.assert_close(fwad.unpack_dual(out).tangent, t, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["linear_dropout", "conv2d_dropout_groups", "loreft"])
+def test_hessian_equals_the_plain_composition(name):
+    """Second order (which the fused nodes refuse): the Hessian in the adapter's first parameter
+    against finite differences of the first-order grads of the fused path."""
+    layer, x = _layer(name)
+    params = _trainable(layer)
+    key = next(iter(params))
+
+    def loss_of(t):
+        torch.manual_seed(11)  # the same dropout mask on every evaluation
+        return _loss(layer, {**params, key: t}, x)
+
+    # hessian is jacfwd(jacrev): jacfwd vmaps, and dropout's draw needs a randomness mode there
+    hess = jacfwd(jacrev(loss_of), randomness="same") if "dropout" in name else hessian(loss_of)
+    h = hess(params[key]).reshape(params[key].numel(), -1)
+    eps, p0 = 1e-6, params[key]
+    for j in range(0, p0.numel(), max(1, p0.numel() // 4)):  # a few columns by central differences
+        d = torch.zeros_like(p0).view(-1)
+        d[j] = eps
+        gp = grad(loss_of)(p0 + d.view_as(p0))
+        gm = grad(loss_of)(p0 - d.view_as(p0))
+        torch.testing.assert_close(h[:, j], ((gp - gm) / (2 * eps)).reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_siblings_run_alone_under_a_transform(lora_node):
+    """q/k/v grouped into one node in eager mode: under grad each runs in plain ops, same result."""
+
+    class Attn(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+        def forward(self, x):
+            return torch.tanh(self.q(x)) * self.v(x) + self.k(x)
+
+    torch.manual_seed(0)
+    model = ftk.apply_lora(Attn(8).to(F64), ["q", "k", "v"], r=2, dropout=0.2)
+    for m in ftk.peft_compat.lora_modules(model).values():
+        nn.init.normal_(m.lora_B)
+    x = torch.randn(3, 8, dtype=F64)
+    for seed in range(3):  # the group learns its run, then fuses
+        want = _eager_grads(model, x, seed)
+    assert model.q._lora_group is not None and model.q._lora_group.order is not None
+    torch.manual_seed(2)
+    got = grad(lambda p: _loss(model, p, x))(_trainable(model))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-10, msg=k)
+    after = _eager_grads(copy.deepcopy(model), x, 2)  # eager calls after the transform: still right
+    for k in want:
+        torch.testing.assert_close(after[k], want[k], rtol=1e-10, atol=1e-10, msg=k)
+
+
+def test_active_only_inside_transforms():
+    assert not torch_func.active()
+    seen = []
+    grad(lambda t: (seen.append(torch_func.active()), t.sum())[1])(torch.ones(2))
+    with fwad.dual_level():
+        seen.append(torch_func.active())
+    assert seen == [True, True] and not torch_func.active()
