@@ -11,6 +11,7 @@ from .freeze import FreezeSummary, freeze
 from .graphed_step import GraphedTrainStep, graphed_train_step
 from .info import build_info
 from .masks import clear_grad_mask, get_grad_mask, set_grad_mask
+from .ops.torch_func import plain_ops
 from .peft_compat import apply_lora, from_peft, load_adapter, merge_lora, save_adapter, unload_lora, unmerge_lora
 from .reft import ReftModel, apply_reft, load_reft
 
@@ -37,6 +38,7 @@ __all__ = [
     "merge_lora",
     "nn",
     "optim",
+    "plain_ops",
     "save_adapter",
     "set_grad_mask",
     "unload_lora",

@@ -234,3 +234,50 @@ def test_active_only_inside_transforms():
     with fwad.dual_level():
         seen.append(torch_func.active())
     assert seen == [True, True] and not torch_func.active()
+
+
+@pytest.mark.parametrize(
+    "name", ["linear_dropout", "dora_dropout", "conv2d_dropout_groups", "mha_dropout", "masked_rows", "loreft_dropout"]
+)
+def test_plain_ops_gives_double_backward(name):
+    """A gradient penalty (create_graph=True, then backward through grad_x): refused by the fused
+    nodes, right under plain_ops. Checked against the same penalty through torch.func (whose grads of
+    grads are functorch's own) with the same dropout seed."""
+    layer, x = _layer(name)
+    x = x.requires_grad_(True)
+    params = _trainable(layer)
+
+    def penalty(p, xx):
+        (gx,) = torch.autograd.grad(_loss(layer, p, xx), xx, create_graph=True)
+        return gx.square().sum()
+
+    torch.manual_seed(5)
+    with ftk.plain_ops():
+        y = _loss(layer, dict(layer.named_parameters()), x)
+        assert "LoRALinearNode" not in y.grad_fn.name()
+    (gx,) = torch.autograd.grad(y, x, create_graph=True)
+    layer.zero_grad()
+    gx.square().sum().backward()
+    got = {k: v.grad for k, v in layer.named_parameters() if v.requires_grad}
+
+    def penalty_func(p):
+        torch.manual_seed(5)
+        gxf = grad(lambda xx: _loss(layer, p, xx))(x.detach())
+        return gxf.square().sum()
+
+    want = grad(penalty_func)(params)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-10, msg=k)
+    assert not torch_func.active()  # the context is left
+
+
+def test_plain_ops_is_left_on_error_and_the_fused_node_returns(lora_node):
+    layer, x = _layer("linear")
+    with pytest.raises(ValueError), ftk.plain_ops():
+        raise ValueError
+    assert not torch_func.active()
+    with ftk.plain_ops():
+        plain = layer(x)
+    fused = layer(x)
+    torch.testing.assert_close(plain, fused, rtol=1e-12, atol=1e-12)
+    assert plain.grad_fn.name() != fused.grad_fn.name()

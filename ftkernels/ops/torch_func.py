@@ -1,5 +1,5 @@
-"""The layers under ``torch.func`` transforms (grad, vmap, vjp, jvp, jacrev/jacfwd, hessian) and
-forward-mode AD (``torch.autograd.forward_ad``).
+"""The layers under ``torch.func`` transforms (grad, vmap, vjp, jvp, jacrev/jacfwd, hessian),
+forward-mode AD (``torch.autograd.forward_ad``) and :func:`plain_ops` (double backward).
 
 Our autograd nodes cannot run inside a transform: torch refuses the C++ node outright, and a Python
 ``autograd.Function`` would need a vmap rule and a forward-mode formula for each transform. So while a
@@ -16,6 +16,8 @@ draw, as torch's dropout does.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
@@ -26,10 +28,36 @@ from .lora_dropout import lora_dropout
 _peek = torch._C._functorch.peek_interpreter_stack
 
 
+_plain_depth = 0  # > 0 inside plain_ops()
+
+
 def active() -> bool:
-    """Whether a ``torch.func`` transform is running or a forward-AD dual level is open (~0.1 us:
-    checked on every layer call)."""
-    return _peek() is not None or _fwad._current_level >= 0
+    """Whether layers compute in plain torch ops now: inside :func:`plain_ops`, a ``torch.func``
+    transform, or a forward-AD dual level (~0.1 us: checked on every layer call)."""
+    return _plain_depth > 0 or _peek() is not None or _fwad._current_level >= 0
+
+
+@contextlib.contextmanager
+def plain_ops():
+    """Inside it, every ftkernels layer computes its forward with plain torch ops (the same math and
+    dropout masks as the fused path) instead of its fused autograd node. The fused nodes are first-order
+    only (their backward is not differentiable), so this is the way to double backward:
+    ``torch.autograd.grad(..., create_graph=True)`` for a gradient penalty or a second-order method
+    on the graph of a forward run inside it. Slower and heavier than the fused path.
+
+    Example::
+
+        with ftk.plain_ops():
+            loss = loss_fn(model(x), y)
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        (loss + gx.square().sum()).backward()
+    """
+    global _plain_depth
+    _plain_depth += 1
+    try:
+        yield
+    finally:
+        _plain_depth -= 1
 
 
 def keep_scale(x: Tensor, p: float, seed: Tensor) -> Tensor:
