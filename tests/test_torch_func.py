@@ -281,3 +281,53 @@ def test_plain_ops_is_left_on_error_and_the_fused_node_returns(lora_node):
     fused = layer(x)
     torch.testing.assert_close(plain, fused, rtol=1e-12, atol=1e-12)
     assert plain.grad_fn.name() != fused.grad_fn.name()
+
+
+def test_vmap_over_stacked_models_ensembles():
+    """torch.func.stack_module_state + vmap over the parameters (ensembles, model soups): batched
+    weights go through the plain path."""
+    torch.manual_seed(0)
+    models = []
+    for _ in range(3):
+        m = ftk.apply_lora(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)).to(F64), ["0", "2"], r=2)
+        for layer in ftk.peft_compat.lora_modules(m).values():
+            nn.init.normal_(layer.lora_B)
+        models.append(m.eval())
+    params, buffers = torch.func.stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(4, 6, dtype=F64)
+    got = vmap(lambda p, b: functional_call(skeleton, (p, b), (x,)))(params, buffers)
+    torch.testing.assert_close(got, torch.stack([m(x) for m in models]), rtol=1e-12, atol=1e-12)
+
+
+def test_per_sample_grads_equal_peft():
+    """vmap(grad) per-sample gradients of a converted PEFT model (Linear, Conv2d, DoRA) equal PEFT's."""
+    from helpers.lora import peft_random, trainable
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc, self.head = nn.Conv2d(2, 4, 3), nn.Linear(36, 10), nn.Linear(10, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1 if x.dim() == 4 else 0))))
+
+    torch.manual_seed(0)
+    peft = peft_random(Net().to(F64), ["conv", "fc", "head"], use_dora=True).eval()
+    ours = ftk.from_peft(copy.deepcopy(peft)).eval()
+    xs, ys = torch.randn(5, 2, 5, 5, dtype=F64), torch.randint(0, 3, (5,))
+
+    def per_sample(model):
+        names = {id(q): n for n, q in trainable(model).items()}
+        params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+        def loss(p, x, y):
+            return nn.functional.cross_entropy(functional_call(model, p, (x[None],)), y[None])
+
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, xs, ys)
+        return {names[id(q)]: g[k] for k, q in model.named_parameters() if q.requires_grad}
+
+    got, want = per_sample(ours), per_sample(peft)
+    assert got.keys() == want.keys() and len(got) == 9
+    for k in got:
+        torch.testing.assert_close(got[k], want[k].reshape(got[k].shape), rtol=1e-10, atol=1e-12, msg=k)
