@@ -331,3 +331,19 @@ def test_per_sample_grads_equal_peft():
     assert got.keys() == want.keys() and len(got) == 9
     for k in got:
         torch.testing.assert_close(got[k], want[k].reshape(got[k].shape), rtol=1e-10, atol=1e-12, msg=k)
+
+
+CUDA_CASES = ["linear_dropout", "dora_dropout", "conv2d_dropout_groups", "loreft_dropout", "masked_rows"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", CUDA_CASES)
+def test_grad_transform_on_cuda(name):
+    """The plain path on CUDA (the dropout mask from the Triton kernel): grads equal the fused path's."""
+    layer, x = _layer(name)
+    layer, x = layer.float().cuda(), x.float().cuda()
+    want = _eager_grads(layer, x, seed=7)
+    torch.manual_seed(7)
+    got = grad(lambda p: _loss(layer, p, x))(_trainable(layer))
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4, msg=k)
