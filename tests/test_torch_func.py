@@ -234,6 +234,11 @@ def test_active_only_inside_transforms():
     with fwad.dual_level():
         seen.append(torch_func.active())
     assert seen == [True, True] and not torch_func.active()
+    # Dynamo reads the transform checks as true in any traced graph: compiled code must never take the
+    # plain path by mistake (it keeps the custom ops and the fused conv node).
+    x = torch.full((3,), 3.0)
+    compiled = torch.compile(lambda t: t * 2 if torch_func.active() else t + 1, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), x + 1)
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,11 @@ _plain_depth = 0  # > 0 inside plain_ops()
 
 def active() -> bool:
     """Whether layers compute in plain torch ops now: inside :func:`plain_ops`, a ``torch.func``
-    transform, or a forward-AD dual level (~0.1 us: checked on every layer call)."""
+    transform, or a forward-AD dual level (~0.1 us: checked on every layer call). Never while
+    ``torch.compile`` traces: Dynamo reads both transform checks as true in any graph, and traced
+    graphs take the custom ops."""
+    if torch.compiler.is_compiling():
+        return False
     return _plain_depth > 0 or _peek() is not None or _fwad._current_level >= 0
 
 
