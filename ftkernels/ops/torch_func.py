@@ -47,7 +47,8 @@ def plain_ops():
     dropout masks as the fused path) instead of its fused autograd node. The fused nodes are first-order
     only (their backward is not differentiable), so this is the way to double backward:
     ``torch.autograd.grad(..., create_graph=True)`` for a gradient penalty or a second-order method
-    on the graph of a forward run inside it. Slower and heavier than the fused path.
+    on the graph of a forward run inside it. Slower and heavier than the fused path; code that
+    ``torch.compile`` traces keeps the custom ops (first-order) regardless.
 
     Example::
 
