@@ -53,7 +53,7 @@ def test_first_order_nodes_match_once_differentiable(make):
     y2 = model(x).square().sum()
     gx2, *_ = torch.autograd.grad(y2, [x, *[p for p in model.parameters() if p.requires_grad]], create_graph=True)
     torch.testing.assert_close(gx2, gx, atol=0, rtol=0)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
+    with pytest.raises(RuntimeError, match=r"differentiate twice.*plain_ops\(\)"):
         gx2.sum().backward()
 
 
@@ -74,5 +74,5 @@ def test_first_order_skips_no_grad_only_when_grad_is_off():
     x = torch.randn(4, requires_grad=True)
     F.apply(x).sum().backward()
     (g,) = torch.autograd.grad(F.apply(x).sum(), x, create_graph=True)
-    assert seen == [False, False]  # under create_graph it ran inside once_differentiable's no_grad
+    assert seen == [False, False]  # under create_graph it ran inside no_grad, as once_differentiable's does
     assert torch.equal(g, torch.full_like(x, 2.0))

@@ -89,7 +89,7 @@ def test_node_is_first_order():
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     (ref,) = torch.autograd.grad(layer(x).square().sum(), x)
     assert gx.requires_grad and torch.equal(gx.detach(), ref)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
+    with pytest.raises(RuntimeError, match=r"differentiate twice.*plain_ops\(\)"):
         gx.sum().backward()
 
 

@@ -157,7 +157,8 @@ struct LoRALinearNode : public torch::autograd::Function<LoRALinearNode> {
       marked.push_back(t);
     }
     return torch::autograd::DelayedError(
-               "ftkernels LoRA node: trying to differentiate twice (the node's backward is first-order)",
+               "ftkernels LoRA node: trying to differentiate twice (the node's backward is first-order; "
+               "run the forward inside `with ftkernels.plain_ops():` for grads of grads)",
                static_cast<int64_t>(marked.size()))
         .apply(std::move(marked));
   }

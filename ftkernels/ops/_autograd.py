@@ -16,20 +16,31 @@ def unviewed(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
+TWICE = (
+    "ftkernels: trying to differentiate twice through a fused node (its backward is first-order); run the"
+    " forward inside `with ftkernels.plain_ops():` for grads of grads"
+)
+
+
 def first_order(backward):
     """``torch.autograd.function.once_differentiable`` for a ``backward(ctx, *grads)``, minus its cost
-    in the common case. once_differentiable runs backward under ``torch.no_grad()`` and, when grad mode
-    is on (``create_graph=True``), marks the results so that differentiating them again raises. Grad mode
-    is off in every other backward already, so the no_grad context is skipped then: 10-25 us less
-    host time per node and step on a slow 2-core host, 2-6% of a small LoRA layer's fwd+bwd there
-    (bench/NOTES.md "Session 9"). With ``create_graph=True`` the wrapped once_differentiable runs, so
-    the semantics are the same."""
-    once = torch.autograd.function.once_differentiable(backward)
+    in the common case, and with an error that names the way out. once_differentiable runs backward
+    under ``torch.no_grad()`` and, when grad mode is on (``create_graph=True``), marks the results so
+    that differentiating them again raises. Grad mode is off in every other backward already, so the
+    no_grad context is skipped then: 10-25 us less host time per node and step on a slow 2-core host,
+    2-6% of a small LoRA layer's fwd+bwd there (bench/NOTES.md "Session 9")."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        if torch.is_grad_enabled():
-            return once(ctx, *grads)
-        return backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+            return outputs
+        outs = outputs if isinstance(outputs, tuple) else (outputs,)
+        # Each result aliased through a node whose backward raises (as once_differentiable does).
+        err = torch._C._functions.DelayedError(TWICE.encode(), len(outs))
+        return err(*[None if t is None else t.detach().requires_grad_(True) for t in outs])
 
     return wrapper
