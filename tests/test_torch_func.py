@@ -352,3 +352,28 @@ def test_grad_transform_on_cuda(name):
     got = grad(lambda p: _loss(layer, p, x))(_trainable(layer))
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("name", [n for n in LAYERS if n != "embedding"])
+def test_backward_under_vmap_batched_grads(name, lora_node):
+    """jacobian(vectorize=True) runs each node's backward once under vmap with batched grads (the fused
+    kernels cannot take those): equal to one backward per output element, dropout included."""
+    layer, x = _layer(name)
+    xx = (x[:1] if x.dim() > 2 else x).requires_grad_(True)
+    fn = (lambda t: layer(t, t, t)[0]) if name.startswith("mha") else layer
+
+    def jac(vectorize):
+        torch.manual_seed(4)  # the same dropout seed for both
+        return torch.autograd.functional.jacobian(fn, xx, vectorize=vectorize)
+
+    torch.testing.assert_close(jac(True), jac(False), rtol=1e-10, atol=1e-12)
+    # parameters too: autograd.grad with a batch of output grads
+    torch.manual_seed(4)
+    y = fn(xx)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    gs = torch.randn(3, *y.shape, dtype=y.dtype)
+    batched = torch.autograd.grad(y, [xx, *params], gs, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        one = torch.autograd.grad(y, [xx, *params], gs[i], retain_graph=True)
+        for got, want in zip(batched, one, strict=True):
+            torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-12)

@@ -83,6 +83,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bwd(const at::Tensor& g, co
   return {gx, ga, gb};
 }
 
+// Whether t is vmap-batched: a backward run under vmap (autograd.grad(is_grads_batched=True) and
+// jacobian(vectorize=True) use the legacy vmap, torch.func.vmap over autograd.grad functorch's) hands the
+// node batched grads, on which out= ops and our kernels cannot run.
+bool batched(const at::Tensor& t) {
+  return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched}));
+}
+
+// dense_bwd's math in plain ATen ops for a batched g: D as a multiply by its scaled mask over x's
+// shape (each batch entry is a whole gradient of y, so the mask is the forward's).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_bwd(const at::Tensor& g, const at::Tensor& x,
+                                                           const at::Tensor& w, const at::Tensor& a,
+                                                           const at::Tensor& b, const at::Tensor& u, double s,
+                                                           double p, const at::Tensor& seed, bool need_x,
+                                                           const at::Tensor& gx) {
+  at::Tensor gb = at::mm(g.t(), u).mul(s);
+  at::Tensor v = at::mm(g, b).mul(s);
+  at::Tensor keep;  // 1 / (1 - p) where D keeps an element of x, else 0
+  if (p > 0) keep = lora_mask_apply(at::ones_like(x), seed, p, 1.0 / (1.0 - p), c10::nullopt);
+  at::Tensor ga = at::mm(v.t(), p > 0 ? x * keep : x);
+  at::Tensor gxi;
+  if (need_x) {
+    at::Tensor va = at::mm(v, a);
+    gxi = at::mm(g, w) + (p > 0 ? va * keep : va);
+    if (gx.defined()) gxi = gx + gxi;
+  }
+  return {gxi, ga, gb};
+}
+
 }  // namespace
 
 // Named outside the anonymous namespace: grad_fn.name() shows torch::autograd::CppNode<ftk::LoRALinearNode>.
@@ -197,7 +225,9 @@ struct LoRALinearNode : public torch::autograd::Function<LoRALinearNode> {
       const bool need_a = ctx->needs_input_grad(ia), need_b = ctx->needs_input_grad(ib);
       if (need_x || need_a || need_b) {
         at::Tensor gxi, ga, gb;
-        if (cpu) {
+        if (batched(g)) {
+          std::tie(gxi, ga, gb) = batched_bwd(g, x2, w, a, b, u, scalings[i], dropouts[i], seeds[i], need_x, gx);
+        } else if (cpu) {
           const int64_t seed = dropouts[i] > 0 ? seeds[i].item<int64_t>() : 0;
           std::tie(gxi, ga, gb) = lora_linear_bwd_cpu(g, x2, w, a, b, u, scalings[i], dropouts[i], seed, need_x,
                                                       gx.defined() ? c10::optional<at::Tensor>(gx) : c10::nullopt);

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import torch_func
+from ..ops._autograd import batched
 from ..ops.lora_dropout import lora_dropout
 from ..ops.lora_linear import _as
 
@@ -74,7 +75,8 @@ class _DoraScale(torch.autograd.Function):
         z, mns = ctx.saved_tensors
         gz = gm = gb = None
         if ctx.needs_input_grad[0]:
-            gz = (g * mns).to(z.dtype) if torch.compiler.is_compiling() else torch.mul(g, mns, out=torch.empty_like(z))
+            plain = torch.compiler.is_compiling() or batched(g)  # traced, or a backward under vmap: no out=
+            gz = (g * mns).to(z.dtype) if plain else torch.mul(g, mns, out=torch.empty_like(z))
         if ctx.needs_input_grad[1]:
             gm = _sum_to(g * z, mns.shape).to(mns.dtype)
         if ctx.needs_input_grad[2]:

@@ -6,6 +6,16 @@ import functools
 
 import torch
 
+_IS_BATCHED = torch._C._functorch.is_batchedtensor
+_IS_LEGACY_BATCHED = torch._C._functorch.is_legacy_batchedtensor
+
+
+def batched(t: torch.Tensor) -> bool:
+    """Whether t is a vmap-batched tensor: a backward run under vmap (``autograd.grad(is_grads_batched=True)``
+    and ``jacobian(vectorize=True)`` use the legacy vmap, ``torch.func.vmap`` over ``autograd.grad`` the
+    functorch one) hands nodes such grads, on which out= ops and the kernels cannot run."""
+    return _IS_LEGACY_BATCHED(t) or _IS_BATCHED(t)
+
 
 def unviewed(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a tensor of its own (the same memory, not marked a view). Autograd refuses in-place ops

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .._ext import C, ExtensionError
+from ._autograd import batched
 
 
 def _impl(x: Tensor, dropout: float, seed: Tensor) -> Tensor:
@@ -34,9 +35,12 @@ def lora_dropout(x: Tensor, dropout: float, seed: Tensor) -> Tensor:
 def lora_dropout_nograd(x: Tensor, dropout: float, seed: Tensor) -> Tensor:
     """``D(x)`` inside an autograd.Function's forward or backward (no autograd wanted): the kernel
     called directly in eager mode (a custom op's dispatch costs more host time than a small
-    kernel), the custom op when ``torch.compile`` traces."""
+    kernel), the custom op when ``torch.compile`` traces; for a batched x (a backward under vmap) a multiply
+    by the mask of x's logical shape, since no kernel takes batched tensors."""
     if torch.compiler.is_compiling():
         return lora_dropout(x, dropout, seed)
+    if batched(x):
+        return x * _impl(torch.ones(x.shape, dtype=x.dtype, device=x.device), dropout, seed)
     return _impl(x, dropout, seed)
 
 

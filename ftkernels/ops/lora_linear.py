@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._ext import C, ExtensionError, available
 from . import input_recompute, torch_func
-from ._autograd import first_order, unviewed
+from ._autograd import batched, first_order, unviewed
 
 
 def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -53,6 +53,9 @@ def _bwd_impl(grad, x, weight, lora_a, lora_b, u, scaling, dropout, seed, need_x
     adapters' own dtype (fp32 adapters on a bf16 base get fp32 grads, as autograd's cast would give).
     With ``grad_x_acc`` (contiguous, x's shape and dtype) grad_x is added into it and returned."""
     a, b = _as(lora_a, x.dtype), _as(lora_b, x.dtype)
+    if batched(grad):  # a backward under vmap: no kernel takes batched tensors
+        gx, ga, gb = torch_func.lora_linear_bwd(grad, x, weight, a, b, u, scaling, dropout, seed, need_x, grad_x_acc)
+        return gx, _as(ga, lora_a.dtype), _as(gb, lora_b.dtype)
     grad = grad.contiguous()
     if x.device.type == "cpu":
         gx, ga, gb = C().lora_linear_bwd_cpu(grad, x, weight, a, b, u, scaling, dropout, int(seed), need_x, grad_x_acc)

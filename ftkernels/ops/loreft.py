@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._ext import C, ExtensionError
 from . import torch_func
-from ._autograd import first_order, unviewed
+from ._autograd import batched, first_order, unviewed
 from .lora_linear import _no_autocast
 
 
@@ -43,6 +43,8 @@ def _fwd_impl(h, rot, w, b, dropout, seed):
 
 
 def _bwd_impl(grad, h, rot, w, s, dropout, seed):
+    if batched(grad):  # a backward under vmap: no kernel takes batched tensors
+        return torch_func.loreft_bwd(grad, h, rot, w, s, dropout, seed)
     grad = grad.contiguous()
     if h.device.type == "cpu":
         return C().loreft_bwd_cpu(grad, h, rot, w, s, dropout, int(seed))

@@ -82,6 +82,19 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, p: float, seed)
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropped(x, p, seed), a), b)
 
 
+def lora_linear_bwd(g, x, weight, a, b, u, scaling: float, p: float, seed, need_x: bool, acc=None):
+    """``ftkernels::lora_linear_bwd``'s ``(grad_x or empty, grad_A, grad_B)`` in plain ops, for a backward
+    run under vmap (:func:`ftkernels.ops._autograd.batched`), where the kernels cannot run: ``v = s g B``,
+    ``grad_B = s g^T u``, ``grad_A = v^T D(x)``, ``grad_x = g W + D(v A)`` (plus ``acc``). A and B in x's dtype."""
+    v = scaling * (g @ b)
+    gb = scaling * (g.t() @ u)
+    ga = v.t() @ dropped(x, p, seed)
+    if not need_x:
+        return x.new_empty((0,)), ga, gb
+    gx = g @ weight + dropped(v @ a, p, seed)
+    return (gx if acc is None else acc + gx), ga, gb
+
+
 def lora_conv(conv, x, weight, bias, lora_a, lora_b, scaling: float, p: float, seed, geom) -> Tensor:
     """``conv(x, W, b) + s conv_B(conv_A(D(x)))`` (the unmerged LoRA conv node's y); ``conv``:
     ``F.conv1d`` / ``conv2d`` / ``conv3d``; geom ``(stride, padding, dilation, groups)``: A takes all
@@ -100,6 +113,20 @@ def loreft(h: Tensor, rot: Tensor, w: Tensor, b: Tensor, p: float, seed) -> Tens
     ha, ra = h.to(acc), rot.to(acc)
     s = ha @ (w.to(acc) - ra).t() + b.to(acc)
     return dropped((ha + s @ ra).to(h.dtype), p, seed)
+
+
+def loreft_bwd(g: Tensor, h: Tensor, rot: Tensor, w: Tensor, s: Tensor, p: float, seed):
+    """``ftkernels::loreft_bwd``'s ``(grad_h, grad_R, grad_W, grad_b)`` in plain ops, for a backward run
+    under vmap (see :func:`lora_linear_bwd`): with ``gd = D(g)``, ``t = gd R^T``: ``grad_h = gd + t (W - R)``,
+    ``grad_W = t^T h``, ``grad_b = sum_rows t``, ``grad_R = s^T gd - t^T h``; math in s's dtype (fp32, fp64
+    for fp64 h), grads in h's and R's dtypes."""
+    acc = s.dtype
+    gd = dropped(g, p, seed).to(acc)
+    ra, ha = rot.to(acc), h.to(acc)
+    t = gd @ ra.t()
+    gh = (gd + t @ (w.to(acc) - ra)).to(h.dtype)
+    gr = (s.t() @ gd - t.t() @ ha).to(rot.dtype)
+    return gh, gr, (t.t() @ ha).to(rot.dtype), t.sum(0).to(rot.dtype)
 
 
 def masked_param(t: Tensor, mask: Tensor) -> Tensor:
