@@ -33,8 +33,8 @@ _plain_depth = 0  # > 0 inside plain_ops()
 
 def active() -> bool:
     """Whether layers compute in plain torch ops now: inside :func:`plain_ops`, a ``torch.func``
-    transform, or a forward-AD dual level (~0.1 us: checked on every layer call). Never while
-    ``torch.compile`` traces: Dynamo reads both transform checks as true in any graph, and traced
+    transform, or a forward-AD dual level (checked on every layer call: 0.28 us on a 2-core VM). Never
+    while ``torch.compile`` traces: Dynamo reads both transform checks as true in any graph, and traced
     graphs take the custom ops."""
     if torch.compiler.is_compiling():
         return False
