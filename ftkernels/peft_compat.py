@@ -28,13 +28,15 @@ from .nn import (
     LoRAEmbedding,
     LoRALinear,
     LoRAMultiheadAttention,
+    LoRAParams,
 )
 from .nn._lora_common import release_base, scaling_of
 from .nn.lora_conv1d import is_hf_conv1d
 from .nn.lora_group import group_shared_inputs, ungroup
 from .nn.lora_mha import warn_if_peft_doubles
+from .nn.lora_params import ParamAdapter
 
-LORA_TYPES = (LoRALinear, LoRAConvNd, LoRAEmbedding, LoRAMultiheadAttention)  # LoRAConv1D is a LoRALinear
+LORA_TYPES = (LoRALinear, LoRAConvNd, LoRAEmbedding, LoRAMultiheadAttention, LoRAParams)  # LoRAConv1D: a LoRALinear
 CONV_LAYERS = (LoRAConv1d, LoRAConv2d, LoRAConv3d)  # each wraps its ``_plain`` torch conv
 _TENSOR_KEYS = ("lora_A.weight", "lora_B.weight")  # PEFT's names of A and B in adapter files
 _EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
@@ -46,7 +48,17 @@ _CONFIG_ATTR = "_ftk_lora_config"
 def _adapter_entries(name: str, layer: nn.Module) -> dict[str, tuple]:
     """One LoRA layer's tensors in a PEFT adapter file: key -> ``(layer, attribute)``, or ``(tensor,
     None)`` for the optional embedding table (PEFT saves it with an adapted embedding: added tokens).
-    The one map both :func:`save_adapter` and :func:`load_adapter` use."""
+    The one map both :func:`save_adapter` and :func:`load_adapter` use. A :class:`LoRAParams` is PEFT's
+    chain of ``ParamWrapper`` s, one per parameter nested in registration order (the last one
+    outermost): the ``j``-th of ``n`` adapters sits under ``n - 1 - j`` ``base_layer`` s."""
+    if isinstance(layer, LoRAParams):
+        names = list(layer.adapters)
+        out = {}
+        for j, pname in enumerate(names):
+            at = ".".join([name, *["base_layer"] * (len(names) - 1 - j)])
+            out[f"{_PREFIX}{at}.{_TENSOR_KEYS[0]}"] = (layer.adapters[pname], "lora_A")
+            out[f"{_PREFIX}{at}.{_TENSOR_KEYS[1]}"] = (layer.adapters[pname], "lora_B")
+        return out
     key_a, key_b = _EMBEDDING_KEYS if isinstance(layer, LoRAEmbedding) else _TENSOR_KEYS
     entries = {f"{_PREFIX}{name}.{key_a}": (layer, "lora_A"), f"{_PREFIX}{name}.{key_b}": (layer, "lora_B")}
     if getattr(layer, "dora", False):
@@ -79,6 +91,8 @@ def peft_param_name(model: nn.Module, name: str) -> str:
     for i in range(len(parts) - 1, 0, -1):
         if parts[i] == "base" and isinstance(owner := model.get_submodule(".".join(parts[:i])), LORA_TYPES):
             rest = parts[i + 1 :]
+            if isinstance(owner, LoRAParams):  # PEFT nests one ParamWrapper per adapted parameter
+                return ".".join([*parts[:i], *["base_layer"] * len(owner.adapters), *rest])
             if isinstance(owner, LoRAMultiheadAttention) and rest[:1] == ["out_proj"]:
                 rest = ["out_proj", "base_layer", *rest[1:]]
             return ".".join([*parts[:i], "base_layer", *rest])
@@ -98,7 +112,7 @@ def _bias_params(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
                 if isinstance(m, LoRAMultiheadAttention)
                 else (f"{n}.base", m.base)
             )
-            if m.bias is not None:
+            if getattr(m, "bias", None) is not None:  # (an experts module has none)
                 out[f"{n}.bias"] = m.bias
         return out
     return {}
@@ -123,20 +137,50 @@ def _all_linear(model: nn.Module, modules_to_save) -> list[str]:
     ]
 
 
-def _peft_expert_params(model: nn.Module, target_modules) -> list[str]:
-    """The fused parameters (stacked MoE experts, routers) that PEFT's transformers-v5 conversion adds
-    to these targets as ``target_parameters``; [] when there are none or PEFT cannot tell."""
+def _peft_moe_targets(model: nn.Module, target_modules, r: int, alpha: float) -> tuple[list[str], dict, dict]:
+    """What PEFT's transformers-v5 conversion adds to these targets on a mixture-of-experts model:
+    ``(target_parameters, rank_pattern, alpha_pattern)``. transformers v5 stacks the experts' Linear
+    layers into 3-D parameters and keeps the router as a bare weight, and PEFT maps ``"all-linear"``
+    and the v4 module names onto them (a fused ``gate_up_proj`` gets rank and alpha times the number
+    of v4 layers fused into it). Nothing where there is no such model or PEFT cannot tell."""
     if getattr(model, "config", None) is None:
-        return []
+        return [], {}, {}
     try:
         from peft import LoraConfig
         from peft.utils.transformers_weight_conversion import _convert_peft_config_moe
 
-        cfg = LoraConfig(target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
+        tm = target_modules if isinstance(target_modules, str) else list(target_modules)
+        cfg = LoraConfig(target_modules=tm, r=r, lora_alpha=alpha)
         _convert_peft_config_moe(cfg, model)
     except Exception:  # another PEFT / transformers version, or a config it cannot read: no claim
-        return []
-    return sorted(cfg.target_parameters or [])
+        return [], {}, {}
+    return sorted(cfg.target_parameters or []), dict(cfg.rank_pattern or {}), dict(cfg.alpha_pattern or {})
+
+
+def _param_targets(model: nn.Module, targets, r, alpha, rank_pattern, alpha_pattern, modules) -> dict[str, dict]:
+    """PEFT's ``target_parameters`` rule: module name -> {parameter name: (r, alpha)} for every
+    parameter ``<module>.<name>`` equal to or ending in ``"." + target`` (its own parameters only, in
+    registration order), ranks and alphas from the patterns (matched on ``<module>.<name>``)."""
+    if not targets:
+        return {}
+    lora = [n for n, m in model.named_modules() if isinstance(m, LORA_TYPES)]
+    out: dict[str, dict] = {}
+    for mname, mod in model.named_modules():
+        if any(mname == n or mname.startswith(n + ".") for n in lora):
+            continue
+        for pname, _ in mod.named_parameters(recurse=False):
+            key = f"{mname}.{pname}" if mname else pname
+            if not any(key == t or key.endswith("." + t) for t in targets):
+                continue
+            if not mname:
+                raise ValueError(
+                    f"apply_lora: {pname} is a parameter of the model itself; target_parameters needs one of a"
+                    " submodule"
+                )
+            if mname in modules:
+                raise ValueError(f"apply_lora: {mname} is targeted both as a module and for its parameter {pname}")
+            out.setdefault(mname, {})[pname] = (_pattern(rank_pattern, key, r), _pattern(alpha_pattern, key, alpha))
+    return out
 
 
 def _read_by_parent(model: nn.Module, name: str) -> bool:
@@ -215,6 +259,7 @@ def apply_lora(
     modules_to_save=None,
     bias: str = "none",
     use_dora: bool = False,
+    target_parameters=None,
 ) -> nn.Module:
     """Swap every module matching ``target_modules`` (PEFT's rule: a list of names or name suffixes,
     a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
@@ -231,9 +276,15 @@ def apply_lora(
     to read the same input (q/k/v) then run as one autograd node (DoRA layers run alone)
     (:func:`ftkernels.nn.lora_group.group_shared_inputs`; same results; ``FTKERNELS_LORA_GROUP=0``
     turns it off). ``use_dora=True`` makes the layers DoRA (PEFT's ``use_dora``: a
-    trained per-output magnitude, :mod:`ftkernels.nn.dora`). Returns the model. Raises, leaving the
+    trained per-output magnitude, :mod:`ftkernels.nn.dora`). ``target_parameters`` is PEFT's: names of
+    parameters (``"experts.gate_up_proj"``, or just ``"gate_up_proj"``: a name matches the full parameter
+    name or its tail after a dot) adapted by :class:`LoRAParams`, one per module holding them. Left at
+    None, a transformers-v5 mixture-of-experts model gets what PEFT's conversion adds to
+    ``target_modules`` (``"all-linear"`` or the v4 names adapt the stacked experts and the router, the
+    fused ``gate_up_proj`` with twice r and alpha); ``[]`` adapts no parameter. Parameter adapters take
+    no dropout or DoRA (PEFT refuses them too). Returns the model. Raises, leaving the
     model as it was, when nothing matches or a match is unsupported."""
-    if not isinstance(target_modules, str) and not target_modules:
+    if not isinstance(target_modules, str) and not target_modules and not target_parameters:
         raise ValueError("apply_lora: target_modules is empty")
     if bias not in BIAS_MODES:
         raise ValueError(f"apply_lora: bias must be one of {BIAS_MODES}, got {bias!r}")
@@ -260,20 +311,22 @@ def apply_lora(
             " directly instead of calling it: a LoRA layer there would never run (target its other layers)"
         )
     names = [n for n in names if n not in inert]
-    fused = _peft_expert_params(model, target_modules)
-    if not names:
+    rank_pat, alpha_pat = {}, {}
+    if target_parameters is None:
+        target_parameters, rank_pat, alpha_pat = _peft_moe_targets(model, target_modules, r, alpha)
+    elif isinstance(target_parameters, str):
+        target_parameters = [target_parameters]
+    params = _param_targets(model, list(target_parameters), r, alpha, rank_pat, alpha_pat, set(names))
+    if target_parameters and not params:
+        raise ValueError(f"apply_lora: target_parameters={sorted(target_parameters)} matches no parameter")
+    if params and (dropout or use_dora):
         raise ValueError(
-            f"apply_lora: no module of {type(model).__name__} matches target_modules={target_modules!r}"
-            + (f" (PEFT would adapt the fused MoE parameters {fused}, which have no LoRA layer here)" if fused else "")
+            f"apply_lora: the parameters {sorted(params)[:2]}... (target_parameters, or the experts / router of a"
+            " mixture-of-experts model) take no LoRA dropout or DoRA (PEFT refuses them too); pass dropout=0 and"
+            " use_dora=False, or target_parameters=[] to leave them frozen"
         )
-    if fused:
-        warnings.warn(
-            f"apply_lora: on this mixture-of-experts model PEFT also adapts the fused expert / router parameters"
-            f" {fused} (its target_parameters: transformers v5 stacks the experts' Linear layers into 3-D"
-            " parameters); ftkernels has no LoRA layer for them, so they stay frozen here and the adapter covers"
-            f" less than PEFT's: {len(names)} layers",
-            stacklevel=2,
-        )
+    if not names and not params:
+        raise ValueError(f"apply_lora: no module of {type(model).__name__} matches target_modules={target_modules!r}")
     saved = []
     if modules_to_save:
         saved = [n for n, _ in model.named_modules() if n and _matches(n, modules_to_save)]
@@ -285,6 +338,8 @@ def apply_lora(
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:  # every wrapper is built (and so checked) before the model changes
         wrapped = {n: _wrap(model.get_submodule(n), r, alpha, dropout, rslora, use_dora) for n in names}
+        for n, spec in params.items():
+            wrapped[n] = LoRAParams(model.get_submodule(n), spec, rslora=rslora).train(model.get_submodule(n).training)
     except Exception:
         for p, flag in flags:  # the wrappers built so far froze their bases
             p.requires_grad_(flag)
@@ -296,7 +351,8 @@ def apply_lora(
     for n in saved:
         model.get_submodule(n).requires_grad_(True)
     for layer in lora_modules(model).values():  # a LoRA layer's own parameters are its adapters
-        for p in layer.parameters(recurse=False):
+        own = layer.adapters.parameters() if isinstance(layer, LoRAParams) else layer.parameters(recurse=False)
+        for p in own:
             p.requires_grad_(True)
     for p in _bias_params(model, bias).values():
         p.requires_grad_(True)
@@ -383,6 +439,9 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             continue
         if isinstance(mod, LoraLayer):
             base = mod.get_base_layer()
+            if type(mod).__name__ == "ParamWrapper":  # PEFT's target_parameters (nested: one per parameter)
+                todo.append((name, mod, LoRAParams))
+                continue
             conv = _conv_layer_for(base) if isinstance(mod, (PeftConv1d, PeftConv2d, PeftConv3d)) else None
             if conv is not None:
                 todo.append((name, mod, conv))
@@ -414,6 +473,10 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
                 built.append((name, saved[active] if active in saved else mod.original_module))
                 continue
             names = _adapter_names(mod)
+            if cls is LoRAParams:  # every wrapper of the chain
+                inner = mod.base_layer
+                while type(inner).__name__ == "ParamWrapper":
+                    names, inner = names | _adapter_names(inner), inner.base_layer
             dropped |= names - {active}
             if active not in names:  # an adapter that skipped this layer: PEFT runs the base alone here
                 built.append((name, mod.get_base_layer()))
@@ -543,6 +606,7 @@ def save_adapter(model: nn.Module, path: str) -> None:
         for key, (owner, attr) in _adapter_entries(name, layer).items():
             t = owner if attr is None else getattr(owner, attr)
             tensors[key] = t.detach().contiguous().cpu()
+    adapters = {n: m.adapters for n, m in layers.items() if isinstance(m, LoRAParams)}
     dora = {getattr(m, "dora", False) for m in layers.values()}
     if len(dora) > 1:  # PEFT's use_dora is one flag for the whole adapter
         raise ValueError("save_adapter: some LoRA layers are DoRA and some not; PEFT's format holds one kind")
@@ -559,16 +623,29 @@ def save_adapter(model: nn.Module, path: str) -> None:
         lora_alpha=alpha,
         lora_dropout=meta.get("lora_dropout", first.dropout),
         use_rslora=meta.get("use_rslora", first.rslora),
-        target_modules=sorted(layers),
+        target_modules=sorted(n for n, m in layers.items() if not isinstance(m, LoRAParams)),
+        target_parameters=sorted(f"{n}.{p}" for n, a in adapters.items() for p in a) or None,
         modules_to_save=[n.rpartition(".")[2] for n in saved] or None,
-        rank_pattern={n: m.r for n, m in layers.items() if m.r != r},
-        alpha_pattern={n: m.alpha for n, m in layers.items() if m.alpha != alpha},
+        rank_pattern={n: m.r for n, m in _per_target(layers).items() if m.r != r},
+        alpha_pattern={n: m.alpha for n, m in _per_target(layers).items() if m.alpha != alpha},
         fan_in_fan_out=any(isinstance(m, LoRAConv1D) for m in layers.values()),
         use_dora=dora == {True},
     )
     os.makedirs(path, exist_ok=True)
     cfg.save_pretrained(path)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+
+
+def _per_target(layers: dict) -> dict:
+    """Name -> what carries one r / alpha in PEFT's config: a module's LoRA layer, or a parameter's
+    adapter (``<module>.<parameter>``) of a :class:`LoRAParams`."""
+    out = {}
+    for n, m in layers.items():
+        if isinstance(m, LoRAParams):
+            out.update({f"{n}.{p}": a for p, a in m.adapters.items()})
+        else:
+            out[n] = m
+    return out
 
 
 def load_adapter(model: nn.Module, path: str) -> nn.Module:
@@ -599,12 +676,17 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
         # The layers the file holds adapters for: exactly what PEFT's config selected (target_modules
         # with layers_to_transform, exclude_modules, ...), without re-deriving its rules.
         ends = ("." + _TENSOR_KEYS[0], "." + _EMBEDDING_KEYS[0])
+        target_parameters = list(cfg.get("target_parameters") or [])
+        holders = set(_param_targets(model, target_parameters, 1, 1, {}, {}, set()))  # their PEFT keys nest
         targets = sorted(
-            k[len(_PREFIX) :].rpartition(".lora_")[0]
-            for k in tensors
-            if k.startswith(_PREFIX) and k.endswith(ends) and not k.endswith(_MHA_OUT_KEYS)
+            {
+                k[len(_PREFIX) :].rpartition(".lora_")[0]
+                for k in tensors
+                if k.startswith(_PREFIX) and k.endswith(ends) and not k.endswith(_MHA_OUT_KEYS)
+            }
         )
-        if not targets:
+        targets = [t for t in targets if re.sub(r"(\.base_layer)+$", "", t) not in holders]
+        if not targets and not holders:
             raise ValueError(f"load_adapter: the adapter in {path} holds no LoRA tensor ({_PREFIX}<module>{ends[0]})")
         apply_lora(
             model,
@@ -616,6 +698,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             modules_to_save=cfg.get("modules_to_save"),
             bias=cfg.get("bias") or "none",
             use_dora=bool(cfg.get("use_dora")),
+            target_parameters=target_parameters,
         )
     layers = lora_modules(model)
     if bool(cfg.get("use_dora")) != any(getattr(m, "dora", False) for m in layers.values()):
@@ -624,9 +707,9 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             " are of the other kind"
         )
     rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    ranks = {  # per-layer ranks / alphas of the patterns, set once every shape is checked
+    ranks = {  # per-layer (per-parameter) ranks / alphas of the patterns, set once every shape is checked
         layer: (_pattern(rank_pat, name, cfg["r"]), _pattern(alpha_pat, name, cfg["lora_alpha"]))
-        for name, layer in layers.items()
+        for name, layer in _per_target(layers).items()
     }
     params = {}
     for name, layer in layers.items():
@@ -653,6 +736,9 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
                 raise ValueError(f"load_adapter: {key}: rank {r} is not a multiple of the conv's groups={groups}")
             if attr == "lora_magnitude":
                 want = cur
+            elif isinstance(owner, ParamAdapter):  # A [E*r, in], B [out, r*E]
+                e = owner.num_experts
+                want = (e * r, cur[1]) if attr == "lora_A" else (cur[0], r * e)
             else:
                 want = (r, *cur[1:]) if attr.endswith("lora_A") else (cur[0], r // groups, *cur[2:])
         if tuple(t.shape) != want:

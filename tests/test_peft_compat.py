@@ -3,7 +3,6 @@ PEFT's get_peft_model with the same config and copied weights."""
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -622,27 +621,6 @@ def test_meta_device_init_then_reset_parameters():
     model[4].merge()
     with pytest.raises(RuntimeError, match="unmerge"):
         model[4].reset_parameters()
-
-
-def test_all_linear_on_a_moe_model_warns_what_peft_adapts_beyond_it():
-    """transformers v5 stacks a MoE's expert Linear layers into 3-D parameters; PEFT's "all-linear"
-    still adapts them (and the router) through target_parameters. No fused layer exists for those,
-    so apply_lora adapts the attention projections, as PEFT does, and says what it leaves out."""
-    from transformers import LlamaConfig, LlamaModel, MixtralConfig, MixtralModel
-
-    text = dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
-    moe = MixtralModel(MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **text))
-    with pytest.warns(UserWarning, match=r"PEFT also adapts the fused expert / router parameters \[.*gate_up_proj"):
-        ftk.apply_lora(moe, "all-linear", r=4)
-    assert sorted(n.rsplit(".", 1)[1] for n in ftk.peft_compat.lora_modules(moe)) == [
-        "k_proj",
-        "o_proj",
-        "q_proj",
-        "v_proj",
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ftk.apply_lora(LlamaModel(LlamaConfig(num_key_value_heads=2, **text)), "all-linear", r=4)
 
 
 def test_merge_into_weight_normed_bases():

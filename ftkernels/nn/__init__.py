@@ -6,6 +6,7 @@ from .lora_conv_nd import LoRAConv1d, LoRAConv3d
 from .lora_embedding import LoRAEmbedding
 from .lora_linear import LoRALinear, lora_linear
 from .lora_mha import LoRAMultiheadAttention
+from .lora_params import LoRAParams
 from .loreft import LoReFT
 from .masked import MaskedConv2d, MaskedLinear
 
@@ -18,6 +19,7 @@ __all__ = [
     "LoRAEmbedding",
     "LoRALinear",
     "LoRAMultiheadAttention",
+    "LoRAParams",
     "LoReFT",
     "MaskedConv2d",
     "MaskedLinear",
