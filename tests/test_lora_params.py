@@ -314,3 +314,26 @@ def test_generic_parameter_of_a_custom_module():
     want = torch.softmax(x @ (layer.base.weight + 2.0 * a.lora_B @ a.lora_A).t(), -1)
     torch.testing.assert_close(holder(x), want)
     assert torch.autograd.gradcheck(lambda A: layer(x), (a.lora_A,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_experts_path_cuda_bf16():
+    """On the GPU (bf16 stack, fp32 adapters) the experts path agrees with the float64 CPU computation."""
+    experts = _standalone_experts("mixtral")
+    ref = LoRAParams(experts, ["gate_up_proj", "down_proj"], r=4)
+    for a in ref.adapters.values():
+        nn.init.normal_(a.lora_B, std=0.2)
+    dev = copy.deepcopy(ref).cuda()
+    dev.base.to(torch.bfloat16)
+    for a in dev.adapters.values():
+        a.float()
+    with torch.no_grad():
+        for n, p in ref.base.named_parameters():
+            p.copy_(dict(dev.base.named_parameters())[n].double().cpu())
+    x = torch.randn(33, SMALL["hidden_size"], dtype=torch.float64)
+    index, weights = _fresh_routing(33, 4, 2)
+    got = dev(x.cuda().bfloat16(), index.cuda(), weights.cuda().bfloat16())
+    want = ref(x.bfloat16().double(), index, weights.bfloat16().double())
+    torch.testing.assert_close(got.double().cpu(), want, rtol=3e-2, atol=3e-2)
+    got.float().square().sum().backward()
+    assert all(a.lora_A.grad is not None and a.lora_A.grad.isfinite().all() for a in dev.adapters.values())

@@ -1,0 +1,73 @@
+"""Time one LoRA training step (forward + backward) of a small Mixtral-style MoE model: PEFT's
+``target_parameters`` (the folded expert stack) against ``ftk.apply_lora`` (``LoRAParams``'s experts
+path), on the same inputs, alternating, median of ``--repeat``.
+
+    python scripts/moe_step.py [--device cuda] [--dtype bfloat16] [--hidden 512] [--experts 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=1408)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    import peft
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    import ftkernels as ftk
+
+    warnings.filterwarnings("ignore")
+    cfg = MixtralConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, num_local_experts=args.experts,
+        num_experts_per_tok=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = MixtralForCausalLM(cfg).to(args.device, getattr(torch, args.dtype))
+    config = peft.LoraConfig(target_modules="all-linear", r=args.r, lora_alpha=2 * args.r)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    ours = ftk.apply_lora(copy.deepcopy(base), "all-linear", r=args.r, alpha=2 * args.r)
+    ids = torch.randint(0, 1000, (args.batch, args.seq), device=args.device)
+
+    def step(model) -> float:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        for p in model.parameters():
+            p.grad = None
+        return time.perf_counter() - t0
+
+    for model in (theirs, ours):
+        step(model)
+    times = {"peft": [], "ours": []}
+    for _ in range(args.repeat):
+        times["peft"].append(step(theirs))
+        times["ours"].append(step(ours))
+    a, b = statistics.median(times["peft"]), statistics.median(times["ours"])
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"{name} {args.dtype}: PEFT {a * 1e3:.1f} ms, ours {b * 1e3:.1f} ms, {a / b:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
