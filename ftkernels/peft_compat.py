@@ -34,7 +34,7 @@ from .nn._lora_common import release_base, scaling_of
 from .nn.lora_conv1d import is_hf_conv1d
 from .nn.lora_group import group_shared_inputs, ungroup
 from .nn.lora_mha import warn_if_peft_doubles
-from .nn.lora_params import ParamAdapter
+from .nn.lora_params import ParamAdapter, peft_wrapper_chain
 
 LORA_TYPES = (LoRALinear, LoRAConvNd, LoRAEmbedding, LoRAMultiheadAttention, LoRAParams)  # LoRAConv1D: a LoRALinear
 CONV_LAYERS = (LoRAConv1d, LoRAConv2d, LoRAConv3d)  # each wraps its ``_plain`` torch conv
@@ -439,7 +439,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             continue
         if isinstance(mod, LoraLayer):
             base = mod.get_base_layer()
-            if type(mod).__name__ == "ParamWrapper":  # PEFT's target_parameters (nested: one per parameter)
+            if peft_wrapper_chain(mod)[0]:  # PEFT's target_parameters (nested: one per parameter)
                 todo.append((name, mod, LoRAParams))
                 continue
             conv = _conv_layer_for(base) if isinstance(mod, (PeftConv1d, PeftConv2d, PeftConv3d)) else None
@@ -474,9 +474,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
                 continue
             names = _adapter_names(mod)
             if cls is LoRAParams:  # every wrapper of the chain
-                inner = mod.base_layer
-                while type(inner).__name__ == "ParamWrapper":
-                    names, inner = names | _adapter_names(inner), inner.base_layer
+                names = set().union(*map(_adapter_names, peft_wrapper_chain(mod)[0]))
             dropped |= names - {active}
             if active not in names:  # an adapter that skipped this layer: PEFT runs the base alone here
                 built.append((name, mod.get_base_layer()))

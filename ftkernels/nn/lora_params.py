@@ -85,9 +85,9 @@ class LoRAParams(FoldMixin, nn.Module):
 
     def __init__(self, base: nn.Module, params, r: int = 8, alpha: float = 16, rslora: bool = False):
         super().__init__()
-        from ..peft_compat import LORA_TYPES
+        from ..peft_compat import LORA_TYPES  # (it holds LoRAParams too)
 
-        if isinstance(base, LORA_TYPES + (LoRAParams,)):
+        if isinstance(base, LORA_TYPES):
             raise TypeError(f"LoRAParams: {type(base).__name__} is a LoRA layer already; adapt its base's parameters")
         spec = dict(params) if isinstance(params, dict) else {n: (r, alpha) for n in params}
         if not spec:
@@ -147,10 +147,7 @@ class LoRAParams(FoldMixin, nn.Module):
         """The fused layer for a chain of PEFT ``lora.ParamWrapper`` (outermost first, each wrapping
         the next, the last one the module), sharing the module and copying each parameter's A and B.
         Raises for a merged adapter (unmerge it in PEFT first)."""
-        chain = []
-        while type(layer).__name__ == "ParamWrapper":
-            chain.append(layer)
-            layer = layer.base_layer
+        chain, layer = peft_wrapper_chain(layer)
         if not chain:
             raise TypeError(f"LoRAParams.from_peft_layer: {type(layer).__name__} is not PEFT's lora.ParamWrapper")
         adapters = {}
@@ -177,6 +174,17 @@ class LoRAParams(FoldMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return "experts path" if self._fused() else "W + s B A per call"
+
+
+def peft_wrapper_chain(layer: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """PEFT's nested ``lora.ParamWrapper`` s from ``layer`` inwards (outermost first; empty when
+    ``layer`` is not one) and the module they wrap. Matched by class name: PEFT stays an optional
+    import here."""
+    chain = []
+    while type(layer).__name__ == "ParamWrapper":
+        chain.append(layer)
+        layer = layer.base_layer
+    return chain, layer
 
 
 def _experts_args(args, kwargs):
