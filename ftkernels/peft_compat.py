@@ -438,6 +438,11 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
         if not name or any(name.startswith(t[0] + ".") for t in todo):
             continue
         if isinstance(mod, LoraLayer):
+            if type(mod).__module__.startswith("peft.tuners.adalora"):  # a LoraLayer, but not LoRA's math
+                raise NotImplementedError(
+                    f"from_peft: {name} is PEFT's AdaLoRA {type(mod).__name__}: its update B diag(E) A with"
+                    " a rank budget is not plain LoRA; the fused layers convert LoRA adapters only"
+                )
             base = mod.get_base_layer()
             if peft_wrapper_chain(mod)[0]:  # PEFT's target_parameters (nested: one per parameter)
                 todo.append((name, mod, LoRAParams))
@@ -460,7 +465,9 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
         elif isinstance(mod, ModulesToSaveWrapper):
             todo.append((name, mod, None))
     if not any(cls is not None for _, _, cls in todo):
-        raise ValueError("from_peft: the model holds no PEFT LoRA layer")
+        kinds = sorted({str(getattr(c, "peft_type", "")).rpartition(".")[2] for c in _peft_configs(peft_model)})
+        held = f" (its PEFT adapters are {', '.join(kinds)}; only LoRA converts)" if kinds else ""
+        raise ValueError(f"from_peft: the model holds no PEFT LoRA layer{held}")
     active = _adapter_to_convert([mod for _, mod, cls in todo if cls is not None], adapter_name)
     dropped, built = set(), []
     # Every fused layer is built (and so checked) before the model changes. Building freezes the bases;
@@ -646,17 +653,39 @@ def _per_target(layers: dict) -> dict:
     return out
 
 
+# LoraConfig fields that select a LoRA variant whose forward differs from plain LoRA (PEFT 0.21's
+# `is_lora_variant` fields but DoRA, which is supported; MiCA, an init_lora_weights value, is plain LoRA).
+_VARIANT_KEYS = (
+    "alora_invocation_tokens",
+    "arrow_config",
+    "use_bdlora",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "use_qalora",
+)
+
+
+def _peft_configs(model: nn.Module) -> list:
+    """The PEFT configs a model holds (``PeftModel.peft_config``, or its inner tuner's), as a list."""
+    for holder in (model, getattr(model, "base_model", None)):
+        cfg = getattr(holder, "peft_config", None)
+        if isinstance(cfg, dict):
+            return list(cfg.values())
+    return []
+
+
 def load_adapter(model: nn.Module, path: str) -> nn.Module:
     """Read a PEFT-format adapter (``save_pretrained`` of PEFT, or :func:`save_adapter`) into ``model``:
     applies the fused LoRA layers (unless already there) to the modules the file holds adapters for,
     with the config's r, alpha, dropout, ``modules_to_save`` and ``bias``, then loads A, B, the
     ``modules_to_save`` params and the biases of ``bias="lora_only"``/``"all"`` (which then train, as
-    under PEFT), and DoRA's magnitudes (``use_dora``). ``lora_bias`` adapters
-    raise. Raises on missing or unexpected keys and on shapes that do not fit (only a LoRA rank may
-    differ from the model's, to the config's; the model's tensors are then replaced, with a warning,
-    so build optimizers after loading). Shapes are checked before any tensor is written; LoRA layers
-    applied here to a model that had none stay after a failed load (with B = 0 they leave the outputs
-    unchanged)."""
+    under PEFT), and DoRA's magnitudes (``use_dora``). ``lora_bias`` adapters and PEFT's other LoRA
+    variants (aLoRA, Arrow, ...) raise. Raises on missing or unexpected keys and on shapes that do not
+    fit (only a LoRA rank may differ from the model's, to the config's; the model's tensors are then
+    replaced, with a warning, so build optimizers after loading). Shapes are checked before any tensor
+    is written; LoRA layers applied here to a model that had none stay after a failed load (with B = 0
+    they leave the outputs unchanged)."""
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "adapter_config.json")) as f:
@@ -665,6 +694,12 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"load_adapter: only LoRA adapters are supported, got peft_type {cfg.get('peft_type')!r}")
     if cfg.get("lora_bias"):
         raise NotImplementedError("load_adapter: the adapter has lora_bias=true; the fused layers do not support it")
+    variants = [k for k in _VARIANT_KEYS if cfg.get(k)]
+    if variants:  # their forward is not plain LoRA: loading A and B alone would give other outputs
+        raise NotImplementedError(
+            f"load_adapter: the adapter is a PEFT LoRA variant ({', '.join(variants)}); the fused layers run"
+            " plain LoRA and DoRA only"
+        )
     if (cfg.get("bias") or "none") not in BIAS_MODES:
         raise ValueError(f"load_adapter: bias must be one of {BIAS_MODES}, got {cfg.get('bias')!r}")
     file = os.path.join(path, "adapter_model.safetensors")

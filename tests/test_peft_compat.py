@@ -763,3 +763,101 @@ def test_apply_lora_on_a_lazy_module_asks_for_a_forward_first():
     ftk.apply_lora(model, ["0"], r=2)
     model(x).sum().backward()
     assert model[0].lora_B.grad is not None and model[0].lora_A.shape == (2, 5)
+
+
+def _llama_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99, max_position_embeddings=32,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).double().eval()
+
+
+def _trained(peft_model):
+    """B (and every other trainable tensor) moved off its init, so a dropped term would show."""
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return peft_model
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        # aLoRA applies the adapter only after the invocation tokens (offsets PeftModel computes per
+        # batch); a plain fused layer would apply it everywhere: 0.5 off before this check.
+        (
+            lambda: LoraConfig(r=2, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[5, 6]),
+            NotImplementedError,
+            r"ALoraLinearVariant .*plain LoRA and DoRA only",
+        ),
+        (lambda: LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True), NotImplementedError, r"lora_bias"),
+        # AdaLoRA's layers are LoraLayers: before this check they failed with an AttributeError.
+        (
+            lambda: __import__("peft").AdaLoraConfig(r=2, target_modules=["q_proj"], total_step=10),
+            NotImplementedError,
+            r"AdaLoRA SVDLinear",
+        ),
+        (
+            lambda: __import__("peft").IA3Config(target_modules=["q_proj"], feedforward_modules=[]),
+            ValueError,
+            r"no PEFT LoRA layer \(its PEFT adapters are IA3; only LoRA converts\)",
+        ),
+    ],
+    ids=["alora", "lora_bias", "adalora", "ia3"],
+)
+def test_from_peft_refuses_what_is_not_plain_lora_and_leaves_the_model(make, error, match):
+    """PEFT adapters whose forward is not plain LoRA (aLoRA, LoRA bias, AdaLoRA, other tuners): a clear
+    error naming what, and the PEFT model untouched (same modules, same outputs)."""
+    torch.manual_seed(0)
+    peft = _trained(get_peft_model(_llama_lm(), make())).eval()
+    ids = torch.randint(0, 99, (2, 9))
+    ids[:, 3:5] = torch.tensor([5, 6])  # aLoRA's invocation sequence, so its adapter is live after it
+    before, ref = [type(m) for m in peft.modules()], peft(input_ids=ids).logits
+    with pytest.raises(error, match=match):
+        ftk.from_peft(peft)
+    assert [type(m) for m in peft.modules()] == before
+    torch.testing.assert_close(peft(input_ids=ids).logits, ref, rtol=0, atol=0)
+
+
+def test_from_peft_converts_mica_with_b_frozen():
+    """PEFT's MiCA (init_lora_weights="mica") is plain LoRA with B frozen: converted, same outputs,
+    the same tensors train (A only)."""
+    torch.manual_seed(0)
+    peft = get_peft_model(
+        _llama_lm().float(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights="mica")
+    )
+    _trained(peft).eval()
+    ids = torch.randint(0, 99, (2, 9))
+    ref = peft(input_ids=ids).logits
+    want = sorted(
+        n.replace("base_model.model.", "").replace(".default.weight", "")
+        for n, p in peft.named_parameters()
+        if p.requires_grad
+    )
+    model = ftk.from_peft(peft)
+    torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)
+    trains = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trains == want and trains and all(n.endswith("lora_A") for n in trains)
+
+
+def test_load_adapter_refuses_lora_variants(tmp_path):
+    """An adapter file of a LoRA variant (here aLoRA) is refused before the model changes; the list of
+    variant keys covers every variant PEFT's LoraConfig declares (DoRA aside, which loads)."""
+    import dataclasses
+
+    from ftkernels.peft_compat import _VARIANT_KEYS
+
+    declared = {f.name for f in dataclasses.fields(LoraConfig) if f.metadata.get("is_lora_variant")}
+    assert declared - {"use_dora"} <= set(_VARIANT_KEYS), "PEFT declares a LoRA variant load_adapter does not check"
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=2, target_modules=["q_proj"], alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM")
+    get_peft_model(_llama_lm(), cfg).save_pretrained(tmp_path)
+    model = _llama_lm()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(NotImplementedError, match=r"LoRA variant \(alora_invocation_tokens\)"):
+        ftk.load_adapter(model, str(tmp_path))
+    assert [type(m) for m in model.modules()] == before

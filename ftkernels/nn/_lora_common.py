@@ -338,7 +338,8 @@ def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:
     lora_B`` (copies, keeping requires_grad), ``merged``, and for DoRA ``magnitude`` (a copy; None
     otherwise) and ``merged_norm`` (PEFT's cached row norms ``[out]`` of a merged DoRA weight, else
     None). Raises for an
-    unknown adapter and LoRA bias (not supported by the fused layers)."""
+    unknown adapter, LoRA bias and PEFT's LoRA variants other than DoRA and MiCA (aLoRA, Arrow, ...:
+    not plain LoRA, so not supported by the fused layers)."""
     name = adapter_name or (layer.active_adapters[0] if layer.active_adapters else None)
     emb = len(getattr(layer, "lora_embedding_A", {})) > 0  # PEFT's Embedding keeps bare Parameters there
     pool = layer.lora_embedding_A if emb else layer.lora_A
@@ -350,6 +351,16 @@ def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:
         magnitude = nn.Parameter(m.detach().clone(), requires_grad=m.requires_grad)
     if getattr(layer, "lora_bias", {}).get(name, False):
         raise NotImplementedError("from_peft_layer: LoRA bias (lora_bias=True) is not supported")
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    variant = variant if variant is None or isinstance(variant, type) else type(variant)
+    # DoRA is built here; MiCA is plain LoRA with B frozen (copied with its requires_grad). Every other
+    # variant (aLoRA, Arrow, BD-LoRA, VeLoRA, MonteCLoRA, KaSA, ...) computes something else: a plain
+    # fused layer would change the outputs without a word.
+    if variant is not None and not variant.__name__.startswith(("Dora", "_Dora", "MiCA")):
+        raise NotImplementedError(
+            f"from_peft_layer: adapter {name!r} is PEFT's {variant.__name__} (a LoRA variant whose forward is"
+            " not plain LoRA); the fused layers run plain LoRA and DoRA only"
+        )
     drop = layer.lora_dropout[name]
     merged = bool(getattr(layer, "merged", False)) and name in getattr(layer, "merged_adapters", [name])
     norm = getattr(layer, "_caches", {}).get(f"{name}-weight_norm")  # PEFT's [out] or [1, out, 1, 1]
