@@ -243,7 +243,8 @@ class FusedOptimizer(Optimizer):
         tensor (fp32 master weights and moments of bf16 params, bf16 anchors, int32 compact-state
         indices) instead of casting it to the param's dtype, and keeps ``step`` as a float32 tensor
         on the param's device. Compact and dense state load into either layout (converted at the
-        next step). Param groups saved by another optimizer (an SGD state dict has no ``betas``) or
+        next step). A state without ``step`` (torch.optim.SGD's momentum buffers) counts as past the
+        first step. Param groups saved by another optimizer (an SGD state dict has no ``betas``) or
         with invalid hyper-parameters raise before anything is replaced."""
         self._check_saved_groups(state_dict)
         super().load_state_dict(state_dict)
@@ -255,6 +256,10 @@ class FusedOptimizer(Optimizer):
             if src is None or p not in self.state:
                 continue
             st = self.state[p]
+            if "step" not in src and any(isinstance(v, torch.Tensor) for v in src.values()):
+                # torch.optim.SGD keeps no step: a saved momentum buffer means a step was taken, and
+                # step 0 would make the next one restart the buffer from the gradient.
+                st["step"] = torch.ones((), dtype=torch.float32, device=_local(p).device)
             for k, v in src.items():
                 if not isinstance(v, torch.Tensor):
                     continue
