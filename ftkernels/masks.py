@@ -7,6 +7,9 @@ little-endian within a byte: element ``i`` is bit ``i % 8`` of byte ``i // 8`` (
 
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch
 
 _ATTR = "_ftk_grad_mask"
@@ -35,6 +38,50 @@ def _memory_order(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
+# Optimizers outside ftkernels step masked parameters as if unmasked (weight decay and momentum move
+# masked-out elements). One global step pre-hook, installed with the first mask, says so once per
+# optimizer and mask version.
+_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_hook = []
+
+
+def _applies_masks(optimizer) -> bool:
+    from .optim._fused import FusedOptimizer
+
+    # A wrapper (Accelerate's AcceleratedOptimizer, ...) keeps the real optimizer in .optimizer, whose
+    # own step runs this check.
+    return isinstance(optimizer, FusedOptimizer) or isinstance(
+        getattr(optimizer, "optimizer", None), torch.optim.Optimizer
+    )
+
+
+def _warn_if_mask_ignored(optimizer, args, kwargs) -> None:
+    try:
+        if _checked.get(optimizer) == _version[0]:
+            return
+        _checked[optimizer] = _version[0]
+    except TypeError:  # not weak-referenceable: checked each step
+        pass
+    if _applies_masks(optimizer):
+        return
+    held = [p for g in optimizer.param_groups for p in g["params"] if hasattr(p, _ATTR)]
+    if held:
+        warnings.warn(
+            f"{type(optimizer).__name__} steps {len(held)} parameter(s) holding an ftkernels gradient mask"
+            f" (set_grad_mask, MaskedLinear, MaskedConv2d), e.g. a {_name(held[0])}; only ftkernels' fused"
+            " optimizers (ftkernels.optim.FusedAdamW, FusedSGD, ...) apply it, this one also moves the"
+            " masked-out elements (weight decay, momentum)",
+            stacklevel=3,
+        )
+
+
+def _install_step_check() -> None:
+    if not _hook:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _hook.append(register_optimizer_step_pre_hook(_warn_if_mask_ignored))
+
+
 def _name(param: torch.Tensor) -> str:
     return f"parameter of shape {tuple(param.shape)} ({param.dtype}, {param.device})"
 
@@ -43,7 +90,8 @@ def set_grad_mask(param: torch.Tensor, mask: torch.Tensor | None) -> None:
     """Freeze the elements of ``param`` where ``mask`` is False (``None`` clears the mask).
 
     ``mask``: bool tensor broadcastable to ``param.shape`` (e.g. ``(out, 1)`` for whole rows), on
-    ``param``'s device. Stored as ``ceil(numel / 8)`` bytes. Applied by the fused optimizers.
+    ``param``'s device. Stored as ``ceil(numel / 8)`` bytes. Applied by the fused optimizers; another
+    optimizer stepping ``param`` warns (once per optimizer), as it moves masked-out elements too.
     """
     if mask is None:
         clear_grad_mask(param)
@@ -66,6 +114,7 @@ def set_grad_mask(param: torch.Tensor, mask: torch.Tensor | None) -> None:
     laid_out = torch.empty_like(param, dtype=torch.bool).copy_(expanded)
     setattr(param, _ATTR, pack_bits(_memory_order(laid_out)))
     _version[0] += 1
+    _install_step_check()
 
 
 def clear_grad_mask(param: torch.Tensor) -> None:

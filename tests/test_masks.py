@@ -121,3 +121,48 @@ def test_builders_refuse_non_finite_scores(bad):
     for per_layer in (False, True):
         with pytest.raises(ValueError, match="fisher_topk: the Fisher.* 1 non-finite"):
             masks.fisher_topk(model, [torch.randn(3, 4)], loss, keep=0.5, per_layer=per_layer)
+
+
+def test_an_optimizer_that_ignores_masks_warns_once():
+    """torch.optim's optimizers step masked parameters as unmasked (weight decay moves the masked-out
+    elements): a warning, once per optimizer and mask set-up; none from the fused optimizers or from a
+    wrapper around one (Accelerate's AcceleratedOptimizer, or one holding it in ``.optimizer``)."""
+    import warnings
+
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+    mask = torch.rand(5, 6) > 0.5
+    ftk.set_grad_mask(lin.weight, mask)
+
+    def steps(opt, n=3):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(n):
+                opt.zero_grad()
+                lin(torch.randn(4, 6)).square().sum().backward()
+                opt.step()
+        return [str(w.message) for w in seen if "gradient mask" in str(w.message)]
+
+    before = lin.weight.detach().clone()
+    said = steps(torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=0.1))
+    assert len(said) == 1 and "AdamW steps 1 parameter(s)" in said[0] and "(5, 6)" in said[0]
+    assert not torch.equal(lin.weight[~mask], before[~mask])  # what the warning is about
+    frozen = lin.weight.detach().clone()
+    assert steps(ftk.optim.FusedAdamW(lin.parameters(), lr=1e-2, weight_decay=0.1)) == []
+    assert torch.equal(lin.weight[~mask], frozen[~mask])
+    assert steps(Accelerator(cpu=True).prepare_optimizer(ftk.optim.FusedAdamW(lin.parameters()))) == []
+
+    class Wrapper(torch.optim.Optimizer):  # a wrapper that is an Optimizer itself, so the hooks see it
+        def __init__(self, inner):
+            super().__init__([p for g in inner.param_groups for p in g["params"]], {})
+            self.optimizer = inner
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+    assert steps(Wrapper(ftk.optim.FusedAdamW(lin.parameters()))) == []
+    assert len(steps(Wrapper(torch.optim.AdamW(lin.parameters())))) == 1
+    ftk.set_grad_mask(lin.weight, None)
+    assert steps(torch.optim.SGD(lin.parameters(), lr=1e-2)) == []
