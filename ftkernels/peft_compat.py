@@ -520,6 +520,30 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     return model
 
 
+def _token_wrappers(model: nn.Module) -> dict:
+    """Name -> PEFT ``TrainableTokensWrapper`` (``trainable_token_indices``: new values for some rows of
+    an embedding table), as :func:`from_peft` keeps them. Empty without PEFT."""
+    try:
+        from peft.utils.other import TrainableTokensWrapper
+    except ImportError:
+        return {}
+    return {n: m for n, m in model.named_modules() if isinstance(m, TrainableTokensWrapper)}
+
+
+def _token_entries(model: nn.Module) -> dict[str, tuple[nn.Parameter, list[int], str]]:
+    """PEFT's adapter-file key -> (values ``[n, dim]``, token indices, module name) of each trainable-tokens
+    wrapper that holds its own values (a tied one, e.g. the lm_head of tied embeddings, shares them)."""
+    out = {}
+    for name, w in _token_wrappers(model).items():
+        ad = w.token_adapter
+        if ad.tied_adapter is not None:
+            continue
+        a = w.active_adapters[0]
+        key = f"{_PREFIX}{name}.token_adapter.trainable_tokens_delta"
+        out[key] = (ad.trainable_tokens_delta[a], [int(i) for i in ad.token_indices[a]], name)
+    return out
+
+
 def _check_mergeable(model: nn.Module, layers: dict, what: str) -> None:
     bad = {name: layer._merge_blocker() for name, layer in layers.items() if not layer.merged}
     bad = {name: reason for name, reason in bad.items() if reason is not None}
@@ -584,6 +608,10 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
         release_base(layer.base)
+    for name, w in _token_wrappers(model).items():  # PEFT's trainable tokens: merged in, or dropped
+        parent_name, _, child = name.rpartition(".")
+        plain = w.unload_and_optionally_merge_module(merge=merge, safe_merge=False, adapter_names=None)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
     _release_encoders(model)
     if _CONFIG_ATTR in vars(model):
         delattr(model, _CONFIG_ATTR)
@@ -594,7 +622,8 @@ def save_adapter(model: nn.Module, path: str) -> None:
     """Write the fused LoRA layers' adapters (and ``modules_to_save`` params, and the biases of
     ``bias="lora_only"``/``"all"``) to ``path`` in PEFT's format: ``adapter_config.json`` +
     ``adapter_model.safetensors``. Per-layer ranks or alphas that differ from the common one go to
-    ``rank_pattern`` / ``alpha_pattern``."""
+    ``rank_pattern`` / ``alpha_pattern``. PEFT's trainable tokens (``trainable_token_indices``, kept by
+    :func:`from_peft`) are written too."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -622,6 +651,9 @@ def save_adapter(model: nn.Module, path: str) -> None:
     bias = meta.get("bias", "none")
     for name, p in _bias_params(model, bias).items():
         tensors.setdefault(f"{_PREFIX}{peft_param_name(model, name)}", p.detach().contiguous().cpu())
+    tokens = _token_entries(model)
+    for key, (values, _, _) in tokens.items():
+        tensors[key] = values.detach().contiguous().cpu()
     cfg = LoraConfig(
         bias=bias,
         r=r,
@@ -635,6 +667,7 @@ def save_adapter(model: nn.Module, path: str) -> None:
         alpha_pattern={n: m.alpha for n, m in _per_target(layers).items() if m.alpha != alpha},
         fan_in_fan_out=any(isinstance(m, LoRAConv1D) for m in layers.values()),
         use_dora=dora == {True},
+        trainable_token_indices={name: idx for _, idx, name in tokens.values()} or None,
     )
     os.makedirs(path, exist_ok=True)
     cfg.save_pretrained(path)
@@ -680,7 +713,8 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     applies the fused LoRA layers (unless already there) to the modules the file holds adapters for,
     with the config's r, alpha, dropout, ``modules_to_save`` and ``bias``, then loads A, B, the
     ``modules_to_save`` params and the biases of ``bias="lora_only"``/``"all"`` (which then train, as
-    under PEFT), and DoRA's magnitudes (``use_dora``). ``lora_bias`` adapters and PEFT's other LoRA
+    under PEFT), DoRA's magnitudes (``use_dora``) and trainable tokens (``trainable_token_indices``, set
+    up by PEFT's own code, ties included). ``lora_bias`` adapters and PEFT's other LoRA
     variants (aLoRA, Arrow, ...) raise. Raises on missing or unexpected keys and on shapes that do not
     fit (only a LoRA rank may differ from the model's, to the config's; the model's tensors are then
     replaced, with a warning, so build optimizers after loading). Shapes are checked before any tensor
@@ -733,6 +767,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             use_dora=bool(cfg.get("use_dora")),
             target_parameters=target_parameters,
         )
+    _wrap_tokens(model, cfg)
     layers = lora_modules(model)
     if bool(cfg.get("use_dora")) != any(getattr(m, "dora", False) for m in layers.values()):
         raise ValueError(
@@ -749,7 +784,10 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
         params.update(_adapter_entries(name, layer))  # the table (attribute None) is optional
     bias = cfg.get("bias") or "none"
     biases = _bias_params(model, bias) if bias in BIAS_MODES else {}
+    params.update({key: (values, None) for key, (values, _, _) in _token_entries(model).items()})
     for n, p in model.named_parameters():
+        if ".token_adapter." in n:  # trainable tokens: their keys are above (PEFT drops the adapter name)
+            continue
         if (p.requires_grad or n in biases) and ".lora_" not in n and not n.endswith(("lora_A", "lora_B")):
             params.setdefault(f"{_PREFIX}{peft_param_name(model, n)}", (p, None))
     unexpected = [k for k in tensors if k not in params]
@@ -807,6 +845,28 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             stacklevel=2,
         )
     return model
+
+
+def _wrap_tokens(model: nn.Module, cfg: dict) -> None:
+    """Set up the adapter's trainable tokens (``trainable_token_indices``) with PEFT's own code (which
+    also ties an lm_head sharing the embedding), unless the model holds them already; held ones must
+    cover the same rows."""
+    want = cfg.get("trainable_token_indices")
+    if not want:
+        return
+    held = {name: idx for _, idx, name in _token_entries(model).values()}
+    if held:
+        listed = want if isinstance(want, dict) else None
+        same = sorted(held.values()) == sorted(map(list, listed.values())) if listed else list(held.values()) == [want]
+        if not same:
+            raise ValueError(f"load_adapter: the model's trainable tokens {held} are not the adapter's {want}")
+        return
+    from peft import LoraConfig
+    from peft.utils.other import set_additional_trainable_modules
+
+    peft_cfg = LoraConfig(trainable_token_indices=want, ensure_weight_tying=bool(cfg.get("ensure_weight_tying")))
+    model_cfg = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
+    set_additional_trainable_modules(model, peft_cfg, model_cfg, "default")
 
 
 def _pattern(pattern: dict, name: str, default):

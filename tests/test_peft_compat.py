@@ -861,3 +861,61 @@ def test_load_adapter_refuses_lora_variants(tmp_path):
     with pytest.raises(NotImplementedError, match=r"LoRA variant \(alora_invocation_tokens\)"):
         ftk.load_adapter(model, str(tmp_path))
     assert [type(m) for m in model.modules()] == before
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("as_dict", [False, True], ids=["list", "dict"])
+def test_trainable_tokens_are_saved_loaded_and_unloaded(tied, as_dict, tmp_path):
+    """PEFT's ``trainable_token_indices`` (new values for some embedding rows; with tied embeddings the
+    lm_head shares them): ``from_peft`` keeps them, ``save_adapter`` writes them (before the fix they
+    were dropped: 0.75 off after reloading), PEFT and ``load_adapter`` read them back to the same outputs
+    and the same trainable tensors, and ``unload_lora`` merges them in (or drops them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99, max_position_embeddings=32, tie_word_embeddings=tied,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).double().eval()
+    idx = [3, 5, 40]
+    tti = {"embed_tokens": idx} if as_dict else idx
+    peft = _trained(
+        get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=tti))
+    )
+    ids = torch.tensor([[3, 5, 7, 40, 1, 3]])
+    ref = peft.eval()(input_ids=ids).logits
+    assert (ref - base(input_ids=ids).logits).abs().max() > 1e-2  # the tokens change the outputs
+
+    def trains(m):
+        return sorted(tuple(p.shape) for p in m.parameters() if p.requires_grad)
+
+    want = trains(peft)
+    peft.save_pretrained(str(tmp_path / "peft"))  # (from_peft converts the PEFT model in place)
+    model = ftk.from_peft(peft)
+    torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)
+    ftk.save_adapter(model, str(tmp_path / "ours"))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"), is_trainable=True)
+    torch.testing.assert_close(back.eval()(input_ids=ids).logits, ref, rtol=0, atol=1e-12)
+    loaded = ftk.load_adapter(copy.deepcopy(base), str(tmp_path / "peft"))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=0, atol=1e-12)
+    assert trains(loaded) == want == trains(back)
+    merged = ftk.unload_lora(loaded, merge=True)
+    assert not ftk.peft_compat._token_wrappers(merged) and type(merged.model.embed_tokens) is nn.Embedding
+    torch.testing.assert_close(merged(input_ids=ids).logits, ref, rtol=0, atol=1e-12)
+    dropped = ftk.unload_lora(ftk.load_adapter(copy.deepcopy(base), str(tmp_path / "peft")), merge=False)
+    torch.testing.assert_close(dropped(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_load_adapter_refuses_other_trainable_tokens(tmp_path):
+    """A model already holding trainable tokens for other rows than the adapter's: an error, not a
+    load into the wrong rows."""
+    torch.manual_seed(0)
+    get_peft_model(
+        _llama_lm(), LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5])
+    ).save_pretrained(tmp_path / "a")
+    other = ftk.from_peft(
+        get_peft_model(_llama_lm(), LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[4, 5]))
+    )
+    with pytest.raises(ValueError, match=r"trainable tokens \{'model.embed_tokens': \[4, 5\]\} are not the adapter's"):
+        ftk.load_adapter(other, str(tmp_path / "a"))
