@@ -137,14 +137,19 @@ def _all_linear(model: nn.Module, modules_to_save) -> list[str]:
     ]
 
 
-def _peft_moe_targets(model: nn.Module, target_modules, r: int, alpha: float) -> tuple[list[str], dict, dict]:
-    """What PEFT's transformers-v5 conversion adds to these targets on a mixture-of-experts model:
-    ``(target_parameters, rank_pattern, alpha_pattern)``. transformers v5 stacks the experts' Linear
+def _peft_moe_targets(
+    model: nn.Module, target_modules, r: int, alpha: float
+) -> tuple[list[str], dict, dict, set | None]:
+    """What PEFT's transformers-v5 conversion makes of these targets on a mixture-of-experts model:
+    ``(target_parameters, rank_pattern, alpha_pattern, kept)``. transformers v5 stacks the experts' Linear
     layers into 3-D parameters and keeps the router as a bare weight, and PEFT maps ``"all-linear"``
     and the v4 module names onto them (a fused ``gate_up_proj`` gets rank and alpha times the number
-    of v4 layers fused into it). Nothing where there is no such model or PEFT cannot tell."""
+    of v4 layers fused into it). It also drops those names from the module targets, so a Linear that
+    keeps one (a shared expert's ``gate_proj``) gets no adapter: ``kept`` is the set of module names or
+    name tails PEFT still targets (None where nothing was converted). Nothing where there is no such
+    model or PEFT cannot tell."""
     if getattr(model, "config", None) is None:
-        return [], {}, {}
+        return [], {}, {}, None
     try:
         from peft import LoraConfig
         from peft.utils.transformers_weight_conversion import _convert_peft_config_moe
@@ -153,8 +158,18 @@ def _peft_moe_targets(model: nn.Module, target_modules, r: int, alpha: float) ->
         cfg = LoraConfig(target_modules=tm, r=r, lora_alpha=alpha)
         _convert_peft_config_moe(cfg, model)
     except Exception:  # another PEFT / transformers version, or a config it cannot read: no claim
-        return [], {}, {}
-    return sorted(cfg.target_parameters or []), dict(cfg.rank_pattern or {}), dict(cfg.alpha_pattern or {})
+        return [], {}, {}, None
+    kept = set(cfg.target_modules) if isinstance(cfg.target_modules, set) else None
+    return sorted(cfg.target_parameters or []), dict(cfg.rank_pattern or {}), dict(cfg.alpha_pattern or {}), kept
+
+
+def _peft_would_move(model: nn.Module, names: list[str]) -> list[str]:
+    """Which of these LoRA module names PEFT's loader would map onto stacked experts on this model (its
+    v5 conversion of the adapter's target_modules), dropping their adapters."""
+    if not names:
+        return []
+    _, _, _, kept = _peft_moe_targets(model, sorted(names), 1, 1)
+    return [] if kept is None else sorted(set(names) - kept)
 
 
 def _param_targets(model: nn.Module, targets, r, alpha, rank_pattern, alpha_pattern, modules) -> dict[str, dict]:
@@ -262,28 +277,29 @@ def apply_lora(
     target_parameters=None,
 ) -> nn.Module:
     """Swap every module matching ``target_modules`` (PEFT's rule: a list of names or name suffixes,
-    a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
-    layer, ``modules_to_save`` and nn.MultiheadAttention's ``out_proj``, which its parent never calls)
-    for its fused LoRA layer, in place: ``nn.Linear`` ->
-    :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d` (``nn.Conv1d`` / ``nn.Conv3d`` ->
-    :class:`LoRAConv1d` / :class:`LoRAConv3d`), HF ``Conv1D`` -> :class:`LoRAConv1D`,
-    ``nn.Embedding`` -> :class:`LoRAEmbedding`, ``nn.MultiheadAttention`` -> :class:`LoRAMultiheadAttention`
-    (its packed q/k/v projection and its out_proj, as PEFT's ``lora.MultiheadAttention``).
-    Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
-    classifier head); called again on the same model, it adds layers and keeps training what the
-    earlier call trains. ``bias`` is PEFT's: ``"none"``, ``"lora_only"`` (the LoRA layers' base biases
-    train too) or ``"all"`` (every bias in the model trains). Sibling LoRA Linear layers that turn out
-    to read the same input (q/k/v) then run as one autograd node (DoRA layers run alone)
-    (:func:`ftkernels.nn.lora_group.group_shared_inputs`; same results; ``FTKERNELS_LORA_GROUP=0``
-    turns it off). ``use_dora=True`` makes the layers DoRA (PEFT's ``use_dora``: a
-    trained per-output magnitude, :mod:`ftkernels.nn.dora`). ``target_parameters`` is PEFT's: names of
-    parameters (``"experts.gate_up_proj"``, or just ``"gate_up_proj"``: a name matches the full parameter
-    name or its tail after a dot) adapted by :class:`LoRAParams`, one per module holding them. Left at
-    None, a transformers-v5 mixture-of-experts model gets what PEFT's conversion adds to
-    ``target_modules`` (``"all-linear"`` or the v4 names adapt the stacked experts and the router, the
-    fused ``gate_up_proj`` with twice r and alpha); ``[]`` adapts no parameter. Parameter adapters take
-    no dropout or DoRA (PEFT refuses them too). Returns the model. Raises, leaving the
-    model as it was, when nothing matches or a match is unsupported."""
+        a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
+        layer, ``modules_to_save`` and nn.MultiheadAttention's ``out_proj``, which its parent never calls)
+        for its fused LoRA layer, in place: ``nn.Linear`` ->
+        :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d` (``nn.Conv1d`` / ``nn.Conv3d`` ->
+        :class:`LoRAConv1d` / :class:`LoRAConv3d`), HF ``Conv1D`` -> :class:`LoRAConv1D`,
+        ``nn.Embedding`` -> :class:`LoRAEmbedding`, ``nn.MultiheadAttention`` -> :class:`LoRAMultiheadAttention`
+        (its packed q/k/v projection and its out_proj, as PEFT's ``lora.MultiheadAttention``).
+        Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
+        classifier head); called again on the same model, it adds layers and keeps training what the
+        earlier call trains. ``bias`` is PEFT's: ``"none"``, ``"lora_only"`` (the LoRA layers' base biases
+        train too) or ``"all"`` (every bias in the model trains). Sibling LoRA Linear layers that turn out
+        to read the same input (q/k/v) then run as one autograd node (DoRA layers run alone)
+        (:func:`ftkernels.nn.lora_group.group_shared_inputs`; same results; ``FTKERNELS_LORA_GROUP=0``
+        turns it off). ``use_dora=True`` makes the layers DoRA (PEFT's ``use_dora``: a
+        trained per-output magnitude, :mod:`ftkernels.nn.dora`). ``target_parameters`` is PEFT's: names of
+        parameters (``"experts.gate_up_proj"``, or just ``"gate_up_proj"``: a name matches the full parameter
+        name or its tail after a dot) adapted by :class:`LoRAParams`, one per module holding them. Left at
+        None, a transformers-v5 mixture-of-experts model gets what PEFT's conversion adds to
+        ``target_modules`` (``"all-linear"`` or the v4 names adapt the stacked experts and the router, the
+        fused ``gate_up_proj`` with twice r and alpha), and as under PEFT those v4 names then adapt no Linear
+    (a shared expert's ``gate_proj``); ``[]`` adapts no parameter. Parameter adapters take
+        no dropout or DoRA (PEFT refuses them too). Returns the model. Raises, leaving the
+        model as it was, when nothing matches or a match is unsupported."""
     if not isinstance(target_modules, str) and not target_modules and not target_parameters:
         raise ValueError("apply_lora: target_modules is empty")
     if bias not in BIAS_MODES:
@@ -312,12 +328,15 @@ def apply_lora(
         )
     names = [n for n in names if n not in inert]
     rank_pat, alpha_pat = {}, {}
+    implicit = target_parameters is None
     if target_parameters is None:
-        target_parameters, rank_pat, alpha_pat = _peft_moe_targets(model, target_modules, r, alpha)
+        target_parameters, rank_pat, alpha_pat, kept = _peft_moe_targets(model, target_modules, r, alpha)
+        if kept is not None:  # as PEFT: the module names it moved onto the experts adapt no Linear
+            names = [n for n in names if any(n == t or n.endswith("." + t) for t in kept)]
     elif isinstance(target_parameters, str):
         target_parameters = [target_parameters]
     params = _param_targets(model, list(target_parameters), r, alpha, rank_pat, alpha_pat, set(names))
-    if target_parameters and not params:
+    if target_parameters and not params and not implicit:  # (PEFT's conversion may name absent ones)
         raise ValueError(f"apply_lora: target_parameters={sorted(target_parameters)} matches no parameter")
     if params and (dropout or use_dora):
         raise ValueError(
@@ -669,6 +688,15 @@ def save_adapter(model: nn.Module, path: str) -> None:
         use_dora=dora == {True},
         trainable_token_indices={name: idx for _, idx, name in tokens.values()} or None,
     )
+    moved = _peft_would_move(model, cfg.target_modules)
+    if moved:
+        warnings.warn(
+            f"save_adapter: PEFT reads the module names of {len(moved)} LoRA layer(s) ({moved[0]}, ...) as the"
+            f" transformers-v4 experts of this {model.config.model_type} model and moves them onto the stacked"
+            " experts when it loads the adapter, dropping their adapters (their outputs would differ under"
+            " PEFT); ftkernels.load_adapter reads them as saved",
+            stacklevel=2,
+        )
     os.makedirs(path, exist_ok=True)
     cfg.save_pretrained(path)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))

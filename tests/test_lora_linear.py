@@ -345,8 +345,14 @@ def test_bases_whose_forward_the_fused_layer_would_skip():
         def forward(self, x):
             return x @ self.weight.T + self.bias
 
+    class Router(nn.Linear):  # PhiMoE's router: a Linear returning (weights, indices); was an AttributeError
+        def forward(self, x):
+            return super().forward(x).softmax(-1).topk(2)
+
     with pytest.raises(TypeError, match="Doubled overrides Linear.forward and computes something else"):
         ftk.nn.LoRALinear(Doubled(4, 3), r=2)
+    with pytest.raises(TypeError, match="Router overrides Linear.forward and computes something else"):
+        ftk.nn.LoRALinear(Router(4, 3), r=2)
     same = Reordered(4, 3)
     layer = ftk.nn.LoRALinear(same, r=2)
     x = torch.randn(5, 4)

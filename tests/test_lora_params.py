@@ -32,6 +32,20 @@ ARCHS = {
         dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"] * 2),
         ["experts.gate_up_proj", "experts.down_proj", "router.weight"],
     ),
+    # shared experts: plain Linears named gate_proj / up_proj / down_proj beside the stacked experts
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        dict(
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            n_group=1,
+            topk_group=1,
+        ),
+        None,
+    ),  # fmt: skip
     # no gate: up_proj [E, I, H] and an activation
     "nemotron_h": (
         "NemotronHConfig",
@@ -103,11 +117,14 @@ def test_from_peft_matches_peft(arch):
             torch.testing.assert_close(getattr(owner, attr).grad, want, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "glm4_moe"])
 def test_all_linear_adapts_what_peft_adapts(arch):
     """apply_lora("all-linear") on a v5 MoE model adapts what PEFT's conversion does: the attention
     projections, the stacked experts (gate_up_proj with twice r and alpha) and the router, with PEFT's
-    init; the same number of trainable parameters in the same shapes, and the model starts as its base."""
+    init; the same number of trainable parameters in the same shapes, and the model starts as its base.
+    PEFT moves the v4 expert names off the module targets, so a shared expert's gate_proj / up_proj /
+    down_proj get no adapter (glm4_moe; before, they had one here, and an adapter saved here lost them
+    under PEFT: 0.36 off)."""
     model = _model(arch)
     ids = torch.randint(0, SMALL["vocab_size"], (2, 7))
     base = model(input_ids=ids).logits
@@ -337,3 +354,54 @@ def test_experts_path_cuda_bf16():
     torch.testing.assert_close(got.double().cpu(), want, rtol=3e-2, atol=3e-2)
     got.float().square().sum().backward()
     assert all(a.lora_A.grad is not None and a.lora_A.grad.isfinite().all() for a in dev.adapters.values())
+
+
+def test_saved_moe_adapter_loads_in_peft_or_warns(tmp_path):
+    """On a model with shared experts (glm4_moe): an "all-linear" adapter trained here loads into PEFT
+    with the same outputs. With the experts left out (target_parameters=[]) the shared experts' Linears
+    are adapted, which PEFT's loader would move onto the stacked experts: save_adapter says so, and
+    load_adapter still reads the file exactly."""
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))
+    for tp, warns in ((None, False), ([], True)):
+        model = ftk.apply_lora(_model("glm4_moe"), "all-linear", r=4, alpha=8, target_parameters=tp)
+        torch.manual_seed(1)
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                nn.init.normal_(p.data, std=0.3)
+        ref = model(input_ids=ids).logits
+        path = str(tmp_path / f"tp{tp}")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ftk.save_adapter(model, path)
+        said = [str(w.message) for w in seen if "experts when it loads" in str(w.message)]
+        assert bool(said) == warns, said
+        if warns:
+            assert "shared_experts" in said[0] and "6 LoRA layer(s)" in said[0]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                back = peft.PeftModel.from_pretrained(_model("glm4_moe"), path)
+            torch.testing.assert_close(back(input_ids=ids).logits, ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ftk.load_adapter(_model("glm4_moe"), path)(input_ids=ids).logits, ref)
+
+
+def test_conversion_naming_absent_parameters_is_not_an_error():
+    """PEFT's v5 conversion maps the v4 names by model type, whether or not the model has the stacked
+    parameters (transformers' Beam MoE keeps its own layout): apply_lora, like PEFT, adapts the modules
+    that match and raises only for target_parameters the caller named (before, the conversion's own
+    names raised)."""
+    from types import SimpleNamespace
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(model_type="qwen3_moe")
+            self.q_proj, self.router = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.q_proj(x) + self.router(x).sum(-1, keepdim=True)
+
+    model = ftk.apply_lora(Block(), ["q_proj", "gate"], r=2)
+    assert set(lora_modules(model)) == {"q_proj"}
+    with pytest.raises(ValueError, match=r"target_parameters=\['gate.weight'\] matches no parameter"):
+        ftk.apply_lora(Block(), ["q_proj"], r=2, target_parameters=["gate.weight"])
