@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -187,3 +188,28 @@ def test_tied_table_adapts_lookups_only_and_refuses_to_merge():
     plain = ftk.unload_lora(ours, merge=False)
     assert plain.lm_head.weight is plain.transformer.wte.weight
     torch.testing.assert_close(plain.transformer.wte.weight, table, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("opts", [dict(max_norm=1.0), dict(scale_grad_by_freq=True), dict(sparse=True)], ids=str)
+def test_embedding_options_of_the_base(opts):
+    """The base's lookup options reach the adapter's lookup of A as in PEFT (outputs and gradients in
+    float64 against the plain formula on the same weights); a ``sparse=True`` base (whose frozen table
+    gets no gradient) gives A a dense gradient: a sparse one cannot be transposed back to A's
+    ``[r, num]`` layout (PEFT's layer fails there; so did this one)."""
+    torch.manual_seed(0)
+    base = nn.Embedding(20, 8, padding_idx=2, **opts).double()
+    layer = ftk.nn.LoRAEmbedding(copy.deepcopy(base), r=3, alpha=5)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+    x = torch.tensor([[0, 3, 3, 5], [7, 2, 1, 3]])
+    a, b = (layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_())
+    dense = dict(opts, sparse=False)
+    want = base(x) + F.embedding(x, a.t(), padding_idx=2, **dense) @ b.t() * layer.scaling
+    got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(got)
+    got.backward(g)
+    want.backward(g)
+    assert layer.lora_A.grad.layout == torch.strided and layer.base.weight.grad is None
+    torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-12, atol=1e-12)

@@ -73,9 +73,9 @@ class LoRAEmbedding(LoRAMergeMixin, nn.Module):
             raise TypeError(f"LoRAEmbedding: x must be an int64/int32 index tensor, got {getattr(x, 'dtype', type(x))}")
         y = self.base(x)
         b = self.base
-        after_a = F.embedding(
-            x, self.lora_A.t(), b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse
-        )  # [..., r]
+        # A's gradient stays dense for a sparse=True base (the frozen table gets none): a sparse one of
+        # A^T cannot be transposed back to A's [r, num] layout (PEFT's layer fails there)
+        after_a = F.embedding(x, self.lora_A.t(), b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq)
         lora = (after_a @ self.lora_B.t()) * self.scaling
         scale = getattr(b, "embed_scale", None)
         if scale is not None:
