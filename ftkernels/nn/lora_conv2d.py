@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..integrations import opacus as _dp
 from ..ops import torch_func
 from ..ops.lora_dropout import lora_dropout, lora_dropout_nograd
 from ..ops.lora_linear import _as
@@ -253,6 +254,8 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
         """
         if self.merged:
             return self.base(x)
+        if self._forward_hooks:
+            _dp.hooked(self)  # Opacus: its per-sample rule for this layer (refuses dropout) is registered
         # the weight read once (a weight-normed base computes it at each read)
         weight, bias = self.base.weight, self.base.bias
         name, nd = type(self).__name__, weight.dim() - 2

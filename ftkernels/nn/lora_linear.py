@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..integrations import opacus as _dp
 from ..ops import lora_linear as _ops
 from ._lora_common import LoRAMergeMixin, adapter_dtype, adopt_base, check_plain_base, lora_scaling, peft_adapter
 from .dora import dora_linear
@@ -192,11 +193,13 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         """x ``[..., in]`` -> y ``[..., out]`` = ``base(x) + scaling * dropout(x) @ A^T @ B^T`` (the base alone when
         merged). Siblings grouped by :func:`ftkernels.nn.lora_group.group_shared_inputs` run through the group.
         """
+        if self._forward_hooks and _dp.hooked(self):  # Opacus: calls alone, each dropout seed kept
+            return self._forward_alone(x, dp=True)
         if self._lora_group is not None and not self.merged and not torch.compiler.is_compiling():
             return self._lora_group(self, x)
         return self._forward_alone(x)
 
-    def _forward_alone(self, x: Tensor) -> Tensor:
+    def _forward_alone(self, x: Tensor, dp: bool = False) -> Tensor:
         base = self._modules["base"]  # (dict reads, not nn.Module.__getattr__: host time per call)
         if self.merged:
             return base(x)
@@ -214,7 +217,9 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
             return dora_linear(
                 lora_op, x, w, base.bias, self.lora_A, self.lora_B, m, self.scaling, p, lambda: call_seed(p, x.device)
             )
-        return _lora_linear(x, w, base.bias, self.lora_A, self.lora_B, self.scaling, p, None)
+        # (Opacus captures only calls that build a graph: only those keep their seed)
+        seed = _dp.push_seed(self, draw_seed(x.device)) if dp and p > 0 and torch.is_grad_enabled() else None
+        return _lora_linear(x, w, base.bias, self.lora_A, self.lora_B, self.scaling, p, seed)
 
     @classmethod
     def from_peft_layer(cls, layer, adapter_name: str | None = None) -> LoRALinear:
