@@ -155,3 +155,21 @@ def test_seeds_are_kept_only_for_calls_opacus_captures():
     gsm.enable_hooks()
     gsm(x).square().sum().backward()
     assert model.a.lora_A.grad_sample.shape == (2, 3, 7)
+
+
+def test_attention_is_refused_with_the_way_out():
+    """LoRAMultiheadAttention under Opacus: a clear error (Opacus would rerun it without its keyword
+    masks), naming Opacus's DPMultiheadAttention, whose Linear projections take LoRA."""
+    mha = ftk.nn.LoRAMultiheadAttention(nn.MultiheadAttention(8, 2, batch_first=True), r=2)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    gsm = GradSampleModule(Block(), loss_reduction="sum")
+    with pytest.raises(NotImplementedError, match="DPMultiheadAttention"):
+        gsm(torch.randn(2, 3, 8)).square().sum().backward()

@@ -3,6 +3,7 @@ per-sample grads, Jacobians, JVPs and Hessians equal those of the fused eager pa
 plain-PyTorch reference, dropout's stream included (float64, CPU)."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -274,6 +275,38 @@ def test_plain_ops_gives_double_backward(name):
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-10, msg=k)
     assert not torch_func.active()  # the context is left
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("wrt", ["params", "x"])
+def test_fused_double_backward_is_right_or_raises(name, wrt, lora_node):
+    """Without plain_ops, grads of grads through the fused path, asked of the parameters or of x with
+    ``allow_unused=True``: equal to torch.func's, or the "differentiate twice" error; never a missing
+    (None) or wrong one. Before, the first-order nodes' error node led nowhere, so these came back None,
+    and MaskedLinear's grad_x carried a second-order gradient into its frozen rows."""
+    if LAYERS[name][1] is None:
+        pytest.skip("token ids: nothing to differentiate twice through x")
+    layer, x = _layer(name)
+    x = x.requires_grad_(True)
+    params = _trainable(layer)
+    targets = [p for p in layer.parameters() if p.requires_grad] if wrt == "params" else [x]
+
+    def penalty_func(p, xx):
+        torch.manual_seed(5)
+        return grad(lambda xi: _loss(layer, p, xi))(xx).square().sum()
+
+    want = grad(penalty_func, argnums=0 if wrt == "params" else 1)(params, x.detach())
+    want = list(want.values()) if wrt == "params" else [want]
+    torch.manual_seed(5)
+    (gx,) = torch.autograd.grad(_loss(layer, dict(layer.named_parameters()), x), x, create_graph=True)
+    try:
+        got = torch.autograd.grad(gx.square().sum(), targets, allow_unused=True)
+    except RuntimeError as e:
+        assert re.search(r"differentiate twice.*plain_ops\(\)", str(e)), str(e)
+        return
+    for g, w in zip(got, want, strict=True):
+        assert g is not None
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
 def test_plain_ops_is_left_on_error_and_the_fused_node_returns(lora_node):

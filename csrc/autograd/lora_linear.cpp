@@ -184,11 +184,24 @@ struct LoRALinearNode : public torch::autograd::Function<LoRALinearNode> {
       }
       marked.push_back(t);
     }
-    return torch::autograd::DelayedError(
-               "ftkernels LoRA node: trying to differentiate twice (the node's backward is first-order; "
-               "run the forward inside `with ftkernels.plain_ops():` for grads of grads)",
-               static_cast<int64_t>(marked.size()))
-        .apply(std::move(marked));
+    // The error node also takes the incoming grads (their graph leads to x and to the layers above)
+    // and the saved tensors that require grad (A, B): without these edges grads of grads w.r.t. them
+    // found no path ("not used in the graph", or a silent None with allow_unused=True); with them they
+    // reach the node and raise.
+    const size_t n_out = marked.size();
+    for (const auto& t : grads) {
+      if (t.defined() && t.requires_grad()) marked.push_back(t);
+    }
+    for (const auto& t : ctx->get_saved_variables()) {
+      if (t.defined() && t.requires_grad()) marked.push_back(t);
+    }
+    variable_list res = torch::autograd::DelayedError(
+                            "ftkernels LoRA node: trying to differentiate twice (the node's backward is first-order; "
+                            "run the forward inside `with ftkernels.plain_ops():` for grads of grads)",
+                            static_cast<int64_t>(marked.size()))
+                            .apply(std::move(marked));
+    res.resize(n_out);
+    return res;
   }
 
   static variable_list grads_of(AutogradContext* ctx, const variable_list& grads) {

@@ -16,7 +16,8 @@ the forward's) and computes, per example n (``g`` the output gradient, ``s`` the
     h = g B                      grad A[n] = s sum_t h[n,t]^T D(x)[n,t]        [r, in]
 
 (and the plain Linear rule for a base weight or bias left trainable). The LoRA convs and DoRA keep
-vmap's rule without dropout and raise a clear error with it. Opacus must run with
+vmap's rule without dropout and raise a clear error with it; LoRAMultiheadAttention raises (Opacus
+keeps positional inputs only, and its masks come by keyword: use Opacus's DPMultiheadAttention). Opacus must run with
 ``batch_first=True`` (its default): the mask follows x's layout as the layer saw it.
 """
 
@@ -145,6 +146,16 @@ def vmap_grad_sample(layer, activations: list[Tensor], backprops: Tensor) -> dic
     return _vmap_rule(layer, activations[0], backprops)
 
 
+def mha_grad_sample(layer, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+    """Refused: Opacus keeps a module's positional inputs only, so a rerun would lose the masks
+    nn.MultiheadAttention takes by keyword."""
+    raise NotImplementedError(
+        "Opacus: per-sample gradients of LoRAMultiheadAttention are not supported (its masks come by keyword,"
+        " which Opacus does not keep). Run opacus.validators.ModuleValidator.fix(model) first, which swaps"
+        " nn.MultiheadAttention for Opacus's DPMultiheadAttention, then apply LoRA to its Linear projections"
+    )
+
+
 def _register() -> None:
     from opacus.grad_sample import register_grad_sampler
 
@@ -152,7 +163,9 @@ def _register() -> None:
     from ..nn.lora_conv2d import LoRAConv2d
     from ..nn.lora_conv_nd import LoRAConv1d, LoRAConv3d
     from ..nn.lora_linear import LoRALinear
+    from ..nn.lora_mha import LoRAMultiheadAttention
 
     register_grad_sampler([LoRALinear, LoRAConv1D])(lora_linear_grad_sample)
     register_grad_sampler([LoRAConv1d, LoRAConv2d, LoRAConv3d])(vmap_grad_sample)
+    register_grad_sampler(LoRAMultiheadAttention)(mha_grad_sample)
     _registered[0] = True

@@ -75,7 +75,8 @@ class _DoraScale(torch.autograd.Function):
         z, mns = ctx.saved_tensors
         gz = gm = gb = None
         if ctx.needs_input_grad[0]:
-            plain = torch.compiler.is_compiling() or batched(g)  # traced, or a backward under vmap: no out=
+            # traced, under vmap, or create_graph=True (grads of grads: out= is not differentiable): no out=
+            plain = torch.compiler.is_compiling() or batched(g) or torch.is_grad_enabled()
             gz = (g * mns).to(z.dtype) if plain else torch.mul(g, mns, out=torch.empty_like(z))
         if ctx.needs_input_grad[1]:
             gm = _sum_to(g * z, mns.shape).to(mns.dtype)

@@ -89,11 +89,14 @@ class _UnmergedConv(torch.autograd.Function):
         # gets wrong), each producing the grads it is asked for (what autograd would run), with s
         # applied to the r-channel results instead of to g.
         bwd = torch.ops.aten.convolution_backward.default
+        # create_graph=True: grads of grads go through this backward, so the dropout must be the
+        # differentiable op (the direct kernel call is invisible to autograd: a wrong second order)
+        drop = lora_dropout if torch.is_grad_enabled() else lora_dropout_nograd
         one, zero = [1] * len(stride), [0] * len(stride)
         gu, grad_b, _ = bwd(g, u, lora_b, None, one, zero, one, False, zero, groups, [True, need_b, False])
         gu.mul_(s)
         grad_b = _as(grad_b.mul_(s), lora_b0.dtype) if need_b else None
-        xd = lora_dropout_nograd(x, p, seed) if p > 0 and need_a else x
+        xd = drop(x, p, seed) if p > 0 and need_a else x
         t, grad_a, _ = conv_backward(gu, xd, lora_a, None, (stride, padding, dilation, 1), [need_x, need_a, False])
         del xd
         grad_x = grad_w = grad_bias = None
@@ -101,7 +104,7 @@ class _UnmergedConv(torch.autograd.Function):
             bias_sizes = [weight.shape[0]] if need_bias else None
             grad_x, grad_w, grad_bias = conv_backward(g, x, weight, bias_sizes, ctx.geom, [need_x, need_w, need_bias])
         if need_x:
-            grad_x.add_(lora_dropout_nograd(t, p, seed) if p > 0 else t)
+            grad_x.add_(drop(t, p, seed) if p > 0 else t)
         grad_a = _as(grad_a, lora_a0.dtype) if need_a else None
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
 

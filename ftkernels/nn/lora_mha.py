@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..integrations import opacus as _dp
 from ._lora_common import FoldMixin, adapter_dtype, adopt_base, lora_scaling, peft_adapter, rng_kept, scaled_delta
 from .lora_linear import _lora_linear
 
@@ -117,6 +118,8 @@ class LoRAMultiheadAttention(FoldMixin, nn.Module):
         None)``) with the adapted projections. query ``[L, N, E]`` (``[N, L, E]`` with batch_first, or
         ``[L, E]``), key / value ``[S, N, E]``."""
         base = self._modules["base"]
+        if self._forward_hooks:
+            _dp.hooked(self)  # Opacus: its rule for this layer (a clear refusal) is registered
         if self.merged:
             return base(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
         if query.is_nested or key.is_nested or value.is_nested:

@@ -92,6 +92,14 @@ def _masked_params(weight: Tensor, bias: Tensor | None, plan: dict) -> tuple[Ten
     return w, None if bias is None else torch_func.masked_param(bias, plan["bias"])
 
 
+def _second_order_weight(weight: Tensor, plan: dict) -> Tensor:
+    """The weight grad_x is computed from. Under ``create_graph=True`` (grad mode on in backward) grad_x
+    is differentiated again, and its direct term ``g W`` would carry a second-order gradient into the
+    frozen elements: the weight then enters with its gradient kept where the plan trains, as on the
+    plain path. Otherwise the weight itself."""
+    return torch_func.masked_param(weight, _plan_mask(plan, weight.shape)) if torch.is_grad_enabled() else weight
+
+
 def _gather_index(rows: Tensor) -> Tensor:
     """``rows`` padded to a multiple of 8 by repeating its last entry. The gathered columns of g are
     the GEMM's left operand with leading dimension len(index): a multiple of 8 gives 16-byte aligned
@@ -201,7 +209,8 @@ class _MaskedLinearFn(torch.autograd.Function):
         plan = ctx.plan
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g2 = g.reshape(-1, g.shape[-1])
-        grad_x = (g2 @ weight).view(x.shape) if need_x else None
+        wx = _second_order_weight(weight, plan)
+        grad_x = (g2 @ wx).view(x.shape) if need_x else None
         grad_w, grad_b = masked_grads_linear(g2, x.reshape(-1, x.shape[-1]), plan, weight.shape, need_w, need_b)
         return grad_x, grad_w, grad_b, None
 
@@ -271,7 +280,7 @@ class _MaskedConvFn(torch.autograd.Function):
         rows_only = plan["kind"] == "rows" and groups == 1
         if need_x or (need_w and not rows_only):
             mask = [need_x, need_w and not rows_only, False]
-            grad_x, grad_w, _ = conv_backward(g, x, weight, None, ctx.geom, mask)
+            grad_x, grad_w, _ = conv_backward(g, x, _second_order_weight(weight, plan), None, ctx.geom, mask)
             if grad_w is not None:
                 grad_w = grad_w.mul_(plan["mask"])
         kept = None  # g's kept channels, when the weight gradient gathered them

@@ -49,8 +49,15 @@ def first_order(backward):
         if not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
             return outputs
         outs = outputs if isinstance(outputs, tuple) else (outputs,)
-        # Each result aliased through a node whose backward raises (as once_differentiable does).
-        err = torch._C._functions.DelayedError(TWICE.encode(), len(outs))
-        return err(*[None if t is None else t.detach().requires_grad_(True) for t in outs])
+        # Each result aliased through a node whose backward raises (as once_differentiable does). The
+        # node also takes the incoming grads (their graph leads to x and to the layers above) and the
+        # saved tensors that require grad (A, B, ...): once_differentiable's node leads nowhere, so
+        # grads of grads w.r.t. those were "not used in the graph", a silent None with allow_unused=True;
+        # through these edges they reach the node and raise.
+        extras = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+        err = torch._C._functions.DelayedError(TWICE.encode(), len(outs) + len(extras))
+        marked = err(*[None if t is None else t.detach().requires_grad_(True) for t in outs], *extras)
+        marked = marked if isinstance(marked, tuple) else (marked,)
+        return marked[: len(outs)] if isinstance(outputs, tuple) else marked[0]
 
     return wrapper
