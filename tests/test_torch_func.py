@@ -410,3 +410,18 @@ def test_backward_under_vmap_batched_grads(name, lora_node):
         one = torch.autograd.grad(y, [xx, *params], gs[i], retain_graph=True)
         for got, want in zip(batched, one, strict=True):
             torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_double_backward_reaches_the_layers_above(lora_node):
+    """A gradient penalty on x asked of a plain layer above the LoRA layer (allow_unused=True): its
+    second-order path runs through the fused node's backward, so it raises (it was a silent None)."""
+    layer, x = _layer("linear_dropout")
+    top = nn.Linear(7, 3).to(F64)
+    x = x.requires_grad_(True)
+    (gx,) = torch.autograd.grad(torch.tanh(top(layer(x))).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"differentiate twice.*plain_ops\(\)"):
+        torch.autograd.grad(gx.square().sum(), [top.weight], allow_unused=True)
+    with ftk.plain_ops():
+        (gx,) = torch.autograd.grad(torch.tanh(top(layer(x))).square().sum(), x, create_graph=True)
+    (gw,) = torch.autograd.grad(gx.square().sum(), [top.weight])
+    assert gw.abs().max() > 0
