@@ -405,3 +405,34 @@ def test_conversion_naming_absent_parameters_is_not_an_error():
     assert set(lora_modules(model)) == {"q_proj"}
     with pytest.raises(ValueError, match=r"target_parameters=\['gate.weight'\] matches no parameter"):
         ftk.apply_lora(Block(), ["q_proj"], r=2, target_parameters=["gate.weight"])
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_per_example_grads_under_vmap_with_batched_routing(impl):
+    """torch.func transforms take the module's own forward on W + s B A (the experts path splits tokens
+    by a host-side count, which vmap cannot batch; it failed there): per-example gradients with routing
+    that differs per example equal a loop of single grads, and the eager path's gradient."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    experts = _standalone_experts("mixtral").float()
+    experts.config._experts_implementation = impl
+    layer = LoRAParams(experts, ["gate_up_proj", "down_proj"], r=2)
+    for a in layer.adapters.values():
+        nn.init.normal_(a.lora_B)
+    x = torch.randn(4, 5, SMALL["hidden_size"])
+    index = torch.stack([_fresh_routing(5, experts.num_experts, 2, torch.float32, seed=s)[0] for s in range(4)])
+    weights = torch.rand(4, 5, 2)
+    params = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
+
+    def loss(p, xi, ii, wi):
+        return functional_call(layer, p, (xi, ii, wi)).square().sum()
+
+    batched = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, x, index, weights)
+    for i in range(4):
+        one = grad(loss)(params, x[i], index[i], weights[i])
+        layer.zero_grad()
+        layer(x[i], index[i], weights[i]).square().sum().backward()  # the fused experts path
+        for k in params:
+            torch.testing.assert_close(batched[k][i], one[k], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(batched[k][i], layer.get_parameter(k).grad, rtol=1e-3, atol=1e-3)

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..ops import lora_experts
+from ..ops import lora_experts, torch_func
 from ._lora_common import FoldMixin, adapter_dtype, lora_scaling, peft_adapter
 
 
@@ -122,7 +122,9 @@ class LoRAParams(FoldMixin, nn.Module):
     def forward(self, *args, **kwargs):
         if self.merged:
             return self.base(*args, **kwargs)
-        if self._fused():
+        # (under torch.func transforms the generic path below: the experts path splits tokens by a
+        # host-side count, which vmap cannot batch)
+        if self._fused() and not torch_func.active():
             hidden, index, weights = _experts_args(args, kwargs)
             loras = {n: (a.lora_A, a.lora_B, a.scaling) for n, a in self.adapters.items()}
             return lora_experts.experts_forward(self.base, hidden, index, weights, loras)
