@@ -569,19 +569,26 @@ def _check_mergeable(model: nn.Module, layers: dict, what: str) -> None:
     if bad:
         shown = "; ".join(f"{name}: {reason}" for name, reason in list(bad.items())[:3])
         raise NotImplementedError(f"{what}: cannot merge {len(bad)} layer(s) ({shown}); nothing was changed")
-    # An embedding table tied to another layer (tie_word_embeddings: the LM head reads the same tensor):
-    # the adapter changes the lookups only, so folding it into the shared table would change that layer
-    # too. PEFT merges anyway and the merged model's logits differ; here it raises.
-    uses: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        uses.setdefault(id(p), []).append(n)
+    # A weight tied to another layer (tie_word_embeddings: the LM head and the input embedding share one
+    # tensor): the adapter changes one of them only, so folding it into the shared tensor would change
+    # the other too. PEFT merges anyway (with a warning) and the merged model's logits differ; here it
+    # raises.
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((mod, f"{mname}.{pname}" if mname else pname))
     for name, layer in layers.items():
-        if isinstance(layer, LoRAEmbedding) and not layer.merged:
-            others = [n for n in uses.get(id(layer.base.weight), []) if n != f"{name}.base.weight"]
-            if others:
+        if layer.merged:
+            continue
+        for mod in layer.base.modules():  # the merge writes into the base's own parameters
+            for p in mod.parameters(recurse=False):
+                others = [n for m, n in holders.get(id(p), []) if m is not mod]
+                if not others:
+                    continue
+                what_p = "embedding table" if isinstance(layer, LoRAEmbedding) else "weight"
                 raise NotImplementedError(
-                    f"{what}: the embedding table of {name} is tied to {others[0]} (tie_word_embeddings); merging"
-                    " its adapter into the shared table would change that layer too, and the outputs with it."
+                    f"{what}: the {what_p} of {name} is tied to {others[0]} (tie_word_embeddings); merging"
+                    " its adapter into the shared tensor would change that layer too, and the outputs with it."
                     " Keep the adapter unmerged (unload_lora(merge=False) drops it); nothing was changed"
                 )
 

@@ -919,3 +919,33 @@ def test_load_adapter_refuses_other_trainable_tokens(tmp_path):
     )
     with pytest.raises(ValueError, match=r"trainable tokens \{'model.embed_tokens': \[4, 5\]\} are not the adapter's"):
         ftk.load_adapter(other, str(tmp_path / "a"))
+
+
+def test_merging_a_tied_lm_head_is_refused():
+    """LoRA on an lm_head tied to the input embedding (tie_word_embeddings): merging would write the
+    adapter into the shared tensor and change the embedding too (112 off before; PEFT merges with a
+    warning, 44 off). merge_lora / unload_lora(merge=True) raise with nothing changed; the unmerged
+    model and unload_lora(merge=False) are fine."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = ftk.apply_lora(LlamaForCausalLM(cfg).double().eval(), ["lm_head", "q_proj"], r=2)
+    assert model.lm_head.base.weight is model.model.embed_tokens.weight
+    for n, p in model.named_parameters():
+        if n.endswith("lora_B"):
+            nn.init.normal_(p.data)
+    ids = torch.randint(0, 99, (2, 7))
+    ref = model(input_ids=ids).logits
+    table = model.model.embed_tokens.weight.detach().clone()
+    for call in (ftk.merge_lora, lambda m: ftk.unload_lora(m, merge=True)):
+        with pytest.raises(NotImplementedError, match=r"weight of lm_head is tied to model.embed_tokens.weight"):
+            call(model)
+        assert not any(m.merged for m in ftk.peft_compat.lora_modules(model).values())
+        assert torch.equal(model.model.embed_tokens.weight, table)
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)
+    plain = ftk.unload_lora(model, merge=False)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight
