@@ -367,6 +367,7 @@ def apply_lora(
     for name, layer in wrapped.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    _untie_saved(model, saved)
     for n in saved:
         model.get_submodule(n).requires_grad_(True)
     for layer in lora_modules(model).values():  # a LoRA layer's own parameters are its adapters
@@ -383,6 +384,36 @@ def apply_lora(
     _guard_encoders(model)
     group_shared_inputs(model)
     return model
+
+
+def _untie_saved(model: nn.Module, saved: list[str]) -> None:
+    """A ``modules_to_save`` module whose parameter is shared with another module (an lm_head tied to
+    the input embedding) gets its own copy, as PEFT's ModulesToSaveWrapper trains a copy of each saved
+    module (tied ones too, unless PEFT's ``ensure_weight_tying``): trained in place, the shared tensor
+    would change the other module too, and an adapter file would not give the same model back. The
+    model's ``config.tie_word_embeddings`` is cleared so that a later ``tie_weights()`` keeps the copy."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((mod, f"{mname}.{pname}" if mname else pname))
+    for n in saved:
+        for mod in model.get_submodule(n).modules():
+            for pname, p in list(mod.named_parameters(recurse=False)):
+                others = [name for m, name in holders.get(id(p), []) if m is not mod]
+                if not others:
+                    continue
+                copy = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                setattr(mod, pname, copy)
+                holders[id(p)] = [(m, name) for m, name in holders[id(p)] if m is not mod]
+                holders[id(copy)] = [(mod, f"{n}.{pname}")]
+                cfg = getattr(model, "config", None)
+                if getattr(cfg, "tie_word_embeddings", False):
+                    cfg.tie_word_embeddings = False
+                warnings.warn(
+                    f"apply_lora: modules_to_save {n} shares {pname} with {others[0]} (tied weights); as in PEFT it"
+                    " trains its own copy, and the model is untied",
+                    stacklevel=3,
+                )
 
 
 def _adapter_names(layer: nn.Module) -> set:

@@ -949,3 +949,44 @@ def test_merging_a_tied_lm_head_is_refused():
         torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)
     plain = ftk.unload_lora(model, merge=False)
     assert plain.lm_head.weight is plain.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("saved", [["lm_head"], ["embed_tokens", "lm_head"]], ids=["lm_head", "both"])
+def test_modules_to_save_on_tied_weights_train_a_copy_as_peft(saved, tmp_path):
+    """modules_to_save on a module tied to another (tie_word_embeddings): PEFT trains a copy of each saved
+    module. Here the saved module trained the shared tensor in place, so the embedding moved too and
+    the adapter file gave another model under PEFT (4.0 off), and ftk.load_adapter refused its own file.
+    Now: a copy (with a warning), the same training step as PEFT's, files both ways."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).double().eval()
+    with pytest.warns(UserWarning, match=r"trains its own copy, and the model is untied"):
+        ours = ftk.apply_lora(copy.deepcopy(base), ["q_proj"], r=2, modules_to_save=saved)
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight and not ours.config.tie_word_embeddings
+    peft = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=2, lora_alpha=16, target_modules=["q_proj"], modules_to_save=saved)
+    )
+    with torch.no_grad():  # the same adapters on both
+        for name, layer in ftk.peft_compat.lora_modules(ours).items():
+            pl = peft.base_model.model.get_submodule(name)
+            layer.lora_A.copy_(pl.lora_A["default"].weight)
+            pl.lora_B["default"].weight.normal_()
+            layer.lora_B.copy_(pl.lora_B["default"].weight)
+    ids = torch.randint(0, 99, (2, 7))
+    for model in (ours, peft):  # one SGD step on the same batch
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    ref = peft(input_ids=ids).logits
+    torch.testing.assert_close(ours(input_ids=ids).logits, ref, rtol=1e-10, atol=1e-10)
+    ftk.save_adapter(ours, str(tmp_path))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    torch.testing.assert_close(back(input_ids=ids).logits, ref, rtol=1e-10, atol=1e-10)
+    with pytest.warns(UserWarning, match="own copy"):
+        loaded = ftk.load_adapter(copy.deepcopy(base), str(tmp_path))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=1e-10, atol=1e-10)
