@@ -277,29 +277,30 @@ def apply_lora(
     target_parameters=None,
 ) -> nn.Module:
     """Swap every module matching ``target_modules`` (PEFT's rule: a list of names or name suffixes,
-        a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
-        layer, ``modules_to_save`` and nn.MultiheadAttention's ``out_proj``, which its parent never calls)
-        for its fused LoRA layer, in place: ``nn.Linear`` ->
-        :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d` (``nn.Conv1d`` / ``nn.Conv3d`` ->
-        :class:`LoRAConv1d` / :class:`LoRAConv3d`), HF ``Conv1D`` -> :class:`LoRAConv1D`,
-        ``nn.Embedding`` -> :class:`LoRAEmbedding`, ``nn.MultiheadAttention`` -> :class:`LoRAMultiheadAttention`
-        (its packed q/k/v projection and its out_proj, as PEFT's ``lora.MultiheadAttention``).
-        Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
-        classifier head); called again on the same model, it adds layers and keeps training what the
-        earlier call trains. ``bias`` is PEFT's: ``"none"``, ``"lora_only"`` (the LoRA layers' base biases
-        train too) or ``"all"`` (every bias in the model trains). Sibling LoRA Linear layers that turn out
-        to read the same input (q/k/v) then run as one autograd node (DoRA layers run alone)
-        (:func:`ftkernels.nn.lora_group.group_shared_inputs`; same results; ``FTKERNELS_LORA_GROUP=0``
-        turns it off). ``use_dora=True`` makes the layers DoRA (PEFT's ``use_dora``: a
-        trained per-output magnitude, :mod:`ftkernels.nn.dora`). ``target_parameters`` is PEFT's: names of
-        parameters (``"experts.gate_up_proj"``, or just ``"gate_up_proj"``: a name matches the full parameter
-        name or its tail after a dot) adapted by :class:`LoRAParams`, one per module holding them. Left at
-        None, a transformers-v5 mixture-of-experts model gets what PEFT's conversion adds to
-        ``target_modules`` (``"all-linear"`` or the v4 names adapt the stacked experts and the router, the
-        fused ``gate_up_proj`` with twice r and alpha), and as under PEFT those v4 names then adapt no Linear
+    a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
+    layer, ``modules_to_save`` and nn.MultiheadAttention's ``out_proj``, which its parent never calls)
+    for its fused LoRA layer, in place: ``nn.Linear`` ->
+    :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d` (``nn.Conv1d`` / ``nn.Conv3d`` ->
+    :class:`LoRAConv1d` / :class:`LoRAConv3d`), HF ``Conv1D`` -> :class:`LoRAConv1D`,
+    ``nn.Embedding`` -> :class:`LoRAEmbedding`, ``nn.MultiheadAttention`` -> :class:`LoRAMultiheadAttention`
+    (its packed q/k/v projection and its out_proj, as PEFT's ``lora.MultiheadAttention``).
+    Freezes every other parameter except those of ``modules_to_save`` (same matching; e.g. a new
+    classifier head; one tied to another module, as an lm_head sharing the embedding, trains its own
+    copy, as in PEFT); called again on the same model, it adds layers and keeps training what the
+    earlier call trains. ``bias`` is PEFT's: ``"none"``, ``"lora_only"`` (the LoRA layers' base biases
+    train too) or ``"all"`` (every bias in the model trains). Sibling LoRA Linear layers that turn out
+    to read the same input (q/k/v) then run as one autograd node (DoRA layers run alone)
+    (:func:`ftkernels.nn.lora_group.group_shared_inputs`; same results; ``FTKERNELS_LORA_GROUP=0``
+    turns it off). ``use_dora=True`` makes the layers DoRA (PEFT's ``use_dora``: a
+    trained per-output magnitude, :mod:`ftkernels.nn.dora`). ``target_parameters`` is PEFT's: names of
+    parameters (``"experts.gate_up_proj"``, or just ``"gate_up_proj"``: a name matches the full parameter
+    name or its tail after a dot) adapted by :class:`LoRAParams`, one per module holding them. Left at
+    None, a transformers-v5 mixture-of-experts model gets what PEFT's conversion adds to
+    ``target_modules`` (``"all-linear"`` or the v4 names adapt the stacked experts and the router, the
+    fused ``gate_up_proj`` with twice r and alpha), and as under PEFT those v4 names then adapt no Linear
     (a shared expert's ``gate_proj``); ``[]`` adapts no parameter. Parameter adapters take
-        no dropout or DoRA (PEFT refuses them too). Returns the model. Raises, leaving the
-        model as it was, when nothing matches or a match is unsupported."""
+    no dropout or DoRA (PEFT refuses them too). Returns the model. Raises, leaving the
+    model as it was, when nothing matches or a match is unsupported."""
     if not isinstance(target_modules, str) and not target_modules and not target_parameters:
         raise ValueError("apply_lora: target_modules is empty")
     if bias not in BIAS_MODES:
