@@ -387,6 +387,21 @@ def apply_lora(
     return model
 
 
+def _keep_untied(model: nn.Module) -> None:
+    """A Hugging Face model whose config says its LM head and input embedding are tied while they no
+    longer are (PEFT trained a copy of one as ``modules_to_save``): the flag is cleared, so a later
+    ``tie_weights()`` (resizing the vocabulary, ...) does not put the untrained tensor back."""
+    cfg = getattr(model, "config", None)
+    if not getattr(cfg, "tie_word_embeddings", False):
+        return
+    try:
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    if out is not None and inp is not None and getattr(out, "weight", None) is not getattr(inp, "weight", None):
+        cfg.tie_word_embeddings = False
+
+
 def _untie_saved(model: nn.Module, saved: list[str]) -> None:
     """A ``modules_to_save`` module whose parameter is shared with another module (an lm_head tied to
     the input embedding) gets its own copy, as PEFT's ModulesToSaveWrapper trains a copy of each saved
@@ -549,6 +564,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
         elif isinstance(new, nn.MultiheadAttention):  # a base left without an adapter
             _unwrap_out_proj(new)
     _guard_encoders(model)
+    _keep_untied(model)
     group_shared_inputs(model)
     if any(isinstance(new, LoRAMultiheadAttention) for _, new in built):
         warn_if_peft_doubles("from_peft")

@@ -990,3 +990,31 @@ def test_modules_to_save_on_tied_weights_train_a_copy_as_peft(saved, tmp_path):
     with pytest.warns(UserWarning, match="own copy"):
         loaded = ftk.load_adapter(copy.deepcopy(base), str(tmp_path))
     torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_from_peft_keeps_a_trained_copy_of_a_tied_head():
+    """from_peft of a PEFT model whose modules_to_save copy of a tied lm_head was trained: the copy is
+    the model's lm_head, and the config no longer claims tied embeddings, so tie_weights() (run by
+    resize_token_embeddings, ...) keeps it (it put the untrained tensor back: 1.16 off)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    peft = get_peft_model(
+        LlamaForCausalLM(cfg).double().eval(), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
+    with torch.no_grad():
+        peft.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.1)
+    ids = torch.randint(0, 99, (2, 7))
+    ref = peft(input_ids=ids).logits
+    model = ftk.from_peft(peft)
+    model.tie_weights()
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)
+    assert not model.config.tie_word_embeddings
+    cfg.tie_word_embeddings = True  # (the config object is the model's: from_peft cleared it)
+    tied = ftk.from_peft(get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["q_proj"])))
+    assert tied.config.tie_word_embeddings and tied.lm_head.weight is tied.model.embed_tokens.weight
