@@ -580,8 +580,11 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
                 lora_alpha=cfg.lora_alpha,
                 lora_dropout=cfg.lora_dropout,
                 use_rslora=cfg.use_rslora,
-                modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
+                # the modules PEFT wrapped, by full name (its config lists name patterns, and for a
+                # task type adds heads a model may lack: "classifier" and "score" for SEQ_CLS)
+                modules_to_save=[n for n, mod, cls in todo if cls is None and active in mod.modules_to_save] or None,
                 bias=getattr(cfg, "bias", "none"),
+                task_type=getattr(cfg, "task_type", None),
             ),
         )
     return model
@@ -697,7 +700,8 @@ def save_adapter(model: nn.Module, path: str) -> None:
     ``bias="lora_only"``/``"all"``) to ``path`` in PEFT's format: ``adapter_config.json`` +
     ``adapter_model.safetensors``. Per-layer ranks or alphas that differ from the common one go to
     ``rank_pattern`` / ``alpha_pattern``. PEFT's trainable tokens (``trainable_token_indices``, kept by
-    :func:`from_peft`) are written too."""
+    :func:`from_peft`) are written too, and, as PEFT does, the base model's path (``from_pretrained``'s)
+    and the PEFT task type :func:`from_peft` found, so ``AutoPeftModelFor*.from_pretrained`` loads it."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -742,6 +746,11 @@ def save_adapter(model: nn.Module, path: str) -> None:
         fan_in_fan_out=any(isinstance(m, LoRAConv1D) for m in layers.values()),
         use_dora=dora == {True},
         trainable_token_indices={name: idx for _, idx, name in tokens.values()} or None,
+        # as PEFT writes them: AutoPeftModel* loads the base from this path (a from_pretrained model's)
+        base_model_name_or_path=getattr(model, "name_or_path", None)
+        or getattr(getattr(model, "config", None), "_name_or_path", None)
+        or None,
+        task_type=meta.get("task_type"),
     )
     moved = _peft_would_move(model, cfg.target_modules)
     if moved:
@@ -753,7 +762,11 @@ def save_adapter(model: nn.Module, path: str) -> None:
             stacklevel=2,
         )
     os.makedirs(path, exist_ok=True)
-    cfg.save_pretrained(path)
+    # PEFT's auto mapping when there is no task type: the model class AutoPeftModel builds the base with
+    auto = (
+        None if cfg.task_type else {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    )
+    cfg.save_pretrained(path, auto_mapping_dict=auto)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
 
 

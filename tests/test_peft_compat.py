@@ -1018,3 +1018,49 @@ def test_from_peft_keeps_a_trained_copy_of_a_tied_head():
     cfg.tie_word_embeddings = True  # (the config object is the model's: from_peft cleared it)
     tied = ftk.from_peft(get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["q_proj"])))
     assert tied.config.tie_word_embeddings and tied.lm_head.weight is tied.model.embed_tokens.weight
+
+
+def test_saved_adapter_loads_with_auto_peft_model(tmp_path):
+    """save_adapter writes what AutoPeftModelFor*.from_pretrained needs, as PEFT does: the base model's
+    path (from_pretrained's), and the task type from_peft found or else PEFT's auto mapping (it wrote
+    neither: AutoPeftModel could not build the base)."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99, pad_token_id=0, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "lm")
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "cls")
+    ids = torch.randint(1, 99, (2, 7))
+
+    model = ftk.apply_lora(LlamaForCausalLM.from_pretrained(tmp_path / "lm").eval(), ["q_proj", "v_proj"], r=2)
+    for n, p in model.named_parameters():
+        if n.endswith("lora_B"):
+            nn.init.normal_(p.data)
+    ftk.save_adapter(model, str(tmp_path / "a"))
+    peft = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "lm"), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft.save_pretrained(tmp_path / "p")
+    ours, theirs = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("a", "p"))
+    for key in ("base_model_name_or_path", "task_type", "auto_mapping"):
+        assert ours[key] == theirs[key], key
+    back = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits)
+
+    peft = get_peft_model(
+        LlamaForSequenceClassification.from_pretrained(tmp_path / "cls"),
+        LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"),
+    ).eval()
+    for n, p in peft.named_parameters():
+        if "lora_B" in n or "modules_to_save" in n:
+            nn.init.normal_(p.data)
+    ref = peft(input_ids=ids).logits
+    model = ftk.from_peft(peft)
+    ftk.save_adapter(model, str(tmp_path / "c"))
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    back = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "c").eval()
+    torch.testing.assert_close(back(input_ids=ids).logits, ref)
