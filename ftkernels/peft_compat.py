@@ -732,6 +732,9 @@ def save_adapter(model: nn.Module, path: str) -> None:
     tokens = _token_entries(model)
     for key, (values, _, _) in tokens.items():
         tensors[key] = values.detach().contiguous().cpu()
+    base_path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    for key, t in _resized_embeddings(model, base_path).items():
+        tensors.setdefault(key, t.detach().contiguous().cpu())
     cfg = LoraConfig(
         bias=bias,
         r=r,
@@ -747,9 +750,7 @@ def save_adapter(model: nn.Module, path: str) -> None:
         use_dora=dora == {True},
         trainable_token_indices={name: idx for _, idx, name in tokens.values()} or None,
         # as PEFT writes them: AutoPeftModel* loads the base from this path (a from_pretrained model's)
-        base_model_name_or_path=getattr(model, "name_or_path", None)
-        or getattr(getattr(model, "config", None), "_name_or_path", None)
-        or None,
+        base_model_name_or_path=base_path or None,
         task_type=meta.get("task_type"),
     )
     moved = _peft_would_move(model, cfg.target_modules)
@@ -768,6 +769,37 @@ def save_adapter(model: nn.Module, path: str) -> None:
     )
     cfg.save_pretrained(path, auto_mapping_dict=auto)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+
+
+def _resized_embeddings(model: nn.Module, base_path: str | None) -> dict[str, torch.Tensor]:
+    """PEFT's ``save_embedding_layers="auto"``: when the vocabulary differs from the base model's
+    (its ``config.json`` at ``base_path``, a local folder here), the input and output embedding
+    tables (frozen or not) go into the adapter file under PEFT's keys: rows added by
+    ``resize_token_embeddings`` are random, so a fresh base would not have them."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    file = os.path.join(base_path, "config.json") if base_path else None
+    if vocab is None or file is None or not os.path.isfile(file) or not hasattr(model, "get_input_embeddings"):
+        return {}
+    with open(file) as f:
+        original = json.load(f).get("vocab_size")
+    if original is None or original == vocab:
+        return {}
+    out = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if layer is None or id(layer) not in names:
+            continue
+        for pname, p in layer.named_parameters():
+            full = f"{names[id(layer)]}.{pname}"
+            if ".lora_" not in full and not full.endswith(("lora_A", "lora_B")):
+                out[f"{_PREFIX}{peft_param_name(model, full)}"] = p
+    if out:
+        warnings.warn(
+            f"save_adapter: the vocabulary ({vocab}) differs from the base model's ({original}): the embedding"
+            " tables are saved too, as PEFT does",
+            stacklevel=3,
+        )
+    return out
 
 
 def _per_target(layers: dict) -> dict:
@@ -886,6 +918,10 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             continue
         if (p.requires_grad or n in biases) and ".lora_" not in n and not n.endswith(("lora_A", "lora_B")):
             params.setdefault(f"{_PREFIX}{peft_param_name(model, n)}", (p, None))
+    # Base tensors the file holds (PEFT's saved embedding tables after a vocabulary resize) are written
+    # into the model's (frozen) parameters of those names, as PEFT's loader does.
+    named = {f"{_PREFIX}{peft_param_name(model, n)}": p for n, p in model.named_parameters(remove_duplicate=False)}
+    params.update({k: (named[k], None) for k in tensors if k not in params and k in named})
     unexpected = [k for k in tensors if k not in params]
     if unexpected:
         raise ValueError(f"load_adapter: keys with no place in the model: {unexpected[:5]}")

@@ -1064,3 +1064,44 @@ def test_saved_adapter_loads_with_auto_peft_model(tmp_path):
     assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
     back = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "c").eval()
     torch.testing.assert_close(back(input_ids=ids).logits, ref)
+
+
+def test_resized_vocabulary_travels_with_the_adapter(tmp_path):
+    """Tokens added with resize_token_embeddings get random rows, which a fresh base does not have.
+    As PEFT's save_embedding_layers="auto": the vocabulary differs from the base's config.json, so
+    save_adapter writes the embedding tables (with a warning), and load_adapter writes the tables a
+    file holds into the model (it refused PEFT's such files: keys with no place). Outputs equal after
+    reloading, both ways with PEFT (they were off by the new rows)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+
+    def fresh():  # the base with 6 new tokens, their rows drawn anew each time
+        model = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+        model.resize_token_embeddings(105, mean_resizing=False)
+        return model
+
+    ids = torch.tensor([[1, 100, 5, 104, 7, 101]])
+    model = ftk.apply_lora(fresh(), ["q_proj", "v_proj"], r=2)
+    for n, p in model.named_parameters():
+        if n.endswith("lora_B"):
+            nn.init.normal_(p.data)
+    ref = model(input_ids=ids).logits
+    assert (fresh()(input_ids=ids).logits - ref).abs().max() > 1e-3  # the new rows matter
+    with pytest.warns(UserWarning, match=r"vocabulary \(105\) differs from the base model's \(99\)"):
+        ftk.save_adapter(model, str(tmp_path / "ours"))
+    torch.testing.assert_close(ftk.load_adapter(fresh(), str(tmp_path / "ours"))(input_ids=ids).logits, ref)
+    back = PeftModel.from_pretrained(fresh(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(back(input_ids=ids).logits, ref)
+    peft = get_peft_model(fresh(), LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p.data)
+    ref = peft(input_ids=ids).logits
+    peft.save_pretrained(tmp_path / "peft")
+    torch.testing.assert_close(ftk.load_adapter(fresh(), str(tmp_path / "peft"))(input_ids=ids).logits, ref)
