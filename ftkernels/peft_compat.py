@@ -743,7 +743,7 @@ def save_adapter(model: nn.Module, path: str) -> None:
         use_rslora=meta.get("use_rslora", first.rslora),
         target_modules=sorted(n for n, m in layers.items() if not isinstance(m, LoRAParams)),
         target_parameters=sorted(f"{n}.{p}" for n, a in adapters.items() for p in a) or None,
-        modules_to_save=[n.rpartition(".")[2] for n in saved] or None,
+        modules_to_save=_saved_names(model, saved) or None,
         rank_pattern={n: m.r for n, m in _per_target(layers).items() if m.r != r},
         alpha_pattern={n: m.alpha for n, m in _per_target(layers).items() if m.alpha != alpha},
         fan_in_fan_out=any(isinstance(m, LoRAConv1D) for m in layers.values()),
@@ -769,6 +769,26 @@ def save_adapter(model: nn.Module, path: str) -> None:
     )
     cfg.save_pretrained(path, auto_mapping_dict=auto)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+
+
+def _saved_names(model: nn.Module, saved: list[str]) -> list[str]:
+    """``modules_to_save`` names for the adapter config: PEFT wraps every module whose full name ends with
+    one (a plain string test), so a module's last name where that picks it alone ("classifier"), else its
+    full name ("pooler.dense": "dense" would wrap every dense layer, and PEFT's loader then failed)."""
+    names = [n for n, _ in model.named_modules()]
+    out = []
+    for n in saved:
+        leaf = n.rpartition(".")[2]
+        out.append(leaf if [k for k in names if k.endswith(leaf)] == [n] else n)
+        extra = [k for k in names if k.endswith(n) and k != n and not k.startswith(n + ".")]
+        extra += [k for k in names if k.startswith(n + ".") and k.endswith(n.rpartition(".")[2])]
+        if extra:
+            warnings.warn(
+                f"save_adapter: PEFT reads modules_to_save {n!r} as every module whose name ends with it, so its"
+                f" loader would also wrap {extra[0]} and may fail on this file; ftkernels.load_adapter reads it",
+                stacklevel=3,
+            )
+    return out
 
 
 def _resized_embeddings(model: nn.Module, base_path: str | None) -> dict[str, torch.Tensor]:

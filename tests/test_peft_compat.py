@@ -1105,3 +1105,34 @@ def test_resized_vocabulary_travels_with_the_adapter(tmp_path):
     ref = peft(input_ids=ids).logits
     peft.save_pretrained(tmp_path / "peft")
     torch.testing.assert_close(ftk.load_adapter(fresh(), str(tmp_path / "peft"))(input_ids=ids).logits, ref)
+
+
+def test_nested_modules_to_save_round_trip_through_peft(tmp_path):
+    """A nested modules_to_save ("pooler.dense"): PEFT wraps every module whose name ends with a config
+    entry, so the last name alone ("dense", as written before) wrapped every dense layer and PEFT's
+    loader failed (KeyError). The config now holds the full name where the last name is ambiguous, and
+    PEFT wraps that module alone, with the same outputs; ftk.load_adapter reads it back."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=99)
+    torch.manual_seed(0)
+    base = BertModel(cfg).eval()
+    model = ftk.apply_lora(copy.deepcopy(base), ["query"], r=2, modules_to_save=["pooler.dense"])
+    with torch.no_grad():
+        model.pooler.dense.weight.add_(0.1)
+    ids = torch.randint(0, 99, (2, 7))
+    ref = model(input_ids=ids).pooler_output
+    ftk.save_adapter(model, str(tmp_path))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path), is_trainable=True).eval()
+    wrapped = sorted(n for n, m in back.named_modules() if type(m).__name__ == "ModulesToSaveWrapper")
+    assert wrapped == ["base_model.model.pooler.dense"]
+    torch.testing.assert_close(back(input_ids=ids).pooler_output, ref)
+    torch.testing.assert_close(ftk.load_adapter(copy.deepcopy(base), str(tmp_path))(input_ids=ids).pooler_output, ref)
+    # a name PEFT cannot single out (BERT's "embeddings" ends its nested tables' names too): a warning
+    model = ftk.apply_lora(copy.deepcopy(base), ["query"], r=2, modules_to_save=["embeddings"])
+    with pytest.warns(UserWarning, match=r"would also wrap embeddings.word_embeddings"):
+        ftk.save_adapter(model, str(tmp_path / "e"))
+    ref = model(input_ids=ids).pooler_output
+    torch.testing.assert_close(
+        ftk.load_adapter(copy.deepcopy(base), str(tmp_path / "e"))(input_ids=ids).pooler_output, ref
+    )
