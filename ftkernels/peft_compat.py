@@ -387,6 +387,20 @@ def apply_lora(
     return model
 
 
+def _param_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(parameter) -> ``(module, full name)`` of every module holding it (a tied tensor has several)."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((mod, f"{mname}.{pname}" if mname else pname))
+    return holders
+
+
+def _is_adapter_name(name: str) -> bool:
+    """A LoRA layer's own adapter tensor (``...lora_A``, ``...lora_B``, ``...lora_magnitude``, ...)."""
+    return ".lora_" in name or name.endswith(("lora_A", "lora_B"))
+
+
 def _keep_untied(model: nn.Module) -> None:
     """A Hugging Face model whose config says its LM head and input embedding are tied while they no
     longer are (PEFT trained a copy of one as ``modules_to_save``): the flag is cleared, so a later
@@ -406,12 +420,9 @@ def _untie_saved(model: nn.Module, saved: list[str]) -> None:
     """A ``modules_to_save`` module whose parameter is shared with another module (an lm_head tied to
     the input embedding) gets its own copy, as PEFT's ModulesToSaveWrapper trains a copy of each saved
     module (tied ones too, unless PEFT's ``ensure_weight_tying``): trained in place, the shared tensor
-    would change the other module too, and an adapter file would not give the same model back. The
-    model's ``config.tie_word_embeddings`` is cleared so that a later ``tie_weights()`` keeps the copy."""
-    holders: dict[int, list[tuple[nn.Module, str]]] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod.named_parameters(recurse=False):
-            holders.setdefault(id(p), []).append((mod, f"{mname}.{pname}" if mname else pname))
+    would change the other module too, and an adapter file would not give the same model back. Then
+    :func:`_keep_untied` clears ``config.tie_word_embeddings`` so that ``tie_weights()`` keeps the copy."""
+    holders = _param_holders(model)
     for n in saved:
         for mod in model.get_submodule(n).modules():
             for pname, p in list(mod.named_parameters(recurse=False)):
@@ -422,14 +433,12 @@ def _untie_saved(model: nn.Module, saved: list[str]) -> None:
                 setattr(mod, pname, copy)
                 holders[id(p)] = [(m, name) for m, name in holders[id(p)] if m is not mod]
                 holders[id(copy)] = [(mod, f"{n}.{pname}")]
-                cfg = getattr(model, "config", None)
-                if getattr(cfg, "tie_word_embeddings", False):
-                    cfg.tie_word_embeddings = False
                 warnings.warn(
                     f"apply_lora: modules_to_save {n} shares {pname} with {others[0]} (tied weights); as in PEFT it"
                     " trains its own copy, and the model is untied",
                     stacklevel=3,
                 )
+    _keep_untied(model)
 
 
 def _adapter_names(layer: nn.Module) -> set:
@@ -624,10 +633,7 @@ def _check_mergeable(model: nn.Module, layers: dict, what: str) -> None:
     # tensor): the adapter changes one of them only, so folding it into the shared tensor would change
     # the other too. PEFT merges anyway (with a warning) and the merged model's logits differ; here it
     # raises.
-    holders: dict[int, list[tuple[nn.Module, str]]] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod.named_parameters(recurse=False):
-            holders.setdefault(id(p), []).append((mod, f"{mname}.{pname}" if mname else pname))
+    holders = _param_holders(model)
     for name, layer in layers.items():
         if layer.merged:
             continue
@@ -781,7 +787,7 @@ def _saved_names(model: nn.Module, saved: list[str]) -> list[str]:
         leaf = n.rpartition(".")[2]
         out.append(leaf if [k for k in names if k.endswith(leaf)] == [n] else n)
         extra = [k for k in names if k.endswith(n) and k != n and not k.startswith(n + ".")]
-        extra += [k for k in names if k.startswith(n + ".") and k.endswith(n.rpartition(".")[2])]
+        extra += [k for k in names if k.startswith(n + ".") and k.endswith(leaf)]
         if extra:
             warnings.warn(
                 f"save_adapter: PEFT reads modules_to_save {n!r} as every module whose name ends with it, so its"
@@ -811,7 +817,7 @@ def _resized_embeddings(model: nn.Module, base_path: str | None) -> dict[str, to
             continue
         for pname, p in layer.named_parameters():
             full = f"{names[id(layer)]}.{pname}"
-            if ".lora_" not in full and not full.endswith(("lora_A", "lora_B")):
+            if not _is_adapter_name(full):
                 out[f"{_PREFIX}{peft_param_name(model, full)}"] = p
     if out:
         warnings.warn(
@@ -936,12 +942,13 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     for n, p in model.named_parameters():
         if ".token_adapter." in n:  # trainable tokens: their keys are above (PEFT drops the adapter name)
             continue
-        if (p.requires_grad or n in biases) and ".lora_" not in n and not n.endswith(("lora_A", "lora_B")):
+        if (p.requires_grad or n in biases) and not _is_adapter_name(n):
             params.setdefault(f"{_PREFIX}{peft_param_name(model, n)}", (p, None))
     # Base tensors the file holds (PEFT's saved embedding tables after a vocabulary resize) are written
     # into the model's (frozen) parameters of those names, as PEFT's loader does.
-    named = {f"{_PREFIX}{peft_param_name(model, n)}": p for n, p in model.named_parameters(remove_duplicate=False)}
-    params.update({k: (named[k], None) for k in tensors if k not in params and k in named})
+    if any(k not in params for k in tensors):
+        named = {f"{_PREFIX}{peft_param_name(model, n)}": p for n, p in model.named_parameters(remove_duplicate=False)}
+        params.update({k: (named[k], None) for k in tensors if k not in params and k in named})
     unexpected = [k for k in tensors if k not in params]
     if unexpected:
         raise ValueError(f"load_adapter: keys with no place in the model: {unexpected[:5]}")
