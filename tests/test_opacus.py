@@ -30,7 +30,8 @@ class Net(nn.Module):
     def forward(self, x):
         h = torch.tanh(self.a(x))
         h = torch.tanh(self.b(h))
-        return self.c(self.b(h))
+        h = self.c(self.b(h))
+        return self.sq(h) if hasattr(self, "sq") else h
 
 
 def _per_example(model, x, seed):
@@ -47,6 +48,10 @@ def test_per_sample_gradients_equal_per_example_autograd(p):
     torch.manual_seed(0)
     model = Net(p).double().train()
     model.b.base.bias.requires_grad_(True)  # a base bias left trainable takes the plain rule
+    from transformers.pytorch_utils import Conv1D
+
+    model.sq = ftk.nn.LoRAConv1D(Conv1D(4, 4), r=2, dropout=p).double()
+    model.sq.base.weight.requires_grad_(True)  # square HF Conv1D ([in, out] = [out, in] in shape)
     x = torch.randn(5, 6, 7, dtype=torch.float64)
     twin = copy.deepcopy(model)
     want, ref = _per_example(twin, x, seed=11)

@@ -71,6 +71,7 @@ def lora_linear_grad_sample(layer, activations: list[Tensor], backprops: Tensor)
     """Per-sample gradients of a ``LoRALinear`` / ``LoRAConv1D`` (see the module docstring).
     activations: ``[x]`` with x ``[N, ..., in]``; backprops: ``[N, ..., out]``. Returns
     ``{param: [N, *param.shape]}`` for its trainable parameters."""
+    from ..nn.lora_conv1d import LoRAConv1D
     from ..ops.lora_dropout import lora_dropout_nograd
 
     if layer.dora:
@@ -98,7 +99,7 @@ def lora_linear_grad_sample(layer, activations: list[Tensor], backprops: Tensor)
     w, bias = layer.base.weight, layer.base.bias
     if w.requires_grad:  # a base left trainable: the plain rule on x (no dropout there)
         gw = torch.einsum("n...o,n...k->nok", g, x.to(acc))
-        out[w] = (gw.transpose(1, 2) if w.shape != gw.shape[1:] else gw).to(w.dtype)  # HF Conv1D: [in, out]
+        out[w] = (gw.transpose(1, 2) if isinstance(layer, LoRAConv1D) else gw).to(w.dtype)  # HF Conv1D: [in, out]
     if bias is not None and bias.requires_grad:
         out[bias] = torch.einsum("n...o->no", g).to(bias.dtype)
     return out
