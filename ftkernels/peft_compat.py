@@ -35,6 +35,7 @@ from .nn.lora_conv1d import is_hf_conv1d
 from .nn.lora_group import group_shared_inputs, ungroup
 from .nn.lora_mha import warn_if_peft_doubles
 from .nn.lora_params import ParamAdapter, peft_wrapper_chain
+from .nn.lora_quant import LoRAQuantLinear, quant_kind
 
 LORA_TYPES = (LoRALinear, LoRAConvNd, LoRAEmbedding, LoRAMultiheadAttention, LoRAParams)  # LoRAConv1D: a LoRALinear
 CONV_LAYERS = (LoRAConv1d, LoRAConv2d, LoRAConv3d)  # each wraps its ``_plain`` torch conv
@@ -219,6 +220,8 @@ def _conv_layer_for(module: nn.Module) -> type | None:
 
 
 def _new_layer(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool) -> nn.Module:
+    if quant_kind(module) is not None:  # bitsandbytes (QLoRA): the base runs itself
+        return LoRAQuantLinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if isinstance(module, nn.Linear):
         return LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     conv = _conv_layer_for(module)
@@ -384,7 +387,17 @@ def apply_lora(
     )
     _guard_encoders(model)
     group_shared_inputs(model)
+    _quantized_training(model)
     return model
+
+
+def _quantized_training(model: nn.Module) -> None:
+    """A quantized Hugging Face model that now holds LoRA over its bitsandbytes layers: let Trainer take
+    it (:func:`ftkernels.integrations.hf.allow_quantized_training`; its check knows PEFT's adapters only)."""
+    if getattr(model, "is_quantized", False) and any(isinstance(m, LoRAQuantLinear) for m in model.modules()):
+        from .integrations.hf import allow_quantized_training
+
+        allow_quantized_training()
 
 
 def _param_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -561,7 +574,12 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
             if active not in names:  # an adapter that skipped this layer: PEFT runs the base alone here
                 built.append((name, mod.get_base_layer()))
                 continue
+            # The new layer takes the wrapper's mode; its base keeps its own, as under PEFT (a base left in
+            # eval under a training wrapper computes otherwise for bitsandbytes' int8 layers)
+            modes = [(m, m.training) for m in mod.get_base_layer().modules()]
             built.append((name, cls.from_peft_layer(mod, active).train(mod.training)))
+            for m, flag in modes:
+                m.training = flag
     finally:
         for q, flag in flags:
             q.requires_grad_(flag)
@@ -575,6 +593,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     _guard_encoders(model)
     _keep_untied(model)
     group_shared_inputs(model)
+    _quantized_training(model)
     if any(isinstance(new, LoRAMultiheadAttention) for _, new in built):
         warn_if_peft_doubles("from_peft")
     if dropped:

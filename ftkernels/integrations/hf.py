@@ -18,6 +18,7 @@ Trainer saves a model with fused LoRA layers whole, under the fused layers' para
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 from torch import nn
@@ -85,3 +86,36 @@ class AdapterCheckpoints(TrainerCallback):
         path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         save_adapter(model, path)
         return control
+
+
+def allow_quantized_training() -> None:
+    """Let Trainer take a quantized model that holds ftkernels adapters (QLoRA through
+    :class:`ftkernels.nn.LoRAQuantLinear`). Trainer refuses a quantized model as "purely quantized"
+    unless transformers' own PEFT integration loaded adapters into it or it is a ``PeftModel``; it
+    does not know ours. Installed (once, process-wide) by ``apply_lora`` / ``from_peft`` /
+    ``load_adapter`` when they adapt a quantized model: the check then treats a quantized model with
+    trainable fused LoRA layers as it treats one with PEFT's adapters; any other model gets
+    transformers' check unchanged."""
+    import transformers.trainer_utils as tu
+
+    original = tu.validate_quantization_for_training
+    if getattr(original, "_ftk", False):
+        return
+
+    def validate_quantization_for_training(model):
+        from ..peft_compat import lora_modules
+
+        trains = any(q.requires_grad for m in lora_modules(model).values() for q in m.parameters(recurse=False))
+        if not trains or not getattr(model, "is_quantized", False) or getattr(model, "_hf_peft_config_loaded", False):
+            return original(model)
+        model._hf_peft_config_loaded = True  # (for this check only: its "adapters are attached" flag)
+        try:
+            return original(model)
+        finally:
+            del model._hf_peft_config_loaded
+
+    validate_quantization_for_training._ftk = True
+    tu.validate_quantization_for_training = validate_quantization_for_training
+    trainer = sys.modules.get("transformers.trainer")  # (imported already: it holds the old name)
+    if trainer is not None and getattr(trainer, "validate_quantization_for_training", None) is original:
+        trainer.validate_quantization_for_training = validate_quantization_for_training

@@ -7,6 +7,7 @@ from .lora_embedding import LoRAEmbedding
 from .lora_linear import LoRALinear, lora_linear
 from .lora_mha import LoRAMultiheadAttention
 from .lora_params import LoRAParams
+from .lora_quant import LoRAQuantLinear
 from .loreft import LoReFT
 from .masked import MaskedConv2d, MaskedLinear
 
@@ -20,6 +21,7 @@ __all__ = [
     "LoRALinear",
     "LoRAMultiheadAttention",
     "LoRAParams",
+    "LoRAQuantLinear",
     "LoReFT",
     "MaskedConv2d",
     "MaskedLinear",

@@ -155,7 +155,8 @@ def group_shared_inputs(model: nn.Module) -> list[LoRAGroup]:
     for parent in model.modules():
         by_k: dict[int, list[nn.Module]] = {}
         for child in parent.children():
-            if isinstance(child, LoRALinear) and not child.dora:  # DoRA scales each layer's output: alone
+            # (DoRA scales each layer's output, and a quantized base runs itself: alone)
+            if isinstance(child, LoRALinear) and child._fused_base and not child.dora:
                 by_k.setdefault(child.in_features, []).append(child)
         for members in by_k.values():
             if len(members) >= 2:

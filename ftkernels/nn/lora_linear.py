@@ -187,6 +187,7 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
     weight = property(lambda self: self.base.weight)
     bias = property(lambda self: self.base.bias)
 
+    _fused_base = True  # the kernels read the base weight (a quantized base's layer runs the base itself)
     _lora_group = None  # a shared-input group (ftkernels/nn/lora_group.py) when siblings read the same x
 
     def forward(self, x: Tensor) -> Tensor:
@@ -226,7 +227,13 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         """A fused layer over a PEFT ``lora.Linear``'s base layer (shared, not copied) with a copy of
         the adapter's A and B, its r, alpha, scaling (rslora included) and dropout p: a
         ``LoRALinear`` for an ``nn.Linear`` base, a :class:`LoRAConv1D` for a Hugging Face
-        ``Conv1D`` base (PEFT's ``fan_in_fan_out``). A DoRA adapter brings its magnitude; LoRA bias raises."""
+        ``Conv1D`` base (PEFT's ``fan_in_fan_out``), a :class:`LoRAQuantLinear` for a bitsandbytes
+        base (QLoRA). A DoRA adapter brings its magnitude; LoRA bias raises."""
+        if cls is LoRALinear:
+            from .lora_quant import LoRAQuantLinear, quant_kind
+
+            if quant_kind(layer.get_base_layer()) is not None:  # PEFT's lora.bnb layers (QLoRA)
+                return LoRAQuantLinear.from_peft_layer(layer, adapter_name)
         ad = peft_adapter(layer, adapter_name)
         base = ad.base
         if cls is LoRALinear and not isinstance(base, nn.Linear):

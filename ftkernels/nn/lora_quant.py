@@ -1,0 +1,171 @@
+"""``LoRAQuantLinear``: LoRA over a quantized Linear (QLoRA): bitsandbytes' ``Linear4bit`` (NF4 / FP4)
+and ``Linear8bitLt``.
+
+The fused layers compute a base's output from its weight; a quantized weight is only readable by its
+own kernels, so here the base layer runs itself and the adapter's path is one fused node
+(:mod:`ftkernels.ops.lora_quant`) with its dropout mask regenerated, never stored. The math and dtypes
+are PEFT's ``lora.bnb.Linear4bit`` / ``Linear8bitLt``: ``y = base(x) + s B A D(x)`` with x cast to the
+adapters' dtype (fp32) and the sum in the base output's dtype, or under autocast the adapter path in
+autocast's dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from ..integrations import opacus as _dp
+from ..ops.lora_quant import lora_delta
+from ._lora_common import adopt_base, lora_scaling, peft_adapter
+from .lora_linear import LoRALinear, _autocast_dtype, _check_x, call_seed
+
+_KINDS = {"Params4bit": "4bit", "Int8Params": "8bit"}
+
+
+def quant_kind(module: nn.Module) -> str | None:
+    """``"4bit"`` / ``"8bit"`` for a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (told by the layer's
+    package and its weight's type, so bitsandbytes is not imported), else None."""
+    if not isinstance(module, nn.Linear) or not type(module).__module__.startswith("bitsandbytes"):
+        return None
+    return _KINDS.get(type(module.weight).__name__)
+
+
+class LoRAQuantLinear(LoRALinear):
+    """LoRA over a frozen bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (QLoRA), PEFT's
+    ``lora.bnb.Linear4bit`` / ``Linear8bitLt`` exactly.
+
+    ``y = base(x) + cast(s * (D(x_c) A_c^T) B_c^T)``: the base layer computes its own (dequantizing)
+    output; ``_c`` is the compute dtype of the adapter path, the adapters' dtype (fp32, as PEFT makes
+    them over a quantized weight), or autocast's when it is on; the result is cast to the base output's
+    dtype. Shapes: x ``[..., in]``, ``lora_A`` ``[r, in]`` (Kaiming-uniform), ``lora_B`` ``[out, r]``
+    (zero), y ``[..., out]``. ``D`` is LoRA dropout, its mask regenerated in backward from a seed.
+    :meth:`merge` dequantizes the base weight, adds ``s B A`` and quantizes again (lossy, as in PEFT: a
+    warning says so). DoRA over a quantized base is not supported.
+    """
+
+    _fused_base = False  # never in a shared-input group: the group's kernels read the base weight
+
+    def __init__(
+        self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
+        dora: bool = False,
+    ):  # fmt: skip
+        nn.Module.__init__(self)
+        self._check_base(base)
+        if dora:
+            raise NotImplementedError(
+                f"LoRAQuantLinear: DoRA over a quantized {type(base).__name__} is not supported (use plain LoRA, or"
+                " PEFT's layer for QDoRA)"
+            )
+        scaling = lora_scaling(type(self).__name__, r, alpha, dropout, rslora)
+        adopt_base(self, base)
+        self.r, self.alpha, self.dropout, self.rslora, self.scaling = int(r), alpha, float(dropout), rslora, scaling
+        dev = base.weight.device
+        # PEFT's adapters over a non-floating weight keep the default dtype, upcast to fp32 from fp16/bf16
+        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(self.r, base.in_features, device=dev, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, self.r, device=dev, dtype=dtype))
+        self.merged = False
+        self.reset_parameters()
+
+    @staticmethod
+    def _check_base(base) -> None:
+        if quant_kind(base) is None:
+            w = getattr(base, "weight", None)
+            raise TypeError(
+                f"LoRAQuantLinear wraps a bitsandbytes Linear4bit / Linear8bitLt, got {type(base).__name__} with a"
+                f" {type(w).__name__} weight"
+            )
+
+    def linear_weight(self) -> Tensor:
+        """The base weight dequantized, ``[out, in]`` (a new tensor: writes do not reach the base)."""
+        return self._dequantized()
+
+    in_features = property(lambda self: self.base.in_features)
+    out_features = property(lambda self: self.base.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x ``[..., in]`` -> ``base(x) + s D(x) A^T B^T`` ``[..., out]`` (the base alone when merged)."""
+        if self._forward_hooks and _dp.hooked(self):
+            raise NotImplementedError(
+                "LoRAQuantLinear: per-sample gradients (Opacus) over a quantized base are not supported"
+            )
+        base = self._modules["base"]
+        if self.merged:
+            return base(x)
+        _check_x(x, base.in_features)
+        y = base(x)
+        a, b = self._parameters["lora_A"], self._parameters["lora_B"]
+        p = self.dropout if self.training else 0.0
+        dtype = _autocast_dtype(x) or a.dtype
+        return y + lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, y.dtype)
+
+    # Merging: dequantize, add, quantize again (PEFT's rule for bitsandbytes layers).
+
+    def _quantized(self) -> bool:
+        w = self.base.weight
+        return getattr(w, "quant_state", None) is not None if quant_kind(self.base) == "4bit" else w.dtype == torch.int8
+
+    def _merge_blocker(self) -> str | None:
+        if not self._quantized():
+            return "its bitsandbytes weight is not quantized yet (move the model to its device first)"
+        return None
+
+    def _dequantized(self) -> Tensor:
+        import bitsandbytes as bnb
+
+        if not self._quantized():
+            raise RuntimeError(f"{type(self).__name__}: {self._merge_blocker()}")
+        w = self.base.weight
+        if quant_kind(self.base) == "4bit":
+            return bnb.functional.dequantize_4bit(w.data, w.quant_state)
+        state = self.base.state
+        scb = w.SCB if getattr(w, "SCB", None) is not None else state.SCB  # (moved to state by the first forward)
+        return bnb.functional.int8_vectorwise_dequant(w.data, scb.to(w.device))
+
+    def _merge_target(self) -> Tensor:
+        return self._dequantized()
+
+    @torch.no_grad()
+    def _write_merge_target(self, new: Tensor) -> None:
+        import bitsandbytes as bnb
+
+        warnings.warn(
+            f"{type(self).__name__}: the merged weight is quantized again, so outputs differ from the unmerged"
+            " layer's by rounding (as PEFT's merge into a bitsandbytes layer)",
+            stacklevel=4,
+        )
+        base, w = self.base, self.base.weight
+        if quant_kind(base) == "4bit":
+            q = w.quant_state
+            new_w = bnb.nn.Params4bit(
+                new.to("cpu"), requires_grad=False, blocksize=q.blocksize, compress_statistics=w.compress_statistics,
+                quant_type=q.quant_type, quant_storage=w.quant_storage, module=base,
+            )  # fmt: skip
+        else:
+            new_w = bnb.nn.Int8Params(new.to("cpu"), requires_grad=False, has_fp16_weights=False)
+            base.state.reset_grads()
+            base.state.SCB = base.state.CB = None
+        base.weight = new_w.to(w.device)  # (moving it quantizes it)
+
+    @classmethod
+    def from_peft_layer(cls, layer, adapter_name: str | None = None) -> LoRAQuantLinear:
+        """A layer over a PEFT ``lora.bnb.Linear4bit`` / ``Linear8bitLt``'s base layer (shared) with a copy
+        of the adapter (A, B, r, alpha, scaling, dropout); DoRA and LoRA bias raise."""
+        ad = peft_adapter(layer, adapter_name)
+        cls._check_base(ad.base)
+        if ad.magnitude is not None:
+            raise NotImplementedError(
+                f"from_peft: adapter {ad.name!r} is DoRA over a quantized {type(ad.base).__name__} (QDoRA), which"
+                " the fused layers do not support"
+            )
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        adopt_base(new, ad.base)
+        new.r, new.alpha, new.dropout, new.scaling, new.rslora = ad.r, ad.alpha, ad.dropout, ad.scaling, ad.rslora
+        new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{quant_kind(self.base)}, " + super().extra_repr()

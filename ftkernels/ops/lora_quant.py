@@ -1,0 +1,87 @@
+"""The low-rank path of LoRA over a quantized base layer (QLoRA), as one autograd node.
+
+``delta = s (D(x_c) A_c^T) B_c^T`` in the compute dtype ``c`` (x, A and B cast to it), returned in
+``out_dtype``. The base output comes from the quantized layer itself (bitsandbytes dequantizes in its
+own kernels); this node replaces PEFT's dropout -> lora_A -> lora_B -> scale -> cast chain. What it
+saves is x as given (the same tensor the base layer keeps for its own input gradient, so no memory
+of its own), ``u = D(x_c) A_c^T`` (``[M, r]``) and the dropout seed: the dropped, cast copy of x that
+PEFT's ``lora_A`` keeps for backward (``M x K`` in fp32 for fp32 adapters on a bf16 model, twice
+the bytes of x itself) is never stored; backward regenerates the mask from the seed.
+
+Backward, with ``v = s g B``: ``grad_B = s g^T u``, ``grad_A = v^T D(x_c)``, ``grad_x = D(v A)`` (the
+adapter's share; autograd adds the base layer's).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import torch_func
+from ._autograd import first_order, unviewed
+from .lora_dropout import lora_dropout_nograd
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class LoRADeltaFunction(torch.autograd.Function):
+    """The eager node of :func:`lora_delta` (x of any leading shape, flattened inside)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, scaling, dropout, seed, dtype, out_dtype):
+        x2 = x.reshape(-1, x.shape[-1])
+        a, b = _as(lora_a, dtype), _as(lora_b, dtype)
+        xc = _as(x2, dtype)
+        d = lora_dropout_nograd(xc, dropout, seed) if dropout > 0 else xc
+        u = d @ a.t()
+        del d, xc  # (the dropped copy lives only here)
+        out = _as((u @ b.t()).mul_(scaling), out_dtype)
+        ctx.save_for_backward(x2, a, b, u, seed)
+        ctx.scaling, ctx.dropout, ctx.dtype, ctx.x_shape = scaling, dropout, dtype, x.shape
+        ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
+        return unviewed(out.view(*x.shape[:-1], out.shape[-1]))
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad):
+        x2, a, b, u, seed = ctx.saved_tensors
+        s, p, dtype = ctx.scaling, ctx.dropout, ctx.dtype
+        g = _as(grad.reshape(-1, grad.shape[-1]), dtype)
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_a = grad_b = None
+        if need_b:
+            grad_b = _as((g.t() @ u).mul_(s), ctx.adapter_dtypes[1])
+        if need_a or need_x:
+            v = (g @ b).mul_(s)
+            if need_a:
+                xc = _as(x2, dtype)
+                grad_a = _as(v.t() @ (lora_dropout_nograd(xc, p, seed) if p > 0 else xc), ctx.adapter_dtypes[0])
+            if need_x:
+                gx = v @ a
+                gx = lora_dropout_nograd(gx, p, seed) if p > 0 else gx  # D is its own adjoint
+                grad_x = _as(gx, x2.dtype).view(ctx.x_shape)
+        return grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+def lora_delta(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    dropout: float,
+    seed: Tensor,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """``s (D(x_c) A_c^T) B_c^T`` (``[..., N]`` in ``out_dtype``) for x ``[..., K]``, A ``[r, K]``, B ``[N, r]``:
+    x, A and B cast to ``dtype`` (``_c``), D the LoRA dropout of probability ``dropout`` (kept elements
+    scaled by ``1/(1-p)``) from the Philox stream of ``seed`` (an int64 scalar tensor on x's device).
+    Eager calls take :class:`LoRADeltaFunction`; ``torch.compile`` traces and ``torch.func`` transforms
+    (and :func:`ftkernels.plain_ops`) get the same math in plain ops (the dropout as the
+    ``ftkernels::lora_dropout`` custom op)."""
+    if torch.compiler.is_compiling() or torch_func.active():
+        xd = torch_func.dropped(_as(x, dtype), dropout, seed)
+        return _as((xd @ _as(lora_a, dtype).t()) @ _as(lora_b, dtype).t() * scaling, out_dtype)
+    return LoRADeltaFunction.apply(x, lora_a, lora_b, scaling, dropout, seed, dtype, out_dtype)

@@ -1,0 +1,100 @@
+"""Time one QLoRA training step (forward + backward) of a small Llama-style model loaded in 4 bit
+(bitsandbytes NF4): PEFT's ``lora.bnb.Linear4bit`` against ``ftk.apply_lora``'s ``LoRAQuantLinear``,
+same inputs, alternating, median of ``--repeat``; and the bytes each keeps for backward (the unique
+storages autograd saves during the forward).
+
+    python scripts/qlora_step.py [--device cuda] [--compute bfloat16] [--dropout 0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes of the distinct storages autograd saves in one forward (activations kept for backward)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    del loss
+    return sum(seen.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compute", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=1408)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    import ftkernels as ftk
+
+    warnings.filterwarnings("ignore")
+    cfg = LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    compute = getattr(torch, args.compute)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    with tempfile.TemporaryDirectory() as d:
+        LlamaForCausalLM(cfg).save_pretrained(d)
+        load = lambda: peft.prepare_model_for_kbit_training(  # noqa: E731
+            AutoModelForCausalLM.from_pretrained(d, quantization_config=quant, device_map=args.device),
+            use_gradient_checkpointing=False,
+        )
+        r, p = args.r, args.dropout
+        config = peft.LoraConfig(target_modules="all-linear", r=r, lora_alpha=2 * r, lora_dropout=p)
+        theirs = peft.get_peft_model(load(), config)
+        ours = ftk.apply_lora(load(), "all-linear", r=args.r, alpha=2 * args.r, dropout=args.dropout)
+    ids = torch.randint(0, 1000, (args.batch, args.seq), device=args.device)
+
+    def step(model) -> float:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        for p in model.parameters():
+            p.grad = None
+        return time.perf_counter() - t0
+
+    for model in (theirs, ours):
+        step(model)
+    times = {"peft": [], "ours": []}
+    for _ in range(args.repeat):
+        times["peft"].append(step(theirs))
+        times["ours"].append(step(ours))
+    a, b = statistics.median(times["peft"]), statistics.median(times["ours"])
+    ma, mb = saved_bytes(theirs, ids) / 2**20, saved_bytes(ours, ids) / 2**20
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(
+        f"{name} nf4/{args.compute}, p={args.dropout}: PEFT {a * 1e3:.1f} ms, ours {b * 1e3:.1f} ms, {a / b:.2f}x;"
+        f" saved for backward PEFT {ma:.1f} MiB, ours {mb:.1f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""LoRA over bitsandbytes' quantized Linears (QLoRA): the fused delta node against the float64
+reference and gradcheck, the layer against PEFT's ``lora.bnb`` layers, whole quantized models
+(apply_lora, from_peft, adapter files both ways, merge, gradient checkpointing), and refusals."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from helpers.lora import FixedMaskDropout
+from torch import nn
+
+import ftkernels as ftk
+from ftkernels.nn.lora_quant import LoRAQuantLinear, quant_kind
+from ftkernels.nn.reference import lora_keep_mask
+from ftkernels.ops.lora_quant import lora_delta
+from ftkernels.peft_compat import lora_modules
+
+bnb = pytest.importorskip("bitsandbytes")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit  # noqa: E402
+from peft.tuners.lora.bnb import Linear8bitLt as PeftLinear8bitLt  # noqa: E402
+
+KINDS = ["nf4", "fp4", "int8"]
+
+
+def quantized(K, N, kind, bias=True, compute=torch.float32):
+    """A bitsandbytes layer quantized from a random nn.Linear (``kind``: nf4 / fp4 4-bit, or int8)."""
+    lin = nn.Linear(K, N, bias=bias)
+    if kind == "int8":
+        q = bnb.nn.Linear8bitLt(K, N, bias=bias, has_fp16_weights=False)
+    else:
+        q = bnb.nn.Linear4bit(K, N, bias=bias, compute_dtype=compute, quant_type=kind)
+    q.load_state_dict(lin.state_dict())
+    return q.to("cpu")  # (moving quantizes)
+
+
+def pair(K, N, kind, r=4, p=0.0, bias=True, compute=torch.float32):
+    """(ours, PEFT's) over copies of one quantized layer, the same random A and B (B not zero)."""
+    base = quantized(K, N, kind, bias, compute)
+    ours = LoRAQuantLinear(copy.deepcopy(base), r=r, alpha=2 * r, dropout=p)
+    cls = PeftLinear8bitLt if kind == "int8" else PeftLinear4bit
+    peft = cls(base, "default", config=LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p), r=r, lora_alpha=2 * r)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+        peft.lora_A["default"].weight.copy_(ours.lora_A)
+        peft.lora_B["default"].weight.copy_(ours.lora_B)
+    return ours, peft
+
+
+def seeded(layer, x, seed=7):
+    """``layer(x)`` with the default generator at ``seed``, and the dropout seed that call draws."""
+    torch.manual_seed(seed)
+    drawn = int(torch.randint(0, 2**62, ()))
+    torch.manual_seed(seed)
+    return layer(x), drawn
+
+
+def delta_reference(x, a, b, s, p, seed):
+    """``s (D(x) A^T) B^T`` in float64, the mask from the NumPy oracle of the Philox stream."""
+    x2 = x.double().reshape(-1, x.shape[-1])
+    if p > 0:
+        x2 = x2 * lora_keep_mask(seed, *x2.shape, p).double() / (1 - p)
+    return (s * (x2 @ a.double().t()) @ b.double().t()).reshape(*x.shape[:-1], b.shape[0])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_delta_gradcheck(p):
+    x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor(11)
+    fn = lambda x, a, b: lora_delta(x, a, b, 1.5, p, seed, torch.float64, torch.float64)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, a, b))
+    torch.testing.assert_close(fn(x, a, b), delta_reference(x, a, b, 1.5, p, 11))
+
+
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_delta_in_fp32_from_low_precision_inputs(xdtype, p):
+    """fp32 adapters on a 16-bit x: computed in fp32, returned in x's dtype, grads in each one's dtype."""
+    x = torch.randn(37, 19).to(xdtype).requires_grad_(True)
+    a = torch.randn(5, 19, requires_grad=True)
+    b = torch.randn(11, 5, requires_grad=True)
+    y = lora_delta(x, a, b, 0.5, p, torch.tensor(3), torch.float32, xdtype)
+    assert y.dtype == xdtype
+    g = torch.randn_like(y)
+    gx, ga, gb = torch.autograd.grad(y, (x, a, b), g)
+    assert (gx.dtype, ga.dtype, gb.dtype) == (xdtype, torch.float32, torch.float32)
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, a, b)]
+    want = delta_reference(*leaves[:1], *leaves[1:], 0.5, p, 3)
+    tol = 1e-5 if xdtype == torch.float32 else 1e-2
+    for got, ref in zip((y, gx, ga, gb), (want, *torch.autograd.grad(want, leaves, g.double())), strict=True):
+        assert (got.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_delta_keeps_no_copy_of_x():
+    """What the node saves: x itself (the base layer keeps it too) and r-wide tensors, never a dropped or
+    fp32 copy of x (PEFT's lora_A keeps one, twice x's bytes for a bf16 x)."""
+    x = torch.randn(64, 48, dtype=torch.bfloat16, requires_grad=True)
+    a, b = torch.randn(4, 48, requires_grad=True), torch.randn(32, 4, requires_grad=True)
+    big = []
+
+    def pack(t):
+        if t.numel() >= x.numel():
+            big.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lora_delta(x, a, b, 2.0, 0.2, torch.tensor(5), torch.float32, torch.bfloat16)
+    assert big and all(t.data_ptr() == x.data_ptr() for t in big)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize(("lead", "K", "N", "bias"), [((5,), 64, 48, True), ((2, 3), 128, 40, False)])
+def test_layer_matches_peft(kind, p, lead, K, N, bias):
+    ours, peft = pair(K, N, kind, p=p, bias=bias)
+    x = torch.randn(*lead, K)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, seed = seeded(ours, x1)
+    if p > 0:
+        peft.lora_dropout["default"] = FixedMaskDropout(seed, p)
+    yp = peft(x2)
+    torch.testing.assert_close(y, yp, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x1, ours.lora_A, ours.lora_B), g)
+    want = torch.autograd.grad(yp, (x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight), g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    assert ours.base.weight.grad is None and not ours.base.weight.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_with_a_16bit_model_and_under_autocast(dtype):
+    """A 16-bit x without autocast: the adapter path in fp32 (the adapters' dtype), out in x's dtype; under
+    CPU autocast in autocast's dtype; both as PEFT (within 16-bit rounding)."""
+    ours, peft = pair(64, 32, "nf4", compute=dtype)
+    x = torch.randn(6, 64).to(dtype)
+    y, yp = ours(x), peft(x)
+    assert y.dtype == dtype
+    # (one 16-bit rounding of the base output and of the delta, which the sum can cancel: an ulp of the
+    # largest output, as one tolerance)
+    torch.testing.assert_close(y, yp, rtol=1e-2, atol=1e-2 * yp.abs().max().item())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, yp = ours(x.float()), peft(x.float())
+    assert y.dtype == yp.dtype
+    torch.testing.assert_close(y, yp, rtol=2e-2, atol=2e-2)
+
+
+def test_plain_ops_path_equals_the_node():
+    """Under :func:`ftkernels.plain_ops` (torch.func transforms) the same math and mask, to any order."""
+    ours, _ = pair(32, 24, "nf4", p=0.3)
+    x = torch.randn(4, 32, requires_grad=True)
+    y, _ = seeded(ours, x)
+    with ftk.plain_ops():
+        y2, _ = seeded(ours, x)
+    torch.testing.assert_close(y, y2)
+    g = torch.randn_like(y)
+    for a, b in zip(
+        torch.autograd.grad(y, (x, ours.lora_A), g), torch.autograd.grad(y2, (x, ours.lora_A), g), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _tiny_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=120,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "base"))
+    return str(tmp_path / "base")
+
+
+def _load_4bit(path, kind="nf4"):
+    """The saved model loaded quantized: 4-bit (``kind`` nf4 / fp4) or 8-bit (``"int8"``)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if kind == "int8":
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type=kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=q)
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_model_from_peft_and_files_both_ways(kind, tmp_path):
+    """Outputs and grads equal PEFT's. (PEFT's new layers train over bases left in eval, which
+    bitsandbytes' int8 layers compute otherwise: from_peft keeps that too.)"""
+    path = _tiny_llama(tmp_path)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    load = lambda: _load_4bit(path, kind)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = get_peft_model(load(), cfg)
+    ids = torch.randint(0, 120, (2, 9))
+    want = peft(input_ids=ids, labels=ids)
+    want.loss.backward()
+    ours = ftk.from_peft(copy.deepcopy(peft))
+    layers = lora_modules(ours)
+    assert len(layers) == 14 and all(isinstance(m, LoRAQuantLinear) for m in layers.values())
+    assert all(m._lora_group is None for m in layers.values())  # q/k/v read one x, but run alone
+    got = ours(input_ids=ids, labels=ids)
+    got.loss.backward()
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    q, qp = ours.model.layers[1].self_attn.q_proj, peft.base_model.model.model.layers[1].self_attn.q_proj
+    torch.testing.assert_close(q.lora_A.grad, qp.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-7)
+    # PEFT's file into a fresh quantized model, and ours back into PEFT
+    peft.save_pretrained(str(tmp_path / "peft"))
+    mine = ftk.load_adapter(load(), str(tmp_path / "peft"))
+    torch.testing.assert_close(mine(input_ids=ids).logits, want.logits, rtol=1e-5, atol=1e-5)
+    ftk.save_adapter(mine, str(tmp_path / "ours"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = PeftModel.from_pretrained(load(), str(tmp_path / "ours"), is_trainable=True)
+    # (in train mode: once in eval, bitsandbytes repacks a CPU weight for another kernel, which rounds)
+    torch.testing.assert_close(back(input_ids=ids).logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine.eval()(input_ids=ids).logits, peft.eval()(input_ids=ids).logits)
+
+
+def test_qlora_training_follows_peft(tmp_path):
+    """apply_lora + FusedAdamW on a 4-bit model (after PEFT's prepare_model_for_kbit_training) against
+    get_peft_model + torch AdamW from the same adapters: 5 steps, the same losses and adapters."""
+    from peft import prepare_model_for_kbit_training
+
+    path = _tiny_llama(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = prepare_model_for_kbit_training(_load_4bit(path), use_gradient_checkpointing=False)
+        peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    ours = ftk.apply_lora(base, target_modules="all-linear", r=4, alpha=8)
+    mine, theirs = dict(lora_modules(ours)), {}
+    for n, m in peft.base_model.model.named_modules():
+        if n in mine:
+            theirs[n] = m
+            with torch.no_grad():
+                mine[n].lora_A.copy_(m.lora_A["default"].weight)
+    assert set(theirs) == set(mine) and len(mine) == 14
+    opt = ftk.optim.FusedAdamW([q for q in ours.parameters() if q.requires_grad], lr=1e-2)
+    ref = torch.optim.AdamW([q for q in peft.parameters() if q.requires_grad], lr=1e-2)
+    for step in range(5):
+        ids = torch.randint(0, 120, (2, 11))
+        for model, o in ((ours, opt), (peft, ref)):
+            o.zero_grad()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            o.step()
+            if model is ours:
+                mine_loss = loss.item()
+        assert mine_loss == pytest.approx(loss.item(), rel=1e-5), step
+    for n, m in mine.items():
+        torch.testing.assert_close(m.lora_B, theirs[n].lora_B["default"].weight, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_redraws_the_same_mask(tmp_path):
+    """QLoRA runs with gradient checkpointing: the recomputed forward must drop what the first one did."""
+    path = _tiny_llama(tmp_path)
+    ids = torch.randint(0, 120, (2, 9))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(1)  # (the same A and B in both runs)
+        model = ftk.apply_lora(_load_4bit(path), target_modules=["q_proj", "down_proj"], r=4, dropout=0.3)
+        for m in lora_modules(model).values():
+            nn.init.normal_(m.lora_B)
+        model.train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(2)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([m.lora_A.grad for m in lora_modules(model).values()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_requantizes_as_peft(kind):
+    ours, peft = pair(64, 48, kind)
+    x = torch.randn(5, 64)
+    unmerged = ours(x)
+    with pytest.warns(UserWarning, match="quantized again"):
+        ours.merge()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.merge()
+    assert ours.merged and quant_kind(ours.base) is not None
+    torch.testing.assert_close(ours.base.weight.data, peft.base_layer.weight.data)  # the same quantized bits
+    torch.testing.assert_close(ours(x), peft(x))
+    assert (ours(x) - unmerged).abs().max() <= 0.1 * unmerged.abs().max()  # rounding only
+    with pytest.warns(UserWarning, match="quantized again"):
+        ours.unmerge()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.unmerge()
+    torch.testing.assert_close(ours.base.weight.data, peft.base_layer.weight.data)
+    torch.testing.assert_close(ours(x), peft(x))
+
+
+def test_unload_keeps_a_quantized_model(tmp_path):
+    path = _tiny_llama(tmp_path)
+    model = ftk.apply_lora(_load_4bit(path), target_modules=["q_proj"], r=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = ftk.unload_lora(model, merge=True)
+    q = plain.model.layers[0].self_attn.q_proj
+    assert isinstance(q, bnb.nn.Linear4bit) and type(q.weight).__name__ == "Params4bit"
+
+
+def test_refusals():
+    base = quantized(32, 16, "nf4")
+    with pytest.raises(NotImplementedError, match="DoRA over a quantized"):
+        LoRAQuantLinear(base, r=2, dora=True)
+    assert base.bias.requires_grad  # refused before the base was frozen
+    with pytest.raises(TypeError, match="wraps a bitsandbytes"):
+        LoRAQuantLinear(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="Params4bit"):  # the plain fused layer names what it got
+        ftk.nn.LoRALinear(base)
+    layer = LoRAQuantLinear(base, r=2)
+    with pytest.raises(ValueError, match="in_features"):
+        layer(torch.randn(3, 31))
+    fresh = bnb.nn.Linear4bit(32, 16)  # never moved: not quantized yet
+    with pytest.raises(NotImplementedError, match="not quantized yet"):
+        LoRAQuantLinear(fresh, r=2).merge()
+
+
+def test_peft_qdora_is_refused_before_anything_changes():
+    base = nn.Sequential(quantized(32, 16, "nf4"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    held = peft.base_model.model[0]  # (PEFT's plain lora.Linear: the model is not flagged as loaded in 4 bit)
+    with pytest.raises(NotImplementedError, match="QDoRA"):
+        ftk.from_peft(peft)
+    assert peft.base_model.model[0] is held and held.base_layer.bias.requires_grad is False
+
+
+def test_trainer_takes_a_qlora_model_and_still_refuses_a_bare_quantized_one(tmp_path):
+    """transformers' Trainer refuses a quantized model without PEFT's adapters ("purely quantized");
+    with fused LoRA layers it trains (and resumes from a checkpoint, dropout masks included)."""
+    from transformers import Trainer, TrainingArguments
+
+    from ftkernels.integrations.hf import AdapterCheckpoints
+
+    path = _tiny_llama(tmp_path)
+    ds = [{"input_ids": torch.randint(0, 120, (8,)), "labels": torch.randint(0, 120, (8,))} for _ in range(8)]
+
+    def run(steps, resume=None):
+        torch.manual_seed(0)
+        model = ftk.apply_lora(_load_4bit(path), "all-linear", r=4, dropout=0.1).train()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=2, report_to=[],
+            save_steps=2, learning_rate=1e-2, seed=0,
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=ds, callbacks=[AdapterCheckpoints()]).train(
+            resume_from_checkpoint=resume
+        )
+        return model
+
+    first = run(4)
+    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    resumed = run(4, resume=str(tmp_path / "out" / "checkpoint-2"))
+    mine, theirs = lora_modules(first), lora_modules(resumed)
+    assert mine and all(not torch.equal(m.lora_B, torch.zeros_like(m.lora_B)) for m in mine.values())
+    for n, m in mine.items():
+        torch.testing.assert_close(m.lora_A, theirs[n].lora_A, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=_load_4bit(path), args=TrainingArguments(output_dir=str(tmp_path / "bare"), report_to=[]))
