@@ -372,3 +372,81 @@ def test_trainer_takes_a_qlora_model_and_still_refuses_a_bare_quantized_one(tmp_
         torch.testing.assert_close(m.lora_A, theirs[n].lora_A, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="purely quantized"):
         Trainer(model=_load_4bit(path), args=TrainingArguments(output_dir=str(tmp_path / "bare"), report_to=[]))
+
+
+def _torchao_int8(base: nn.Module) -> nn.Module:
+    """``base`` with its Linears' weights quantized by torchao (int8 weight-only), in place."""
+    torchao = pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torchao.quantize_(base, Int8WeightOnlyConfig())
+    return base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_torchao_layer_matches_peft(dtype, p):
+    """An nn.Linear with a torchao int8 weight: PEFT's TorchaoLoraLinear (a lora.Linear: the sum rounded
+    once to the base output's dtype), bit for bit."""
+    from peft.tuners.lora.torchao import TorchaoLoraLinear
+
+    base = _torchao_int8(nn.Sequential(nn.Linear(48, 40).to(dtype)))[0]
+    assert quant_kind(base) == "torchao"
+    ours = LoRAQuantLinear(copy.deepcopy(base), r=4, alpha=8, dropout=p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ("instantiated without get_apply_tensor_subclass")
+        peft = TorchaoLoraLinear(
+            base, "default", config=LoraConfig(r=4, lora_alpha=8, lora_dropout=p), r=4, lora_alpha=8
+        )
+    peft.lora_A.float(), peft.lora_B.float()  # (get_peft_model's autocast_adapter_dtype: fp32 adapters)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+        peft.lora_A["default"].weight.copy_(ours.lora_A)
+        peft.lora_B["default"].weight.copy_(ours.lora_B)
+    x = torch.randn(3, 5, 48).to(dtype)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, seed = seeded(ours, x1)
+    if p > 0:
+        peft.lora_dropout["default"] = FixedMaskDropout(seed, p)
+    yp = peft(x2)
+    assert y.dtype == dtype
+    if p == 0:  # (with dropout, the kernel's x / (1 - p) and the oracle's may differ by an ulp)
+        torch.testing.assert_close(y, yp, rtol=0, atol=0)
+    torch.testing.assert_close(y, yp, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x1, ours.lora_A, ours.lora_B), g)
+    want = torch.autograd.grad(yp, (x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight), g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_torchao_model_from_peft_files_and_no_merge(tmp_path):
+    """A model loaded with transformers' TorchAoConfig: from_peft equals PEFT, PEFT's adapter file loads,
+    and a merge is refused with nothing changed (requantizing needs the recipe)."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    path = _tiny_llama(tmp_path)
+
+    def load():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_pretrained(path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = get_peft_model(load(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(0, 120, (2, 9))
+    want = peft(input_ids=ids).logits
+    peft.save_pretrained(str(tmp_path / "peft"))
+    ours = ftk.from_peft(peft)
+    assert all(m.kind == "torchao" for m in lora_modules(ours).values())
+    torch.testing.assert_close(ours(input_ids=ids).logits, want, rtol=0, atol=0)
+    mine = ftk.load_adapter(load(), str(tmp_path / "peft"))
+    torch.testing.assert_close(mine(input_ids=ids).logits, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="torchao quantized base weight"):
+        ftk.merge_lora(mine)
+    assert not any(m.merged for m in lora_modules(mine).values())

@@ -1,12 +1,13 @@
 """``LoRAQuantLinear``: LoRA over a quantized Linear (QLoRA): bitsandbytes' ``Linear4bit`` (NF4 / FP4)
-and ``Linear8bitLt``.
+and ``Linear8bitLt``, and an ``nn.Linear`` holding a torchao quantized weight (``quantize_``).
 
 The fused layers compute a base's output from its weight; a quantized weight is only readable by its
 own kernels, so here the base layer runs itself and the adapter's path is one fused node
 (:mod:`ftkernels.ops.lora_quant`) with its dropout mask regenerated, never stored. The math and dtypes
-are PEFT's ``lora.bnb.Linear4bit`` / ``Linear8bitLt``: ``y = base(x) + s B A D(x)`` with x cast to the
-adapters' dtype (fp32) and the sum in the base output's dtype, or under autocast the adapter path in
-autocast's dtype.
+are PEFT's ``lora.bnb.Linear4bit`` / ``Linear8bitLt`` (and ``TorchaoLoraLinear``): ``y = base(x) + s B A
+D(x)`` with x cast to the adapters' dtype (fp32), or under autocast the adapter path in autocast's dtype;
+PEFT's bitsandbytes layers round the adapter path to the base output's dtype before the sum, its
+torchao layer rounds the sum.
 """
 
 from __future__ import annotations
@@ -25,24 +26,33 @@ _KINDS = {"Params4bit": "4bit", "Int8Params": "8bit"}
 
 
 def quant_kind(module: nn.Module) -> str | None:
-    """``"4bit"`` / ``"8bit"`` for a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (told by the layer's
-    package and its weight's type, so bitsandbytes is not imported), else None."""
-    if not isinstance(module, nn.Linear) or not type(module).__module__.startswith("bitsandbytes"):
+    """``"4bit"`` / ``"8bit"`` for a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, ``"torchao"`` for an
+    ``nn.Linear`` whose weight is a torchao quantized tensor (a ``TorchAOBaseTensor``), else None. Told
+    by the layer's package and its weight's type, so neither library is imported."""
+    if not isinstance(module, nn.Linear):
         return None
-    return _KINDS.get(type(module.weight).__name__)
+    w = type(module.weight)
+    if type(module).__module__.startswith("bitsandbytes"):
+        return _KINDS.get(w.__name__)
+    if any(c.__name__ == "TorchAOBaseTensor" and c.__module__.startswith("torchao") for c in w.__mro__):
+        return "torchao"
+    return None
 
 
 class LoRAQuantLinear(LoRALinear):
-    """LoRA over a frozen bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (QLoRA), PEFT's
-    ``lora.bnb.Linear4bit`` / ``Linear8bitLt`` exactly.
+    """LoRA over a frozen quantized Linear (QLoRA): bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``
+    (PEFT's ``lora.bnb.Linear4bit`` / ``Linear8bitLt`` exactly), or an ``nn.Linear`` with a torchao
+    quantized weight (PEFT's ``TorchaoLoraLinear``).
 
-    ``y = base(x) + cast(s * (D(x_c) A_c^T) B_c^T)``: the base layer computes its own (dequantizing)
-    output; ``_c`` is the compute dtype of the adapter path, the adapters' dtype (fp32, as PEFT makes
-    them over a quantized weight), or autocast's when it is on; the result is cast to the base output's
-    dtype. Shapes: x ``[..., in]``, ``lora_A`` ``[r, in]`` (Kaiming-uniform), ``lora_B`` ``[out, r]``
-    (zero), y ``[..., out]``. ``D`` is LoRA dropout, its mask regenerated in backward from a seed.
-    :meth:`merge` dequantizes the base weight, adds ``s B A`` and quantizes again (lossy, as in PEFT: a
-    warning says so). DoRA over a quantized base is not supported.
+    ``y = base(x) + s * (D(x_c) A_c^T) B_c^T``: the base layer computes its own (dequantizing) output;
+    ``_c`` is the compute dtype of the adapter path, the adapters' dtype (fp32, as PEFT makes them over a
+    quantized weight), or autocast's when it is on; y is in the base output's dtype (bitsandbytes: the
+    adapter path is rounded to it before the sum; torchao: the sum is). Shapes: x ``[..., in]``,
+    ``lora_A`` ``[r, in]`` (Kaiming-uniform), ``lora_B`` ``[out, r]`` (zero), y ``[..., out]``. ``D`` is
+    LoRA dropout, its mask regenerated in backward from a seed. :meth:`merge` (bitsandbytes) dequantizes
+    the base weight, adds ``s B A`` and quantizes again (lossy, as in PEFT: a warning says so); a torchao
+    base is not merged (its quantization recipe is not known here). DoRA over a quantized base is not
+    supported.
     """
 
     _fused_base = False  # never in a shared-input group: the group's kernels read the base weight
@@ -60,6 +70,7 @@ class LoRAQuantLinear(LoRALinear):
             )
         scaling = lora_scaling(type(self).__name__, r, alpha, dropout, rslora)
         adopt_base(self, base)
+        self.kind = quant_kind(base)  # "4bit" / "8bit" (bitsandbytes) or "torchao"
         self.r, self.alpha, self.dropout, self.rslora, self.scaling = int(r), alpha, float(dropout), rslora, scaling
         dev = base.weight.device
         # PEFT's adapters over a non-floating weight keep the default dtype, upcast to fp32 from fp16/bf16
@@ -74,8 +85,8 @@ class LoRAQuantLinear(LoRALinear):
         if quant_kind(base) is None:
             w = getattr(base, "weight", None)
             raise TypeError(
-                f"LoRAQuantLinear wraps a bitsandbytes Linear4bit / Linear8bitLt, got {type(base).__name__} with a"
-                f" {type(w).__name__} weight"
+                f"LoRAQuantLinear wraps a bitsandbytes Linear4bit / Linear8bitLt or an nn.Linear with a torchao"
+                f" weight, got {type(base).__name__} with a {type(w).__name__} weight"
             )
 
     def linear_weight(self) -> Tensor:
@@ -99,26 +110,37 @@ class LoRAQuantLinear(LoRALinear):
         a, b = self._parameters["lora_A"], self._parameters["lora_B"]
         p = self.dropout if self.training else 0.0
         dtype = _autocast_dtype(x) or a.dtype
+        if self.kind == "torchao":  # PEFT's lora.Linear rule (its torchao layer): one rounding, of the sum
+            return (y + lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, dtype)).to(y.dtype)
         return y + lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, y.dtype)
 
     # Merging: dequantize, add, quantize again (PEFT's rule for bitsandbytes layers).
 
     def _quantized(self) -> bool:
-        w = self.base.weight
-        return getattr(w, "quant_state", None) is not None if quant_kind(self.base) == "4bit" else w.dtype == torch.int8
+        w, kind = self.base.weight, self.kind
+        if kind == "torchao":
+            return True
+        return getattr(w, "quant_state", None) is not None if kind == "4bit" else w.dtype == torch.int8
 
     def _merge_blocker(self) -> str | None:
+        if self.kind == "torchao":
+            return (
+                "a torchao quantized base weight cannot take the merge here (quantizing it again needs its"
+                " recipe); unload without merging, or merge into a float copy of the base"
+            )
         if not self._quantized():
             return "its bitsandbytes weight is not quantized yet (move the model to its device first)"
         return None
 
     def _dequantized(self) -> Tensor:
+        if self.kind == "torchao":
+            return self.base.weight.dequantize()
         import bitsandbytes as bnb
 
         if not self._quantized():
             raise RuntimeError(f"{type(self).__name__}: {self._merge_blocker()}")
         w = self.base.weight
-        if quant_kind(self.base) == "4bit":
+        if self.kind == "4bit":
             return bnb.functional.dequantize_4bit(w.data, w.quant_state)
         state = self.base.state
         scb = w.SCB if getattr(w, "SCB", None) is not None else state.SCB  # (moved to state by the first forward)
@@ -163,9 +185,10 @@ class LoRAQuantLinear(LoRALinear):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         adopt_base(new, ad.base)
+        new.kind = quant_kind(ad.base)
         new.r, new.alpha, new.dropout, new.scaling, new.rslora = ad.r, ad.alpha, ad.dropout, ad.scaling, ad.rslora
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
         return new
 
     def extra_repr(self) -> str:
-        return f"{quant_kind(self.base)}, " + super().extra_repr()
+        return f"{self.kind}, " + super().extra_repr()
