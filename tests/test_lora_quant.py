@@ -35,16 +35,22 @@ def quantized(K, N, kind, bias=True, compute=torch.float32):
     return q.to("cpu")  # (moving quantizes)
 
 
-def pair(K, N, kind, r=4, p=0.0, bias=True, compute=torch.float32):
-    """(ours, PEFT's) over copies of one quantized layer, the same random A and B (B not zero)."""
+def pair(K, N, kind, r=4, p=0.0, bias=True, compute=torch.float32, dora=False):
+    """(ours, PEFT's) over copies of one quantized layer, the same random A and B (B not zero) and, for
+    DoRA, the same magnitude (off the row norms)."""
     base = quantized(K, N, kind, bias, compute)
-    ours = LoRAQuantLinear(copy.deepcopy(base), r=r, alpha=2 * r, dropout=p)
+    ours = LoRAQuantLinear(copy.deepcopy(base), r=r, alpha=2 * r, dropout=p, dora=dora)
     cls = PeftLinear8bitLt if kind == "int8" else PeftLinear4bit
-    peft = cls(base, "default", config=LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p), r=r, lora_alpha=2 * r)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, use_dora=dora)
+    peft = cls(base, "default", config=cfg, r=r, lora_alpha=2 * r)
     with torch.no_grad():
         ours.lora_B.normal_()
         peft.lora_A["default"].weight.copy_(ours.lora_A)
         peft.lora_B["default"].weight.copy_(ours.lora_B)
+        if dora:
+            torch.testing.assert_close(ours.lora_magnitude, peft.lora_magnitude_vector["default"].weight)
+            ours.lora_magnitude.mul_(1 + 0.2 * torch.randn_like(ours.lora_magnitude))
+            peft.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude)
     return ours, peft
 
 
@@ -114,8 +120,11 @@ def test_delta_keeps_no_copy_of_x():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize(("lead", "K", "N", "bias"), [((5,), 64, 48, True), ((2, 3), 128, 40, False)])
-def test_layer_matches_peft(kind, p, lead, K, N, bias):
-    ours, peft = pair(K, N, kind, p=p, bias=bias)
+@pytest.mark.parametrize("dora", [False, True])
+def test_layer_matches_peft(kind, p, lead, K, N, bias, dora):
+    """LoRA and QDoRA (a trained magnitude over the dequantized weight's row norms) as PEFT's lora.bnb
+    layers: outputs and grads of x, A, B (and the magnitude)."""
+    ours, peft = pair(K, N, kind, p=p, bias=bias, dora=dora)
     x = torch.randn(*lead, K)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     y, seed = seeded(ours, x1)
@@ -124,9 +133,10 @@ def test_layer_matches_peft(kind, p, lead, K, N, bias):
     yp = peft(x2)
     torch.testing.assert_close(y, yp, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x1, ours.lora_A, ours.lora_B), g)
-    want = torch.autograd.grad(yp, (x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight), g)
-    for a, b in zip(got, want, strict=True):
+    mine = [x1, ours.lora_A, ours.lora_B] + ([ours.lora_magnitude] if dora else [])
+    theirs = [x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight]
+    theirs += [peft.lora_magnitude_vector["default"].weight] if dora else []
+    for a, b in zip(torch.autograd.grad(y, mine, g), torch.autograd.grad(yp, theirs, g), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
     assert ours.base.weight.grad is None and not ours.base.weight.requires_grad
 
@@ -281,8 +291,9 @@ def test_gradient_checkpointing_redraws_the_same_mask(tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_merge_requantizes_as_peft(kind):
-    ours, peft = pair(64, 48, kind)
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_requantizes_as_peft(kind, dora):
+    ours, peft = pair(64, 48, kind, dora=dora)
     x = torch.randn(5, 64)
     unmerged = ours(x)
     with pytest.warns(UserWarning, match="quantized again"):
@@ -293,7 +304,7 @@ def test_merge_requantizes_as_peft(kind):
     assert ours.merged and quant_kind(ours.base) is not None
     torch.testing.assert_close(ours.base.weight.data, peft.base_layer.weight.data)  # the same quantized bits
     torch.testing.assert_close(ours(x), peft(x))
-    assert (ours(x) - unmerged).abs().max() <= 0.1 * unmerged.abs().max()  # rounding only
+    assert (ours(x) - unmerged).abs().max() <= 0.2 * unmerged.abs().max()  # 4-bit rounding only
     with pytest.warns(UserWarning, match="quantized again"):
         ours.unmerge()
     with warnings.catch_warnings():
@@ -315,9 +326,6 @@ def test_unload_keeps_a_quantized_model(tmp_path):
 
 def test_refusals():
     base = quantized(32, 16, "nf4")
-    with pytest.raises(NotImplementedError, match="DoRA over a quantized"):
-        LoRAQuantLinear(base, r=2, dora=True)
-    assert base.bias.requires_grad  # refused before the base was frozen
     with pytest.raises(TypeError, match="wraps a bitsandbytes"):
         LoRAQuantLinear(nn.Linear(4, 4))
     with pytest.raises(TypeError, match="Params4bit"):  # the plain fused layer names what it got
@@ -330,15 +338,18 @@ def test_refusals():
         LoRAQuantLinear(fresh, r=2).merge()
 
 
-def test_peft_qdora_is_refused_before_anything_changes():
+def test_peft_qdora_converts():
+    """A PEFT QDoRA model (plain lora.Linear over a bitsandbytes layer: the model is not flagged as loaded
+    in 4 bit) converts with its magnitude, same outputs."""
     base = nn.Sequential(quantized(32, 16, "nf4"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], use_dora=True))
-    held = peft.base_model.model[0]  # (PEFT's plain lora.Linear: the model is not flagged as loaded in 4 bit)
-    with pytest.raises(NotImplementedError, match="QDoRA"):
-        ftk.from_peft(peft)
-    assert peft.base_model.model[0] is held and held.base_layer.bias.requires_grad is False
+        peft = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], use_dora=True, init_lora_weights=False))
+    x = torch.randn(4, 32)
+    want = peft(x)
+    ours = ftk.from_peft(peft)
+    assert isinstance(ours[0], LoRAQuantLinear) and ours[0].dora
+    torch.testing.assert_close(ours(x), want)
 
 
 def test_trainer_takes_a_qlora_model_and_still_refuses_a_bare_quantized_one(tmp_path):
@@ -450,3 +461,25 @@ def test_torchao_model_from_peft_files_and_no_merge(tmp_path):
     with pytest.raises(NotImplementedError, match="torchao quantized base weight"):
         ftk.merge_lora(mine)
     assert not any(m.merged for m in lora_modules(mine).values())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_qdora_with_dropout_keeps_no_float_weight(kind):
+    """QDoRA with dropout runs D(x) W^T on the dequantized W: ours dequantizes it again in backward, so
+    no float copy of W is saved (PEFT's F.linear keeps one per layer until backward)."""
+    ours, peft = pair(64, 48, kind, p=0.2, dora=True)
+    x = torch.randn(5, 64, requires_grad=True)
+
+    def saved_sizes(layer):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+        return sizes
+
+    assert 64 * 48 in saved_sizes(peft)  # (the check sees it where it is kept)
+    assert max(saved_sizes(ours)) < 64 * 48

@@ -18,8 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from ..integrations import opacus as _dp
-from ..ops.lora_quant import lora_delta
+from ..ops import torch_func
+from ..ops.lora_dropout import lora_dropout
+from ..ops.lora_quant import dequant_linear, lora_delta
 from ._lora_common import adopt_base, lora_scaling, peft_adapter
+from .dora import dora_scale
 from .lora_linear import LoRALinear, _autocast_dtype, _check_x, call_seed
 
 _KINDS = {"Params4bit": "4bit", "Int8Params": "8bit"}
@@ -51,8 +54,8 @@ class LoRAQuantLinear(LoRALinear):
     ``lora_A`` ``[r, in]`` (Kaiming-uniform), ``lora_B`` ``[out, r]`` (zero), y ``[..., out]``. ``D`` is
     LoRA dropout, its mask regenerated in backward from a seed. :meth:`merge` (bitsandbytes) dequantizes
     the base weight, adds ``s B A`` and quantizes again (lossy, as in PEFT: a warning says so); a torchao
-    base is not merged (its quantization recipe is not known here). DoRA over a quantized base is not
-    supported.
+    base is not merged (its quantization recipe is not known here). ``dora=True`` (QDoRA): a trained
+    magnitude ``lora_magnitude`` ``[out]``, PEFT's form over quantized bases (:meth:`_dora_forward`).
     """
 
     _fused_base = False  # never in a shared-input group: the group's kernels read the base weight
@@ -63,11 +66,6 @@ class LoRAQuantLinear(LoRALinear):
     ):  # fmt: skip
         nn.Module.__init__(self)
         self._check_base(base)
-        if dora:
-            raise NotImplementedError(
-                f"LoRAQuantLinear: DoRA over a quantized {type(base).__name__} is not supported (use plain LoRA, or"
-                " PEFT's layer for QDoRA)"
-            )
         scaling = lora_scaling(type(self).__name__, r, alpha, dropout, rslora)
         adopt_base(self, base)
         self.kind = quant_kind(base)  # "4bit" / "8bit" (bitsandbytes) or "torchao"
@@ -77,6 +75,8 @@ class LoRAQuantLinear(LoRALinear):
         dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         self.lora_A = nn.Parameter(torch.empty(self.r, base.in_features, device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, self.r, device=dev, dtype=dtype))
+        if dora:  # QDoRA: the magnitude [out], set by reset_parameters to the dequantized weight's row norms
+            self.lora_magnitude = nn.Parameter(torch.empty(base.out_features, device=dev, dtype=dtype))
         self.merged = False
         self.reset_parameters()
 
@@ -110,9 +110,30 @@ class LoRAQuantLinear(LoRALinear):
         a, b = self._parameters["lora_A"], self._parameters["lora_B"]
         p = self.dropout if self.training else 0.0
         dtype = _autocast_dtype(x) or a.dtype
+        if self.dora:
+            return self._dora_forward(x, y, a, b, p, dtype)
         if self.kind == "torchao":  # PEFT's lora.Linear rule (its torchao layer): one rounding, of the sum
             return (y + lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, dtype)).to(y.dtype)
         return y + lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, y.dtype)
+
+    def _dora_forward(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+        """QDoRA, PEFT's form over a quantized base: with ``mns = m / ||W + s B A||_row`` (W dequantized,
+        the norm a constant), ``y + (mns - 1) t + mns s D(x) A^T B^T`` in fp32, rounded to y's dtype, where
+        ``t = y - b`` without dropout and ``t = D(x) W^T`` with it (W dequantized again in backward, not
+        kept: PEFT keeps a float copy of every such weight until backward)."""
+        mns = dora_scale(self._parameters["lora_magnitude"], self._dequantized(), a, b, self.scaling)
+        seed = call_seed(p, x.device)
+        delta = lora_delta(x, a, b, self.scaling, p, seed, dtype, dtype)
+        if p == 0:
+            bias = self.base.bias
+            t = y if bias is None else y - bias
+        else:  # the same seed: the same mask as the adapter path's
+            xc = x if x.dtype == dtype else x.to(dtype)
+            t = dequant_linear(
+                self, torch_func.dropped(xc, p, seed) if torch_func.active() else lora_dropout(xc, p, seed)
+            )
+        acc = mns.dtype
+        return (y.to(acc) + (mns - 1) * t.to(acc) + mns * delta.to(acc)).to(y.dtype)
 
     # Merging: dequantize, add, quantize again (PEFT's rule for bitsandbytes layers).
 
@@ -173,21 +194,18 @@ class LoRAQuantLinear(LoRALinear):
 
     @classmethod
     def from_peft_layer(cls, layer, adapter_name: str | None = None) -> LoRAQuantLinear:
-        """A layer over a PEFT ``lora.bnb.Linear4bit`` / ``Linear8bitLt``'s base layer (shared) with a copy
-        of the adapter (A, B, r, alpha, scaling, dropout); DoRA and LoRA bias raise."""
+        """A layer over a PEFT ``lora.bnb.Linear4bit`` / ``Linear8bitLt``'s (or ``TorchaoLoraLinear``'s) base
+        layer (shared) with a copy of the adapter (A, B, r, alpha, scaling, dropout; a DoRA magnitude);
+        LoRA bias raises."""
         ad = peft_adapter(layer, adapter_name)
         cls._check_base(ad.base)
-        if ad.magnitude is not None:
-            raise NotImplementedError(
-                f"from_peft: adapter {ad.name!r} is DoRA over a quantized {type(ad.base).__name__} (QDoRA), which"
-                " the fused layers do not support"
-            )
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         adopt_base(new, ad.base)
         new.kind = quant_kind(ad.base)
         new.r, new.alpha, new.dropout, new.scaling, new.rslora = ad.r, ad.alpha, ad.dropout, ad.scaling, ad.rslora
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
+        new._adopt_peft_dora(ad)
         return new
 
     def extra_repr(self) -> str:

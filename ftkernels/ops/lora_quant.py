@@ -85,3 +85,26 @@ def lora_delta(
         xd = torch_func.dropped(_as(x, dtype), dropout, seed)
         return _as((xd @ _as(lora_a, dtype).t()) @ _as(lora_b, dtype).t() * scaling, out_dtype)
     return LoRADeltaFunction.apply(x, lora_a, lora_b, scaling, dropout, seed, dtype, out_dtype)
+
+
+class _DequantLinear(torch.autograd.Function):
+    """``x W^T`` with W a quantized layer's weight dequantized in forward and again in backward (W is
+    frozen: only grad_x = g W is needed), so no float copy of W lives until backward."""
+
+    @staticmethod
+    def forward(ctx, x, layer, dtype):
+        ctx.layer, ctx.dtype = layer, dtype
+        return x @ _as(layer._dequantized(), dtype).t()
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad):
+        return grad @ _as(ctx.layer._dequantized(), ctx.dtype), None, None
+
+
+def dequant_linear(layer, x: Tensor) -> Tensor:
+    """``x W^T`` (``[..., out]``, x's dtype) for ``layer`` (a :class:`ftkernels.nn.LoRAQuantLinear`) whose
+    ``_dequantized()`` gives W ``[out, in]``; plain ops when traced or under ``torch.func``."""
+    if torch.compiler.is_compiling() or torch_func.active():
+        return x @ _as(layer._dequantized(), x.dtype).t()
+    return _DequantLinear.apply(x, layer, x.dtype)
