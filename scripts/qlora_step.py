@@ -3,7 +3,7 @@
 same inputs, alternating, median of ``--repeat``; and the bytes each keeps for backward (the unique
 storages autograd saves during the forward).
 
-    python scripts/qlora_step.py [--device cuda] [--compute bfloat16] [--dropout 0.1]
+    python scripts/qlora_step.py [--device cuda] [--compute bfloat16] [--dropout 0.1] [--dora]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--dora", action="store_true", help="QDoRA (use_dora) instead of LoRA")
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     import peft
@@ -65,9 +66,9 @@ def main() -> None:
             use_gradient_checkpointing=False,
         )
         r, p = args.r, args.dropout
-        config = peft.LoraConfig(target_modules="all-linear", r=r, lora_alpha=2 * r, lora_dropout=p)
+        config = peft.LoraConfig(target_modules="all-linear", r=r, lora_alpha=2 * r, lora_dropout=p, use_dora=args.dora)
         theirs = peft.get_peft_model(load(), config)
-        ours = ftk.apply_lora(load(), "all-linear", r=args.r, alpha=2 * args.r, dropout=args.dropout)
+        ours = ftk.apply_lora(load(), "all-linear", r=r, alpha=2 * r, dropout=p, use_dora=args.dora)
     ids = torch.randint(0, 1000, (args.batch, args.seq), device=args.device)
 
     def step(model) -> float:
@@ -90,8 +91,9 @@ def main() -> None:
     a, b = statistics.median(times["peft"]), statistics.median(times["ours"])
     ma, mb = saved_bytes(theirs, ids) / 2**20, saved_bytes(ours, ids) / 2**20
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    what = f"nf4/{args.compute}, p={args.dropout}" + (", QDoRA" if args.dora else "")
     print(
-        f"{name} nf4/{args.compute}, p={args.dropout}: PEFT {a * 1e3:.1f} ms, ours {b * 1e3:.1f} ms, {a / b:.2f}x;"
+        f"{name} {what}: PEFT {a * 1e3:.1f} ms, ours {b * 1e3:.1f} ms, {a / b:.2f}x;"
         f" saved for backward PEFT {ma:.1f} MiB, ours {mb:.1f} MiB"
     )
 

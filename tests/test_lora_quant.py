@@ -1,13 +1,16 @@
-"""LoRA over bitsandbytes' quantized Linears (QLoRA): the fused delta node against the float64
-reference and gradcheck, the layer against PEFT's ``lora.bnb`` layers, whole quantized models
-(apply_lora, from_peft, adapter files both ways, merge, gradient checkpointing), and refusals."""
+"""LoRA over quantized Linears (QLoRA: bitsandbytes, torchao): the fused delta node against the float64
+reference and gradcheck (CPU and CUDA), the layer against PEFT's ``lora.bnb`` / torchao layers, whole
+quantized models (apply_lora, from_peft, adapter files both ways, merge, gradient checkpointing, Trainer),
+QDoRA, and refusals. The bitsandbytes tests skip where it is not installed (the GPU machine)."""
 
 import copy
+import importlib.util
 import warnings
 
 import pytest
 import torch
 from helpers.lora import FixedMaskDropout
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import ftkernels as ftk
@@ -16,10 +19,13 @@ from ftkernels.nn.reference import lora_keep_mask
 from ftkernels.ops.lora_quant import lora_delta
 from ftkernels.peft_compat import lora_modules
 
-bnb = pytest.importorskip("bitsandbytes")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit  # noqa: E402
-from peft.tuners.lora.bnb import Linear8bitLt as PeftLinear8bitLt  # noqa: E402
+BNB = importlib.util.find_spec("bitsandbytes") is not None
+if BNB:
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+    from peft.tuners.lora.bnb import Linear8bitLt as PeftLinear8bitLt
+needs_bnb = pytest.mark.skipif(not BNB, reason="bitsandbytes is not installed")
+CUDA = torch.cuda.is_available()
 
 KINDS = ["nf4", "fp4", "int8"]
 
@@ -81,23 +87,28 @@ def test_delta_gradcheck(p):
     torch.testing.assert_close(fn(x, a, b), delta_reference(x, a, b, 1.5, p, 11))
 
 
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_delta_in_fp32_from_low_precision_inputs(xdtype, p):
-    """fp32 adapters on a 16-bit x: computed in fp32, returned in x's dtype, grads in each one's dtype."""
-    x = torch.randn(37, 19).to(xdtype).requires_grad_(True)
-    a = torch.randn(5, 19, requires_grad=True)
-    b = torch.randn(11, 5, requires_grad=True)
-    y = lora_delta(x, a, b, 0.5, p, torch.tensor(3), torch.float32, xdtype)
+def test_delta_in_fp32_from_low_precision_inputs(xdtype, p, device):
+    """fp32 adapters on a 16-bit x: computed in fp32, returned in x's dtype, grads in each one's dtype
+    (on CUDA the dropout runs the Triton kernel: the same mask)."""
+    x = torch.randn(37, 19).to(xdtype).to(device).requires_grad_(True)
+    a = torch.randn(5, 19, device=device, requires_grad=True)
+    b = torch.randn(11, 5, device=device, requires_grad=True)
+    y = lora_delta(x, a, b, 0.5, p, torch.tensor(3, device=device), torch.float32, xdtype)
     assert y.dtype == xdtype
     g = torch.randn_like(y)
     gx, ga, gb = torch.autograd.grad(y, (x, a, b), g)
     assert (gx.dtype, ga.dtype, gb.dtype) == (xdtype, torch.float32, torch.float32)
-    leaves = [t.detach().double().requires_grad_(True) for t in (x, a, b)]
+    leaves = [t.detach().cpu().double().requires_grad_(True) for t in (x, a, b)]
     want = delta_reference(*leaves[:1], *leaves[1:], 0.5, p, 3)
-    tol = 1e-5 if xdtype == torch.float32 else 1e-2
-    for got, ref in zip((y, gx, ga, gb), (want, *torch.autograd.grad(want, leaves, g.double())), strict=True):
-        assert (got.double() - ref).abs().max() <= tol * ref.abs().max()
+    tol = 1e-5 if xdtype == torch.float32 and device == "cpu" else 1e-2  # (TF32 on CUDA)
+    for got, ref in zip((y, gx, ga, gb), (want, *torch.autograd.grad(want, leaves, g.cpu().double())), strict=True):
+        assert (got.cpu().double() - ref).abs().max() <= tol * ref.abs().max()
 
 
 def test_delta_keeps_no_copy_of_x():
@@ -117,6 +128,7 @@ def test_delta_keeps_no_copy_of_x():
     assert big and all(t.data_ptr() == x.data_ptr() for t in big)
 
 
+@needs_bnb
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize(("lead", "K", "N", "bias"), [((5,), 64, 48, True), ((2, 3), 128, 40, False)])
@@ -141,6 +153,7 @@ def test_layer_matches_peft(kind, p, lead, K, N, bias, dora):
     assert ours.base.weight.grad is None and not ours.base.weight.requires_grad
 
 
+@needs_bnb
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_layer_with_a_16bit_model_and_under_autocast(dtype):
     """A 16-bit x without autocast: the adapter path in fp32 (the adapters' dtype), out in x's dtype; under
@@ -158,6 +171,7 @@ def test_layer_with_a_16bit_model_and_under_autocast(dtype):
     torch.testing.assert_close(y, yp, rtol=2e-2, atol=2e-2)
 
 
+@needs_bnb
 def test_plain_ops_path_equals_the_node():
     """Under :func:`ftkernels.plain_ops` (torch.func transforms) the same math and mask, to any order."""
     ours, _ = pair(32, 24, "nf4", p=0.3)
@@ -201,6 +215,7 @@ def _load_4bit(path, kind="nf4"):
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@needs_bnb
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_quantized_model_from_peft_and_files_both_ways(kind, tmp_path):
     """Outputs and grads equal PEFT's. (PEFT's new layers train over bases left in eval, which
@@ -236,6 +251,7 @@ def test_quantized_model_from_peft_and_files_both_ways(kind, tmp_path):
     torch.testing.assert_close(mine.eval()(input_ids=ids).logits, peft.eval()(input_ids=ids).logits)
 
 
+@needs_bnb
 def test_qlora_training_follows_peft(tmp_path):
     """apply_lora + FusedAdamW on a 4-bit model (after PEFT's prepare_model_for_kbit_training) against
     get_peft_model + torch AdamW from the same adapters: 5 steps, the same losses and adapters."""
@@ -270,6 +286,7 @@ def test_qlora_training_follows_peft(tmp_path):
         torch.testing.assert_close(m.lora_B, theirs[n].lora_B["default"].weight, rtol=1e-4, atol=1e-6)
 
 
+@needs_bnb
 def test_gradient_checkpointing_redraws_the_same_mask(tmp_path):
     """QLoRA runs with gradient checkpointing: the recomputed forward must drop what the first one did."""
     path = _tiny_llama(tmp_path)
@@ -290,6 +307,7 @@ def test_gradient_checkpointing_redraws_the_same_mask(tmp_path):
         torch.testing.assert_close(a, b)
 
 
+@needs_bnb
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dora", [False, True])
 def test_merge_requantizes_as_peft(kind, dora):
@@ -314,6 +332,7 @@ def test_merge_requantizes_as_peft(kind, dora):
     torch.testing.assert_close(ours(x), peft(x))
 
 
+@needs_bnb
 def test_unload_keeps_a_quantized_model(tmp_path):
     path = _tiny_llama(tmp_path)
     model = ftk.apply_lora(_load_4bit(path), target_modules=["q_proj"], r=4)
@@ -324,6 +343,7 @@ def test_unload_keeps_a_quantized_model(tmp_path):
     assert isinstance(q, bnb.nn.Linear4bit) and type(q.weight).__name__ == "Params4bit"
 
 
+@needs_bnb
 def test_refusals():
     base = quantized(32, 16, "nf4")
     with pytest.raises(TypeError, match="wraps a bitsandbytes"):
@@ -338,6 +358,7 @@ def test_refusals():
         LoRAQuantLinear(fresh, r=2).merge()
 
 
+@needs_bnb
 def test_peft_qdora_converts():
     """A PEFT QDoRA model (plain lora.Linear over a bitsandbytes layer: the model is not flagged as loaded
     in 4 bit) converts with its magnitude, same outputs."""
@@ -352,6 +373,7 @@ def test_peft_qdora_converts():
     torch.testing.assert_close(ours(x), want)
 
 
+@needs_bnb
 def test_trainer_takes_a_qlora_model_and_still_refuses_a_bare_quantized_one(tmp_path):
     """transformers' Trainer refuses a quantized model without PEFT's adapters ("purely quantized");
     with fused LoRA layers it trains (and resumes from a checkpoint, dropout masks included)."""
@@ -463,6 +485,7 @@ def test_torchao_model_from_peft_files_and_no_merge(tmp_path):
     assert not any(m.merged for m in lora_modules(mine).values())
 
 
+@needs_bnb
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_qdora_with_dropout_keeps_no_float_weight(kind):
     """QDoRA with dropout runs D(x) W^T on the dequantized W: ours dequantizes it again in backward, so
