@@ -3,7 +3,9 @@ with random weights (no downloads):
 
 (a) BERT-base sequence classification, LoRA r=16 on query/key/value/dense, dropout 0.1;
 (b) a Llama-style decoder (GQA), LoRA r=16 on all seven projections;
-(c) ResNet-50, LoRA r=16 on every residual-stage conv.
+(c) ResNet-50, LoRA r=16 on every residual-stage conv;
+(d) QLoRA: the Llama-style decoder loaded in 4 bit (bitsandbytes NF4, bf16 compute), LoRA r=16 on all
+    seven projections, dropout 0.1 (skipped where bitsandbytes is not installed).
 
 Baselines: PEFT ``get_peft_model`` + ``torch.optim.AdamW(fused=True)``, eager (and under
 ``torch.compile`` and captured in a CUDA graph on GPU); ours: ``ftk.apply_lora`` + ``FusedAdamW``,
@@ -100,6 +102,41 @@ def _resnet(device, quick, cpu):
     return model, loss, dict(target_modules=targets, dropout=0.0), f"ResNet-50 {batch}@{res}", None
 
 
+def has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _qlora(device, quick, cpu):
+    import tempfile
+    import warnings
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    if quick:
+        dims, batch, seq = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, vocab_size=1000), 1, 64
+    elif cpu:
+        dims, batch, seq = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, vocab_size=8000), 1, 256
+    else:
+        dims, batch, seq = (
+            dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, vocab_size=32000),
+            4,
+            1024,
+        )
+    cfg = LlamaConfig(**dims, num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=seq)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        LlamaForCausalLM(cfg).save_pretrained(d)  # (random weights; from_pretrained is what quantizes)
+        model = AutoModelForCausalLM.from_pretrained(d, quantization_config=quant, device_map=device)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    loss = lambda m: m(input_ids=ids, labels=ids).loss  # noqa: E731
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    name = f"QLoRA NF4 Llama-style h{dims['hidden_size']} x{dims['num_hidden_layers']} {batch}x{seq}"
+    return model, loss, dict(target_modules=projections, dropout=0.1), name, None
+
+
 def _floor_inputs(model):
     """Make the frozen model's first activation require grad, so backward computes input gradients only."""
     if hasattr(model, "enable_input_require_grads"):
@@ -190,7 +227,7 @@ def _without_recompute(step):
     return fn
 
 
-CASES = {"bert": _bert, "llama": _llama, "resnet": _resnet}
+CASES = {"bert": _bert, "llama": _llama, "resnet": _resnet, "qlora": _qlora}
 
 
 def eager_steps(build, device: torch.device, quick: bool) -> tuple[str, dict, dict]:
@@ -204,7 +241,8 @@ def eager_steps(build, device: torch.device, quick: bool) -> tuple[str, dict, di
     cpu = device.type == "cpu"
     torch.manual_seed(0)
     base, loss_fn, target, name, dtype = build(device, quick, cpu)
-    base = base.to(device)
+    if build is not _qlora:  # (a quantized model is loaded onto its device)
+        base = base.to(device)
     if dtype is not None:
         base = base.to(dtype)
     autocast = torch.bfloat16 if (device.type == "cuda" and build is _resnet) else None
@@ -232,7 +270,7 @@ def eager_steps(build, device: torch.device, quick: bool) -> tuple[str, dict, di
         ungroup(alone)
         alone_opt = FusedAdamW([p for p in alone.parameters() if p.requires_grad], lr=1e-4)
         steps[ALONE] = _step(alone, alone_opt, loss_fn, device, autocast)
-    if any(isinstance(m, LoRALinear) for m in ours.modules()):
+    if any(isinstance(m, LoRALinear) and m._fused_base for m in ours.modules()):
         # The same model and optimizer keeping each LoRA layer's input for backward instead of
         # rebuilding it from what its producer keeps: the memory the rebuild saves, at what time.
         steps[SAVED] = _without_recompute(steps["ours"])
@@ -250,6 +288,9 @@ def run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype | 
     reps = 2 if quick else (10 if device.type != "cpu" else 3)
     rows = []
     for build in CASES.values():
+        if build is _qlora and not has_bitsandbytes():
+            print("\ne2e: QLoRA case skipped (bitsandbytes is not installed)", file=sys.stderr, flush=True)
+            continue
         name, fns, parts = eager_steps(build, device, quick)
         peft_model, loss_fn, autocast = parts["peft_model"], parts["loss_fn"], parts["autocast"]
         if compile_baselines(device) and not quick:
