@@ -506,3 +506,21 @@ def test_qdora_with_dropout_keeps_no_float_weight(kind):
 
     assert 64 * 48 in saved_sizes(peft)  # (the check sees it where it is kept)
     assert max(saved_sizes(ours)) < 64 * 48
+
+
+@needs_bnb
+def test_compiled_layer_equals_eager():
+    """torch.compile traces the adapter path as plain ops (the dropout as the custom op); bitsandbytes'
+    ops take care of themselves. Without dropout, the same outputs and adapter grads as eager."""
+    ours, _ = pair(64, 48, "nf4")
+    x = torch.randn(5, 64, requires_grad=True)
+    y = ours(x)
+    yc = torch.compile(ours)(x)
+    torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    for a, b in zip(
+        torch.autograd.grad(yc, (x, ours.lora_A, ours.lora_B), g),
+        torch.autograd.grad(y, (x, ours.lora_A, ours.lora_B), g),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -98,8 +98,8 @@ def allow_quantized_training() -> None:
     transformers' check unchanged."""
     import transformers.trainer_utils as tu
 
-    original = tu.validate_quantization_for_training
-    if getattr(original, "_ftk", False):
+    original = getattr(tu, "validate_quantization_for_training", None)
+    if original is None or getattr(original, "_ftk", False):  # (older transformers check inline: nothing to wrap)
         return
 
     def validate_quantization_for_training(model):
