@@ -1,7 +1,7 @@
 """Time one QLoRA training step (forward + backward) of a small Llama-style model loaded in 4 bit
 (bitsandbytes NF4): PEFT's ``lora.bnb.Linear4bit`` against ``ftk.apply_lora``'s ``LoRAQuantLinear``,
-same inputs, alternating, median of ``--repeat``; and the bytes each keeps for backward (the unique
-storages autograd saves during the forward).
+same inputs, alternating, median of ``--repeat``; the bytes each saves for backward (the unique
+storages autograd saves during the forward, LoRA inputs kept) and the peak memory of one step.
 
     python scripts/qlora_step.py [--device cuda] [--compute bfloat16] [--dropout 0.1] [--dora]
 """
@@ -18,7 +18,9 @@ import torch
 
 
 def saved_bytes(model, ids) -> int:
-    """Bytes of the distinct storages autograd saves in one forward (activations kept for backward)."""
+    """Bytes of the distinct storages autograd saves in one forward. (Saved-tensor hooks turn off the
+    rebuild of LoRA inputs, :mod:`ftkernels.ops.input_recompute`: this counts ours as if it kept x;
+    the peak below sees the rebuild.)"""
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -44,6 +46,11 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--dora", action="store_true", help="QDoRA (use_dora) instead of LoRA")
+    ap.add_argument(
+        "--bf16-model",
+        action="store_true",
+        help="load the unquantized parts in bf16 and skip prepare_model_for_kbit_training (bf16 activations)",
+    )
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     import peft
@@ -61,10 +68,12 @@ def main() -> None:
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     with tempfile.TemporaryDirectory() as d:
         LlamaForCausalLM(cfg).save_pretrained(d)
-        load = lambda: peft.prepare_model_for_kbit_training(  # noqa: E731
-            AutoModelForCausalLM.from_pretrained(d, quantization_config=quant, device_map=args.device),
-            use_gradient_checkpointing=False,
-        )
+
+        def load():
+            dtype = torch.bfloat16 if args.bf16_model else torch.float32
+            m = AutoModelForCausalLM.from_pretrained(d, quantization_config=quant, device_map=args.device, dtype=dtype)
+            return m if args.bf16_model else peft.prepare_model_for_kbit_training(m, use_gradient_checkpointing=False)
+
         r, p = args.r, args.dropout
         config = peft.LoraConfig(target_modules="all-linear", r=r, lora_alpha=2 * r, lora_dropout=p, use_dora=args.dora)
         theirs = peft.get_peft_model(load(), config)
@@ -90,11 +99,17 @@ def main() -> None:
         times["ours"].append(step(ours))
     a, b = statistics.median(times["peft"]), statistics.median(times["ours"])
     ma, mb = saved_bytes(theirs, ids) / 2**20, saved_bytes(ours, ids) / 2**20
+    from ftkernels.bench.common import peak_extra_mb
+
+    dev = torch.device(args.device)
+    pa, pb = (peak_extra_mb(lambda m=m: step(m), dev) for m in (theirs, ours))
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     what = f"nf4/{args.compute}, p={args.dropout}" + (", QDoRA" if args.dora else "")
+    what += ", bf16 model" if args.bf16_model else ""
     print(
         f"{name} {what}: PEFT {a * 1e3:.1f} ms, ours {b * 1e3:.1f} ms, {a / b:.2f}x;"
-        f" saved for backward PEFT {ma:.1f} MiB, ours {mb:.1f} MiB"
+        f" saved for backward PEFT {ma:.1f} MiB, ours {mb:.1f} MiB (inputs kept); peak of a step PEFT {pa:.1f} MB,"
+        f" ours {pb:.1f} MB"
     )
 
 

@@ -2,11 +2,12 @@
 
 ``delta = s (D(x_c) A_c^T) B_c^T`` in the compute dtype ``c`` (x, A and B cast to it), returned in
 ``out_dtype``. The base output comes from the quantized layer itself (bitsandbytes dequantizes in its
-own kernels); this node replaces PEFT's dropout -> lora_A -> lora_B -> scale -> cast chain. What it
-saves is x as given (the same tensor the base layer keeps for its own input gradient, so no memory
-of its own), ``u = D(x_c) A_c^T`` (``[M, r]``) and the dropout seed: the dropped, cast copy of x that
-PEFT's ``lora_A`` keeps for backward (``M x K`` in fp32 for fp32 adapters on a bf16 model, twice
-the bytes of x itself) is never stored; backward regenerates the mask from the seed.
+own kernels); this node replaces PEFT's dropout -> lora_A -> lora_B -> scale -> cast chain. It saves
+``u = D(x_c) A_c^T`` (``[M, r]``), the dropout seed and x as given, or, where x's producer keeps what
+rebuilds it (a norm, an activation, SwiGLU's product: :mod:`.input_recompute`), that instead (the
+frozen quantized base keeps no x: its input gradient needs only the weight). The dropped, cast copy of
+x that PEFT's ``lora_A`` keeps for backward (``M x K`` fp32 for fp32 adapters: twice a bf16 x's bytes,
+one per layer even where q/k/v read the same x) is never stored; backward regenerates the mask.
 
 Backward, with ``v = s g B``: ``grad_B = s g^T u``, ``grad_A = v^T D(x_c)``, ``grad_x = D(v A)`` (the
 adapter's share; autograd adds the base layer's).
@@ -20,6 +21,7 @@ from torch import Tensor
 from . import torch_func
 from ._autograd import first_order, unviewed
 from .lora_dropout import lora_dropout_nograd
+from .lora_linear import save_x, saved_with_x
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -38,7 +40,7 @@ class LoRADeltaFunction(torch.autograd.Function):
         u = d @ a.t()
         del d, xc  # (the dropped copy lives only here)
         out = _as((u @ b.t()).mul_(scaling), out_dtype)
-        ctx.save_for_backward(x2, a, b, u, seed)
+        save_x(ctx, x2, x, a, b, u, seed)  # (x, or what its producer keeps to rebuild it)
         ctx.scaling, ctx.dropout, ctx.dtype, ctx.x_shape = scaling, dropout, dtype, x.shape
         ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
         return unviewed(out.view(*x.shape[:-1], out.shape[-1]))
@@ -46,7 +48,7 @@ class LoRADeltaFunction(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, grad):
-        x2, a, b, u, seed = ctx.saved_tensors
+        x2, a, b, u, seed = saved_with_x(ctx)
         s, p, dtype = ctx.scaling, ctx.dropout, ctx.dtype
         g = _as(grad.reshape(-1, grad.shape[-1]), dtype)
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
