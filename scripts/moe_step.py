@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 import warnings
 
 import torch
@@ -33,6 +31,7 @@ def main() -> None:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     import ftkernels as ftk
+    from ftkernels.bench.common import lm_train_step, time_rounds_ms
 
     warnings.filterwarnings("ignore")
     cfg = MixtralConfig(
@@ -47,26 +46,11 @@ def main() -> None:
     ours = ftk.apply_lora(copy.deepcopy(base), "all-linear", r=args.r, alpha=2 * args.r)
     ids = torch.randint(0, 1000, (args.batch, args.seq), device=args.device)
 
-    def step(model) -> float:
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        for p in model.parameters():
-            p.grad = None
-        return time.perf_counter() - t0
-
-    for model in (theirs, ours):
-        step(model)
-    times = {"peft": [], "ours": []}
-    for _ in range(args.repeat):
-        times["peft"].append(step(theirs))
-        times["ours"].append(step(ours))
-    a, b = statistics.median(times["peft"]), statistics.median(times["ours"])
+    steps = {"peft": lm_train_step(theirs, ids), "ours": lm_train_step(ours, ids)}
+    ms = time_rounds_ms(steps, torch.device(args.device), reps=1, rounds=args.repeat)  # (alternating)
+    a, b = ms["peft"], ms["ours"]
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"{name} {args.dtype}: PEFT {a * 1e3:.1f} ms, ours {b * 1e3:.1f} ms, {a / b:.2f}x")
+    print(f"{name} {args.dtype}: PEFT {a:.1f} ms, ours {b:.1f} ms, {a / b:.2f}x")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ storages autograd saves during the forward, LoRA inputs kept) and the peak memor
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 import warnings
 
 import torch
@@ -57,6 +55,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
     import ftkernels as ftk
+    from ftkernels.bench.common import lm_train_step, peak_extra_mb, time_rounds_ms
 
     warnings.filterwarnings("ignore")
     cfg = LlamaConfig(
@@ -80,34 +79,17 @@ def main() -> None:
         ours = ftk.apply_lora(load(), "all-linear", r=r, alpha=2 * r, dropout=p, use_dora=args.dora)
     ids = torch.randint(0, 1000, (args.batch, args.seq), device=args.device)
 
-    def step(model) -> float:
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        for p in model.parameters():
-            p.grad = None
-        return time.perf_counter() - t0
-
-    for model in (theirs, ours):
-        step(model)
-    times = {"peft": [], "ours": []}
-    for _ in range(args.repeat):
-        times["peft"].append(step(theirs))
-        times["ours"].append(step(ours))
-    a, b = statistics.median(times["peft"]), statistics.median(times["ours"])
-    ma, mb = saved_bytes(theirs, ids) / 2**20, saved_bytes(ours, ids) / 2**20
-    from ftkernels.bench.common import peak_extra_mb
-
     dev = torch.device(args.device)
-    pa, pb = (peak_extra_mb(lambda m=m: step(m), dev) for m in (theirs, ours))
+    steps = {"peft": lm_train_step(theirs, ids), "ours": lm_train_step(ours, ids)}
+    ms = time_rounds_ms(steps, dev, reps=1, rounds=args.repeat)  # (alternating, a warm-up each)
+    a, b = ms["peft"], ms["ours"]
+    ma, mb = saved_bytes(theirs, ids) / 2**20, saved_bytes(ours, ids) / 2**20
+    pa, pb = (peak_extra_mb(steps[k], dev) for k in ("peft", "ours"))
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     what = f"nf4/{args.compute}, p={args.dropout}" + (", QDoRA" if args.dora else "")
     what += ", bf16 model" if args.bf16_model else ""
     print(
-        f"{name} {what}: PEFT {a * 1e3:.1f} ms, ours {b * 1e3:.1f} ms, {a / b:.2f}x;"
+        f"{name} {what}: PEFT {a:.1f} ms, ours {b:.1f} ms, {a / b:.2f}x;"
         f" saved for backward PEFT {ma:.1f} MiB, ours {mb:.1f} MiB (inputs kept); peak of a step PEFT {pa:.1f} MB,"
         f" ours {pb:.1f} MB"
     )

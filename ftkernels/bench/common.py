@@ -145,6 +145,18 @@ def time_rounds_ms(fns: dict, device: torch.device, reps: int, rounds: int = 3, 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def lm_train_step(model, ids):
+    """A closure running one forward + backward of causal LM ``model`` on ``ids`` (labels = ids), then
+    dropping the grads (what the scripts comparing PEFT's layers with ours time)."""
+
+    def fn():
+        model(input_ids=ids, labels=ids).loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    return fn
+
+
 @contextlib.contextmanager
 def _quiet_fd2():
     """Send file descriptor 2 (C++ libraries' stderr) to /dev/null for the block."""

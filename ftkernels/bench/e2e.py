@@ -65,8 +65,13 @@ def _bert(device, quick, cpu):
     return model, loss, target, f"BERT-{'tiny' if quick else 'base'} cls {batch}x{seq}", None
 
 
-def _llama(device, quick, cpu):
-    from transformers import LlamaConfig, LlamaForCausalLM
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _decoder(quick, cpu, multiple: int = 1):
+    """The Llama-style decoder's ``(config, batch, seq)`` (GQA 16/4 heads) at the suite's sizes, the MLP
+    width rounded up to ``multiple``."""
+    from transformers import LlamaConfig
 
     if quick:
         dims, batch, seq = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, vocab_size=1000), 1, 64
@@ -78,14 +83,21 @@ def _llama(device, quick, cpu):
             4,
             1024,
         )
+    dims["intermediate_size"] = -(-dims["intermediate_size"] // multiple) * multiple
     cfg = LlamaConfig(**dims, num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=seq)
+    return cfg, batch, seq
+
+
+def _llama(device, quick, cpu):
+    from transformers import LlamaForCausalLM
+
+    cfg, batch, seq = _decoder(quick, cpu)
     model = LlamaForCausalLM(cfg)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     loss = lambda m: m(input_ids=ids, labels=ids).loss  # noqa: E731
-    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    name = f"Llama-style h{dims['hidden_size']} x{dims['num_hidden_layers']} GQA 16/4 {batch}x{seq}"
-    return model, loss, dict(target_modules=projections, dropout=0.0), name, dtype
+    name = f"Llama-style h{cfg.hidden_size} x{cfg.num_hidden_layers} GQA 16/4 {batch}x{seq}"
+    return model, loss, dict(target_modules=PROJECTIONS, dropout=0.0), name, dtype
 
 
 def _resnet(device, quick, cpu):
@@ -112,19 +124,9 @@ def _qlora(device, quick, cpu):
     import tempfile
     import warnings
 
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
 
-    if quick:
-        dims, batch, seq = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, vocab_size=1000), 1, 64
-    elif cpu:
-        dims, batch, seq = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, vocab_size=8000), 1, 256
-    else:
-        dims, batch, seq = (
-            dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, vocab_size=32000),
-            4,
-            1024,
-        )
-    cfg = LlamaConfig(**dims, num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=seq)
+    cfg, batch, seq = _decoder(quick, cpu, multiple=64)  # (bitsandbytes' CPU kernels want 64-multiples)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -132,9 +134,8 @@ def _qlora(device, quick, cpu):
         model = AutoModelForCausalLM.from_pretrained(d, quantization_config=quant, device_map=device)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     loss = lambda m: m(input_ids=ids, labels=ids).loss  # noqa: E731
-    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    name = f"QLoRA NF4 Llama-style h{dims['hidden_size']} x{dims['num_hidden_layers']} {batch}x{seq}"
-    return model, loss, dict(target_modules=projections, dropout=0.1), name, None
+    name = f"QLoRA NF4 Llama-style h{cfg.hidden_size} x{cfg.num_hidden_layers} {batch}x{seq}"
+    return model, loss, dict(target_modules=PROJECTIONS, dropout=0.1), name, None
 
 
 def _floor_inputs(model):
