@@ -16,7 +16,7 @@ from torch import nn
 import ftkernels as ftk
 from ftkernels.nn.lora_quant import LoRAQuantLinear, quant_kind
 from ftkernels.nn.reference import lora_keep_mask
-from ftkernels.ops.lora_quant import lora_delta
+from ftkernels.ops.lora_quant import lora_delta, qdora_combine
 from ftkernels.peft_compat import lora_modules
 
 BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -109,6 +109,16 @@ def test_delta_in_fp32_from_low_precision_inputs(xdtype, p, device):
     tol = 1e-5 if xdtype == torch.float32 and device == "cpu" else 1e-2  # (TF32 on CUDA)
     for got, ref in zip((y, gx, ga, gb), (want, *torch.autograd.grad(want, leaves, g.cpu().double())), strict=True):
         assert (got.cpu().double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_qdora_combine_gradcheck():
+    """QDoRA's sum ``y + (mns - 1) t + mns d`` with ``d = s u B^T``: the magnitude's gradient takes d's part
+    from u and B (d is not kept), float64 gradcheck in y, t, d and mns."""
+    u, b = torch.randn(6, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    d = (0.7 * u @ b.t()).view(2, 3, 5).requires_grad_(True)
+    y, t = (torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mns = (1 + 0.1 * torch.randn(5, dtype=torch.float64)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda y, t, d, m: qdora_combine(y, t, d, u, b, m, 0.7), (y, t, d, mns))
 
 
 def test_delta_keeps_no_copy_of_x():

@@ -43,11 +43,12 @@ class LoRADeltaFunction(torch.autograd.Function):
         save_x(ctx, x2, x, a, b, u, seed)  # (x, or what its producer keeps to rebuild it)
         ctx.scaling, ctx.dropout, ctx.dtype, ctx.x_shape = scaling, dropout, dtype, x.shape
         ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
-        return unviewed(out.view(*x.shape[:-1], out.shape[-1]))
+        ctx.mark_non_differentiable(u)
+        return unviewed(out.view(*x.shape[:-1], out.shape[-1])), u
 
     @staticmethod
     @first_order
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_u):
         x2, a, b, u, seed = saved_with_x(ctx)
         s, p, dtype = ctx.scaling, ctx.dropout, ctx.dtype
         g = _as(grad.reshape(-1, grad.shape[-1]), dtype)
@@ -76,17 +77,61 @@ def lora_delta(
     seed: Tensor,
     dtype: torch.dtype,
     out_dtype: torch.dtype,
-) -> Tensor:
+    with_u: bool = False,
+):
     """``s (D(x_c) A_c^T) B_c^T`` (``[..., N]`` in ``out_dtype``) for x ``[..., K]``, A ``[r, K]``, B ``[N, r]``:
     x, A and B cast to ``dtype`` (``_c``), D the LoRA dropout of probability ``dropout`` (kept elements
     scaled by ``1/(1-p)``) from the Philox stream of ``seed`` (an int64 scalar tensor on x's device).
-    Eager calls take :class:`LoRADeltaFunction`; ``torch.compile`` traces and ``torch.func`` transforms
-    (and :func:`ftkernels.plain_ops`) get the same math in plain ops (the dropout as the
+    With ``with_u``, also ``u = D(x_c) A_c^T`` (``[M, r]``, rows of x flattened; no gradient flows through
+    it). Eager calls take :class:`LoRADeltaFunction`; ``torch.compile`` traces and ``torch.func``
+    transforms (and :func:`ftkernels.plain_ops`) get the same math in plain ops (the dropout as the
     ``ftkernels::lora_dropout`` custom op)."""
     if torch.compiler.is_compiling() or torch_func.active():
         xd = torch_func.dropped(_as(x, dtype), dropout, seed)
-        return _as((xd @ _as(lora_a, dtype).t()) @ _as(lora_b, dtype).t() * scaling, out_dtype)
-    return LoRADeltaFunction.apply(x, lora_a, lora_b, scaling, dropout, seed, dtype, out_dtype)
+        u = xd.reshape(-1, x.shape[-1]) @ _as(lora_a, dtype).t()
+        out = _as((u @ _as(lora_b, dtype).t() * scaling).view(*x.shape[:-1], lora_b.shape[0]), out_dtype)
+    else:
+        out, u = LoRADeltaFunction.apply(x, lora_a, lora_b, scaling, dropout, seed, dtype, out_dtype)
+    return (out, u) if with_u else out
+
+
+class _QDoraCombine(torch.autograd.Function):
+    """QDoRA's output ``y + (mns - 1) t + mns d`` (fp32 math, y's dtype out) with ``d = s u B_c^T`` (the
+    delta node's output). Saves t, u and mns (and B): the magnitude's gradient needs ``sum_rows(g (t +
+    d))``, and its ``d`` part is ``s * rowsum(B_c * (g^T u))``, so d itself (``[M, N]`` fp32) is not kept."""
+
+    @staticmethod
+    def forward(ctx, y, t, d, u, lora_b, mns, scaling):
+        acc = mns.dtype
+        out = (y.to(acc) + (mns - 1) * t.to(acc) + mns * d.to(acc)).to(y.dtype)
+        ctx.save_for_backward(t, u, lora_b, mns)
+        ctx.scaling, ctx.dtypes = scaling, (y.dtype, t.dtype, d.dtype)
+        return out
+
+    @staticmethod
+    @first_order
+    def backward(ctx, g):
+        t, u, lora_b, mns = ctx.saved_tensors
+        acc = mns.dtype
+        g32 = g.to(acc)
+        grad_y = g.to(ctx.dtypes[0])
+        grad_t = ((mns - 1) * g32).to(ctx.dtypes[1])
+        grad_d = (mns * g32).to(ctx.dtypes[2])
+        g2 = g32.reshape(-1, g.shape[-1])
+        gu = _as(g2, u.dtype).t() @ u  # [N, r]
+        grad_m = (g2 * t.reshape(-1, g.shape[-1]).to(acc)).sum(0) + ctx.scaling * (_as(lora_b, u.dtype) * gu).sum(1).to(
+            acc
+        )
+        return grad_y, grad_t, grad_d, None, None, grad_m, None
+
+
+def qdora_combine(y: Tensor, t: Tensor, d: Tensor, u: Tensor, lora_b: Tensor, mns: Tensor, scaling: float) -> Tensor:
+    """``y + (mns - 1) t + mns d`` in fp32, rounded to y's dtype (PEFT's QDoRA output, mns ``[N]`` broadcast
+    over rows), through :class:`_QDoraCombine` in eager mode; plain ops when traced or under ``torch.func``."""
+    if torch.compiler.is_compiling() or torch_func.active():
+        acc = mns.dtype
+        return (y.to(acc) + (mns - 1) * t.to(acc) + mns * d.to(acc)).to(y.dtype)
+    return _QDoraCombine.apply(y, t, d, u, lora_b, mns, scaling)
 
 
 class _DequantLinear(torch.autograd.Function):
