@@ -14,9 +14,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import ftkernels as ftk
+from ftkernels.nn.dora import dora_combine
 from ftkernels.nn.lora_quant import LoRAQuantLinear, quant_kind
 from ftkernels.nn.reference import lora_keep_mask
-from ftkernels.ops.lora_quant import lora_delta, qdora_combine
+from ftkernels.ops.lora_quant import lora_delta
 from ftkernels.peft_compat import lora_modules
 
 BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -111,14 +112,14 @@ def test_delta_in_fp32_from_low_precision_inputs(xdtype, p, device):
         assert (got.cpu().double() - ref).abs().max() <= tol * ref.abs().max()
 
 
-def test_qdora_combine_gradcheck():
-    """QDoRA's sum ``y + (mns - 1) t + mns d`` with ``d = s u B^T``: the magnitude's gradient takes d's part
+def test_dora_combine_gradcheck():
+    """(Q)DoRA's sum ``y + (mns - 1) t + mns d`` with ``d = s u B^T``: the magnitude's gradient takes d's part
     from u and B (d is not kept), float64 gradcheck in y, t, d and mns."""
     u, b = torch.randn(6, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     d = (0.7 * u @ b.t()).view(2, 3, 5).requires_grad_(True)
     y, t = (torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
     mns = (1 + 0.1 * torch.randn(5, dtype=torch.float64)).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda y, t, d, m: qdora_combine(y, t, d, u, b, m, 0.7), (y, t, d, mns))
+    assert torch.autograd.gradcheck(lambda y, t, d, m: dora_combine(y, t, d, u, b, m, 0.7), (y, t, d, mns))
 
 
 def test_delta_keeps_no_copy_of_x():

@@ -8,7 +8,9 @@ is treated as a constant (no gradient flows through it), so with ``mns = m / ||W
 - no dropout (or eval): ``y = mns * (x W^T + s x A^T B^T) + b``: the fused LoRA op (bias-free)
   followed by one per-column scale;
 - dropout p in training, PEFT's form: ``y = x W^T + b + (mns - 1) * (D(x) W^T) + mns * s D(x) A^T B^T``
-  (the magnitude acts on the dropped input's base term), a plain composition (one more GEMM, as PEFT).
+  (the magnitude acts on the dropped input's base term; one more GEMM, as PEFT): the low-rank path is
+  the delta node, which keeps x (or its rebuild) rather than D(x), and the sum one node keeping
+  ``D(x) W^T`` but not the delta (Linear; convs compose plain ops).
 
 The scale is applied in fp32 and rounded once to the output dtype (mns - 1 is ~1e-3, below bf16's
 resolution near 1), as PEFT's fp32 magnitude does.
@@ -21,9 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import torch_func
-from ..ops._autograd import batched
+from ..ops._autograd import batched, first_order
 from ..ops.lora_dropout import lora_dropout
 from ..ops.lora_linear import _as
+from ..ops.lora_quant import lora_delta
 
 
 @torch.no_grad()
@@ -95,19 +98,62 @@ def dora_apply_scale(z: Tensor, mns: Tensor, bias: Tensor | None) -> Tensor:
 
 def dora_linear(lora_fn, x: Tensor, weight: Tensor, bias, lora_a, lora_b, magnitude, scaling: float, p, seed_fn):
     """DoRA's forward (module docstring). ``lora_fn(x, W, bias, A, B, s, p)``: the fused LoRA op;
-    ``seed_fn()``: the dropout seed of this call (drawn only when p > 0). x ``[..., in]`` -> ``[..., out]``."""
+    ``seed_fn()``: the dropout seed of this call (drawn only when p > 0). x ``[..., in]`` -> ``[..., out]``.
+    With dropout, the low-rank path is the delta node (:func:`ftkernels.ops.lora_quant.lora_delta`: x or
+    its rebuild kept, not D(x)) and the sum one node (:func:`dora_combine`: t kept, not the delta)."""
     mns = dora_scale(magnitude, weight, lora_a, lora_b, scaling)
     if p == 0:
         z = lora_fn(x, weight, None, lora_a, lora_b, scaling, 0.0)
         return dora_apply_scale(z, mns, bias)
-    # Adapters in the compute dtype (autocast casts inside F.linear anyway; otherwise x's dtype, which
-    # the base weight must match: checked by the layer).
-    autocast = torch.is_autocast_enabled(x.device.type)
-    a, b = (lora_a, lora_b) if autocast else (_as(lora_a, x.dtype), _as(lora_b, x.dtype))
-    xd = torch_func.dropped(x, p, seed_fn()) if torch_func.active() else lora_dropout(x, p, seed_fn())
-    return dora_dropout_form(
-        F.linear(x, weight, bias), F.linear(xd, weight), F.linear(F.linear(xd, a), b), mns, scaling
-    )
+    # The compute dtype: autocast's, else x's (which the base weight must match: checked by the layer).
+    dev = x.device.type
+    autocast = torch.is_autocast_enabled(dev) and x.dtype != torch.float64
+    dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
+    seed = seed_fn()
+    d, u = lora_delta(x, lora_a, lora_b, scaling, p, seed, dtype, dtype, with_u=True)
+    xd = torch_func.dropped(x, p, seed) if torch_func.active() else lora_dropout(x, p, seed)
+    return dora_combine(F.linear(x, weight, bias), F.linear(xd, weight), d, u, lora_b, mns, scaling)
+
+
+class _DoraCombine(torch.autograd.Function):
+    """DoRA's output in PEFT's dropout form (and QDoRA's), ``y + (mns - 1) t + mns d`` (fp32 math, y's dtype
+    out) with ``d = s u B_c^T`` (:func:`ftkernels.ops.lora_quant.lora_delta`'s output and its u). Saves t,
+    u and mns (and B): the magnitude's gradient needs ``sum_rows(g (t + d))``, and its d part is
+    ``s * rowsum(B_c * (g^T u))``, so d itself (``[M, N]``, fp32 in the composition) is not kept."""
+
+    @staticmethod
+    def forward(ctx, y, t, d, u, lora_b, mns, scaling):
+        acc = mns.dtype
+        out = (y.to(acc) + (mns - 1) * t.to(acc) + mns * d.to(acc)).to(y.dtype)
+        ctx.save_for_backward(t, u, lora_b, mns)
+        ctx.scaling, ctx.dtypes = scaling, (y.dtype, t.dtype, d.dtype)
+        return out
+
+    @staticmethod
+    @first_order
+    def backward(ctx, g):
+        t, u, lora_b, mns = ctx.saved_tensors
+        acc = mns.dtype
+        g32 = g.to(acc)
+        grad_y = g.to(ctx.dtypes[0])
+        grad_t = ((mns - 1) * g32).to(ctx.dtypes[1])
+        grad_d = (mns * g32).to(ctx.dtypes[2])
+        g2 = g32.reshape(-1, g.shape[-1])
+        gu = _as(g2, u.dtype).t() @ u  # [N, r]
+        grad_m = (g2 * t.reshape(-1, g.shape[-1]).to(acc)).sum(0) + ctx.scaling * (_as(lora_b, u.dtype) * gu).sum(1).to(
+            acc
+        )
+        return grad_y, grad_t, grad_d, None, None, grad_m, None
+
+
+def dora_combine(y: Tensor, t: Tensor, d: Tensor, u: Tensor, lora_b: Tensor, mns: Tensor, scaling: float) -> Tensor:
+    """``y + (mns - 1) t + mns d`` in fp32, rounded to y's dtype (y, t, d ``[..., N]``, mns ``[N]`` broadcast over
+    rows, ``d = s u B^T``), through :class:`_DoraCombine` in eager mode; plain ops when traced or under
+    ``torch.func``."""
+    if torch.compiler.is_compiling() or torch_func.active():
+        acc = mns.dtype
+        return (y.to(acc) + (mns - 1) * t.to(acc) + mns * d.to(acc)).to(y.dtype)
+    return _DoraCombine.apply(y, t, d, u, lora_b, mns, scaling)
 
 
 def dora_dropout_form(base: Tensor, t: Tensor, lora: Tensor, mns: Tensor, scaling: float) -> Tensor:

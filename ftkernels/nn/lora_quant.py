@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from ..integrations import opacus as _dp
 from ..ops import torch_func
 from ..ops.lora_dropout import lora_dropout
-from ..ops.lora_quant import dequant_linear, lora_delta, qdora_combine
+from ..ops.lora_quant import dequant_linear, lora_delta
 from ._lora_common import adopt_base, lora_scaling, peft_adapter
-from .dora import dora_scale
+from .dora import dora_combine, dora_scale
 from .lora_linear import LoRALinear, _autocast_dtype, _check_x, call_seed
 
 _KINDS = {"Params4bit": "4bit", "Int8Params": "8bit"}
@@ -121,7 +121,7 @@ class LoRAQuantLinear(LoRALinear):
         the norm a constant), ``y + (mns - 1) t + mns s D(x) A^T B^T`` in fp32, rounded to y's dtype, where
         ``t = y - b`` without dropout and ``t = D(x) W^T`` with it (W dequantized again in backward, not
         kept: PEFT keeps a float copy of every such weight until backward). The sum is one node keeping t
-        and the delta node's u, not the delta (:func:`ftkernels.ops.lora_quant.qdora_combine`)."""
+        and the delta node's u, not the delta (:func:`ftkernels.nn.dora.dora_combine`)."""
         mns = dora_scale(self._parameters["lora_magnitude"], self._dequantized(), a, b, self.scaling)
         seed = call_seed(p, x.device)
         delta, u = lora_delta(x, a, b, self.scaling, p, seed, dtype, dtype, with_u=True)
@@ -133,7 +133,7 @@ class LoRAQuantLinear(LoRALinear):
             t = dequant_linear(
                 self, torch_func.dropped(xc, p, seed) if torch_func.active() else lora_dropout(xc, p, seed)
             )
-        return qdora_combine(y, t, delta, u, b, mns, self.scaling)
+        return dora_combine(y, t, delta, u, b, mns, self.scaling)
 
     # Merging: dequantize, add, quantize again (PEFT's rule for bitsandbytes layers).
 

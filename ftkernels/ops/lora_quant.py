@@ -95,45 +95,6 @@ def lora_delta(
     return (out, u) if with_u else out
 
 
-class _QDoraCombine(torch.autograd.Function):
-    """QDoRA's output ``y + (mns - 1) t + mns d`` (fp32 math, y's dtype out) with ``d = s u B_c^T`` (the
-    delta node's output). Saves t, u and mns (and B): the magnitude's gradient needs ``sum_rows(g (t +
-    d))``, and its ``d`` part is ``s * rowsum(B_c * (g^T u))``, so d itself (``[M, N]`` fp32) is not kept."""
-
-    @staticmethod
-    def forward(ctx, y, t, d, u, lora_b, mns, scaling):
-        acc = mns.dtype
-        out = (y.to(acc) + (mns - 1) * t.to(acc) + mns * d.to(acc)).to(y.dtype)
-        ctx.save_for_backward(t, u, lora_b, mns)
-        ctx.scaling, ctx.dtypes = scaling, (y.dtype, t.dtype, d.dtype)
-        return out
-
-    @staticmethod
-    @first_order
-    def backward(ctx, g):
-        t, u, lora_b, mns = ctx.saved_tensors
-        acc = mns.dtype
-        g32 = g.to(acc)
-        grad_y = g.to(ctx.dtypes[0])
-        grad_t = ((mns - 1) * g32).to(ctx.dtypes[1])
-        grad_d = (mns * g32).to(ctx.dtypes[2])
-        g2 = g32.reshape(-1, g.shape[-1])
-        gu = _as(g2, u.dtype).t() @ u  # [N, r]
-        grad_m = (g2 * t.reshape(-1, g.shape[-1]).to(acc)).sum(0) + ctx.scaling * (_as(lora_b, u.dtype) * gu).sum(1).to(
-            acc
-        )
-        return grad_y, grad_t, grad_d, None, None, grad_m, None
-
-
-def qdora_combine(y: Tensor, t: Tensor, d: Tensor, u: Tensor, lora_b: Tensor, mns: Tensor, scaling: float) -> Tensor:
-    """``y + (mns - 1) t + mns d`` in fp32, rounded to y's dtype (PEFT's QDoRA output, mns ``[N]`` broadcast
-    over rows), through :class:`_QDoraCombine` in eager mode; plain ops when traced or under ``torch.func``."""
-    if torch.compiler.is_compiling() or torch_func.active():
-        acc = mns.dtype
-        return (y.to(acc) + (mns - 1) * t.to(acc) + mns * d.to(acc)).to(y.dtype)
-    return _QDoraCombine.apply(y, t, d, u, lora_b, mns, scaling)
-
-
 class _DequantLinear(torch.autograd.Function):
     """``x W^T`` with W a quantized layer's weight dequantized in forward and again in backward (W is
     frozen: only grad_x = g W is needed), so no float copy of W lives until backward."""
