@@ -540,3 +540,64 @@ def test_compiled_layer_equals_eager():
         strict=True,
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+class _Doubled(nn.Linear):
+    """A Linear whose own forward is not ``x W^T + b`` (the fused kernels would skip it)."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_a_linear_with_its_own_forward_runs_itself_as_in_peft(tmp_path):
+    """apply_lora over an nn.Linear subclass computing something else: the base runs itself (kind "custom"),
+    as PEFT's lora.Linear calls it; equal to PEFT with dropout, adapter files both ways; merge writes the
+    float weight (with a warning); a tuple-returning Linear (a router) is still refused."""
+    from helpers.lora import compare_with_peft, files_both_ways, fix_dropout, peft_random
+
+    torch.manual_seed(0)
+    base = nn.Sequential(_Doubled(16, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+    peft = peft_random(base, ["0"], r=3, alpha=6, p=0.25)
+    ours = ftk.from_peft(copy.deepcopy(peft))
+    assert isinstance(ours[0], LoRAQuantLinear) and ours[0].kind == "custom"
+    x = torch.randn(5, 16, dtype=torch.float64)
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 2**62, ()))
+    fix_dropout(peft, seed, 0.25)
+    torch.manual_seed(3)
+    compare_with_peft(ours, peft, x)
+    fresh = ftk.apply_lora(copy.deepcopy(base), ["0"], r=3, alpha=6)
+    assert fresh[0].kind == "custom" and fresh[0].lora_A.dtype == torch.float64
+    mine = files_both_ways(base, peft_random(base, ["0"], r=3, alpha=6), x, tmp_path)
+    with pytest.warns(UserWarning, match="linear in the weight"):
+        mine[0].merge()
+    torch.testing.assert_close(mine[0](x), mine[0].base(x))
+
+    class Router(nn.Linear):
+        def forward(self, x):
+            return super().forward(x).softmax(-1).topk(2)
+
+    with pytest.raises(TypeError, match="Router overrides Linear.forward"):
+        ftk.apply_lora(nn.Sequential(Router(8, 4)), ["0"], r=2)
+
+
+def test_torchao_qat_linear_matches_peft():
+    """torchao's QAT FakeQuantizedLinear (fake-quantized weight and activations in its forward): PEFT's
+    lora.Linear over it, which the fused kernels could not reproduce."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    wt = IntxFakeQuantizeConfig(torch.int4, group_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(base, QATConfig(weight_config=wt, step="prepare"))
+        peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
+    ours = ftk.from_peft(copy.deepcopy(peft))
+    assert {m.kind for m in lora_modules(ours).values()} == {"custom"}
+    x = torch.randn(6, 64)
+    torch.testing.assert_close(ours(x), peft(x))
+    mine = ftk.apply_lora(copy.deepcopy(base), ["0", "2"], r=4)
+    assert all(isinstance(m, LoRAQuantLinear) for m in lora_modules(mine).values())

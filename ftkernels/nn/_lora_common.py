@@ -117,10 +117,15 @@ def check_plain_base(
 
             dynamic = tf_same and conv and not any(base.padding) and all(_same_output(base, t, padded) for t in probes)
             if not dynamic:
+                way = (
+                    "ftk.nn.LoRAQuantLinear (what apply_lora picks for such a Linear) runs the base's own forward"
+                    if plain is nn.Linear
+                    else "weight-standardized or quantized convs need PEFT's LoRA layer"
+                )
                 raise TypeError(
                     f"{name}: {what} and computes something else than it (checked on a random input); the"
                     " replacing layer computes the plain output from the weight itself, so the model would"
-                    " change. Quantized or weight-standardized layers need PEFT's LoRA layer"
+                    f" change. {way}"
                 )
     if _foreign_hooks(base):
         warnings.warn(

@@ -1,5 +1,6 @@
 """``LoRAQuantLinear``: LoRA over a quantized Linear (QLoRA): bitsandbytes' ``Linear4bit`` (NF4 / FP4)
-and ``Linear8bitLt``, and an ``nn.Linear`` holding a torchao quantized weight (``quantize_``).
+and ``Linear8bitLt``, an ``nn.Linear`` holding a torchao quantized weight (``quantize_``), and an
+``nn.Linear`` subclass computing its own output (torchao's QAT ``FakeQuantizedLinear``).
 
 The fused layers compute a base's output from its weight; a quantized weight is only readable by its
 own kernels, so here the base layer runs itself and the adapter's path is one fused node
@@ -21,7 +22,15 @@ from ..integrations import opacus as _dp
 from ..ops import torch_func
 from ..ops.lora_dropout import lora_dropout
 from ..ops.lora_quant import dequant_linear, lora_delta
-from ._lora_common import adopt_base, lora_scaling, peft_adapter
+from ._lora_common import (
+    _plain_output,
+    _probe_input,
+    _same_output,
+    adapter_dtype,
+    adopt_base,
+    lora_scaling,
+    peft_adapter,
+)
 from .dora import dora_combine, dora_scale
 from .lora_linear import LoRALinear, _autocast_dtype, _check_x, call_seed
 
@@ -30,8 +39,10 @@ _KINDS = {"Params4bit": "4bit", "Int8Params": "8bit"}
 
 def quant_kind(module: nn.Module) -> str | None:
     """``"4bit"`` / ``"8bit"`` for a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, ``"torchao"`` for an
-    ``nn.Linear`` whose weight is a torchao quantized tensor (a ``TorchAOBaseTensor``), else None. Told
-    by the layer's package and its weight's type, so neither library is imported."""
+    ``nn.Linear`` whose weight is a torchao quantized tensor (a ``TorchAOBaseTensor``), ``"custom"`` for an
+    ``nn.Linear`` subclass with a float weight whose own forward computes something else than ``x W^T +
+    b`` of the same shape (torchao's QAT ``FakeQuantizedLinear``: checked on a random input), else None.
+    Libraries are told by package and type names, so neither is imported."""
     if not isinstance(module, nn.Linear):
         return None
     w = type(module.weight)
@@ -39,13 +50,30 @@ def quant_kind(module: nn.Module) -> str | None:
         return _KINDS.get(w.__name__)
     if any(c.__name__ == "TorchAOBaseTensor" and c.__module__.startswith("torchao") for c in w.__mro__):
         return "torchao"
-    return None
+    return "custom" if _own_forward(module) else None
+
+
+def _own_forward(module: nn.Linear) -> bool:
+    """Whether ``module`` (an nn.Linear subclass, plain float weight) overrides forward with other math
+    whose output is still a tensor shaped as the Linear's (a router returning a tuple is not: refused)."""
+    w = module.weight
+    if type(module).forward is nn.Linear.forward or w.is_meta or not w.dtype.is_floating_point:
+        return False
+    if type(w) not in (Tensor, nn.Parameter):
+        return False
+    x = _probe_input(module, nn.Linear)
+    with torch.no_grad():
+        got, want = module.forward(x), _plain_output(module, nn.Linear, x)
+    return isinstance(got, Tensor) and got.shape == want.shape and not _same_output(module, x, lambda t: want)
 
 
 class LoRAQuantLinear(LoRALinear):
     """LoRA over a frozen quantized Linear (QLoRA): bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``
     (PEFT's ``lora.bnb.Linear4bit`` / ``Linear8bitLt`` exactly), or an ``nn.Linear`` with a torchao
-    quantized weight (PEFT's ``TorchaoLoraLinear``).
+    quantized weight (PEFT's ``TorchaoLoraLinear``), or an ``nn.Linear`` subclass whose own forward computes
+    something else than ``x W^T + b`` (kind ``"custom"``: torchao's QAT ``FakeQuantizedLinear``; PEFT's
+    ``lora.Linear`` calls such a base, so its outputs are kept; merge writes into its float weight, with
+    a warning).
 
     ``y = base(x) + s * (D(x_c) A_c^T) B_c^T``: the base layer computes its own (dequantizing) output;
     ``_c`` is the compute dtype of the adapter path, the adapters' dtype (fp32, as PEFT makes them over a
@@ -68,11 +96,13 @@ class LoRAQuantLinear(LoRALinear):
         self._check_base(base)
         scaling = lora_scaling(type(self).__name__, r, alpha, dropout, rslora)
         adopt_base(self, base)
-        self.kind = quant_kind(base)  # "4bit" / "8bit" (bitsandbytes) or "torchao"
+        self.kind = quant_kind(base)  # "4bit" / "8bit" (bitsandbytes), "torchao" or "custom"
         self.r, self.alpha, self.dropout, self.rslora, self.scaling = int(r), alpha, float(dropout), rslora, scaling
         dev = base.weight.device
         # PEFT's adapters over a non-floating weight keep the default dtype, upcast to fp32 from fp16/bf16
         dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        if self.kind == "custom":  # (a float weight: PEFT's rule for it)
+            dtype = adapter_dtype(base.weight)
         self.lora_A = nn.Parameter(torch.empty(self.r, base.in_features, device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, self.r, device=dev, dtype=dtype))
         if dora:  # QDoRA: the magnitude [out], set by reset_parameters to the dequantized weight's row norms
@@ -85,8 +115,9 @@ class LoRAQuantLinear(LoRALinear):
         if quant_kind(base) is None:
             w = getattr(base, "weight", None)
             raise TypeError(
-                f"LoRAQuantLinear wraps a bitsandbytes Linear4bit / Linear8bitLt or an nn.Linear with a torchao"
-                f" weight, got {type(base).__name__} with a {type(w).__name__} weight"
+                f"LoRAQuantLinear wraps a bitsandbytes Linear4bit / Linear8bitLt, an nn.Linear with a torchao weight"
+                f" or an nn.Linear subclass computing its own output, got {type(base).__name__} with a"
+                f" {type(w).__name__} weight"
             )
 
     def linear_weight(self) -> Tensor:
@@ -112,7 +143,7 @@ class LoRAQuantLinear(LoRALinear):
         dtype = _autocast_dtype(x) or a.dtype
         if self.dora:
             return self._dora_forward(x, y, a, b, p, dtype)
-        if self.kind == "torchao":  # PEFT's lora.Linear rule (its torchao layer): one rounding, of the sum
+        if self.kind in ("torchao", "custom"):  # PEFT's lora.Linear rule: one rounding, of the sum
             return (y + lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, dtype)).to(y.dtype)
         return y + lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, y.dtype)
 
@@ -139,7 +170,7 @@ class LoRAQuantLinear(LoRALinear):
 
     def _quantized(self) -> bool:
         w, kind = self.base.weight, self.kind
-        if kind == "torchao":
+        if kind in ("torchao", "custom"):
             return True
         return getattr(w, "quant_state", None) is not None if kind == "4bit" else w.dtype == torch.int8
 
@@ -154,6 +185,8 @@ class LoRAQuantLinear(LoRALinear):
         return None
 
     def _dequantized(self) -> Tensor:
+        if self.kind == "custom":
+            return self.base.weight.detach()
         if self.kind == "torchao":
             return self.base.weight.dequantize()
         import bitsandbytes as bnb
@@ -172,6 +205,14 @@ class LoRAQuantLinear(LoRALinear):
 
     @torch.no_grad()
     def _write_merge_target(self, new: Tensor) -> None:
+        if self.kind == "custom":  # a float weight, written in place (PEFT's merge of its lora.Linear)
+            warnings.warn(
+                f"{type(self).__name__}: the merged weight goes into {type(self.base).__name__}, whose own forward"
+                " then runs on it: the same outputs only where that forward is linear in the weight",
+                stacklevel=4,
+            )
+            self.base.weight.copy_(new)
+            return
         import bitsandbytes as bnb
 
         warnings.warn(
