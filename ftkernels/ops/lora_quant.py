@@ -10,7 +10,8 @@ x that PEFT's ``lora_A`` keeps for backward (``M x K`` fp32 for fp32 adapters: t
 one per layer even where q/k/v read the same x) is never stored; backward regenerates the mask.
 
 Backward, with ``v = s g B``: ``grad_B = s g^T u``, ``grad_A = v^T D(x_c)``, ``grad_x = D(v A)`` (the
-adapter's share; autograd adds the base layer's).
+adapter's share; autograd adds the base layer's). DoRA with dropout takes the same node for its
+low-rank path (:func:`ftkernels.nn.dora.dora_linear`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,7 @@ from torch import Tensor
 from . import torch_func
 from ._autograd import first_order, unviewed
 from .lora_dropout import lora_dropout_nograd
-from .lora_linear import save_x, saved_with_x
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
+from .lora_linear import _as, save_x, saved_with_x
 
 
 class LoRADeltaFunction(torch.autograd.Function):
