@@ -283,7 +283,8 @@ def apply_lora(
     a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
     layer, ``modules_to_save`` and nn.MultiheadAttention's ``out_proj``, which its parent never calls)
     for its fused LoRA layer, in place: ``nn.Linear`` ->
-    :class:`LoRALinear`, ``nn.Conv2d`` -> :class:`LoRAConv2d` (``nn.Conv1d`` / ``nn.Conv3d`` ->
+    :class:`LoRALinear` (a bitsandbytes / torchao quantized Linear, or one computing its own output ->
+    :class:`LoRAQuantLinear`, QLoRA), ``nn.Conv2d`` -> :class:`LoRAConv2d` (``nn.Conv1d`` / ``nn.Conv3d`` ->
     :class:`LoRAConv1d` / :class:`LoRAConv3d`), HF ``Conv1D`` -> :class:`LoRAConv1D`,
     ``nn.Embedding`` -> :class:`LoRAEmbedding`, ``nn.MultiheadAttention`` -> :class:`LoRAMultiheadAttention`
     (its packed q/k/v projection and its out_proj, as PEFT's ``lora.MultiheadAttention``).
@@ -508,8 +509,9 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     the model unchanged, where PEFT's outputs could not be kept: adapters disabled, several active at
     once, another adapter merged into a base. PEFT's
     ``lora.MultiheadAttention`` becomes :class:`LoRAMultiheadAttention` (its nested out_proj adapter
-    included; a merged one raises). LoRA on other layer types (quantized layers) raises before
-    anything changes."""
+    included; a merged one raises). PEFT's layers over bitsandbytes / torchao bases (and over a Linear
+    computing its own output) become :class:`LoRAQuantLinear`. LoRA on other layer types raises
+    before anything changes."""
     from peft.tuners.lora import Conv2d as PeftConv2d
     from peft.tuners.lora import Embedding as PeftEmbedding
     from peft.tuners.lora import LoraLayer

@@ -90,7 +90,8 @@ def check_plain_base(
     overrides ``methods`` is run once on a small random input against the plain layer's math: the same
     output (Falcon's ``FalconLinear``, which only reorders ``x W^T + b``) is accepted; another one
     (timm's ``StdConv2d`` standardizes its weight, bitsandbytes' layers dequantize) is refused, as it
-    would silently change the model. With ``tf_same``, an unpadded conv whose forward is the conv of
+    would silently change the model (``apply_lora`` gives such a Linear :class:`ftkernels.nn.LoRAQuantLinear`,
+    which runs it). With ``tf_same``, an unpadded conv whose forward is the conv of
     :func:`tf_same_pad` (timm's ``Conv2dSame``; checked on inputs of both parities) is accepted, and
     True returned: the caller pads that way. Forward hooks on the base would not run: a warning
     says so."""
@@ -99,7 +100,8 @@ def check_plain_base(
     if not plain_tensor or not w.dtype.is_floating_point:
         raise TypeError(
             f"{name}: the base weight is a {type(w).__name__} of {w.dtype}; the fused kernels need a plain"
-            " floating-point tensor (quantized weights need PEFT's LoRA layer)"
+            " floating-point tensor (ftk.nn.LoRAQuantLinear, which apply_lora picks, runs bitsandbytes and"
+            " torchao Linears themselves; other quantized weights need PEFT's LoRA layer)"
         )
     own = [m for m in methods if getattr(type(base), m) is not getattr(plain, m)]
     dynamic = False
