@@ -220,7 +220,7 @@ def _conv_layer_for(module: nn.Module) -> type | None:
 
 
 def _new_layer(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool) -> nn.Module:
-    if quant_kind(module) is not None:  # bitsandbytes (QLoRA): the base runs itself
+    if quant_kind(module) is not None:  # quantized, or its own forward (QLoRA): the base runs itself
         return LoRAQuantLinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if isinstance(module, nn.Linear):
         return LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
@@ -393,7 +393,7 @@ def apply_lora(
 
 
 def _quantized_training(model: nn.Module) -> None:
-    """A quantized Hugging Face model that now holds LoRA over its bitsandbytes layers: let Trainer take
+    """A quantized Hugging Face model that now holds LoRA over its quantized layers: let Trainer take
     it (:func:`ftkernels.integrations.hf.allow_quantized_training`; its check knows PEFT's adapters only)."""
     if getattr(model, "is_quantized", False) and any(isinstance(m, LoRAQuantLinear) for m in model.modules()):
         from .integrations.hf import allow_quantized_training

@@ -73,7 +73,12 @@ def _probe_input(base: nn.Module, plain: type, extra: int = 0) -> Tensor:
 def _same_output(base: nn.Module, x: Tensor, want_fn) -> bool:
     with torch.no_grad():
         got, want = base.forward(x), want_fn(x)
-    tol = 1e-4 if x.dtype in (torch.float32, torch.float64) else 2e-2
+    return outputs_match(got, want)
+
+
+def outputs_match(got, want: Tensor) -> bool:
+    """Whether a probe's output ``got`` is ``want`` to rounding (want's dtype sets the tolerance)."""
+    tol = 1e-4 if want.dtype in (torch.float32, torch.float64) else 2e-2
     if not isinstance(got, Tensor):  # (a router returning (weights, indices), as PhiMoE's)
         return False
     return got.shape == want.shape and bool(

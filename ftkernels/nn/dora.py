@@ -123,8 +123,7 @@ class _DoraCombine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, t, d, u, lora_b, mns, scaling):
-        acc = mns.dtype
-        out = (y.to(acc) + (mns - 1) * t.to(acc) + mns * d.to(acc)).to(y.dtype)
+        out = _dora_sum(y, t, d, mns)
         ctx.save_for_backward(t, u, lora_b, mns)
         ctx.scaling, ctx.dtypes = scaling, (y.dtype, t.dtype, d.dtype)
         return out
@@ -151,9 +150,14 @@ def dora_combine(y: Tensor, t: Tensor, d: Tensor, u: Tensor, lora_b: Tensor, mns
     rows, ``d = s u B^T``), through :class:`_DoraCombine` in eager mode; plain ops when traced or under
     ``torch.func``."""
     if torch.compiler.is_compiling() or torch_func.active():
-        acc = mns.dtype
-        return (y.to(acc) + (mns - 1) * t.to(acc) + mns * d.to(acc)).to(y.dtype)
+        return _dora_sum(y, t, d, mns)
     return _DoraCombine.apply(y, t, d, u, lora_b, mns, scaling)
+
+
+def _dora_sum(y: Tensor, t: Tensor, d: Tensor, mns: Tensor) -> Tensor:
+    """``y + (mns - 1) t + mns d`` in mns's dtype (fp32), rounded to y's."""
+    acc = mns.dtype
+    return (y.to(acc) + (mns - 1) * t.to(acc) + mns * d.to(acc)).to(y.dtype)
 
 
 def dora_dropout_form(base: Tensor, t: Tensor, lora: Tensor, mns: Tensor, scaling: float) -> Tensor:

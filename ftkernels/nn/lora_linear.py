@@ -153,21 +153,34 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
     ):
         super().__init__()
         self._check_base(base)
-        out_f, in_f = self._linear_weight_of(base).shape
+        out_f, in_f = self._shape_of(base)
         scaling = lora_scaling(type(self).__name__, r, alpha, dropout, rslora)
-        adopt_base(self, base)
+        self._adopt(base)
         self.r, self.alpha, self.dropout, self.rslora = int(r), alpha, float(dropout), rslora
         self.scaling = scaling
-        w = base.weight
-        dtype = adapter_dtype(w)
-        self.lora_A = nn.Parameter(torch.empty(self.r, in_f, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_f, self.r, device=w.device, dtype=dtype))
+        dev, dtype = base.weight.device, self._adapter_dtype(base)
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_f, device=dev, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_f, self.r, device=dev, dtype=dtype))
         if dora:  # the trained magnitude m [out] (PEFT's lora_magnitude_vector); set by reset_parameters
-            self.lora_magnitude = nn.Parameter(torch.empty(out_f, device=w.device, dtype=dtype))
+            self.lora_magnitude = nn.Parameter(torch.empty(out_f, device=dev, dtype=dtype))
         self.merged = False
         self.reset_parameters()
 
-    # Subclasses wrap other layouts of the same map (HF Conv1D stores the weight as [in, out]).
+    # Subclasses wrap other layouts of the same map (HF Conv1D stores the weight as [in, out]) or run
+    # the base themselves (LoRAQuantLinear): these hooks say where they differ.
+    @classmethod
+    def _shape_of(cls, base) -> tuple[int, int]:
+        """``(out_features, in_features)`` of the map ``base`` computes."""
+        return tuple(cls._linear_weight_of(base).shape)
+
+    def _adopt(self, base) -> None:
+        """Take ``base`` as this layer's frozen base (:func:`adopt_base`)."""
+        adopt_base(self, base)
+
+    def _adapter_dtype(self, base) -> torch.dtype:
+        """The dtype of new adapters (and a DoRA magnitude) over ``base`` (after :meth:`_adopt`)."""
+        return adapter_dtype(base.weight)
+
     @staticmethod
     def _check_base(base) -> None:
         if not isinstance(base, nn.Linear):
@@ -227,24 +240,23 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         """A fused layer over a PEFT ``lora.Linear``'s base layer (shared, not copied) with a copy of
         the adapter's A and B, its r, alpha, scaling (rslora included) and dropout p: a
         ``LoRALinear`` for an ``nn.Linear`` base, a :class:`LoRAConv1D` for a Hugging Face
-        ``Conv1D`` base (PEFT's ``fan_in_fan_out``), a :class:`LoRAQuantLinear` for a bitsandbytes
-        base (QLoRA). A DoRA adapter brings its magnitude; LoRA bias raises."""
-        if cls is LoRALinear:
-            from .lora_quant import LoRAQuantLinear, quant_kind
-
-            if quant_kind(layer.get_base_layer()) is not None:  # PEFT's lora.bnb layers (QLoRA)
-                return LoRAQuantLinear.from_peft_layer(layer, adapter_name)
+        ``Conv1D`` base (PEFT's ``fan_in_fan_out``), a :class:`LoRAQuantLinear` for a bitsandbytes /
+        torchao base or one computing its own output (QLoRA). A DoRA adapter brings its magnitude; LoRA
+        bias raises."""
         ad = peft_adapter(layer, adapter_name)
         base = ad.base
-        if cls is LoRALinear and not isinstance(base, nn.Linear):
+        if cls is LoRALinear:
             from .lora_conv1d import LoRAConv1D, is_hf_conv1d
+            from .lora_quant import LoRAQuantLinear, quant_kind
 
-            if is_hf_conv1d(base):
+            if quant_kind(base) is not None:  # PEFT's lora.bnb / torchao layers (QLoRA)
+                cls = LoRAQuantLinear
+            elif not isinstance(base, nn.Linear) and is_hf_conv1d(base):
                 cls = LoRAConv1D
         cls._check_base(base)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        adopt_base(new, base)
+        new._adopt(base)
         new.r, new.alpha, new.dropout, new.scaling, new.rslora = ad.r, ad.alpha, ad.dropout, ad.scaling, ad.rslora
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
         new._adopt_peft_dora(ad)

@@ -25,11 +25,9 @@ from ..ops.lora_quant import dequant_linear, lora_delta
 from ._lora_common import (
     _plain_output,
     _probe_input,
-    _same_output,
     adapter_dtype,
     adopt_base,
-    lora_scaling,
-    peft_adapter,
+    outputs_match,
 )
 from .dora import dora_combine, dora_scale
 from .lora_linear import LoRALinear, _autocast_dtype, _check_x, call_seed
@@ -64,7 +62,7 @@ def _own_forward(module: nn.Linear) -> bool:
     x = _probe_input(module, nn.Linear)
     with torch.no_grad():
         got, want = module.forward(x), _plain_output(module, nn.Linear, x)
-    return isinstance(got, Tensor) and got.shape == want.shape and not _same_output(module, x, lambda t: want)
+    return isinstance(got, Tensor) and got.shape == want.shape and not outputs_match(got, want)
 
 
 class LoRAQuantLinear(LoRALinear):
@@ -88,27 +86,19 @@ class LoRAQuantLinear(LoRALinear):
 
     _fused_base = False  # never in a shared-input group: the group's kernels read the base weight
 
-    def __init__(
-        self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
-        dora: bool = False,
-    ):  # fmt: skip
-        nn.Module.__init__(self)
-        self._check_base(base)
-        scaling = lora_scaling(type(self).__name__, r, alpha, dropout, rslora)
+    @classmethod
+    def _shape_of(cls, base) -> tuple[int, int]:
+        return base.out_features, base.in_features  # (a packed quantized weight has another shape)
+
+    def _adopt(self, base) -> None:
         adopt_base(self, base)
         self.kind = quant_kind(base)  # "4bit" / "8bit" (bitsandbytes), "torchao" or "custom"
-        self.r, self.alpha, self.dropout, self.rslora, self.scaling = int(r), alpha, float(dropout), rslora, scaling
-        dev = base.weight.device
-        # PEFT's adapters over a non-floating weight keep the default dtype, upcast to fp32 from fp16/bf16
-        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+    def _adapter_dtype(self, base) -> torch.dtype:
         if self.kind == "custom":  # (a float weight: PEFT's rule for it)
-            dtype = adapter_dtype(base.weight)
-        self.lora_A = nn.Parameter(torch.empty(self.r, base.in_features, device=dev, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, self.r, device=dev, dtype=dtype))
-        if dora:  # QDoRA: the magnitude [out], set by reset_parameters to the dequantized weight's row norms
-            self.lora_magnitude = nn.Parameter(torch.empty(base.out_features, device=dev, dtype=dtype))
-        self.merged = False
-        self.reset_parameters()
+            return adapter_dtype(base.weight)
+        # PEFT's adapters over a quantized weight keep the default dtype, upcast to fp32 from fp16/bf16
+        return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
     @staticmethod
     def _check_base(base) -> None:
@@ -221,7 +211,7 @@ class LoRAQuantLinear(LoRALinear):
             stacklevel=4,
         )
         base, w = self.base, self.base.weight
-        if quant_kind(base) == "4bit":
+        if self.kind == "4bit":
             q = w.quant_state
             new_w = bnb.nn.Params4bit(
                 new.to("cpu"), requires_grad=False, blocksize=q.blocksize, compress_statistics=w.compress_statistics,
@@ -232,22 +222,6 @@ class LoRAQuantLinear(LoRALinear):
             base.state.reset_grads()
             base.state.SCB = base.state.CB = None
         base.weight = new_w.to(w.device)  # (moving it quantizes it)
-
-    @classmethod
-    def from_peft_layer(cls, layer, adapter_name: str | None = None) -> LoRAQuantLinear:
-        """A layer over a PEFT ``lora.bnb.Linear4bit`` / ``Linear8bitLt``'s (or ``TorchaoLoraLinear``'s) base
-        layer (shared) with a copy of the adapter (A, B, r, alpha, scaling, dropout; a DoRA magnitude);
-        LoRA bias raises."""
-        ad = peft_adapter(layer, adapter_name)
-        cls._check_base(ad.base)
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        adopt_base(new, ad.base)
-        new.kind = quant_kind(ad.base)
-        new.r, new.alpha, new.dropout, new.scaling, new.rslora = ad.r, ad.alpha, ad.dropout, ad.scaling, ad.rslora
-        new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
-        new._adopt_peft_dora(ad)
-        return new
 
     def extra_repr(self) -> str:
         return f"{self.kind}, " + super().extra_repr()
