@@ -16,7 +16,7 @@ from torch import nn
 import ftkernels as ftk
 from ftkernels.nn.dora import dora_combine
 from ftkernels.nn.lora_quant import LoRAQuantLinear, quant_kind
-from ftkernels.nn.reference import lora_keep_mask
+from ftkernels.nn.reference import lora_linear_reference
 from ftkernels.ops.lora_quant import lora_delta
 from ftkernels.peft_compat import lora_modules
 
@@ -70,11 +70,10 @@ def seeded(layer, x, seed=7):
 
 
 def delta_reference(x, a, b, s, p, seed):
-    """``s (D(x) A^T) B^T`` in float64, the mask from the NumPy oracle of the Philox stream."""
-    x2 = x.double().reshape(-1, x.shape[-1])
-    if p > 0:
-        x2 = x2 * lora_keep_mask(seed, *x2.shape, p).double() / (1 - p)
-    return (s * (x2 @ a.double().t()) @ b.double().t()).reshape(*x.shape[:-1], b.shape[0])
+    """``s (D(x) A^T) B^T`` in float64: the plain-PyTorch LoRA oracle (its mask from the NumPy Philox
+    stream) over a zero base weight."""
+    w = torch.zeros(b.shape[0], x.shape[-1], dtype=torch.float64)
+    return lora_linear_reference(x.double(), w, None, a.double(), b.double(), s, p, seed)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
