@@ -40,6 +40,7 @@ from .nn.lora_quant import LoRAQuantLinear, quant_kind
 LORA_TYPES = (LoRALinear, LoRAConvNd, LoRAEmbedding, LoRAMultiheadAttention, LoRAParams)  # LoRAConv1D: a LoRALinear
 CONV_LAYERS = (LoRAConv1d, LoRAConv2d, LoRAConv3d)  # each wraps its ``_plain`` torch conv
 _TENSOR_KEYS = ("lora_A.weight", "lora_B.weight")  # PEFT's names of A and B in adapter files
+_LORA_BIAS_KEY = "lora_B.bias"  # PEFT's lora_bias=True
 _EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
 _MHA_OUT_KEYS = ("base_layer.out_proj.lora_A.weight", "base_layer.out_proj.lora_B.weight")  # PEFT nests out_proj
 _PREFIX = "base_model.model."
@@ -64,6 +65,8 @@ def _adapter_entries(name: str, layer: nn.Module) -> dict[str, tuple]:
     entries = {f"{_PREFIX}{name}.{key_a}": (layer, "lora_A"), f"{_PREFIX}{name}.{key_b}": (layer, "lora_B")}
     if getattr(layer, "dora", False):
         entries[f"{_PREFIX}{name}.lora_magnitude_vector"] = (layer, "lora_magnitude")
+    if getattr(layer, "has_lora_bias", False):
+        entries[f"{_PREFIX}{name}.{_LORA_BIAS_KEY}"] = (layer, "lora_bias")
     if isinstance(layer, LoRAMultiheadAttention):
         entries[f"{_PREFIX}{name}.{_MHA_OUT_KEYS[0]}"] = (layer, "out_lora_A")
         entries[f"{_PREFIX}{name}.{_MHA_OUT_KEYS[1]}"] = (layer, "out_lora_B")
@@ -208,10 +211,12 @@ def _read_by_parent(model: nn.Module, name: str) -> bool:
     return isinstance(parent, nn.MultiheadAttention) and child == "out_proj"
 
 
-def _wrap(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False) -> nn.Module:
+def _wrap(
+    module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool = False, lora_bias: bool = False
+) -> nn.Module:
     """The fused LoRA layer for ``module``, in its training mode (a model put in eval before
     ``apply_lora`` stays in eval: no dropout where the model's flag says inference)."""
-    return _new_layer(module, r, alpha, dropout, rslora, dora).train(module.training)
+    return _new_layer(module, r, alpha, dropout, rslora, dora, lora_bias).train(module.training)
 
 
 def _conv_layer_for(module: nn.Module) -> type | None:
@@ -219,16 +224,24 @@ def _conv_layer_for(module: nn.Module) -> type | None:
     return next((cls for cls in CONV_LAYERS if isinstance(module, cls._plain)), None)
 
 
-def _new_layer(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool) -> nn.Module:
+def _new_layer(
+    module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, lora_bias: bool
+) -> nn.Module:
+    kw = dict(r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora, lora_bias=lora_bias)
     if quant_kind(module) is not None:  # quantized, or its own forward (QLoRA): the base runs itself
-        return LoRAQuantLinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
+        return LoRAQuantLinear(module, **kw)
     if isinstance(module, nn.Linear):
-        return LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
+        return LoRALinear(module, **kw)
     conv = _conv_layer_for(module)
     if conv is not None:
-        return conv(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
+        return conv(module, **kw)
     if is_hf_conv1d(module):
-        return LoRAConv1D(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
+        return LoRAConv1D(module, **kw)
+    if lora_bias and isinstance(module, (nn.MultiheadAttention, nn.Embedding)):
+        raise ValueError(
+            f"apply_lora: lora_bias is not supported on an nn.{type(module).__name__} (PEFT refuses it too);"
+            " target it in another apply_lora call without lora_bias"
+        )
     if isinstance(module, nn.MultiheadAttention):
         return LoRAMultiheadAttention(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if isinstance(module, nn.Embedding):
@@ -278,6 +291,7 @@ def apply_lora(
     bias: str = "none",
     use_dora: bool = False,
     target_parameters=None,
+    lora_bias: bool = False,
 ) -> nn.Module:
     """Swap every module matching ``target_modules`` (PEFT's rule: a list of names or name suffixes,
     a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
@@ -296,7 +310,10 @@ def apply_lora(
     to read the same input (q/k/v) then run as one autograd node (DoRA layers run alone)
     (:func:`ftkernels.nn.lora_group.group_shared_inputs`; same results; ``FTKERNELS_LORA_GROUP=0``
     turns it off). ``use_dora=True`` makes the layers DoRA (PEFT's ``use_dora``: a
-    trained per-output magnitude, :mod:`ftkernels.nn.dora`). ``target_parameters`` is PEFT's: names of
+    trained per-output magnitude, :mod:`ftkernels.nn.dora`). ``lora_bias=True`` is PEFT's ``lora_bias``:
+    each Linear / conv layer gets a trained, zero-initialized ``lora_bias`` ``[out]`` (B's bias) and its
+    output gains ``scaling * lora_bias`` (not with DoRA, embeddings, nn.MultiheadAttention or
+    parameters, as in PEFT). ``target_parameters`` is PEFT's: names of
     parameters (``"experts.gate_up_proj"``, or just ``"gate_up_proj"``: a name matches the full parameter
     name or its tail after a dot) adapted by :class:`LoRAParams`, one per module holding them. Left at
     None, a transformers-v5 mixture-of-experts model gets what PEFT's conversion adds to
@@ -343,11 +360,11 @@ def apply_lora(
     params = _param_targets(model, list(target_parameters), r, alpha, rank_pat, alpha_pat, set(names))
     if target_parameters and not params and not implicit:  # (PEFT's conversion may name absent ones)
         raise ValueError(f"apply_lora: target_parameters={sorted(target_parameters)} matches no parameter")
-    if params and (dropout or use_dora):
+    if params and (dropout or use_dora or lora_bias):
         raise ValueError(
             f"apply_lora: the parameters {sorted(params)[:2]}... (target_parameters, or the experts / router of a"
-            " mixture-of-experts model) take no LoRA dropout or DoRA (PEFT refuses them too); pass dropout=0 and"
-            " use_dora=False, or target_parameters=[] to leave them frozen"
+            " mixture-of-experts model) take no LoRA dropout, DoRA or lora_bias (PEFT refuses them too); pass"
+            " dropout=0, use_dora=False and lora_bias=False, or target_parameters=[] to leave them frozen"
         )
     if not names and not params:
         raise ValueError(f"apply_lora: no module of {type(model).__name__} matches target_modules={target_modules!r}")
@@ -361,7 +378,7 @@ def apply_lora(
         bias = earlier.get("bias", "none")
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:  # every wrapper is built (and so checked) before the model changes
-        wrapped = {n: _wrap(model.get_submodule(n), r, alpha, dropout, rslora, use_dora) for n in names}
+        wrapped = {n: _wrap(model.get_submodule(n), r, alpha, dropout, rslora, use_dora, lora_bias) for n in names}
         for n, spec in params.items():
             wrapped[n] = LoRAParams(model.get_submodule(n), spec, rslora=rslora).train(model.get_submodule(n).training)
     except Exception:
@@ -749,6 +766,11 @@ def save_adapter(model: nn.Module, path: str) -> None:
     dora = {getattr(m, "dora", False) for m in layers.values()}
     if len(dora) > 1:  # PEFT's use_dora is one flag for the whole adapter
         raise ValueError("save_adapter: some LoRA layers are DoRA and some not; PEFT's format holds one kind")
+    lora_bias = {getattr(m, "has_lora_bias", False) for m in layers.values() if not isinstance(m, LoRAParams)}
+    if len(lora_bias) > 1:  # so is its lora_bias
+        raise ValueError(
+            "save_adapter: some LoRA layers have a LoRA bias and some not; PEFT's format holds one lora_bias flag"
+        )
     saved = meta.get("modules_to_save") or []
     for name in saved:
         for pname, p in model.get_submodule(name).named_parameters():
@@ -775,6 +797,7 @@ def save_adapter(model: nn.Module, path: str) -> None:
         alpha_pattern={n: m.alpha for n, m in _per_target(layers).items() if m.alpha != alpha},
         fan_in_fan_out=any(isinstance(m, LoRAConv1D) for m in layers.values()),
         use_dora=dora == {True},
+        lora_bias=lora_bias == {True},
         trainable_token_indices={name: idx for _, idx, name in tokens.values()} or None,
         # as PEFT writes them: AutoPeftModel* loads the base from this path (a from_pretrained model's)
         base_model_name_or_path=base_path or None,
@@ -889,7 +912,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     with the config's r, alpha, dropout, ``modules_to_save`` and ``bias``, then loads A, B, the
     ``modules_to_save`` params and the biases of ``bias="lora_only"``/``"all"`` (which then train, as
     under PEFT), DoRA's magnitudes (``use_dora``) and trainable tokens (``trainable_token_indices``, set
-    up by PEFT's own code, ties included). ``lora_bias`` adapters and PEFT's other LoRA
+    up by PEFT's own code, ties included), and LoRA biases (``lora_bias``). PEFT's LoRA
     variants (aLoRA, Arrow, ...) raise. Raises on missing or unexpected keys and on shapes that do not
     fit (only a LoRA rank may differ from the model's, to the config's; the model's tensors are then
     replaced, with a warning, so build optimizers after loading). Shapes are checked before any tensor
@@ -901,8 +924,6 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
         cfg = json.load(f)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"load_adapter: only LoRA adapters are supported, got peft_type {cfg.get('peft_type')!r}")
-    if cfg.get("lora_bias"):
-        raise NotImplementedError("load_adapter: the adapter has lora_bias=true; the fused layers do not support it")
     variants = [k for k in _VARIANT_KEYS if cfg.get(k)]
     if variants:  # their forward is not plain LoRA: loading A and B alone would give other outputs
         raise NotImplementedError(
@@ -941,6 +962,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             bias=cfg.get("bias") or "none",
             use_dora=bool(cfg.get("use_dora")),
             target_parameters=target_parameters,
+            lora_bias=bool(cfg.get("lora_bias")),
         )
     _wrap_tokens(model, cfg)
     layers = lora_modules(model)
@@ -948,6 +970,12 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(
             f"load_adapter: the adapter has use_dora={bool(cfg.get('use_dora'))} but the model's LoRA layers"
             " are of the other kind"
+        )
+    held = {m.has_lora_bias for m in layers.values() if not isinstance(m, LoRAParams)}
+    if held and held != {bool(cfg.get("lora_bias"))}:
+        raise ValueError(
+            f"load_adapter: the adapter has lora_bias={bool(cfg.get('lora_bias'))} but the model's LoRA layers"
+            f" have {'no LoRA bias' if held == {False} else 'LoRA biases'}" + (" (some)" if len(held) > 1 else "")
         )
     rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     ranks = {  # per-layer (per-parameter) ranks / alphas of the patterns, set once every shape is checked
@@ -985,7 +1013,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             groups = owner.base.groups if isinstance(owner, LoRAConvNd) else 1  # B is [out, r / groups, 1, ...]
             if r % groups:
                 raise ValueError(f"load_adapter: {key}: rank {r} is not a multiple of the conv's groups={groups}")
-            if attr == "lora_magnitude":
+            if attr in ("lora_magnitude", "lora_bias"):
                 want = cur
             elif isinstance(owner, ParamAdapter):  # A [E*r, in], B [out, r*E]
                 e = owner.num_experts

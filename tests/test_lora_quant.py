@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers.lora import FixedMaskDropout
+from helpers.lora import FixedMaskDropout, quantized
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -29,17 +29,6 @@ needs_bnb = pytest.mark.skipif(not BNB, reason="bitsandbytes is not installed")
 CUDA = torch.cuda.is_available()
 
 KINDS = ["nf4", "fp4", "int8"]
-
-
-def quantized(K, N, kind, bias=True, compute=torch.float32):
-    """A bitsandbytes layer quantized from a random nn.Linear (``kind``: nf4 / fp4 4-bit, or int8)."""
-    lin = nn.Linear(K, N, bias=bias)
-    if kind == "int8":
-        q = bnb.nn.Linear8bitLt(K, N, bias=bias, has_fp16_weights=False)
-    else:
-        q = bnb.nn.Linear4bit(K, N, bias=bias, compute_dtype=compute, quant_type=kind)
-    q.load_state_dict(lin.state_dict())
-    return q.to("cpu")  # (moving quantizes)
 
 
 def pair(K, N, kind, r=4, p=0.0, bias=True, compute=torch.float32, dora=False):

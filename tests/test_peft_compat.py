@@ -794,7 +794,6 @@ def _trained(peft_model):
             NotImplementedError,
             r"ALoraLinearVariant .*plain LoRA and DoRA only",
         ),
-        (lambda: LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True), NotImplementedError, r"lora_bias"),
         # AdaLoRA's layers are LoraLayers: before this check they failed with an AttributeError.
         (
             lambda: __import__("peft").AdaLoraConfig(r=2, target_modules=["q_proj"], total_step=10),
@@ -807,10 +806,10 @@ def _trained(peft_model):
             r"no PEFT LoRA layer \(its PEFT adapters are IA3; only LoRA converts\)",
         ),
     ],
-    ids=["alora", "lora_bias", "adalora", "ia3"],
+    ids=["alora", "adalora", "ia3"],
 )
 def test_from_peft_refuses_what_is_not_plain_lora_and_leaves_the_model(make, error, match):
-    """PEFT adapters whose forward is not plain LoRA (aLoRA, LoRA bias, AdaLoRA, other tuners): a clear
+    """PEFT adapters whose forward is not plain LoRA (aLoRA, AdaLoRA, other tuners): a clear
     error naming what, and the PEFT model untouched (same modules, same outputs)."""
     torch.manual_seed(0)
     peft = _trained(get_peft_model(_llama_lm(), make())).eval()

@@ -15,7 +15,8 @@ the forward's) and computes, per example n (``g`` the output gradient, ``s`` the
     u = D(x) A^T                 grad B[n] = s sum_t g[n,t]^T u[n,t]           [out, r]
     h = g B                      grad A[n] = s sum_t h[n,t]^T D(x)[n,t]        [r, in]
 
-(and the plain Linear rule for a base weight or bias left trainable). The LoRA convs and DoRA keep
+(``grad lora_bias[n] = s sum_t g[n,t]`` for a LoRA bias, and the plain Linear rule for a base
+weight or bias left trainable). The LoRA convs and DoRA keep
 vmap's rule without dropout and raise a clear error with it; LoRAMultiheadAttention raises (Opacus
 keeps positional inputs only, and its masks come by keyword: use Opacus's DPMultiheadAttention). Opacus must run with
 ``batch_first=True`` (its default): the mask follows x's layout as the layer saw it.
@@ -96,6 +97,9 @@ def lora_linear_grad_sample(layer, activations: list[Tensor], backprops: Tensor)
     if a.requires_grad:
         h = g @ b.to(acc)
         out[a] = (torch.einsum("n...r,n...k->nrk", h, xd) * s).to(a.dtype)
+    lb = layer._parameters.get("lora_bias")  # y gains s * lora_bias: its gradient is s * sum of g
+    if lb is not None and lb.requires_grad:
+        out[lb] = (torch.einsum("n...o->no", g) * s).to(lb.dtype)
     w, bias = layer.base.weight, layer.base.bias
     if w.requires_grad:  # a base left trainable: the plain rule on x (no dropout there)
         gw = torch.einsum("n...o,n...k->nok", g, x.to(acc))

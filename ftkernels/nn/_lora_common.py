@@ -202,6 +202,14 @@ def scaled_delta(lora_b: Tensor, lora_a: Tensor, scaling: float) -> Tensor:
     return scaling * (lora_b.detach().to(acc).reshape(lora_b.shape[0], -1) @ a)
 
 
+def new_lora_bias(name: str, out: int, weight: Tensor, dtype: torch.dtype, dora: bool) -> nn.Parameter:
+    """A LoRA bias (PEFT's ``lora_bias=True``: ``lora_B``'s bias) ``[out]`` of the adapters' dtype, on
+    ``weight``'s device (set by ``reset_parameters``). Refused with DoRA, as PEFT refuses it."""
+    if dora:
+        raise ValueError(f"{name}: lora_bias is not supported with DoRA (PEFT refuses it too)")
+    return nn.Parameter(torch.empty(out, device=weight.device, dtype=dtype))
+
+
 def scaling_of(alpha, r: int, rslora: bool) -> float:
     """PEFT's ``scaling``: ``alpha / r``, or ``alpha / sqrt(r)`` with rslora."""
     return float(alpha) / (math.sqrt(r) if rslora else int(r))
@@ -215,6 +223,21 @@ class FoldMixin:
     def can_merge(self) -> bool:
         """Whether ``scaling * B A`` fits in the base weight (not for a grouped conv)."""
         return True
+
+    @property
+    def has_lora_bias(self) -> bool:
+        """Whether this layer has a LoRA bias ``lora_bias`` ``[out]`` (PEFT's ``lora_bias=True``): the
+        output gains ``scaling * lora_bias``."""
+        return "lora_bias" in self._parameters
+
+    def _bias_with_lora(self, bias: Tensor | None) -> Tensor | None:
+        """The bias the kernels add: the base's ``bias``, plus ``scaling * lora_bias`` with a LoRA bias
+        (PEFT's ``lora_B`` bias, scaled with B's output). An [out]-sized op: its gradient is the
+        kernels' bias gradient, routed to lora_bias (and a trainable base bias) by autograd: one op."""
+        lb = self._parameters.get("lora_bias")
+        if lb is None:
+            return bias
+        return lb * self.scaling if bias is None else torch.add(bias, lb, alpha=self.scaling)
 
     def _check_mergeable(self, what: str, write: bool = True) -> None:
         """Raise where the delta does not fit the base weight (or, with ``write``, cannot be stored in it)."""
@@ -262,6 +285,8 @@ class LoRAMergeMixin(FoldMixin):
         """Why :meth:`merge` cannot fold ``B A`` into the base weight, or None."""
         if not self.can_merge:
             return "a grouped base conv cannot hold the dense delta B A (PEFT does not merge it either)"
+        if self.has_lora_bias and self.base.bias is None:
+            return "its base layer has no bias to take the LoRA bias (PEFT cannot merge it either)"
         if parametrize.is_parametrized(self.base, "weight"):
             plist = self.base.parametrizations.weight
             if not all(isinstance(q, _WeightNorm) for q in plist):
@@ -299,9 +324,11 @@ class LoRAMergeMixin(FoldMixin):
         """``||W + s B A||`` per output row / channel ``[out]`` (fp32; no gradient)."""
         return dora_weight_norm(*self._dora_operands())
 
-    def _adopt_peft_dora(self, ad: SimpleNamespace) -> None:
-        """Take a PEFT adapter's DoRA magnitude (:func:`peft_adapter`), and for a merged one the row
-        norms PEFT kept for its unmerge."""
+    def _adopt_peft_extras(self, ad: SimpleNamespace) -> None:
+        """Take a PEFT adapter's LoRA bias and DoRA magnitude (:func:`peft_adapter`), and for a merged
+        DoRA adapter the row norms PEFT kept for its unmerge."""
+        if ad.lora_bias is not None:
+            self.lora_bias = ad.lora_bias
         if ad.magnitude is not None:
             self.lora_magnitude = ad.magnitude
             self._dora_norm = ad.merged_norm
@@ -316,6 +343,8 @@ class LoRAMergeMixin(FoldMixin):
             raise RuntimeError(f"{type(self).__name__}.reset_parameters: the adapter is merged; unmerge() first")
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.has_lora_bias:
+            nn.init.zeros_(self.lora_bias)
         if self.dora:
             self.lora_magnitude.copy_(self.dora_row_norm().view_as(self.lora_magnitude))
 
@@ -333,6 +362,9 @@ class LoRAMergeMixin(FoldMixin):
         w, delta = self._merge_target(), self.delta_weight()
         if not self.dora:
             self._write_merge_target((w.to(delta.dtype) + sign * delta).to(w.dtype))
+            if self.has_lora_bias:  # PEFT folds scaling * lora_B.bias into the base bias
+                b = self.base.bias
+                b.copy_((b.to(delta.dtype) + sign * self.scaling * self.lora_bias.detach().to(delta.dtype)).to(b.dtype))
             return
         if sign > 0:
             self._dora_norm = self.dora_row_norm()
@@ -347,13 +379,14 @@ class LoRAMergeMixin(FoldMixin):
             self._dora_norm = None
 
 
-def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:
+def peft_adapter(layer, adapter_name: str | None = None, lora_bias: bool = False) -> SimpleNamespace:
     """One adapter of a PEFT LoRA layer: ``name, base, r, alpha, scaling, dropout, rslora, lora_A,
-    lora_B`` (copies, keeping requires_grad), ``merged``, and for DoRA ``magnitude`` (a copy; None
+    lora_B`` (copies, keeping requires_grad), ``merged``, ``lora_bias`` (a copy of ``lora_B``'s bias
+    ``[out]`` for PEFT's ``lora_bias=True``, else None), and for DoRA ``magnitude`` (a copy; None
     otherwise) and ``merged_norm`` (PEFT's cached row norms ``[out]`` of a merged DoRA weight, else
-    None). Raises for an
-    unknown adapter, LoRA bias and PEFT's LoRA variants other than DoRA and MiCA (aLoRA, Arrow, ...:
-    not plain LoRA, so not supported by the fused layers)."""
+    None). Raises for an unknown adapter, a LoRA bias where the caller takes none (``lora_bias``
+    False) and PEFT's LoRA variants other than DoRA and MiCA (aLoRA, Arrow, ...: not plain LoRA, so
+    not supported by the fused layers)."""
     name = adapter_name or (layer.active_adapters[0] if layer.active_adapters else None)
     emb = len(getattr(layer, "lora_embedding_A", {})) > 0  # PEFT's Embedding keeps bare Parameters there
     pool = layer.lora_embedding_A if emb else layer.lora_A
@@ -363,8 +396,15 @@ def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:
     if getattr(layer, "use_dora", {}).get(name, False):
         m = layer.lora_magnitude_vector[name].weight
         magnitude = nn.Parameter(m.detach().clone(), requires_grad=m.requires_grad)
+    bias = None
     if getattr(layer, "lora_bias", {}).get(name, False):
-        raise NotImplementedError("from_peft_layer: LoRA bias (lora_bias=True) is not supported")
+        if not lora_bias:
+            raise NotImplementedError(
+                f"from_peft_layer: LoRA bias (lora_bias=True) on PEFT's {type(layer).__name__} is not supported"
+                " (the fused Linear and conv layers take it)"
+            )
+        lb = layer.lora_B[name].bias
+        bias = nn.Parameter(lb.detach().clone(), requires_grad=lb.requires_grad)
     variant = getattr(layer, "lora_variant", {}).get(name)
     variant = variant if variant is None or isinstance(variant, type) else type(variant)
     # DoRA is built here; MiCA is plain LoRA with B frozen (copied with its requires_grad). Every other
@@ -393,6 +433,7 @@ def peft_adapter(layer, adapter_name: str | None = None) -> SimpleNamespace:
         lora_A=nn.Parameter(a.detach().clone(), requires_grad=a.requires_grad),
         lora_B=nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad),
         merged=merged,
+        lora_bias=bias,
         magnitude=magnitude,
         merged_norm=norm.reshape(-1) if merged and norm is not None else None,
     )

@@ -19,6 +19,7 @@ from ._lora_common import (
     adapter_dtype,
     check_plain_base,
     lora_scaling,
+    new_lora_bias,
     pad_list,
     peft_adapter,
     rng_kept,
@@ -161,7 +162,8 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
     padding and dilation and r output channels (``lora_A`` ``[r, in, *k]``, Kaiming-uniform), B a
     1x1 conv to the base's channels (``lora_B`` ``[out, r / groups, 1, ...]``, zero); ``scaling =
     alpha / r`` (``alpha / sqrt(r)`` with rslora). Channels-first or channels-last inputs,
-    fp32/fp16/bf16 (fp64 on CPU), autocast. Zero padding only.
+    fp32/fp16/bf16 (fp64 on CPU), autocast. Zero padding only. ``lora_bias=True``: a trained
+    ``lora_bias`` ``[out]`` (PEFT's ``lora_bias``, B's conv bias), ``y += scaling * lora_bias``.
 
     ``dora=True``: DoRA as PEFT's ``use_dora`` (:mod:`ftkernels.nn.dora`): a trained magnitude
     ``lora_magnitude`` ``[1, out, 1, ...]`` scales each output channel by ``m / ||W + s B A||``; either
@@ -197,6 +199,7 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
         rslora: bool = False,
         strategy: str = "auto",
         dora: bool = False,
+        lora_bias: bool = False,
     ):
         super().__init__()
         name, plain = type(self).__name__, self._plain
@@ -226,6 +229,8 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
         dtype = adapter_dtype(w)
         self.lora_A = nn.Parameter(torch.empty(self.r, in_c, *kernel, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_c, self.r // base.groups, *ones, device=w.device, dtype=dtype))
+        if lora_bias:  # PEFT's lora_B conv bias [out]
+            self.lora_bias = new_lora_bias(name, out_c, w, dtype, dora)
         if dora:
             if base.groups != 1:
                 raise ValueError(f"{name}: DoRA on a grouped conv is unsupported (B A is not a grouped weight)")
@@ -272,7 +277,7 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         dtype = _compute_dtype(x, weight, name)
-        xc, w, b = (_as(t, dtype) for t in (x, weight, bias))
+        xc, w, b = (_as(t, dtype) for t in (x, weight, self._bias_with_lora(bias)))
         if self.tf_same:  # base and A alike (PEFT's A is the base's class, so it pads so too)
             xc = tf_same_pad(xc, self.base.kernel_size, self.base.stride, self.base.dilation)
         elif self._pre_pad is not None:  # padding="same", even kernel: torch's asymmetric padding
@@ -329,10 +334,10 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
     @classmethod
     def from_peft_layer(cls, layer, adapter_name: str | None = None, strategy: str = "auto") -> LoRAConvNd:
         """This layer over a PEFT conv LoRA layer's base layer (shared) with copies of its A and B, r,
-        alpha, scaling and dropout p (and a DoRA magnitude). Raises for LoRA bias, and for a dilated
+        alpha, scaling and dropout p (and a DoRA magnitude or a LoRA bias). Raises for a dilated
         ``padding="same"`` or TF-same base, where PEFT's A runs without the dilation (so outputs would
         change)."""
-        ad = peft_adapter(layer, adapter_name)
+        ad = peft_adapter(layer, adapter_name, lora_bias=True)
         plain = cls._plain
         if not isinstance(ad.base, plain):
             raise TypeError(f"from_peft_layer: the base layer is {type(ad.base).__name__}, not nn.{plain.__name__}")
@@ -352,7 +357,7 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
         if ad.magnitude is not None and ad.base.groups != 1:
             raise ValueError(f"{cls.__name__}.from_peft_layer: DoRA on a grouped conv is unsupported")
-        new._adopt_peft_dora(ad)
+        new._adopt_peft_extras(ad)
         return new
 
     def extra_repr(self) -> str:
@@ -361,6 +366,7 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
             f"alpha={self.alpha}, dropout={self.dropout}, strategy={self.strategy}, merged={self.merged}"
             + (f", groups={self.base.groups}" if self.base.groups > 1 else "")
             + (", dora=True" if self.dora else "")
+            + (", lora_bias=True" if self.has_lora_bias else "")
         )
 
 

@@ -83,9 +83,17 @@ class LoRAGroup:
     def _state(m: nn.Module, x: Tensor) -> tuple:
         """What a waiting output depends on besides x's identity and the frozen base: x's version,
         grad mode, the member's mode and its adapters' versions (read from ``_parameters``: cheaper
-        than module attribute lookup)."""
+        than module attribute lookup; a LoRA bias's too)."""
         p = m._parameters
-        return x._version, torch.is_grad_enabled(), m.training, p["lora_A"]._version, p["lora_B"]._version
+        lb = p.get("lora_bias")
+        return (
+            x._version,
+            torch.is_grad_enabled(),
+            m.training,
+            p["lora_A"]._version,
+            p["lora_B"]._version,
+            None if lb is None else lb._version,
+        )
 
     def _miss(self) -> None:
         self._pending = {}
@@ -128,7 +136,8 @@ class LoRAGroup:
         # layers run alone, so grouping never changes a mask (checkpoint recomputes stay exact).
         seeds = [call_seed(p, x.device) for p in ps]
         members = [
-            (_as(w, dtype), _as(m.base.bias, dtype), m.lora_A, m.lora_B, s) for m, w, s in zip(run, weights, seeds)
+            (_as(w, dtype), _as(m._bias_with_lora(m.base.bias), dtype), m.lora_A, m.lora_B, s)
+            for m, w, s in zip(run, weights, seeds)
         ]
         ys = _ops.lora_group_ys(_as(x, dtype), members, tuple(m.scaling for m in run), ps)
         self._pending = {j: (y, self._state(m, x)) for j, m, y in zip(self.order[1:], run[1:], ys[1:])}

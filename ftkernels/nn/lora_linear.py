@@ -7,7 +7,15 @@ from torch import Tensor, nn
 
 from ..integrations import opacus as _dp
 from ..ops import lora_linear as _ops
-from ._lora_common import LoRAMergeMixin, adapter_dtype, adopt_base, check_plain_base, lora_scaling, peft_adapter
+from ._lora_common import (
+    LoRAMergeMixin,
+    adapter_dtype,
+    adopt_base,
+    check_plain_base,
+    lora_scaling,
+    new_lora_bias,
+    peft_adapter,
+)
 from .dora import dora_linear
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -139,7 +147,9 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
     (``alpha / sqrt(r)`` with ``rslora``): PEFT's ``lora.Linear`` exactly. The base weight and bias
     are frozen; ``lora_A`` (``[r, in]``, Kaiming-uniform as PEFT) and ``lora_B`` (``[out, r]``, zero)
     train. Adapters are fp32 when the base is fp16/bf16 (PEFT's ``autocast_adapter_dtype``). Inputs of
-    any leading shape; fp32/fp16/bf16 (fp64 on CPU); autocast is honoured.
+    any leading shape; fp32/fp16/bf16 (fp64 on CPU); autocast is honoured. ``lora_bias=True`` adds a
+    trained ``lora_bias`` ``[out]`` (zero-initialized; PEFT's ``lora_bias``, the bias of its lora_B):
+    ``y += scaling * lora_bias``, merged into the base bias (which must exist to merge).
     """
 
     def __init__(
@@ -150,6 +160,7 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         dropout: float = 0.0,
         rslora: bool = False,
         dora: bool = False,
+        lora_bias: bool = False,
     ):
         super().__init__()
         self._check_base(base)
@@ -161,6 +172,8 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         dev, dtype = base.weight.device, self._adapter_dtype(base)
         self.lora_A = nn.Parameter(torch.empty(self.r, in_f, device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_f, self.r, device=dev, dtype=dtype))
+        if lora_bias:
+            self.lora_bias = new_lora_bias(type(self).__name__, out_f, base.weight, dtype, dora)
         if dora:  # the trained magnitude m [out] (PEFT's lora_magnitude_vector); set by reset_parameters
             self.lora_magnitude = nn.Parameter(torch.empty(out_f, device=dev, dtype=dtype))
         self.merged = False
@@ -233,7 +246,7 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
             )
         # (Opacus captures only calls that build a graph: only those keep their seed)
         seed = _dp.push_seed(self, draw_seed(x.device)) if dp and p > 0 and torch.is_grad_enabled() else None
-        return _lora_linear(x, w, base.bias, self.lora_A, self.lora_B, self.scaling, p, seed)
+        return _lora_linear(x, w, self._bias_with_lora(base.bias), self.lora_A, self.lora_B, self.scaling, p, seed)
 
     @classmethod
     def from_peft_layer(cls, layer, adapter_name: str | None = None) -> LoRALinear:
@@ -242,8 +255,8 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         ``LoRALinear`` for an ``nn.Linear`` base, a :class:`LoRAConv1D` for a Hugging Face
         ``Conv1D`` base (PEFT's ``fan_in_fan_out``), a :class:`LoRAQuantLinear` for a bitsandbytes /
         torchao base or one computing its own output (QLoRA). A DoRA adapter brings its magnitude; LoRA
-        bias raises."""
-        ad = peft_adapter(layer, adapter_name)
+        bias (``lora_bias=True``) comes as :attr:`lora_bias`."""
+        ad = peft_adapter(layer, adapter_name, lora_bias=True)
         base = ad.base
         if cls is LoRALinear:
             from .lora_conv1d import LoRAConv1D, is_hf_conv1d
@@ -259,7 +272,7 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         new._adopt(base)
         new.r, new.alpha, new.dropout, new.scaling, new.rslora = ad.r, ad.alpha, ad.dropout, ad.scaling, ad.rslora
         new.lora_A, new.lora_B, new.merged = ad.lora_A, ad.lora_B, ad.merged
-        new._adopt_peft_dora(ad)
+        new._adopt_peft_extras(ad)
         return new
 
     def extra_repr(self) -> str:

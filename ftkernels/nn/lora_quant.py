@@ -133,9 +133,15 @@ class LoRAQuantLinear(LoRALinear):
         dtype = _autocast_dtype(x) or a.dtype
         if self.dora:
             return self._dora_forward(x, y, a, b, p, dtype)
+        lb = self._parameters.get("lora_bias")
         if self.kind in ("torchao", "custom"):  # PEFT's lora.Linear rule: one rounding, of the sum
-            return (y + lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, dtype)).to(y.dtype)
-        return y + lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, y.dtype)
+            delta = lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, dtype)
+            return (y + (delta if lb is None else delta + lb.to(dtype) * self.scaling)).to(y.dtype)
+        if lb is None:
+            return y + lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, y.dtype)
+        # bitsandbytes' rule: the adapter output (its bias included) rounded to y's dtype, then added
+        delta = lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, dtype)
+        return y + (delta + lb.to(dtype) * self.scaling).to(y.dtype)
 
     def _dora_forward(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor, p: float, dtype: torch.dtype) -> Tensor:
         """QDoRA, PEFT's form over a quantized base: with ``mns = m / ||W + s B A||_row`` (W dequantized,
@@ -165,6 +171,9 @@ class LoRAQuantLinear(LoRALinear):
         return getattr(w, "quant_state", None) is not None if kind == "4bit" else w.dtype == torch.int8
 
     def _merge_blocker(self) -> str | None:
+        reason = super()._merge_blocker()  # (a LoRA bias over a base without a bias)
+        if reason is not None:
+            return reason
         if self.kind == "torchao":
             return (
                 "a torchao quantized base weight cannot take the merge here (quantizing it again needs its"

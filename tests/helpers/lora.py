@@ -91,12 +91,13 @@ def fix_dropout(peft, seed, p):
 
 def trainable(model):
     """Trainable parameters by a name a fused model and its PEFT twin share (PEFT's prefixes and
-    adapter keys stripped, its magnitude and base names mapped to ours)."""
+    adapter keys stripped, its magnitude, LoRA bias and base names mapped to ours)."""
     out = {}
     for n, q in model.named_parameters():
         if q.requires_grad:
             n = n.removeprefix("base_model.model.").replace(".default.weight", "").replace(".default", "")
-            out[n.replace("lora_magnitude_vector", "lora_magnitude").replace("base_layer.", "base.")] = q
+            n = n.replace("lora_magnitude_vector", "lora_magnitude").replace("lora_B.bias", "lora_bias")
+            out[n.replace("base_layer.", "base.")] = q
     return out
 
 
@@ -148,3 +149,16 @@ def compare_with_peft(ours, peft, x, tol=1e-10):
     assert set(mine) == set(theirs) and mine
     for n, q in mine.items():
         torch.testing.assert_close(q.grad, theirs[n].grad, rtol=tol, atol=tol * 0.1, msg=n)
+
+
+def quantized(K, N, kind, bias=True, compute=torch.float32):
+    """A bitsandbytes layer quantized from a random nn.Linear (``kind``: nf4 / fp4 4-bit, or int8)."""
+    import bitsandbytes as bnb
+
+    lin = nn.Linear(K, N, bias=bias)
+    if kind == "int8":
+        q = bnb.nn.Linear8bitLt(K, N, bias=bias, has_fp16_weights=False)
+    else:
+        q = bnb.nn.Linear4bit(K, N, bias=bias, compute_dtype=compute, quant_type=kind)
+    q.load_state_dict(lin.state_dict())
+    return q.to("cpu")  # (moving quantizes)
