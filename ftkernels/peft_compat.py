@@ -44,6 +44,24 @@ _LORA_BIAS_KEY = "lora_B.bias"  # PEFT's lora_bias=True
 _EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
 _MHA_OUT_KEYS = ("base_layer.out_proj.lora_A.weight", "base_layer.out_proj.lora_B.weight")  # PEFT nests out_proj
 _PREFIX = "base_model.model."
+# PEFT inits that its loader runs again on the base it is given: PiSSA / OLoRA / CorDA / LoftQ /
+# LoRA-GA change the base weights (A and B are trained against the residual W - s B0 A0, or LoftQ's
+# quantized weight), MiCA freezes B. An adapter file of theirs means nothing without that step, nor
+# one made with layer_replication (PEFT's loader stacks the repeated layers first).
+_REBUILT_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
+_BUILD_KEYS = ("init_lora_weights", "loftq_config", "corda_config", "lora_ga_config", "layer_replication")
+
+
+def _peft_builds(get) -> dict:
+    """The LoraConfig fields (read by ``get(name)``) with which PEFT's loader changes the model beyond
+    placing tensors: an init it runs again (:data:`_REBUILT_INITS`) with what that init reads, and
+    ``layer_replication``; empty when there is none."""
+    init = get("init_lora_weights")
+    if not (isinstance(init, str) and init.lower().startswith(_REBUILT_INITS)) and not get("layer_replication"):
+        return {}
+    return {k: get(k) for k in _BUILD_KEYS if get(k)}
+
+
 _CONFIG_ATTR = "_ftk_lora_config"
 
 
@@ -401,7 +419,15 @@ def apply_lora(
     setattr(
         model,
         _CONFIG_ATTR,
-        dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, modules_to_save=saved or None, bias=bias),
+        dict(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            use_rslora=rslora,
+            modules_to_save=saved or None,
+            bias=bias,
+            peft_builds=earlier.get("peft_builds"),
+        ),
     )
     _guard_encoders(model)
     group_shared_inputs(model)
@@ -632,6 +658,8 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
                 modules_to_save=[n for n, mod, cls in todo if cls is None and active in mod.modules_to_save] or None,
                 bias=getattr(cfg, "bias", "none"),
                 task_type=getattr(cfg, "task_type", None),
+                # save_adapter writes them back: PEFT's loader then rebuilds the model as here
+                peft_builds=_peft_builds(lambda k: getattr(cfg, k, None)) or None,
             ),
         )
     return model
@@ -745,7 +773,10 @@ def save_adapter(model: nn.Module, path: str) -> None:
     ``adapter_model.safetensors``. Per-layer ranks or alphas that differ from the common one go to
     ``rank_pattern`` / ``alpha_pattern``. PEFT's trainable tokens (``trainable_token_indices``, kept by
     :func:`from_peft`) are written too, and, as PEFT does, the base model's path (``from_pretrained``'s)
-    and the PEFT task type :func:`from_peft` found, so ``AutoPeftModelFor*.from_pretrained`` loads it."""
+    and the PEFT task type :func:`from_peft` found, so ``AutoPeftModelFor*.from_pretrained`` loads it.
+    An adapter :func:`from_peft` took from a PiSSA / OLoRA / CorDA / LoftQ / LoRA-GA / MiCA init keeps its
+    ``init_lora_weights``, and one with ``layer_replication`` keeps that (as PEFT's own files do): PEFT's
+    loader then rebuilds from the original model what the adapter was trained on."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -802,6 +833,7 @@ def save_adapter(model: nn.Module, path: str) -> None:
         # as PEFT writes them: AutoPeftModel* loads the base from this path (a from_pretrained model's)
         base_model_name_or_path=base_path or None,
         task_type=meta.get("task_type"),
+        **(meta.get("peft_builds") or {}),
     )
     moved = _peft_would_move(model, cfg.target_modules)
     if moved:
@@ -912,8 +944,11 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     with the config's r, alpha, dropout, ``modules_to_save`` and ``bias``, then loads A, B, the
     ``modules_to_save`` params and the biases of ``bias="lora_only"``/``"all"`` (which then train, as
     under PEFT), DoRA's magnitudes (``use_dora``) and trainable tokens (``trainable_token_indices``, set
-    up by PEFT's own code, ties included), and LoRA biases (``lora_bias``). PEFT's LoRA
-    variants (aLoRA, Arrow, ...) raise. Raises on missing or unexpected keys and on shapes that do not
+    up by PEFT's own code, ties included), and LoRA biases (``lora_bias``). An adapter whose
+    ``init_lora_weights`` PEFT's loader runs again (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: they change the
+    base weights A and B were trained against; MiCA: B frozen) is loaded by PEFT into ``model`` (which
+    must have no LoRA layer yet) and converted by :func:`from_peft`; so is one with ``layer_replication``.
+    PEFT's LoRA variants (aLoRA, Arrow, ...) raise. Raises on missing or unexpected keys and on shapes that do not
     fit (only a LoRA rank may differ from the model's, to the config's; the model's tensors are then
     replaced, with a warning, so build optimizers after loading). Shapes are checked before any tensor
     is written; LoRA layers applied here to a model that had none stay after a failed load (with B = 0
@@ -932,6 +967,9 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
         )
     if (cfg.get("bias") or "none") not in BIAS_MODES:
         raise ValueError(f"load_adapter: bias must be one of {BIAS_MODES}, got {cfg.get('bias')!r}")
+    builds = _peft_builds(cfg.get)
+    if builds:
+        return _load_through_peft(model, path, builds)
     file = os.path.join(path, "adapter_model.safetensors")
     tensors = load_file(file) if os.path.exists(file) else torch.load(os.path.join(path, "adapter_model.bin"))
     fresh = not lora_modules(model)  # layers made here: no optimizer can hold their tensors yet
@@ -1053,6 +1091,23 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
             stacklevel=2,
         )
     return model
+
+
+def _load_through_peft(model: nn.Module, path: str, builds: dict) -> nn.Module:
+    """An adapter with which PEFT's loader changes the model (:func:`_peft_builds`: an init it runs again,
+    layer_replication): PEFT loads it into ``model`` (rebuilding the base weights its A and B were trained
+    against, or the repeated layers, exactly as PEFT would), then :func:`from_peft` converts it in place."""
+    from peft import PeftModel
+
+    if lora_modules(model):  # its bases may be rebuilt already, or not: which one is unknowable here
+        shown = ", ".join(f"{k}={v!r}" for k, v in builds.items() if k in ("init_lora_weights", "layer_replication"))
+        raise ValueError(
+            f"load_adapter: the adapter has {shown}, with which PEFT's loader rebuilds the original model (PiSSA /"
+            " OLoRA / CorDA / LoRA-GA change the base weights, MiCA freezes B, layer_replication repeats layers);"
+            " load it into a model without LoRA layers"
+        )
+    peft = PeftModel.from_pretrained(model, path, is_trainable=True)
+    return from_peft(peft)
 
 
 def _wrap_tokens(model: nn.Module, cfg: dict) -> None:

@@ -1135,3 +1135,56 @@ def test_nested_modules_to_save_round_trip_through_peft(tmp_path):
     torch.testing.assert_close(
         ftk.load_adapter(copy.deepcopy(base), str(tmp_path / "e"))(input_ids=ids).pooler_output, ref
     )
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "mica"])
+def test_inits_peft_runs_again_at_load_round_trip(init, tmp_path):
+    """PiSSA / OLoRA train A and B against a residual base (W - s B0 A0) that PEFT's loader rebuilds from
+    the original weights; MiCA freezes B. Their files load into ours with PEFT's outputs and trainable
+    set (before: the original base under the trained A, B, 1.2 off), and save_adapter of a from_peft model
+    keeps init_lora_weights, so PEFT rebuilds the same base (before: the same 1.2 off)."""
+    torch.manual_seed(9)
+    base = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8))
+    x = torch.randn(3, 16)
+    peft = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=init)
+    )
+    _trained(peft)
+    want = peft(x)
+    peft.save_pretrained(str(tmp_path / "peft"))
+    fresh = copy.deepcopy(base)
+    mine = ftk.load_adapter(fresh, str(tmp_path / "peft"))
+    assert mine is fresh and isinstance(mine[0], ftk.nn.LoRALinear)
+    torch.testing.assert_close(mine(x), want)
+    trained = sorted(n for n, q in mine.named_parameters() if q.requires_grad)
+    assert trained == sorted(_peft_name_inv(n) for n, q in peft.named_parameters() if q.requires_grad)
+    with pytest.raises(ValueError, match=f"init_lora_weights=.{init}.*without LoRA layers"):
+        ftk.load_adapter(mine, str(tmp_path / "peft"))
+    fused = ftk.from_peft(copy.deepcopy(peft))
+    ftk.save_adapter(fused, str(tmp_path / "ours"))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    torch.testing.assert_close(back(x), want)
+
+
+def _peft_name_inv(name):
+    """PEFT's parameter name -> ours (``base_model.model.0.lora_A.default.weight`` -> ``0.lora_A``)."""
+    return name.removeprefix("base_model.model.").replace(".default.weight", "")
+
+
+def test_layer_replication_round_trip(tmp_path):
+    """PEFT's layer_replication stacks repeated decoder layers (shared weights) before placing the
+    adapters: its file loads into ours with PEFT's logits (before: a key error), and save_adapter after
+    from_peft keeps layer_replication (before: PEFT loaded it onto the unrepeated model, 0.37 off)."""
+    torch.manual_seed(10)
+    base = _llama_lm()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 2]])
+    peft = _trained(get_peft_model(copy.deepcopy(base), cfg))
+    ids = torch.randint(0, 99, (2, 9))
+    want = peft(input_ids=ids).logits
+    peft.save_pretrained(str(tmp_path / "peft"))
+    mine = ftk.load_adapter(copy.deepcopy(base), str(tmp_path / "peft"))
+    assert len(mine.model.layers) == 3 and isinstance(mine.model.layers[2].self_attn.q_proj, ftk.nn.LoRALinear)
+    torch.testing.assert_close(mine(input_ids=ids).logits, want)
+    ftk.save_adapter(ftk.from_peft(copy.deepcopy(peft)), str(tmp_path / "ours"))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    torch.testing.assert_close(back(input_ids=ids).logits, want)
