@@ -316,7 +316,8 @@ def apply_lora(
     layer, ``modules_to_save`` and nn.MultiheadAttention's ``out_proj``, which its parent never calls)
     for its fused LoRA layer, in place: ``nn.Linear`` ->
     :class:`LoRALinear` (a bitsandbytes / torchao quantized Linear, or one computing its own output ->
-    :class:`LoRAQuantLinear`, QLoRA), ``nn.Conv2d`` -> :class:`LoRAConv2d` (``nn.Conv1d`` / ``nn.Conv3d`` ->
+    :class:`LoRAQuantLinear`, QLoRA; HQQ's ``HQQLinear`` too), ``nn.Conv2d`` -> :class:`LoRAConv2d`
+    (``nn.Conv1d`` / ``nn.Conv3d`` ->
     :class:`LoRAConv1d` / :class:`LoRAConv3d`), HF ``Conv1D`` -> :class:`LoRAConv1D`,
     ``nn.Embedding`` -> :class:`LoRAEmbedding`, ``nn.MultiheadAttention`` -> :class:`LoRAMultiheadAttention`
     (its packed q/k/v projection and its out_proj, as PEFT's ``lora.MultiheadAttention``).
@@ -552,8 +553,8 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
     the model unchanged, where PEFT's outputs could not be kept: adapters disabled, several active at
     once, another adapter merged into a base. PEFT's
     ``lora.MultiheadAttention`` becomes :class:`LoRAMultiheadAttention` (its nested out_proj adapter
-    included; a merged one raises). PEFT's layers over bitsandbytes / torchao bases (and over a Linear
-    computing its own output) become :class:`LoRAQuantLinear`. LoRA on other layer types raises
+    included; a merged one raises). PEFT's layers over bitsandbytes / torchao / HQQ bases (and over a
+    Linear computing its own output) become :class:`LoRAQuantLinear`. LoRA on other layer types raises
     before anything changes."""
     from peft.tuners.lora import Conv2d as PeftConv2d
     from peft.tuners.lora import Embedding as PeftEmbedding
@@ -587,8 +588,8 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
                 todo.append((name, mod, LoRAMultiheadAttention))
             elif isinstance(mod, PeftEmbedding) and isinstance(base, nn.Embedding):
                 todo.append((name, mod, LoRAEmbedding))
-            elif isinstance(base, nn.Linear) or is_hf_conv1d(base):
-                todo.append((name, mod, LoRALinear))
+            elif isinstance(base, nn.Linear) or is_hf_conv1d(base) or quant_kind(base) is not None:
+                todo.append((name, mod, LoRALinear))  # (LoRALinear.from_peft_layer picks the subclass)
             else:  # checked before anything is replaced: a failure leaves the model as it was
                 raise NotImplementedError(
                     f"from_peft: {name} is PEFT's {type(mod).__name__} over {type(base).__name__}; fused LoRA"

@@ -20,7 +20,8 @@ else
   stamp="$VENV/.ftk-requirements"
   if ! cat requirements/cpu.txt requirements/examples-nodeps.txt | cmp -s - "$stamp" 2>/dev/null; then
     "$PY" -m pip install -q --upgrade pip >/dev/null
-    "$PY" -m pip install -q -r requirements/cpu.txt
+    # (DISABLE_CUDA=1: hqq's sdist would otherwise try to build its optional CUDA kernels)
+    DISABLE_CUDA=1 "$PY" -m pip install -q -r requirements/cpu.txt
     "$PY" -m pip install -q --no-deps -r requirements/examples-nodeps.txt
     cat requirements/cpu.txt requirements/examples-nodeps.txt > "$stamp"
   fi

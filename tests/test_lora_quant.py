@@ -589,3 +589,158 @@ def test_torchao_qat_linear_matches_peft():
     torch.testing.assert_close(ours(x), peft(x))
     mine = ftk.apply_lora(copy.deepcopy(base), ["0", "2"], r=4)
     assert all(isinstance(m, LoRAQuantLinear) for m in lora_modules(mine).values())
+
+
+HQQ = importlib.util.find_spec("hqq") is not None
+needs_hqq = pytest.mark.skipif(not HQQ, reason="hqq is not installed")
+
+
+def _hqq(K, N, dtype=torch.float32, bias=True, seed=0):
+    """HQQ's 4-bit HQQLinear quantized from a seeded random nn.Linear (HQQ layers do not deepcopy:
+    twins are built again from the seed)."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.manual_seed(seed)
+    lin = nn.Linear(K, N, bias=bias).to(dtype)
+    return HQQLinear(lin, BaseQuantizeConfig(nbits=4, group_size=32), compute_dtype=dtype, device="cpu")
+
+
+def _hqq_pair(dtype, p=0.0, dora=False, bias=True):
+    """(ours, PEFT's HqqLoraLinear) over twin HQQ layers, the same random A, B (and magnitude)."""
+    from peft.tuners.lora.hqq import HqqLoraLinear
+
+    base = _hqq(48, 40, dtype, bias)
+    assert quant_kind(base) == "hqq"
+    ours = LoRAQuantLinear(base, r=4, alpha=8, dropout=p, dora=dora)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=p, use_dora=dora)
+    peft = HqqLoraLinear(_hqq(48, 40, dtype, bias), "default", config=cfg, r=4, lora_alpha=8).float()
+    with torch.no_grad():
+        ours.lora_B.normal_()
+        peft.lora_A["default"].weight.copy_(ours.lora_A)
+        peft.lora_B["default"].weight.copy_(ours.lora_B)
+        if dora:
+            torch.testing.assert_close(ours.lora_magnitude, peft.lora_magnitude_vector["default"].weight)
+            ours.lora_magnitude.mul_(1 + 0.2 * torch.randn_like(ours.lora_magnitude))
+            peft.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude)
+    return ours, peft
+
+
+@needs_hqq
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("dora", [False, True])
+def test_hqq_layer_matches_peft(dtype, p, dora):
+    """HQQ's HQQLinear (compute dtype fp32 / bf16): PEFT's HqqLoraLinear (the sum rounded once to the base
+    output's dtype), outputs and the grads of x, A, B (and the magnitude); the base stays frozen."""
+    ours, peft = _hqq_pair(dtype, p, dora)
+    x = torch.randn(3, 5, 48).to(dtype)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, seed = seeded(ours, x1)
+    if p > 0:
+        peft.lora_dropout["default"] = FixedMaskDropout(seed, p)
+    yp = peft(x2)
+    assert y.dtype == yp.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y, yp, rtol=tol, atol=tol)
+    g = torch.randn_like(y)
+    mine = [x1, ours.lora_A, ours.lora_B] + ([ours.lora_magnitude] if dora else [])
+    theirs = [x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight]
+    theirs += [peft.lora_magnitude_vector["default"].weight] if dora else []
+    for a, b in zip(torch.autograd.grad(y, mine, g), torch.autograd.grad(yp, theirs, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+    assert not any(q.requires_grad for q in ours.base.parameters())
+
+
+@needs_hqq
+@pytest.mark.parametrize("dora", [False, True])
+def test_hqq_merge_requantizes_and_keeps_the_bias(dora):
+    """Merging dequantizes, adds s B A (DoRA: PEFT's merged weight) and quantizes again with the layer's
+    own config into a new HQQLinear that keeps the bias (PEFT's HQQ merge drops it: its merged outputs
+    are off by the bias); unmerging goes back to rounding."""
+    ours, peft = _hqq_pair(torch.float32, dora=dora)
+    with torch.no_grad():
+        ours.base.bias.add_(3.0)
+    x = torch.randn(6, 48)
+    unmerged = ours(x)
+    old = ours.base
+    with pytest.warns(UserWarning, match="quantized again"):
+        ours.merge()
+    assert ours.merged and ours.base is not old and quant_kind(ours.base) == "hqq"
+    assert ours.base.bias is old.bias and ours.base.quant_config == old.quant_config
+    # 4-bit rounding of W + s B A only (a dropped bias would be 3 off, 0.3 of the max)
+    assert (ours(x) - unmerged).abs().max() <= 0.15 * unmerged.abs().max()
+    with pytest.warns(UserWarning, match="quantized again"):
+        ours.unmerge()
+    assert (ours(x) - unmerged).abs().max() <= 0.15 * unmerged.abs().max()
+
+
+@needs_hqq
+def test_hqq_model_apply_lora_from_peft_and_files_both_ways(tmp_path):
+    """A model of HQQ layers: apply_lora targets them (LoRAQuantLinear), and its adapter file loads into
+    PEFT with the same outputs; PEFT's model converts with from_peft, and its file loads into ours."""
+
+    def model():
+        return nn.Sequential(_hqq(48, 40, seed=1), nn.Tanh(), _hqq(40, 24, bias=False, seed=2))
+
+    x = torch.randn(4, 48)
+    ours = ftk.apply_lora(model(), ["0", "2"], r=4, alpha=8)
+    assert [type(ours[i]).__name__ for i in (0, 2)] == ["LoRAQuantLinear"] * 2 and ours[0].kind == "hqq"
+    with torch.no_grad():
+        ours[0].lora_B.normal_(), ours[2].lora_B.normal_()
+    ftk.save_adapter(ours, str(tmp_path / "ours"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(model(), str(tmp_path / "ours"))
+    torch.testing.assert_close(loaded(x), ours(x))
+    loaded.save_pretrained(str(tmp_path / "peft"))
+    mine = ftk.load_adapter(model(), str(tmp_path / "peft"))
+    torch.testing.assert_close(mine(x), loaded(x))
+    fused = ftk.from_peft(loaded)
+    assert isinstance(fused[2], LoRAQuantLinear) and fused[2].kind == "hqq"
+    torch.testing.assert_close(fused(x), ours(x))
+
+
+@needs_hqq
+def test_hqq_llama_from_peft_and_trainer(tmp_path):
+    """A Llama quantized by hqq's AutoHQQHFModel: PEFT's LoRA on it converts with from_peft (the same
+    logits and grads), and apply_lora's model trains under Trainer (B leaves zero)."""
+    from hqq.core.quantize import BaseQuantizeConfig
+    from hqq.models.hf.base import AutoHQQHFModel
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    path = _tiny_llama(tmp_path)
+
+    def load():
+        model = AutoModelForCausalLM.from_pretrained(path)
+        cfg = BaseQuantizeConfig(nbits=4, group_size=64)
+        AutoHQQHFModel.quantize_model(model, quant_config=cfg, compute_dtype=torch.float32, device="cpu")
+        return model
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    peft = _trained_b(get_peft_model(load(), LoraConfig(r=4, lora_alpha=8, target_modules=targets)))
+    twin = get_peft_model(load(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    twin.load_state_dict({k: v for k, v in peft.state_dict().items() if "lora_" in k}, strict=False)
+    fused = ftk.from_peft(twin)
+    assert isinstance(fused.model.layers[0].mlp.down_proj, LoRAQuantLinear)
+    ids = torch.randint(0, 120, (2, 9))
+    y, yp = fused(input_ids=ids).logits, peft(input_ids=ids).logits
+    torch.testing.assert_close(y, yp)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yp.backward(g)
+    theirs = peft.base_model.model.model.layers[1].self_attn.v_proj.lora_A["default"].weight.grad
+    torch.testing.assert_close(fused.model.layers[1].self_attn.v_proj.lora_A.grad, theirs)
+    model = ftk.apply_lora(load(), targets, r=4, dropout=0.1).train()
+    ds = [{"input_ids": torch.randint(0, 120, (8,)), "labels": torch.randint(0, 120, (8,))} for _ in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, report_to=[])
+    Trainer(model=model, args=args, train_dataset=ds).train()
+    assert all(torch.count_nonzero(m.lora_B) > 0 for m in lora_modules(model).values())
+
+
+def _trained_b(peft_model):
+    """PEFT's B moved off zero (so A's gradients and the adapter's outputs show)."""
+    with torch.no_grad():
+        for n, q in peft_model.named_parameters():
+            if "lora_B" in n:
+                q.normal_(std=0.1)
+    return peft_model

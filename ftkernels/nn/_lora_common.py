@@ -202,12 +202,12 @@ def scaled_delta(lora_b: Tensor, lora_a: Tensor, scaling: float) -> Tensor:
     return scaling * (lora_b.detach().to(acc).reshape(lora_b.shape[0], -1) @ a)
 
 
-def new_lora_bias(name: str, out: int, weight: Tensor, dtype: torch.dtype, dora: bool) -> nn.Parameter:
-    """A LoRA bias (PEFT's ``lora_bias=True``: ``lora_B``'s bias) ``[out]`` of the adapters' dtype, on
-    ``weight``'s device (set by ``reset_parameters``). Refused with DoRA, as PEFT refuses it."""
+def new_lora_bias(name: str, out: int, device: torch.device, dtype: torch.dtype, dora: bool) -> nn.Parameter:
+    """A LoRA bias (PEFT's ``lora_bias=True``: ``lora_B``'s bias) ``[out]`` of the adapters' dtype on
+    ``device`` (set by ``reset_parameters``). Refused with DoRA, as PEFT refuses it."""
     if dora:
         raise ValueError(f"{name}: lora_bias is not supported with DoRA (PEFT refuses it too)")
-    return nn.Parameter(torch.empty(out, device=weight.device, dtype=dtype))
+    return nn.Parameter(torch.empty(out, device=device, dtype=dtype))
 
 
 def scaling_of(alpha, r: int, rslora: bool) -> float:

@@ -230,7 +230,7 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.r, in_c, *kernel, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_c, self.r // base.groups, *ones, device=w.device, dtype=dtype))
         if lora_bias:  # PEFT's lora_B conv bias [out]
-            self.lora_bias = new_lora_bias(name, out_c, w, dtype, dora)
+            self.lora_bias = new_lora_bias(name, out_c, w.device, dtype, dora)
         if dora:
             if base.groups != 1:
                 raise ValueError(f"{name}: DoRA on a grouped conv is unsupported (B A is not a grouped weight)")

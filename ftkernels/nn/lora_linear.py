@@ -169,11 +169,11 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
         self._adopt(base)
         self.r, self.alpha, self.dropout, self.rslora = int(r), alpha, float(dropout), rslora
         self.scaling = scaling
-        dev, dtype = base.weight.device, self._adapter_dtype(base)
+        dev, dtype = self._device_of(base), self._adapter_dtype(base)
         self.lora_A = nn.Parameter(torch.empty(self.r, in_f, device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_f, self.r, device=dev, dtype=dtype))
         if lora_bias:
-            self.lora_bias = new_lora_bias(type(self).__name__, out_f, base.weight, dtype, dora)
+            self.lora_bias = new_lora_bias(type(self).__name__, out_f, dev, dtype, dora)
         if dora:  # the trained magnitude m [out] (PEFT's lora_magnitude_vector); set by reset_parameters
             self.lora_magnitude = nn.Parameter(torch.empty(out_f, device=dev, dtype=dtype))
         self.merged = False
@@ -189,6 +189,11 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
     def _adopt(self, base) -> None:
         """Take ``base`` as this layer's frozen base (:func:`adopt_base`)."""
         adopt_base(self, base)
+
+    @staticmethod
+    def _device_of(base) -> torch.device:
+        """The device of ``base``'s weight, where new adapters go."""
+        return base.weight.device
 
     def _adapter_dtype(self, base) -> torch.dtype:
         """The dtype of new adapters (and a DoRA magnitude) over ``base`` (after :meth:`_adopt`)."""

@@ -1,6 +1,7 @@
 """``LoRAQuantLinear``: LoRA over a quantized Linear (QLoRA): bitsandbytes' ``Linear4bit`` (NF4 / FP4)
-and ``Linear8bitLt``, an ``nn.Linear`` holding a torchao quantized weight (``quantize_``), and an
-``nn.Linear`` subclass computing its own output (torchao's QAT ``FakeQuantizedLinear``).
+and ``Linear8bitLt``, an ``nn.Linear`` holding a torchao quantized weight (``quantize_``), HQQ's
+``HQQLinear`` (1 to 8 bits, hqq's ``AutoHQQHFModel.quantize_model``), and an ``nn.Linear`` subclass computing its
+own output (torchao's QAT ``FakeQuantizedLinear``).
 
 The fused layers compute a base's output from its weight; a quantized weight is only readable by its
 own kernels, so here the base layer runs itself and the adapter's path is one fused node
@@ -8,11 +9,12 @@ own kernels, so here the base layer runs itself and the adapter's path is one fu
 are PEFT's ``lora.bnb.Linear4bit`` / ``Linear8bitLt`` (and ``TorchaoLoraLinear``): ``y = base(x) + s B A
 D(x)`` with x cast to the adapters' dtype (fp32), or under autocast the adapter path in autocast's dtype;
 PEFT's bitsandbytes layers round the adapter path to the base output's dtype before the sum, its
-torchao layer rounds the sum.
+torchao and HQQ layers round the sum.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -39,10 +41,12 @@ def quant_kind(module: nn.Module) -> str | None:
     """``"4bit"`` / ``"8bit"`` for a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, ``"torchao"`` for an
     ``nn.Linear`` whose weight is a torchao quantized tensor (a ``TorchAOBaseTensor``), ``"custom"`` for an
     ``nn.Linear`` subclass with a float weight whose own forward computes something else than ``x W^T +
-    b`` of the same shape (torchao's QAT ``FakeQuantizedLinear``: checked on a random input), else None.
-    Libraries are told by package and type names, so neither is imported."""
+    b`` of the same shape (torchao's QAT ``FakeQuantizedLinear``: checked on a random input), ``"hqq"`` for
+    HQQ's ``HQQLinear`` (not an nn.Linear), else None. Libraries are told by package and type names, so
+    none is imported."""
     if not isinstance(module, nn.Linear):
-        return None
+        cls = type(module)
+        return "hqq" if cls.__name__ == "HQQLinear" and cls.__module__.startswith("hqq.") else None
     w = type(module.weight)
     if type(module).__module__.startswith("bitsandbytes"):
         return _KINDS.get(w.__name__)
@@ -67,8 +71,10 @@ def _own_forward(module: nn.Linear) -> bool:
 
 class LoRAQuantLinear(LoRALinear):
     """LoRA over a frozen quantized Linear (QLoRA): bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``
-    (PEFT's ``lora.bnb.Linear4bit`` / ``Linear8bitLt`` exactly), or an ``nn.Linear`` with a torchao
-    quantized weight (PEFT's ``TorchaoLoraLinear``), or an ``nn.Linear`` subclass whose own forward computes
+    (PEFT's ``lora.bnb.Linear4bit`` / ``Linear8bitLt`` exactly), an ``nn.Linear`` with a torchao
+    quantized weight (PEFT's ``TorchaoLoraLinear``), HQQ's ``HQQLinear`` (PEFT's ``HqqLoraLinear``; its
+    merge quantizes again with the layer's own config, keeping the bias, which PEFT's drops), or an
+    ``nn.Linear`` subclass whose own forward computes
     something else than ``x W^T + b`` (kind ``"custom"``: torchao's QAT ``FakeQuantizedLinear``; PEFT's
     ``lora.Linear`` calls such a base, so its outputs are kept; merge writes into its float weight, with
     a warning).
@@ -76,7 +82,7 @@ class LoRAQuantLinear(LoRALinear):
     ``y = base(x) + s * (D(x_c) A_c^T) B_c^T``: the base layer computes its own (dequantizing) output;
     ``_c`` is the compute dtype of the adapter path, the adapters' dtype (fp32, as PEFT makes them over a
     quantized weight), or autocast's when it is on; y is in the base output's dtype (bitsandbytes: the
-    adapter path is rounded to it before the sum; torchao: the sum is). Shapes: x ``[..., in]``,
+    adapter path is rounded to it before the sum; torchao, HQQ: the sum is). Shapes: x ``[..., in]``,
     ``lora_A`` ``[r, in]`` (Kaiming-uniform), ``lora_B`` ``[out, r]`` (zero), y ``[..., out]``. ``D`` is
     LoRA dropout, its mask regenerated in backward from a seed. :meth:`merge` (bitsandbytes) dequantizes
     the base weight, adds ``s B A`` and quantizes again (lossy, as in PEFT: a warning says so); a torchao
@@ -92,7 +98,12 @@ class LoRAQuantLinear(LoRALinear):
 
     def _adopt(self, base) -> None:
         adopt_base(self, base)
-        self.kind = quant_kind(base)  # "4bit" / "8bit" (bitsandbytes), "torchao" or "custom"
+        self.kind = quant_kind(base)  # "4bit" / "8bit" (bitsandbytes), "torchao", "hqq" or "custom"
+
+    @staticmethod
+    def _device_of(base) -> torch.device:
+        w = getattr(base, "weight", None)
+        return w.device if isinstance(w, Tensor) else base.W_q.device  # (HQQ keeps W_q, no weight)
 
     def _adapter_dtype(self, base) -> torch.dtype:
         if self.kind == "custom":  # (a float weight: PEFT's rule for it)
@@ -134,7 +145,7 @@ class LoRAQuantLinear(LoRALinear):
         if self.dora:
             return self._dora_forward(x, y, a, b, p, dtype)
         lb = self._parameters.get("lora_bias")
-        if self.kind in ("torchao", "custom"):  # PEFT's lora.Linear rule: one rounding, of the sum
+        if self.kind in ("torchao", "hqq", "custom"):  # PEFT's lora.Linear rule: one rounding, of the sum
             delta = lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, dtype)
             return (y + (delta if lb is None else delta + lb.to(dtype) * self.scaling)).to(y.dtype)
         if lb is None:
@@ -165,9 +176,12 @@ class LoRAQuantLinear(LoRALinear):
     # Merging: dequantize, add, quantize again (PEFT's rule for bitsandbytes layers).
 
     def _quantized(self) -> bool:
-        w, kind = self.base.weight, self.kind
+        kind = self.kind
+        if kind == "hqq":
+            return getattr(self.base, "W_q", None) is not None
         if kind in ("torchao", "custom"):
             return True
+        w = self.base.weight
         return getattr(w, "quant_state", None) is not None if kind == "4bit" else w.dtype == torch.int8
 
     def _merge_blocker(self) -> str | None:
@@ -188,6 +202,8 @@ class LoRAQuantLinear(LoRALinear):
             return self.base.weight.detach()
         if self.kind == "torchao":
             return self.base.weight.dequantize()
+        if self.kind == "hqq":
+            return self.base.dequantize()
         import bitsandbytes as bnb
 
         if not self._quantized():
@@ -212,6 +228,9 @@ class LoRAQuantLinear(LoRALinear):
             )
             self.base.weight.copy_(new)
             return
+        if self.kind == "hqq":
+            self._requantize_hqq(new)
+            return
         import bitsandbytes as bnb
 
         warnings.warn(
@@ -231,6 +250,23 @@ class LoRAQuantLinear(LoRALinear):
             base.state.reset_grads()
             base.state.SCB = base.state.CB = None
         base.weight = new_w.to(w.device)  # (moving it quantizes it)
+
+    def _requantize_hqq(self, new: Tensor) -> None:
+        """``new`` quantized into a new HQQLinear with the base's config, compute dtype, device and
+        bias (PEFT's merge for HQQ, which drops the bias); it becomes the base."""
+        warnings.warn(
+            f"{type(self).__name__}: the merged weight is quantized again, so outputs differ from the unmerged"
+            " layer's by rounding (as PEFT's merge into an HQQ layer)",
+            stacklevel=5,
+        )
+        base = self.base
+        cfg = {**copy.deepcopy(base.quant_config), "offload_meta": base.offload_meta}
+        layer = type(base)(None, cfg, compute_dtype=base.compute_dtype, device=base.device)
+        cfg.pop("offload_meta", None)
+        layer.quantize(new.to(base.compute_dtype), **cfg)
+        layer.bias = base.bias
+        layer.train(base.training)
+        adopt_base(self, layer)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, " + super().extra_repr()
