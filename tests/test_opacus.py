@@ -178,3 +178,24 @@ def test_attention_is_refused_with_the_way_out():
     gsm = GradSampleModule(Block(), loss_reduction="sum")
     with pytest.raises(NotImplementedError, match="DPMultiheadAttention"):
         gsm(torch.randn(2, 3, 8)).square().sum().backward()
+
+
+def test_parameter_adapters_are_refused_with_the_way_out():
+    """LoRAParams (target_parameters): Opacus hooks its adapter modules, which are never called, so it
+    found no per-sample gradient for them (grad_sample stayed None; a private step then failed far
+    from the cause): now the forward raises, naming the way out."""
+
+    class Scorer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(5, 7))
+
+        def forward(self, x):
+            return torch.softmax(x @ self.weight.t(), -1)
+
+    model = ftk.apply_lora(nn.Sequential(Scorer()), [], target_parameters=["0.weight"], r=3)
+    x = torch.randn(4, 7)
+    model(x)  # (without Opacus it runs)
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    with pytest.raises(NotImplementedError, match=r"LoRAParams: per-sample gradients \(Opacus\).*=\[\]"):
+        gsm(x)

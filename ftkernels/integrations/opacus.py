@@ -18,7 +18,8 @@ the forward's) and computes, per example n (``g`` the output gradient, ``s`` the
 (``grad lora_bias[n] = s sum_t g[n,t]`` for a LoRA bias, and the plain Linear rule for a base
 weight or bias left trainable). The LoRA convs and DoRA keep
 vmap's rule without dropout and raise a clear error with it; LoRAMultiheadAttention raises (Opacus
-keeps positional inputs only, and its masks come by keyword: use Opacus's DPMultiheadAttention). Opacus must run with
+keeps positional inputs only, and its masks come by keyword: use Opacus's DPMultiheadAttention), and so
+do LoRAParams (its adapter modules, which Opacus hooks, are never called) and quantized bases. Opacus must run with
 ``batch_first=True`` (its default): the mask follows x's layout as the layer saw it.
 """
 

@@ -28,6 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..integrations import opacus as _dp
 from ..ops import lora_experts, torch_func
 from ._lora_common import FoldMixin, adapter_dtype, lora_scaling, peft_adapter
 
@@ -122,6 +123,14 @@ class LoRAParams(FoldMixin, nn.Module):
     def forward(self, *args, **kwargs):
         if self.merged:
             return self.base(*args, **kwargs)
+        if any(a._forward_hooks and _dp.hooked(a) for a in self.adapters.values()):
+            # Opacus hooks the adapters (they hold the trainable tensors) but they are never called: it
+            # would find no per-sample gradient for them
+            raise NotImplementedError(
+                "LoRAParams: per-sample gradients (Opacus) of parameter adapters (target_parameters, the"
+                " experts / router of a mixture-of-experts model) are not supported; adapt Linear modules"
+                " instead (apply_lora(..., target_parameters=[]))"
+            )
         # (under torch.func transforms the generic path below: the experts path splits tokens by a
         # host-side count, which vmap cannot batch)
         if self._fused() and not torch_func.active():
