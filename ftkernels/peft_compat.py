@@ -263,9 +263,7 @@ def _new_layer(
     if isinstance(module, nn.MultiheadAttention):
         return LoRAMultiheadAttention(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     if isinstance(module, nn.Embedding):
-        if dora:
-            raise NotImplementedError("apply_lora: DoRA on an nn.Embedding is not supported (target it without DoRA)")
-        return LoRAEmbedding(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        return LoRAEmbedding(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
     raise TypeError(
         f"apply_lora: {type(module).__name__} is not a supported target (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding,"
         " nn.MultiheadAttention, HF Conv1D)"

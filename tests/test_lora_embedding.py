@@ -1,6 +1,6 @@
 """LoRAEmbedding against PEFT's lora.Embedding: outputs and adapter grads on Llama (embed_tokens with
 the attention projections), Gemma 3's scaled embedding and BERT (a padding_idx); adapter files both
-ways, from_peft, merge / unload, bf16 tables with fp32 adapters, bad input."""
+ways, from_peft, merge / unload, bf16 tables with fp32 adapters, DoRA, bad input."""
 
 import copy
 
@@ -150,8 +150,6 @@ def test_bad_input_and_refusals():
         ftk.nn.LoRAEmbedding(nn.Linear(3, 4))
     with pytest.raises(ValueError, match="r must be a positive int"):
         ftk.nn.LoRAEmbedding(emb, r=0)
-    with pytest.raises(NotImplementedError, match="DoRA on an nn.Embedding"):
-        ftk.apply_lora(nn.Sequential(nn.Embedding(10, 4)), ["0"], use_dora=True)
     x = torch.randint(0, 10, (2, 5))
     torch.testing.assert_close(layer(x), emb(x))  # B A = 0 at init (A zero)
     assert layer(x.int()).shape == (2, 5, 4)
@@ -213,3 +211,77 @@ def test_embedding_options_of_the_base(opts):
     assert layer.lora_A.grad.layout == torch.strided and layer.base.weight.grad is None
     torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+def _dora_pair(kind):
+    """(base, PEFT DoRA model with every adapter tensor off its init, its from_peft conversion, ids)."""
+    torch.manual_seed(1)
+    base, targets = MODELS[kind]()
+    base = base.double().eval()
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True))
+    with torch.no_grad():
+        for n, q in peft.named_parameters():
+            if "magnitude" in n:
+                q.mul_(1 + 0.2 * torch.randn_like(q))
+            elif "lora_" in n:
+                q.normal_(std=0.5)
+    ours = ftk.from_peft(copy.deepcopy(peft)).eval()
+    return base, peft.eval(), ours, torch.randint(1, 99, (3, 11))
+
+
+def _peft_key(name: str, model) -> str:
+    """Our trainable parameter name -> PEFT's."""
+    mod, _, attr = name.rpartition(".")
+    if attr == "lora_magnitude":
+        return f"base_model.model.{mod}.lora_magnitude_vector.default.weight"
+    if isinstance(model.get_submodule(mod), ftk.nn.LoRAEmbedding):
+        return f"base_model.model.{mod}.lora_embedding_{attr[-1]}.default"
+    return f"base_model.model.{mod}.{attr}.default.weight"
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_dora_matches_peft(kind):
+    """DoRA on the embedding (PEFT's DoraEmbeddingVariant: m / ||column of W + s (A^T B^T)|| over the
+    vocabulary, times the base output plus the adapter's, Gemma's embed_scale on the adapter's) next to
+    DoRA Linears: outputs and the grads of A, B and the magnitudes, float64."""
+    base, peft, ours, ids = _dora_pair(kind)
+    emb = ours.get_input_embeddings()
+    assert isinstance(emb, ftk.nn.LoRAEmbedding) and emb.dora and emb.lora_magnitude.shape == (32,)
+    y, yp = ours(input_ids=ids).last_hidden_state, peft(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(y, yp, rtol=1e-10, atol=1e-12 * yp.abs().max().item())
+    g = torch.randn_like(y)
+    mine = {n: q for n, q in ours.named_parameters() if q.requires_grad}
+    theirs = dict(peft.named_parameters())
+    assert {_peft_key(n, ours) for n in mine} == {n for n, q in theirs.items() if q.requires_grad}
+    got = torch.autograd.grad(y, list(mine.values()), g)
+    want = torch.autograd.grad(yp, [theirs[_peft_key(n, ours)] for n in mine], g)
+    for n, a, b in zip(mine, got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * b.abs().max().item(), msg=n)
+
+
+def test_dora_merge_files_and_apply_lora(tmp_path):
+    """A DoRA embedding merges into PEFT's merged table (and back), its adapter file loads both ways, and
+    apply_lora(use_dora=True) starts it as PEFT does (magnitude = the table's column norms, output = base)."""
+    base, peft, ours, ids = _dora_pair("gemma3")
+    want = ours(input_ids=ids).last_hidden_state
+    ref = copy.deepcopy(peft).merge_and_unload()
+    emb = ours.get_input_embeddings()
+    table = emb.base.weight.clone()
+    emb.merge()
+    torch.testing.assert_close(emb.base.weight, ref.get_input_embeddings().weight, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(emb(ids), ref.get_input_embeddings()(ids))
+    emb.unmerge()
+    torch.testing.assert_close(emb.base.weight, table, rtol=1e-12, atol=1e-12)
+    ftk.save_adapter(ours, str(tmp_path / "ours"))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, want, rtol=1e-10, atol=1e-12)
+    peft.save_pretrained(str(tmp_path / "peft"))
+    back = ftk.load_adapter(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    assert back.get_input_embeddings().dora
+    torch.testing.assert_close(back(input_ids=ids).last_hidden_state, want, rtol=1e-10, atol=1e-12)
+    fresh = ftk.apply_lora(copy.deepcopy(base), ["embed_tokens", "o_proj"], r=4, alpha=8, use_dora=True)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"], use_dora=True)
+    start = get_peft_model(copy.deepcopy(base), cfg)
+    m = fresh.get_input_embeddings().lora_magnitude
+    torch.testing.assert_close(m, start.base_model.model.embed_tokens.lora_magnitude_vector["default"].weight)
+    torch.testing.assert_close(fresh.get_input_embeddings()(ids), base.get_input_embeddings()(ids))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._lora_common import LoRAMergeMixin, adapter_dtype, lora_scaling, peft_adapter, rng_kept
+from .dora import dora_scale
 
 
 class LoRAEmbedding(LoRAMergeMixin, nn.Module):
@@ -26,10 +27,24 @@ class LoRAEmbedding(LoRAMergeMixin, nn.Module):
     so such subclasses work. As in PEFT, LoRA dropout is not applied to embeddings (``dropout`` is
     kept for the adapter config only). ``merge`` folds ``scaling (B A)^T`` into ``W``; on a table
     tied to another layer (``tie_word_embeddings``) that changes the other layer too, so the
-    model-level ``merge_lora`` / ``unload_lora(merge=True)`` refuse it. DoRA is not supported here.
+    model-level ``merge_lora`` / ``unload_lora(merge=True)`` refuse it.
+
+    ``dora=True`` (PEFT's DoRA embedding): a trained magnitude ``lora_magnitude`` ``[dim]`` and
+    ``y = mns * (base(x) + lora)`` with ``mns = m / ||W[:, j] + s (A^T B^T)[:, j]||`` over the vocabulary
+    per embedding column (a constant for the gradient, as in PEFT; computed from ``W A^T`` ``[dim, r]``
+    without copying the table, :func:`ftkernels.nn.dora.dora_weight_norm`); m starts at the table's
+    column norms. Merging gives PEFT's merged table.
     """
 
-    def __init__(self, base: nn.Embedding, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False):
+    def __init__(
+        self,
+        base: nn.Embedding,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dora: bool = False,
+    ):
         super().__init__()
         if not isinstance(base, nn.Embedding):
             raise TypeError(f"LoRAEmbedding wraps an nn.Embedding, got {type(base).__name__}")
@@ -44,6 +59,8 @@ class LoRAEmbedding(LoRAMergeMixin, nn.Module):
         dtype = adapter_dtype(w)
         self.lora_A = nn.Parameter(torch.empty(self.r, base.num_embeddings, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(base.embedding_dim, self.r, device=w.device, dtype=dtype))
+        if dora:  # PEFT's lora_magnitude_vector of an embedding: [dim]; set by reset_parameters
+            self.lora_magnitude = nn.Parameter(torch.empty(base.embedding_dim, device=w.device, dtype=dtype))
         self.merged = False
         self.reset_parameters()
 
@@ -54,12 +71,14 @@ class LoRAEmbedding(LoRAMergeMixin, nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """PEFT's embedding init, in place: ``lora_A`` zero, ``lora_B`` standard normal (the layer
-        starts as its base). Raises when merged."""
+        """PEFT's embedding init, in place: ``lora_A`` zero, ``lora_B`` standard normal, a DoRA magnitude
+        the table's column norms (the layer starts as its base). Raises when merged."""
         if self.merged:
             raise RuntimeError("LoRAEmbedding.reset_parameters: the adapter is merged; unmerge() first")
         nn.init.zeros_(self.lora_A)
         nn.init.normal_(self.lora_B)
+        if self.dora:
+            self.lora_magnitude.copy_(self.dora_row_norm())
 
     @staticmethod
     def _merge_view(weight: Tensor) -> Tensor:
@@ -80,22 +99,25 @@ class LoRAEmbedding(LoRAMergeMixin, nn.Module):
         scale = getattr(b, "embed_scale", None)
         if scale is not None:
             lora = lora * torch.as_tensor(scale, device=lora.device).to(lora.dtype)
+        if self.dora:  # PEFT's mns * base(x) + mns * lora, one product
+            return (dora_scale(self.lora_magnitude, *self._dora_operands()) * (y + lora)).to(y.dtype)
         return (y + lora).to(y.dtype)
 
     @classmethod
     def from_peft_layer(cls, layer, adapter_name: str | None = None) -> LoRAEmbedding:
         """A ``LoRAEmbedding`` over a PEFT ``lora.Embedding``'s base layer (shared) with copies of its
-        ``lora_embedding_A`` / ``lora_embedding_B``, r, alpha, scaling and dropout p. DoRA and LoRA
-        bias raise."""
+        ``lora_embedding_A`` / ``lora_embedding_B``, r, alpha, scaling and dropout p (and a DoRA
+        magnitude)."""
         ad = peft_adapter(layer, adapter_name)
         if not isinstance(ad.base, nn.Embedding):
             raise TypeError(f"from_peft_layer: the base layer is {type(ad.base).__name__}, not nn.Embedding")
-        if ad.magnitude is not None:
-            raise NotImplementedError("LoRAEmbedding.from_peft_layer: DoRA on an embedding is not supported")
         with rng_kept(ad.base.weight.device):  # the init is overwritten below
             new = cls(ad.base, r=ad.r, alpha=ad.alpha, dropout=ad.dropout, rslora=ad.rslora)
         new.scaling, new.lora_A, new.lora_B, new.merged = ad.scaling, ad.lora_A, ad.lora_B, ad.merged
+        new._adopt_peft_extras(ad)
         return new
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, alpha={self.alpha}, merged={self.merged}" + (
+            ", dora=True" if self.dora else ""
+        )
