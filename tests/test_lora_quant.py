@@ -39,15 +39,40 @@ def pair(K, N, kind, r=4, p=0.0, bias=True, compute=torch.float32, dora=False):
     cls = PeftLinear8bitLt if kind == "int8" else PeftLinear4bit
     cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, use_dora=dora)
     peft = cls(base, "default", config=cfg, r=r, lora_alpha=2 * r)
-    with torch.no_grad():
-        ours.lora_B.normal_()
-        peft.lora_A["default"].weight.copy_(ours.lora_A)
-        peft.lora_B["default"].weight.copy_(ours.lora_B)
-        if dora:
-            torch.testing.assert_close(ours.lora_magnitude, peft.lora_magnitude_vector["default"].weight)
-            ours.lora_magnitude.mul_(1 + 0.2 * torch.randn_like(ours.lora_magnitude))
-            peft.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude)
+    _share_adapters(ours, peft, dora)
     return ours, peft
+
+
+@torch.no_grad()
+def _share_adapters(ours, peft, dora):
+    """PEFT's layer given ours's A and a random B (not zero) and, for DoRA, a magnitude moved off the row
+    norms (checked equal at init first)."""
+    ours.lora_B.normal_()
+    peft.lora_A["default"].weight.copy_(ours.lora_A)
+    peft.lora_B["default"].weight.copy_(ours.lora_B)
+    if dora:
+        torch.testing.assert_close(ours.lora_magnitude, peft.lora_magnitude_vector["default"].weight)
+        ours.lora_magnitude.mul_(1 + 0.2 * torch.randn_like(ours.lora_magnitude))
+        peft.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude)
+
+
+def _compare_layers(ours, peft, x, p, dora, tol):
+    """One forward and backward of ours and PEFT's layer on x (the same dropout mask): outputs and the
+    grads of x, A, B (and the magnitude) within ``tol``; returns ours's output."""
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, seed = seeded(ours, x1)
+    if p > 0:
+        peft.lora_dropout["default"] = FixedMaskDropout(seed, p)
+    yp = peft(x2)
+    assert y.dtype == yp.dtype
+    torch.testing.assert_close(y, yp, rtol=tol, atol=tol)
+    g = torch.randn_like(y)
+    mine = [x1, ours.lora_A, ours.lora_B] + ([ours.lora_magnitude] if dora else [])
+    theirs = [x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight]
+    theirs += [peft.lora_magnitude_vector["default"].weight] if dora else []
+    for a, b in zip(torch.autograd.grad(y, mine, g), torch.autograd.grad(yp, theirs, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+    return y
 
 
 def seeded(layer, x, seed=7):
@@ -136,19 +161,7 @@ def test_layer_matches_peft(kind, p, lead, K, N, bias, dora):
     """LoRA and QDoRA (a trained magnitude over the dequantized weight's row norms) as PEFT's lora.bnb
     layers: outputs and grads of x, A, B (and the magnitude)."""
     ours, peft = pair(K, N, kind, p=p, bias=bias, dora=dora)
-    x = torch.randn(*lead, K)
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y, seed = seeded(ours, x1)
-    if p > 0:
-        peft.lora_dropout["default"] = FixedMaskDropout(seed, p)
-    yp = peft(x2)
-    torch.testing.assert_close(y, yp, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    mine = [x1, ours.lora_A, ours.lora_B] + ([ours.lora_magnitude] if dora else [])
-    theirs = [x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight]
-    theirs += [peft.lora_magnitude_vector["default"].weight] if dora else []
-    for a, b in zip(torch.autograd.grad(y, mine, g), torch.autograd.grad(yp, theirs, g), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    _compare_layers(ours, peft, torch.randn(*lead, K), p, dora, 1e-5)
     assert ours.base.weight.grad is None and not ours.base.weight.requires_grad
 
 
@@ -614,14 +627,7 @@ def _hqq_pair(dtype, p=0.0, dora=False, bias=True):
     ours = LoRAQuantLinear(base, r=4, alpha=8, dropout=p, dora=dora)
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=p, use_dora=dora)
     peft = HqqLoraLinear(_hqq(48, 40, dtype, bias), "default", config=cfg, r=4, lora_alpha=8).float()
-    with torch.no_grad():
-        ours.lora_B.normal_()
-        peft.lora_A["default"].weight.copy_(ours.lora_A)
-        peft.lora_B["default"].weight.copy_(ours.lora_B)
-        if dora:
-            torch.testing.assert_close(ours.lora_magnitude, peft.lora_magnitude_vector["default"].weight)
-            ours.lora_magnitude.mul_(1 + 0.2 * torch.randn_like(ours.lora_magnitude))
-            peft.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude)
+    _share_adapters(ours, peft, dora)
     return ours, peft
 
 
@@ -633,21 +639,8 @@ def test_hqq_layer_matches_peft(dtype, p, dora):
     """HQQ's HQQLinear (compute dtype fp32 / bf16): PEFT's HqqLoraLinear (the sum rounded once to the base
     output's dtype), outputs and the grads of x, A, B (and the magnitude); the base stays frozen."""
     ours, peft = _hqq_pair(dtype, p, dora)
-    x = torch.randn(3, 5, 48).to(dtype)
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y, seed = seeded(ours, x1)
-    if p > 0:
-        peft.lora_dropout["default"] = FixedMaskDropout(seed, p)
-    yp = peft(x2)
-    assert y.dtype == yp.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(y, yp, rtol=tol, atol=tol)
-    g = torch.randn_like(y)
-    mine = [x1, ours.lora_A, ours.lora_B] + ([ours.lora_magnitude] if dora else [])
-    theirs = [x2, peft.lora_A["default"].weight, peft.lora_B["default"].weight]
-    theirs += [peft.lora_magnitude_vector["default"].weight] if dora else []
-    for a, b in zip(torch.autograd.grad(y, mine, g), torch.autograd.grad(yp, theirs, g), strict=True):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+    y = _compare_layers(ours, peft, torch.randn(3, 5, 48).to(dtype), p, dora, 1e-5 if dtype == torch.float32 else 1e-2)
+    assert y.dtype == dtype
     assert not any(q.requires_grad for q in ours.base.parameters())
 
 
