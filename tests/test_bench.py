@@ -166,8 +166,9 @@ def test_lora_linear_suite_rows(monkeypatch):
     rows = res["suites"]["lora_linear"]["rows"]
     trio = [r for r in rows if r["case"].startswith("q/k/v of one x")]
     dora = [r for r in rows if r["case"].startswith("DoRA")]
+    lora_bias = [r for r in rows if r["case"].startswith("LoRA bias")]
     mha = [r for r in rows if r["case"].startswith("MultiheadAttention")]
-    rows = [r for r in rows if r not in trio and r not in dora and r not in mha]
+    rows = [r for r in rows if r not in trio and r not in dora and r not in mha and r not in lora_bias]
     # LoRA on nn.MultiheadAttention against PEFT's layer and the frozen one; PEFT saves more (its
     # merged weights are part of the graph)
     assert sorted(r["baseline"] for r in mha) == ["PEFT eager", "frozen MHA (floor)"]
@@ -180,6 +181,12 @@ def test_lora_linear_suite_rows(monkeypatch):
         assert r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["floor_ms"] > 0
         if r["baseline"] == "PEFT eager (DoRA)":  # PEFT also keeps its dropped x / its own products
             assert r["baseline_saved_MB"] > r["ours_saved_MB"]
+    # LoRA bias: the same two cases against PEFT's lora_bias layer; ours saves what plain LoRA saves
+    want = ["PEFT eager (LoRA bias)"] * 2 + ["frozen base layer (floor)"] * 2
+    assert sorted(r["baseline"] for r in lora_bias) == want
+    for r in lora_bias:
+        assert r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["floor_ms"] > 0
+        assert abs(r["ours_saved_MB"] - (64 * 48 + 64 * 4) * 4 / 2**20) < 1e-12
     baselines = [r["baseline"] for r in rows]
     # p=0.1: base and PEFT; p=0: also the hand-written cuBLAS technique
     assert baselines.count("PEFT eager") == 2 and baselines.count("hand-written cuBLAS + addmm_") == 1

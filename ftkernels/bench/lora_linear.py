@@ -5,7 +5,8 @@
 - PEFT's ``lora.Linear`` in eager mode (and under ``torch.compile`` on GPU);
 - the best known hand-written technique (cuBLAS matmuls, ``addmm_`` into y and grad_x, a
   hand-written backward; dropout 0 only);
-- DoRA (``dora=True``) against PEFT's ``use_dora=True`` layer on the headline shape;
+- DoRA (``dora=True``) against PEFT's ``use_dora=True`` layer, and a LoRA bias (``lora_bias=True``)
+  against PEFT's ``lora_bias=True`` layer, on the headline shape;
 - LoRA on an ``nn.MultiheadAttention`` (ViT-B's self-attention on GPU) against PEFT's
   ``lora.MultiheadAttention`` and the frozen layer.
 
@@ -69,13 +70,15 @@ def _peft_layer(base: nn.Linear, r: int, alpha: float, p: float, ours: LoRALinea
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLinear
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, use_dora=ours.dora)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, use_dora=ours.dora, lora_bias=ours.has_lora_bias)
     layer = PeftLinear(base, "default", config=cfg, r=r, lora_alpha=alpha)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(ours.lora_A)
         layer.lora_B["default"].weight.copy_(ours.lora_B)
         if ours.dora:
             layer.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude)
+        if ours.has_lora_bias:
+            layer.lora_B["default"].bias.copy_(ours.lora_bias)
     return layer
 
 
@@ -165,7 +168,8 @@ def _run(device: torch.device, quick: bool, ceilings: dict, dtype: torch.dtype |
         rows += _rows(name, ms, mem, saved, floor, "frozen base layer (floor)", c["sweep"])
         del base, ours, peft, peft_base, x, g, fns
     rows += _trio_rows(device, quick, rate, reps, dtype)
-    rows += _dora_rows(device, quick, rate, reps, dtype)
+    rows += _variant_rows(device, quick, rate, reps, dtype, "DoRA")
+    rows += _variant_rows(device, quick, rate, reps, dtype, "LoRA bias")
     rows += _mha_rows(device, quick, rate, reps, dtype)
     extra = {}
     if device.type == "cuda":  # which GEMM route the op picked per shape (FTKERNELS_LORA_GEMM=auto here)
@@ -222,29 +226,35 @@ def _trio_rows(device: torch.device, quick: bool, rate: float, reps: int, dtype:
     return _rows(name, ms, mem, saved, floor, "frozen q/k/v (floor)", False)
 
 
-def _dora_rows(device: torch.device, quick: bool, rate: float, reps: int, dtype: torch.dtype | None) -> list[dict]:
-    """DoRA (``dora=True``) against PEFT's ``use_dora=True`` layer and the frozen base, the headline
-    shape without and with dropout. Floor as LoRA's (the row norms add one pass over W and a rank-r
-    GEMM of W, ~0.4% of the flops at r=16, K=N=4096)."""
+def _variant_rows(
+    device: torch.device, quick: bool, rate: float, reps: int, dtype: torch.dtype | None, variant: str
+) -> list[dict]:
+    """A LoRA variant against PEFT's layer of that variant and the frozen base, the headline shape without
+    and with dropout: ``"DoRA"`` (``dora=True`` / ``use_dora=True``) or ``"LoRA bias"`` (``lora_bias=True``,
+    both). Floor as LoRA's (DoRA's row norms add one pass over W and a rank-r GEMM of W, ~0.4% of the
+    flops at r=16, K=N=4096; a LoRA bias adds an [N] add and the bias gradient's reduction of g)."""
+    flag = {"DoRA": "dora", "LoRA bias": "lora_bias"}[variant]
     rows = []
     for c in [c for c in cases(device, quick, dtype) if not c["sweep"]][:2]:
         M, K, N, r, p, dt = c["M"], c["K"], c["N"], c["r"], c["p"], c["dtype"]
         torch.manual_seed(0)
         base = nn.Linear(K, N, device=device, dtype=dt).requires_grad_(False)
-        ours = LoRALinear(base, r=r, alpha=2 * r, dropout=p, dora=True)
+        ours = LoRALinear(base, r=r, alpha=2 * r, dropout=p, **{flag: True})
         with torch.no_grad():
             ours.lora_B.normal_(std=1e-3)
+            if ours.has_lora_bias:
+                ours.lora_bias.normal_(std=1e-3)
         peft_base = nn.Linear(K, N, device=device, dtype=dt).requires_grad_(False)
         peft_base.load_state_dict(base.state_dict())
         peft = _peft_layer(peft_base, r, 2 * r, p, ours)
         x, g = step_inputs((M, K), (M, N), device, dt)
-        layers = {"frozen base layer (floor)": base, "PEFT eager (DoRA)": peft, "ours": ours}
+        layers = {"frozen base layer (floor)": base, f"PEFT eager ({variant})": peft, "ours": ours}
         fns = {k: layer_step(m, x, g) for k, m in layers.items()}
         saved = {k: saved_mb(m, x[0]) for k, m in layers.items()}
         ms = time_rounds_ms(fns, device, reps, rounds=3 if quick else 4, warmup=2)
         mem = {k: peak_extra_mb(fn, device) for k, fn in fns.items()}
         floor = (4 * M * N * K + 6 * M * r * (K + N)) / rate * 1e3
-        name = f"DoRA M{M} K{K} N{N} r{r} p{p} {dtype_name(dt)}"
+        name = f"{variant} M{M} K{K} N{N} r{r} p{p} {dtype_name(dt)}"
         rows += _rows(name, ms, mem, saved, floor, "frozen base layer (floor)", False)
     return rows
 
