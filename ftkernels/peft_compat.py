@@ -661,6 +661,12 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Modu
                 peft_builds=_peft_builds(lambda k: getattr(cfg, k, None)) or None,
             ),
         )
+    # PEFT's LoRA layers are gone, so are its marks on the model (as PEFT's own unload drops them): with
+    # transformers' adapter flag left set (add_adapter / load_adapter), save_pretrained and Trainer's
+    # checkpoints failed looking for PEFT layers ("active_adapters" unbound)
+    vars(model).pop("peft_config", None)
+    if vars(model).get("_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = False
     return model
 
 

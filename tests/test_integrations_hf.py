@@ -231,3 +231,39 @@ def test_adapter_checkpoints_warn_without_lora(tmp_path):
     with pytest.warns(UserWarning, match="no fused LoRA layer"):
         Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[AdapterCheckpoints()]).train()
     assert "adapter_config.json" not in os.listdir(tmp_path / "checkpoint-1")
+
+
+def test_from_peft_after_transformers_add_adapter_saves_and_trains(tmp_path):
+    """transformers' own PEFT integration (model.add_adapter) marks the model as holding PEFT adapters;
+    after from_peft those are gone, and the mark went with them: save_pretrained and Trainer's
+    checkpoints raised (transformers looked for PEFT layers: "active_adapters" unbound)."""
+    import copy
+
+    from peft import LoraConfig, PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99,
+    )  # fmt: skip
+    base = LlamaForCausalLM(cfg).eval()
+    model = copy.deepcopy(base)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, q in model.named_parameters():
+            if "lora_B" in n:
+                q.normal_()
+    ids = torch.randint(0, 99, (2, 7))
+    want = model(input_ids=ids).logits
+    fused = ftk.from_peft(model)
+    assert not fused._hf_peft_config_loaded and "peft_config" not in vars(fused)
+    torch.testing.assert_close(fused(input_ids=ids).logits, want)
+    fused.save_pretrained(str(tmp_path / "full"))  # (the whole model, under our layers' names)
+    ftk.save_adapter(fused, str(tmp_path / "adapter"))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter"))
+    torch.testing.assert_close(back(input_ids=ids).logits, want)
+    ds = [{"input_ids": torch.randint(0, 99, (8,)), "labels": torch.randint(0, 99, (8,))} for _ in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, save_steps=1, report_to=[])
+    Trainer(model=fused.train(), args=args, train_dataset=ds).train()
+    assert os.path.isdir(tmp_path / "out" / "checkpoint-2")
