@@ -12,7 +12,16 @@ from .graphed_step import GraphedTrainStep, graphed_train_step
 from .info import build_info
 from .masks import clear_grad_mask, get_grad_mask, set_grad_mask
 from .ops.torch_func import plain_ops
-from .peft_compat import apply_lora, from_peft, load_adapter, merge_lora, save_adapter, unload_lora, unmerge_lora
+from .peft_compat import (
+    apply_lora,
+    disable_adapters,
+    from_peft,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+    unload_lora,
+    unmerge_lora,
+)
 from .reft import ReftModel, apply_reft, load_reft
 
 __version__ = _ext.installed_version() or "0.1.0+unknown"
@@ -27,6 +36,7 @@ __all__ = [
     "apply_reft",
     "build_info",
     "clear_grad_mask",
+    "disable_adapters",
     "fisher_diagonal",
     "freeze",
     "from_peft",

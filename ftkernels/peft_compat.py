@@ -11,6 +11,7 @@ reads what PEFT's ``save_pretrained`` writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -719,6 +720,48 @@ def _check_mergeable(model: nn.Module, layers: dict, what: str) -> None:
                     " its adapter into the shared tensor would change that layer too, and the outputs with it."
                     " Keep the adapter unmerged (unload_lora(merge=False) drops it); nothing was changed"
                 )
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Context manager: inside it every fused LoRA layer of ``model`` runs its base layer alone (no
+    adapter compute, no adapter gradient), and PEFT's trainable-token wrappers :func:`from_peft` kept
+    look up the original rows: the base model's outputs, as PEFT's ``PeftModel.disable_adapter()``
+    (a DPO / KL reference pass without a second copy of the model). On exit each layer is as it was.
+    Raises, changing nothing, for a model without fused LoRA layers or with merged ones (their base
+    weights hold the adapters: ``unmerge_lora`` first; PEFT would unmerge them for good). ``modules_to_save``
+    train in place here (PEFT keeps an original copy to switch back to), so they keep their trained
+    weights inside: a warning says so."""
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("disable_adapters: the model has no fused LoRA layer")
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise ValueError(
+            f"disable_adapters: {len(merged)} LoRA layer(s) ({merged[0]}, ...) are merged into their base weights;"
+            " unmerge_lora(model) first"
+        )
+    saved = (getattr(model, _CONFIG_ATTR, None) or {}).get("modules_to_save")
+    if saved:
+        warnings.warn(
+            f"disable_adapters: modules_to_save ({', '.join(saved[:3])}) were trained in place, so they keep their"
+            " trained weights inside (PEFT's disable_adapter switches to copies of the originals)",
+            stacklevel=3,
+        )
+    tokens = list(_token_wrappers(model).values())
+    before = [(m, m.disabled) for m in layers.values()]
+    token_flags = [(w, w.disable_adapters) for w in tokens]
+    try:
+        for m in layers.values():
+            m.disabled = True
+        for w in tokens:
+            w.enable_adapters(False)
+        yield model
+    finally:
+        for m, flag in before:
+            m.disabled = flag
+        for w, off in token_flags:
+            w.enable_adapters(not off)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -219,6 +219,10 @@ class FoldMixin:
     """``merge`` / ``unmerge`` of a LoRA layer with ``merged``, ``_merge_blocker()`` (why the delta
     cannot be stored, or None) and ``_fold(sign)`` (adds ``sign * s B A`` to the base weights)."""
 
+    # True while :func:`ftkernels.disable_adapters` holds: forward runs the base layer alone (a class
+    # attribute, so layers built by from_peft_layer without __init__ have it; one lookup per call)
+    disabled = False
+
     @property
     def can_merge(self) -> bool:
         """Whether ``scaling * B A`` fits in the base weight (not for a grouped conv)."""

@@ -258,9 +258,10 @@ class LoRAConvNd(LoRAMergeMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x ``[N, C_in, *S]`` (or unbatched ``[C_in, *S]``; S the base's 1 to 3 spatial dims) ->
-        ``base(x) + scaling * conv_B(conv_A(dropout(x)))``, ``[N, C_out, *S']`` (the base alone when merged).
+        ``base(x) + scaling * conv_B(conv_A(dropout(x)))``, ``[N, C_out, *S']`` (the base alone when merged or
+        disabled).
         """
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base(x)
         if self._forward_hooks:
             _dp.hooked(self)  # Opacus: its per-sample rule for this layer (refuses dropout) is registered

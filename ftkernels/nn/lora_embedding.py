@@ -85,8 +85,8 @@ class LoRAEmbedding(LoRAMergeMixin, nn.Module):
         return weight.t()  # [dim, num]: where B A goes (a view; writes reach the table)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x integer indices ``[...]`` -> ``[..., dim]`` (the base alone when merged)."""
-        if self.merged:
+        """x integer indices ``[...]`` -> ``[..., dim]`` (the base alone when merged or disabled)."""
+        if self.merged or self.disabled:
             return self.base(x)
         if not isinstance(x, Tensor) or x.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"LoRAEmbedding: x must be an int64/int32 index tensor, got {getattr(x, 'dtype', type(x))}")

@@ -223,17 +223,18 @@ class LoRALinear(LoRAMergeMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x ``[..., in]`` -> y ``[..., out]`` = ``base(x) + scaling * dropout(x) @ A^T @ B^T`` (the base alone when
-        merged). Siblings grouped by :func:`ftkernels.nn.lora_group.group_shared_inputs` run through the group.
+        merged or disabled). Siblings grouped by :func:`ftkernels.nn.lora_group.group_shared_inputs` run through
+        the group.
         """
         if self._forward_hooks and _dp.hooked(self):  # Opacus: calls alone, each dropout seed kept
             return self._forward_alone(x, dp=True)
-        if self._lora_group is not None and not self.merged and not torch.compiler.is_compiling():
+        if self._lora_group is not None and not (self.merged or self.disabled) and not torch.compiler.is_compiling():
             return self._lora_group(self, x)
         return self._forward_alone(x)
 
     def _forward_alone(self, x: Tensor, dp: bool = False) -> Tensor:
         base = self._modules["base"]  # (dict reads, not nn.Module.__getattr__: host time per call)
-        if self.merged:
+        if self.merged or self.disabled:
             return base(x)
         w = self._linear_weight_of(base)
         # Per call only x is checked (the weights were at construction): host time is what a small

@@ -120,7 +120,7 @@ class LoRAMultiheadAttention(FoldMixin, nn.Module):
         base = self._modules["base"]
         if self._forward_hooks:
             _dp.hooked(self)  # Opacus: its rule for this layer (a clear refusal) is registered
-        if self.merged:
+        if self.merged or self.disabled:
             return base(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
         if query.is_nested or key.is_nested or value.is_nested:
             raise ValueError(f"{type(self).__name__}: NestedTensor inputs are not supported; pass padded tensors")

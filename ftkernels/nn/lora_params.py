@@ -121,7 +121,7 @@ class LoRAParams(FoldMixin, nn.Module):
         return lora_experts.is_standard(self.base) and set(self.adapters) <= names
 
     def forward(self, *args, **kwargs):
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base(*args, **kwargs)
         if any(a._forward_hooks and _dp.hooked(a) for a in self.adapters.values()):
             # Opacus hooks the adapters (they hold the trainable tensors) but they are never called: it

@@ -129,13 +129,14 @@ class LoRAQuantLinear(LoRALinear):
     out_features = property(lambda self: self.base.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x ``[..., in]`` -> ``base(x) + s D(x) A^T B^T`` ``[..., out]`` (the base alone when merged)."""
+        """x ``[..., in]`` -> ``base(x) + s D(x) A^T B^T`` ``[..., out]`` (the base alone when merged or
+        disabled)."""
         if self._forward_hooks and _dp.hooked(self):
             raise NotImplementedError(
                 "LoRAQuantLinear: per-sample gradients (Opacus) over a quantized base are not supported"
             )
         base = self._modules["base"]
-        if self.merged:
+        if self.merged or self.disabled:
             return base(x)
         _check_x(x, base.in_features)
         y = base(x)
