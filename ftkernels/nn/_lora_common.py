@@ -236,8 +236,8 @@ class FoldMixin:
 
     def _bias_with_lora(self, bias: Tensor | None) -> Tensor | None:
         """The bias the kernels add: the base's ``bias``, plus ``scaling * lora_bias`` with a LoRA bias
-        (PEFT's ``lora_B`` bias, scaled with B's output). An [out]-sized op: its gradient is the
-        kernels' bias gradient, routed to lora_bias (and a trainable base bias) by autograd: one op."""
+        (PEFT's ``lora_B`` bias, scaled with B's output), in one [out]-sized op: its gradient is the
+        kernels' bias gradient, which autograd routes to lora_bias (and to a trainable base bias)."""
         lb = self._parameters.get("lora_bias")
         if lb is None:
             return bias
