@@ -309,6 +309,7 @@ def apply_lora(
     use_dora: bool = False,
     target_parameters=None,
     lora_bias: bool = False,
+    init_lora_weights=True,
 ) -> nn.Module:
     """Swap every module matching ``target_modules`` (PEFT's rule: a list of names or name suffixes,
     a regex matched against the full name, or ``"all-linear"``: every Linear / Conv1D but the output
@@ -331,7 +332,12 @@ def apply_lora(
     trained per-output magnitude, :mod:`ftkernels.nn.dora`). ``lora_bias=True`` is PEFT's ``lora_bias``:
     each Linear / conv layer gets a trained, zero-initialized ``lora_bias`` ``[out]`` (B's bias) and its
     output gains ``scaling * lora_bias`` (not with DoRA, embeddings, nn.MultiheadAttention or
-    parameters, as in PEFT). ``target_parameters`` is PEFT's: names of
+    parameters, as in PEFT). ``init_lora_weights`` is PEFT's: ``True`` (A Kaiming-uniform, B zero; an
+    embedding's the other way round), or one of :data:`PEFT_INITS` (``False``, ``"gaussian"``,
+    ``"orthogonal"``, ``"mica"``, ``"olora"``, ``"pissa"``, ``"pissa_niter_<k>"``), which PEFT computes
+    (``get_peft_model``, then :func:`from_peft`; PiSSA and OLoRA change the base weights, as in PEFT, and
+    adapter files keep the init for PEFT's loader); the model must then hold no LoRA layer yet.
+    ``target_parameters`` is PEFT's: names of
     parameters (``"experts.gate_up_proj"``, or just ``"gate_up_proj"``: a name matches the full parameter
     name or its tail after a dot) adapted by :class:`LoRAParams`, one per module holding them. Left at
     None, a transformers-v5 mixture-of-experts model gets what PEFT's conversion adds to
@@ -342,6 +348,12 @@ def apply_lora(
     model as it was, when nothing matches or a match is unsupported."""
     if not isinstance(target_modules, str) and not target_modules and not target_parameters:
         raise ValueError("apply_lora: target_modules is empty")
+    if init_lora_weights is not True:
+        return _apply_through_peft(
+            model, init_lora_weights, target_modules=target_modules, r=r, lora_alpha=alpha, lora_dropout=dropout,
+            use_rslora=rslora, modules_to_save=modules_to_save, bias=bias, use_dora=use_dora,
+            target_parameters=target_parameters, lora_bias=lora_bias,
+        )  # fmt: skip
     if bias not in BIAS_MODES:
         raise ValueError(f"apply_lora: bias must be one of {BIAS_MODES}, got {bias!r}")
     lazy = [n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)]
@@ -433,6 +445,30 @@ def apply_lora(
     group_shared_inputs(model)
     _quantized_training(model)
     return model
+
+
+# The inits apply_lora leaves to PEFT: computed from the layer alone (no data, no extra config)
+PEFT_INITS = (False, "gaussian", "orthogonal", "mica", "olora", "pissa", "pissa_niter_<k>")
+
+
+def _apply_through_peft(model: nn.Module, init, **config) -> nn.Module:
+    """apply_lora with a PEFT init (:data:`PEFT_INITS`): PEFT's get_peft_model on ``model`` (in place),
+    then :func:`from_peft`: PEFT's init exactly, base-weight changes included."""
+    from peft import LoraConfig, get_peft_model
+
+    known = init is False or (isinstance(init, str) and (init in PEFT_INITS or re.fullmatch(r"pissa_niter_\d+", init)))
+    if not known:
+        raise ValueError(
+            f"apply_lora: init_lora_weights={init!r} is not one apply_lora takes (True or {PEFT_INITS}); inits"
+            " needing data or their own config (EVA, CorDA, LoftQ, LoRA-GA): set up PEFT's model, then from_peft"
+        )
+    if lora_modules(model):
+        raise ValueError(
+            f"apply_lora: init_lora_weights={init!r} is computed by PEFT, which cannot wrap the fused layers this"
+            " model already holds: apply every target in one call"
+        )
+    peft = get_peft_model(model, LoraConfig(init_lora_weights=init, **config))
+    return from_peft(peft)
 
 
 def _quantized_training(model: nn.Module) -> None:
@@ -863,6 +899,14 @@ def save_adapter(model: nn.Module, path: str) -> None:
     base_path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     for key, t in _resized_embeddings(model, base_path).items():
         tensors.setdefault(key, t.detach().contiguous().cpu())
+    builds = meta.get("peft_builds") or {}
+    if str(builds.get("init_lora_weights", "")).startswith("pissa_niter_"):
+        warnings.warn(
+            "save_adapter: the adapter's PiSSA init used a randomized SVD (pissa_niter_*); PEFT's loader draws"
+            " another one, so a base rebuilt from the original model differs from the one trained on: keep"
+            " this model's base weights with the adapter",
+            stacklevel=2,
+        )
     cfg = LoraConfig(
         bias=bias,
         r=r,
@@ -881,7 +925,7 @@ def save_adapter(model: nn.Module, path: str) -> None:
         # as PEFT writes them: AutoPeftModel* loads the base from this path (a from_pretrained model's)
         base_model_name_or_path=base_path or None,
         task_type=meta.get("task_type"),
-        **(meta.get("peft_builds") or {}),
+        **builds,
     )
     moved = _peft_would_move(model, cfg.target_modules)
     if moved:

@@ -1188,3 +1188,42 @@ def test_layer_replication_round_trip(tmp_path):
     ftk.save_adapter(ftk.from_peft(copy.deepcopy(peft)), str(tmp_path / "ours"))
     back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
     torch.testing.assert_close(back(input_ids=ids).logits, want)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "gaussian", False, "orthogonal", "mica", "pissa_niter_4"])
+def test_apply_lora_with_peft_inits(init, tmp_path):
+    """apply_lora(init_lora_weights=...) computes PEFT's init (PiSSA / OLoRA change the base weights, MiCA
+    freezes B): PEFT's outputs and trainable set; the trained adapter's file loads into PEFT over the
+    original model with the same outputs (PiSSA's randomized SVD excepted, with a warning)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8))
+    x = torch.randn(3, 16)
+    torch.manual_seed(1)
+    ours = ftk.apply_lora(copy.deepcopy(base), ["0", "2"], r=4, alpha=8, init_lora_weights=init)
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=init)
+    peft = get_peft_model(copy.deepcopy(base), cfg)
+    assert isinstance(ours[0], ftk.nn.LoRALinear)
+    torch.testing.assert_close(ours(x), peft(x))
+    assert sorted(n for n, q in ours.named_parameters() if q.requires_grad) == sorted(
+        _peft_name_inv(n) for n, q in peft.named_parameters() if q.requires_grad
+    )
+    with torch.no_grad():
+        for q in ours.parameters():
+            if q.requires_grad:
+                q.add_(0.1 * torch.randn_like(q))
+    if init == "pissa_niter_4":
+        with pytest.warns(UserWarning, match="randomized SVD"):
+            ftk.save_adapter(ours, str(tmp_path))
+        return
+    ftk.save_adapter(ours, str(tmp_path))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    torch.testing.assert_close(back(x), ours(x))
+
+
+def test_apply_lora_refuses_other_inits_and_existing_layers():
+    model = ftk.apply_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), ["0"], r=2)
+    with pytest.raises(ValueError, match="apply every target in one call"):
+        ftk.apply_lora(model, ["1"], r=2, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="init_lora_weights='eva' is not one apply_lora takes"):
+        ftk.apply_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2, init_lora_weights="eva")
