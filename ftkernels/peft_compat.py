@@ -364,6 +364,14 @@ def apply_lora(
         )
     # A second call adds layers: what the first one trains (its modules_to_save, its bias) keeps training.
     earlier = getattr(model, _CONFIG_ATTR, None) or {}
+    if earlier.get("peft_builds") and lora_modules(model):
+        # (its adapter file tells PEFT's loader to rebuild every target that way: new layers would be too)
+        shown = ", ".join(f"{k}={v!r}" for k, v in earlier["peft_builds"].items())
+        raise ValueError(
+            f"apply_lora: the model's LoRA layers were made with {shown}, which PEFT's loader redoes for every"
+            " target of the adapter file; layers added now would be saved as made so too: apply every target"
+            " in one call"
+        )
     all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
     if all_linear:
         names = _all_linear(model, list(modules_to_save or []) + list(earlier.get("modules_to_save") or []))

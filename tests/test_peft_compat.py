@@ -1227,3 +1227,6 @@ def test_apply_lora_refuses_other_inits_and_existing_layers():
         ftk.apply_lora(model, ["1"], r=2, init_lora_weights="pissa")
     with pytest.raises(ValueError, match="init_lora_weights='eva' is not one apply_lora takes"):
         ftk.apply_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2, init_lora_weights="eva")
+    pissa = ftk.apply_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), ["0"], r=2, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="init_lora_weights='pissa', which PEFT's loader redoes"):
+        ftk.apply_lora(pissa, ["1"], r=2)  # (its file would say PiSSA for the new layer too)
