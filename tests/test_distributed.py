@@ -120,15 +120,14 @@ def _worker(rank, world, port, out, mode):
             state = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if rank == 0:
             torch.save({"losses": losses, "state": state}, out)
-        # Tear down together, after every collective (DDP's reducer holds gloo work): a rank destroying
-        # its group while the other still runs aborted it ("terminate called without an active
-        # exception", SIGABRT) about once in 10-20 runs on a loaded 2-core machine.
-        del model, losses, state
-        if mode == "ddp":
-            del wrapped
-        dist.barrier()
-    finally:
+        dist.barrier()  # (both ranks are done with every collective, and rank 0's file is written)
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave without tearing gloo down: a rank's teardown raced the other's ("terminate called without an
+    # active exception", SIGABRT) about once in 10-20 runs on a loaded 2-core machine, even after a
+    # barrier (CI, 2026-12-08); the OS closes the sockets, and the exit status is what spawn checks.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2-norms"])
