@@ -154,15 +154,14 @@ def dora_combine(y: Tensor, t: Tensor, d: Tensor, u: Tensor, lora_b: Tensor, mns
     return _DoraCombine.apply(y, t, d, u, lora_b, mns, scaling)
 
 
-def _dora_sum(y: Tensor, t: Tensor, d: Tensor, mns: Tensor) -> Tensor:
-    """``y + (mns - 1) t + mns d`` in mns's dtype (fp32), rounded to y's."""
+def _dora_sum(y: Tensor, t: Tensor, d: Tensor, mns: Tensor, scale: float = 1.0) -> Tensor:
+    """``y + (mns - 1) t + (mns scale) d`` in mns's dtype (fp32), rounded to y's."""
     acc = mns.dtype
-    return (y.to(acc) + (mns - 1) * t.to(acc) + mns * d.to(acc)).to(y.dtype)
+    return (y.to(acc) + (mns - 1) * t.to(acc) + (mns * scale) * d.to(acc)).to(y.dtype)
 
 
 def dora_dropout_form(base: Tensor, t: Tensor, lora: Tensor, mns: Tensor, scaling: float) -> Tensor:
     """PEFT's DoRA output with dropout on: ``base + (mns - 1) * t + mns * s * lora`` in fp32, in base's
     dtype; base = the base layer on x (bias included), t = its weight on D(x) (no bias), lora = the
     unscaled low-rank path on D(x); mns broadcast over the output channels."""
-    y = base.to(mns.dtype) + (mns - 1) * t.to(mns.dtype) + (mns * scaling) * lora.to(mns.dtype)
-    return y.to(base.dtype)
+    return _dora_sum(base, t, lora, mns, scaling)

@@ -116,9 +116,9 @@ class LoRAQuantLinear(LoRALinear):
         if quant_kind(base) is None:
             w = getattr(base, "weight", None)
             raise TypeError(
-                f"LoRAQuantLinear wraps a bitsandbytes Linear4bit / Linear8bitLt, an nn.Linear with a torchao weight"
-                f" or an nn.Linear subclass computing its own output, got {type(base).__name__} with a"
-                f" {type(w).__name__} weight"
+                f"LoRAQuantLinear wraps a bitsandbytes Linear4bit / Linear8bitLt, an nn.Linear with a torchao weight,"
+                f" HQQ's HQQLinear or an nn.Linear subclass computing its own output, got {type(base).__name__} with"
+                f" a {type(w).__name__} weight"
             )
 
     def linear_weight(self) -> Tensor:
@@ -146,14 +146,14 @@ class LoRAQuantLinear(LoRALinear):
         if self.dora:
             return self._dora_forward(x, y, a, b, p, dtype)
         lb = self._parameters.get("lora_bias")
-        if self.kind in ("torchao", "hqq", "custom"):  # PEFT's lora.Linear rule: one rounding, of the sum
-            delta = lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, dtype)
-            return (y + (delta if lb is None else delta + lb.to(dtype) * self.scaling)).to(y.dtype)
-        if lb is None:
-            return y + lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, y.dtype)
-        # bitsandbytes' rule: the adapter output (its bias included) rounded to y's dtype, then added
-        delta = lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, dtype)
-        return y + (delta + lb.to(dtype) * self.scaling).to(y.dtype)
+        round_sum = self.kind in ("torchao", "hqq", "custom")  # PEFT's lora.Linear rule: one rounding, of the sum
+        # (bitsandbytes' rule: the adapter output, its bias included, rounded to y's dtype, then added; without
+        # a bias the node rounds it)
+        out_dtype = dtype if round_sum or lb is not None else y.dtype
+        delta = lora_delta(x, a, b, self.scaling, p, call_seed(p, x.device), dtype, out_dtype)
+        if lb is not None:
+            delta = delta + lb.to(dtype) * self.scaling
+        return (y + delta).to(y.dtype) if round_sum else y + delta.to(y.dtype)
 
     def _dora_forward(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor, p: float, dtype: torch.dtype) -> Tensor:
         """QDoRA, PEFT's form over a quantized base: with ``mns = m / ||W + s B A||_row`` (W dequantized,
@@ -174,7 +174,7 @@ class LoRAQuantLinear(LoRALinear):
             )
         return dora_combine(y, t, delta, u, b, mns, self.scaling)
 
-    # Merging: dequantize, add, quantize again (PEFT's rule for bitsandbytes layers).
+    # Merging: dequantize, add, quantize again (PEFT's rule for bitsandbytes and HQQ layers).
 
     def _quantized(self) -> bool:
         kind = self.kind
@@ -229,16 +229,17 @@ class LoRAQuantLinear(LoRALinear):
             )
             self.base.weight.copy_(new)
             return
+        into = "an HQQ" if self.kind == "hqq" else "a bitsandbytes"
+        warnings.warn(
+            f"{type(self).__name__}: the merged weight is quantized again, so outputs differ from the unmerged"
+            f" layer's by rounding (as PEFT's merge into {into} layer)",
+            stacklevel=4,
+        )
         if self.kind == "hqq":
             self._requantize_hqq(new)
             return
         import bitsandbytes as bnb
 
-        warnings.warn(
-            f"{type(self).__name__}: the merged weight is quantized again, so outputs differ from the unmerged"
-            " layer's by rounding (as PEFT's merge into a bitsandbytes layer)",
-            stacklevel=4,
-        )
         base, w = self.base, self.base.weight
         if self.kind == "4bit":
             q = w.quant_state
@@ -255,11 +256,6 @@ class LoRAQuantLinear(LoRALinear):
     def _requantize_hqq(self, new: Tensor) -> None:
         """``new`` quantized into a new HQQLinear with the base's config, compute dtype, device and
         bias (PEFT's merge for HQQ, which drops the bias); it becomes the base."""
-        warnings.warn(
-            f"{type(self).__name__}: the merged weight is quantized again, so outputs differ from the unmerged"
-            " layer's by rounding (as PEFT's merge into an HQQ layer)",
-            stacklevel=5,
-        )
         base = self.base
         cfg = {**copy.deepcopy(base.quant_config), "offload_meta": base.offload_meta}
         layer = type(base)(None, cfg, compute_dtype=base.compute_dtype, device=base.device)
