@@ -7,7 +7,6 @@ path), on the same inputs, alternating, median of ``--repeat``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import warnings
 
@@ -15,16 +14,10 @@ import torch
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--intermediate", type=int, default=1408)
+    from ftkernels.bench.common import decoder_step_parser
+
+    ap = decoder_step_parser(__doc__, "--dtype")
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     import peft

@@ -8,7 +8,6 @@ storages autograd saves during the forward, LoRA inputs kept) and the peak memor
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import warnings
 
@@ -33,15 +32,9 @@ def saved_bytes(model, ids) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--compute", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--intermediate", type=int, default=1408)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--r", type=int, default=16)
+    from ftkernels.bench.common import decoder_step_parser
+
+    ap = decoder_step_parser(__doc__, "--compute")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--dora", action="store_true", help="QDoRA (use_dora) instead of LoRA")
     ap.add_argument(

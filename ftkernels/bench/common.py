@@ -145,6 +145,24 @@ def time_rounds_ms(fns: dict, device: torch.device, reps: int, rounds: int = 3, 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def decoder_step_parser(doc: str, dtype_flag: str):
+    """The argument parser of the scripts that time a small Llama-style decoder's training step: device,
+    ``dtype_flag`` (float32 / bfloat16), hidden / MLP width, layers, batch x seq and LoRA r (each script
+    adds its own options)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(dtype_flag, default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=1408)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--r", type=int, default=16)
+    return ap
+
+
 def lm_train_step(model, ids):
     """A closure running one forward + backward of causal LM ``model`` on ``ids`` (labels = ids), then
     dropping the grads (what the scripts comparing PEFT's layers with ours time)."""
